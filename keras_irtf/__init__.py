@@ -1,0 +1,38 @@
+"""keras_irtf: image retrieval with text feedback (composed image retrieval) in TensorFlow/Keras 3.
+
+Public entry points:
+    load_config, Config                 configuration (dataclasses <- YAML <- overrides)
+    load_dataset                        CSS (built-in or published), ...
+    build_model, make_optimizer, train  models and training runs
+    evaluate                            Recall@K, training recall, WHM
+    load_model                          reload a saved .keras model
+"""
+
+__version__ = "0.1.0"
+
+from keras_irtf.config import Config, ConfigError, load_config  # noqa: E402
+
+
+def __getattr__(name):
+    # Heavy imports (TensorFlow) only when used.
+    if name in ("build_model", "make_optimizer", "train", "load_model", "save_model", "sample_batch"):
+        from keras_irtf import training
+
+        return getattr(training, name)
+    if name == "load_dataset":
+        from keras_irtf.data import load_dataset
+
+        return load_dataset
+    if name == "evaluate":
+        from keras_irtf.evaluation import evaluate
+
+        return evaluate
+    if name == "ComposedRetrievalModel":
+        from keras_irtf.model import ComposedRetrievalModel
+
+        return ComposedRetrievalModel
+    raise AttributeError(f"module 'keras_irtf' has no attribute {name!r}")
+
+
+__all__ = ["Config", "ConfigError", "load_config", "load_dataset", "build_model", "make_optimizer",
+           "train", "evaluate", "load_model", "save_model", "ComposedRetrievalModel"]

@@ -1,0 +1,26 @@
+"""Datasets in their official layouts, the built-in CSS generator, and the tf.data pipelines."""
+
+from __future__ import annotations
+
+from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split
+
+DATASETS = ("css",)
+
+
+def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
+    """The dataset named by `cfg.data.dataset` (a keras_irtf.config.Config)."""
+    from keras_irtf.config import ConfigError, default_cache_dir
+
+    name = cfg.data.dataset
+    if name == "css":
+        from keras_irtf.data.css import CSSDataset
+        from keras_irtf.data.css_generator import ensure_generated
+
+        root = cfg.data.root
+        if root is None:
+            root = ensure_generated(default_cache_dir(cfg), cfg.data.css_size, cfg.data.css_seed, verbose)
+        return CSSDataset(root, images=cfg.data.css_images, image_size=cfg.data.image_size, verbose=verbose)
+    raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+
+
+__all__ = ["DATASETS", "DatasetError", "Queries", "RetrievalDataset", "Split", "load_dataset"]

@@ -1,0 +1,87 @@
+"""What every dataset gives the pipeline: per split, its images, their captions, and its queries.
+
+A query is (source image id, modification text, target image id, target caption id). Recall
+compares captions, not image ids: a retrieved image whose caption equals the target's is a hit
+(the TIRG protocol; duplicated scenes therefore count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+    """A dataset folder that is missing, partial or malformed (the message says what to do)."""
+
+
+@dataclasses.dataclass
+class Queries:
+    source_ids: np.ndarray  # int64 [Q] image ids in the split
+    texts: np.ndarray  # object [Q] modification texts
+    target_ids: np.ndarray  # int64 [Q] one target image per query (a representative)
+    target_captions: np.ndarray  # int64 [Q] caption id of the target
+
+    def __len__(self):
+        return len(self.source_ids)
+
+    def subset(self, idx) -> "Queries":
+        return Queries(
+            self.source_ids[idx], self.texts[idx], self.target_ids[idx], self.target_captions[idx]
+        )
+
+
+@dataclasses.dataclass
+class Split:
+    """One split of a dataset: images (by path or by in-memory array) and their captions."""
+
+    name: str
+    captions: list  # caption string per image
+    caption_ids: np.ndarray  # int64 [N] index into `caption_vocab`
+    caption_vocab: list  # distinct captions of the split
+    image_paths: Optional[list] = None  # one path per image, when read from disk
+    images: Optional[np.ndarray] = None  # uint8 [N, H, W, 3], when held in memory
+    test_queries: Optional[Queries] = None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.captions)
+
+
+def index_captions(captions: Sequence[str]):
+    vocab = sorted(set(captions))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    return np.array([lookup[c] for c in captions], dtype=np.int64), vocab
+
+
+class RetrievalDataset:
+    """Base class: `train` and `test` splits, a training-query sampler, evaluation queries."""
+
+    name = "base"
+    # Recalls averaged into Ms/Mt for the weighted harmonic mean (the dataset's reported Ks).
+    whm_ks = (1, 5, 10)
+
+    train: Split
+    test: Split
+
+    def training_texts(self) -> list:
+        """Texts the vocabulary is built from."""
+        raise NotImplementedError
+
+    def sample_training_queries(self, n: int, rng: np.random.Generator, paired: bool = True) -> Queries:
+        """n training queries following the dataset's reference sampling."""
+        raise NotImplementedError
+
+    def train_recall_queries(self, n: int, seed: int) -> Queries:
+        """A fixed, seeded sample of training queries for the training recall Ms."""
+        return self.sample_training_queries(n, np.random.default_rng(seed + 7919), paired=False)
+
+    def extra_recalls(self) -> dict:
+        """name -> function(retrieved caption ids [Q, K], target caption ids [Q]) -> hit matrix."""
+        return {}
+
+
+def image_loader_from_arrays(images: np.ndarray) -> Callable:
+    return lambda ids: images[ids]

@@ -1,0 +1,210 @@
+"""CSS (TIRG's synthetic "CSS3D" set), read in the layout its authors publish.
+
+    <root>/css_toy_dataset_novel2_small.dup.npy   pickled dict {'train': ..., 'test': ...}
+    <root>/images/css_<split>_<index:06d>.png      one rendering per scene
+
+Each split holds 'objects_img' (per image, a list of objects with 'shape', 'color', 'size' and
+'pos' = normalised [y, x]), 'mods' (records with 'from' and 'to' image-id lists and the text
+'to_str') and optionally 'labels' (duplicate scenes share a label; an image's caption is
+str(label)). Images can also be drawn in 2D from the object lists (`images="2d"`), which is what
+happens when the PNGs are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+
+NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
+IMAGE_PATTERN = "css_{split}_{index:06d}.png"
+
+COLORS = {
+    "gray": (87, 87, 87),
+    "red": (244, 35, 35),
+    "blue": (42, 75, 215),
+    "green": (29, 205, 20),
+    "brown": (129, 74, 25),
+    "purple": (129, 38, 192),
+    "cyan": (41, 208, 208),
+    "yellow": (255, 238, 51),
+}
+SHAPES = ("rectangle", "circle", "triangle")
+SIZES = ("small", "large")
+CANVAS = 64
+
+
+def render_2d(objects, size: int = CANVAS) -> np.ndarray:
+    """Draw a scene's object list on a white canvas (the reference's 2D rendering), uint8 HxWx3."""
+    img = np.full((CANVAS, CANVAS, 3), 255, dtype=np.uint8)
+    for obj in objects:
+        color = np.array(COLORS[obj["color"]], dtype=np.uint8)
+        s = 8 if obj["size"] == "large" else 4
+        y = int(round(float(obj["pos"][0]) * CANVAS))
+        x = int(round(float(obj["pos"][1]) * CANVAS))
+        shape = obj["shape"]
+        for y0 in range(max(0, y - s), min(CANVAS, y + s + 1)):
+            if shape == "rectangle":
+                half = s
+            elif shape == "circle":
+                half = s - abs(y0 - y)
+            elif shape == "triangle":
+                half = (y0 - y + s) // 2
+            else:
+                raise DatasetError(f"CSS object has unknown shape {shape!r}; expected {SHAPES}")
+            x0, x1 = max(0, x - half), min(CANVAS, x + half + 1)
+            if x1 > x0:
+                img[y0, x0:x1] = color
+    if size != CANVAS:
+        from PIL import Image
+
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    return img
+
+
+def _layout_help(root) -> str:
+    return (
+        f"expected the CSS dataset in its published layout under {root}: "
+        f"{NPY_NAME} (a pickled dict with 'train' and 'test', each with 'objects_img' and 'mods') "
+        f"and images/css_<split>_<index:06d>.png. Generate the built-in benchmark with "
+        f"`python tools/train.py --dataset css` (no --data-root), or "
+        f"`python -m keras_irtf.data.css_generator --out DIR`."
+    )
+
+
+def read_css_npy(root) -> dict:
+    root = Path(root)
+    path = root / NPY_NAME
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; " + _layout_help(root))
+    try:
+        data = np.load(path, allow_pickle=True).item()
+    except Exception as e:  # a truncated or foreign file
+        raise DatasetError(f"{path} could not be read as a pickled dict ({e}); " + _layout_help(root)) from None
+    for split in ("train", "test"):
+        if split not in data:
+            raise DatasetError(f"{path}: key {split!r} missing; " + _layout_help(root))
+        for key in ("objects_img", "mods"):
+            if key not in data[split]:
+                raise DatasetError(f"{path}: key {split}.{key!r} missing; " + _layout_help(root))
+        for i, mod in enumerate(data[split]["mods"][:50]):
+            missing = [k for k in ("from", "to", "to_str") if k not in mod]
+            if missing:
+                raise DatasetError(f"{path}: {split}.mods[{i}] lacks {missing}; " + _layout_help(root))
+    return data
+
+
+class CSSDataset(RetrievalDataset):
+    """CSS with the TIRG protocol: enumerated test queries, paired training sampling."""
+
+    name = "css"
+    whm_ks = (1, 5, 10)
+
+    def __init__(self, root, images: str = "auto", image_size: int = CANVAS, verbose: bool = True):
+        self.root = Path(root)
+        if images not in ("auto", "png", "2d"):
+            raise ValueError(f"images must be 'auto', 'png' or '2d', not {images!r}")
+        data = read_css_npy(self.root)
+        self.image_mode = {}
+        self._mods = {}
+        self._by_source = {}
+        for split in ("train", "test"):
+            raw = data[split]
+            n = len(raw["objects_img"])
+            labels = raw.get("labels", list(range(n)))
+            if len(labels) != n:
+                raise DatasetError(
+                    f"{self.root / NPY_NAME}: {split}.labels has {len(labels)} entries for {n} images"
+                )
+            captions = [str(label) for label in labels]
+            caption_ids, vocab = index_captions(captions)
+            arrays = self._load_images(split, raw["objects_img"], images, image_size, verbose)
+            mods = raw["mods"]
+            src, txt, tgt = [], [], []
+            by_source = {}
+            for m, mod in enumerate(mods):
+                if len(mod["from"]) != len(mod["to"]):
+                    raise DatasetError(
+                        f"{self.root / NPY_NAME}: {split}.mods[{m}] has {len(mod['from'])} 'from' "
+                        f"ids but {len(mod['to'])} 'to' ids"
+                    )
+                for f, t in zip(mod["from"], mod["to"]):
+                    if not (0 <= f < n and 0 <= t < n):
+                        raise DatasetError(
+                            f"{self.root / NPY_NAME}: {split}.mods[{m}] refers to image {max(f, t)} "
+                            f"but the split has {n} images"
+                        )
+                    src.append(f)
+                    txt.append(mod["to_str"])
+                    tgt.append(t)
+                    by_source.setdefault(int(f), []).append(len(src) - 1)
+            queries = Queries(
+                np.array(src, dtype=np.int64),
+                np.array(txt, dtype=object),
+                np.array(tgt, dtype=np.int64),
+                caption_ids[np.array(tgt, dtype=np.int64)] if tgt else np.zeros(0, np.int64),
+            )
+            self._mods[split] = queries
+            self._by_source[split] = by_source
+            setattr(
+                self,
+                split,
+                Split(
+                    name=split,
+                    captions=captions,
+                    caption_ids=caption_ids,
+                    caption_vocab=vocab,
+                    images=arrays,
+                    test_queries=queries,
+                ),
+            )
+
+    def _load_images(self, split, objects_img, mode, image_size, verbose):
+        n = len(objects_img)
+        folder = self.root / "images"
+        paths = [folder / IMAGE_PATTERN.format(split=split, index=i) for i in range(n)]
+        have_png = folder.is_dir() and all(p.is_file() for p in (paths[0], paths[-1])) if n else False
+        if mode == "png" and not have_png:
+            raise DatasetError(
+                f"--css-images png: {folder} lacks {paths[0].name if n else 'images'}; "
+                + _layout_help(self.root)
+            )
+        use_png = mode == "png" or (mode == "auto" and have_png)
+        self.image_mode[split] = "png" if use_png else "2d"
+        if use_png:
+            from keras_irtf.data.images import decode_files
+
+            return decode_files(paths, image_size, desc=f"CSS {split} PNGs", verbose=verbose)
+        return np.stack([render_2d(objs, image_size) for objs in objects_img]) if n else np.zeros(
+            (0, image_size, image_size, 3), np.uint8
+        )
+
+    def training_texts(self):
+        return list(self._mods["train"].texts)
+
+    def sample_training_queries(self, n, rng, paired=True):
+        """The reference sampler: a random (mod, pair); then, when `paired`, the same source image
+        with a different modification, so that a batch holds pairs of queries sharing a source."""
+        mods = self._mods["train"]
+        by_source = self._by_source["train"]
+        out = np.empty(n, dtype=np.int64)
+        i = 0
+        while i < n:
+            q = int(rng.integers(len(mods)))
+            out[i] = q
+            i += 1
+            if paired and i < n:
+                others = [o for o in by_source[int(mods.source_ids[q])] if mods.texts[o] != mods.texts[q]]
+                out[i] = others[int(rng.integers(len(others)))] if others else int(rng.integers(len(mods)))
+                i += 1
+        return mods.subset(out)
+
+    def train_recall_queries(self, n, seed):
+        """CSS: the reference ranks training modifications; a seeded subset when there are more."""
+        mods = self._mods["train"]
+        if len(mods) <= n:
+            return mods
+        idx = np.sort(np.random.default_rng(seed + 7919).choice(len(mods), n, replace=False))
+        return mods.subset(idx)

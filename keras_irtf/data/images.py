@@ -1,0 +1,67 @@
+"""Image decoding shared by the datasets: parallel decode in tf.data, errors that name the file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = True) -> np.ndarray:
+    """Decode image files into a uint8 [N, size, size, 3] array, in parallel, in order.
+
+    A file that cannot be read or decoded raises DatasetError naming it.
+    """
+    import tensorflow as tf
+
+    from keras_irtf.data.base import DatasetError
+
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not tf.io.gfile.exists(p):
+            raise DatasetError(f"image file {p} is missing")
+
+    def load(path):
+        raw = tf.io.read_file(path)
+        img = tf.io.decode_image(raw, channels=3, expand_animations=False)
+        img = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(512).prefetch(2)
+    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    progress = _progress(len(paths), desc) if verbose else None
+    i = 0
+    it = iter(ds)
+    while i < len(paths):
+        try:
+            batch = next(it).numpy()
+        except tf.errors.InvalidArgumentError:
+            # find the culprit to name it (the batch error does not say which file)
+            for p in paths[i : i + 512]:
+                try:
+                    load(tf.constant(p))
+                except tf.errors.InvalidArgumentError:
+                    raise DatasetError(f"image file {p} could not be decoded (corrupt or not an image)") from None
+            raise
+        out[i : i + len(batch)] = batch
+        i += len(batch)
+        if progress:
+            progress.update(i)
+    return out
+
+
+def normalize_images(images):
+    """uint8/float [.., H, W, 3] in 0..255 -> float32 ImageNet-normalised (the reference's input)."""
+    import tensorflow as tf
+
+    x = tf.cast(images, tf.float32) / 255.0
+    return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def _progress(total, desc):
+    import keras
+
+    print(desc, flush=True)
+    return keras.utils.Progbar(total, unit_name="image")

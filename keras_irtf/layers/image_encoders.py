@@ -1,0 +1,130 @@
+"""Image encoders: ImageNet-normalised images [B, H, W, 3] -> a feature [B, output_dim].
+
+- SmallCNNEncoder: the default for the 64x64 CSS scenes. Conv-BN-ReLU-pool blocks, then the
+  final feature map is FLATTENED (not pooled) before the projection, because CSS texts refer to
+  positions ("top-left") and global pooling would discard where things are.
+- ResNet18Encoder: ResNet-18 (basic blocks 2/2/2/2, 64..512 filters) with global average
+  pooling and a linear projection, as in TIRG. Random initialisation; a pretrained keras-hub
+  backbone can be loaded from a local preset folder (see keras_irtf.layers.pretrained).
+"""
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class SmallCNNEncoder(keras.layers.Layer):
+    def __init__(self, filters=(32, 64, 128, 256), output_dim=512, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = tuple(int(f) for f in filters)
+        self.output_dim = int(output_dim)
+        self.blocks = []
+        for i, f in enumerate(self.filters):
+            self.blocks.append(
+                [
+                    keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i}"),
+                    keras.layers.BatchNormalization(name=f"bn{i}"),
+                    keras.layers.ReLU(),
+                    keras.layers.MaxPooling2D(2),
+                ]
+            )
+        self.flatten = keras.layers.Flatten()
+        self.projection = keras.layers.Dense(self.output_dim, name="projection")
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for block in self.blocks:
+            for layer in block:
+                layer.build(shape)
+                shape = layer.compute_output_shape(shape)
+        shape = self.flatten.compute_output_shape(shape)
+        self.projection.build(shape)
+
+    def call(self, images, training=False):
+        x = images
+        for conv, bn, relu, pool in self.blocks:
+            x = pool(relu(bn(conv(x), training=training)))
+        return self.projection(self.flatten(x))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=list(self.filters), output_dim=self.output_dim)
+        return config
+
+
+class _BasicBlock(keras.layers.Layer):
+    def __init__(self, filters, stride, **kwargs):
+        super().__init__(**kwargs)
+        self.conv1 = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)
+        self.bn1 = keras.layers.BatchNormalization(epsilon=1e-5)
+        self.conv2 = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)
+        self.bn2 = keras.layers.BatchNormalization(epsilon=1e-5)
+        self.shortcut = None
+        self.filters, self.stride = filters, stride
+
+    def build(self, input_shape):
+        if self.stride != 1 or input_shape[-1] != self.filters:
+            self.shortcut = keras.Sequential(
+                [
+                    keras.layers.Conv2D(self.filters, 1, strides=self.stride, use_bias=False),
+                    keras.layers.BatchNormalization(epsilon=1e-5),
+                ]
+            )
+            self.shortcut.build(input_shape)
+        self.conv1.build(input_shape)
+        mid = self.conv1.compute_output_shape(input_shape)
+        self.bn1.build(mid)
+        self.conv2.build(mid)
+        self.bn2.build(mid)
+
+    def call(self, x, training=False):
+        y = keras.ops.relu(self.bn1(self.conv1(x), training=training))
+        y = self.bn2(self.conv2(y), training=training)
+        s = self.shortcut(x, training=training) if self.shortcut is not None else x
+        return keras.ops.relu(y + s)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv1.compute_output_shape(input_shape)
+
+
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class ResNet18Encoder(keras.layers.Layer):
+    def __init__(self, output_dim=512, **kwargs):
+        super().__init__(**kwargs)
+        self.output_dim = int(output_dim)
+        self.stem = [
+            keras.layers.Conv2D(64, 7, strides=2, padding="same", use_bias=False, name="stem_conv"),
+            keras.layers.BatchNormalization(epsilon=1e-5, name="stem_bn"),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(3, strides=2, padding="same"),
+        ]
+        self.stages = []
+        for i, (f, s) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
+            self.stages += [_BasicBlock(f, s, name=f"stage{i}_block0"), _BasicBlock(f, 1, name=f"stage{i}_block1")]
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.projection = keras.layers.Dense(self.output_dim, name="projection")
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.stem + self.stages:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.projection.build((shape[0], 512))
+
+    def call(self, images, training=False):
+        x = images
+        for layer in self.stem:
+            x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+        for block in self.stages:
+            x = block(x, training=training)
+        return self.projection(self.pool(x))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self.output_dim)
+        return config

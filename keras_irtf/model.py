@@ -1,0 +1,246 @@
+"""ComposedRetrievalModel: image encoder + text encoder -> composer -> scaled L2 normalisation.
+
+The query embedding composes the source image with the modification text; the target embedding
+is the target image through the same image encoder and the same normalisation. `train_step`
+computes the paper's total loss
+
+    L_all = L_CE + eta * L_S + L_GA^A + L_GA^I   (+ the FGSM / L1 / L2 baselines when chosen)
+
+in one place (`compute_loss_terms`) so that `model.fit` from a user script and
+`tools/train.py` train the same way. Batches are dicts (see keras_irtf.data.pipeline).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_irtf import losses as L
+from keras_irtf.gradient_augmentation import GradientAugmentation
+from keras_irtf.layers.normalization import ScaledL2Normalization
+
+
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class ComposedRetrievalModel(keras.Model):
+    def __init__(self, image_encoder, text_encoder, composer, normalization=None,
+                 gradient_augmentation=None, retrieval_loss="batch_classification", eta=0.0,
+                 similarity_reduction="sum", image_size=None, max_text_length=None, **kwargs):
+        super().__init__(**kwargs)
+        if retrieval_loss not in L.RETRIEVAL_LOSSES:
+            raise ValueError(f"retrieval_loss must be one of {sorted(L.RETRIEVAL_LOSSES)}, got {retrieval_loss!r}")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.composer = composer
+        self.normalization = normalization or ScaledL2Normalization(name="normalization")
+        self.gradient_augmentation = gradient_augmentation or GradientAugmentation(name="gradient_augmentation")
+        self.retrieval_loss = retrieval_loss
+        self.eta = float(eta)
+        self.similarity_reduction = similarity_reduction
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_term_names()}
+        # Built here when the input sizes are known: Keras' own symbolic build in `fit` passes
+        # no shapes for dict inputs and leaves sub-layers to be built inside the traced step.
+        self.image_size = image_size
+        self.max_text_length = max_text_length
+        if image_size and max_text_length:
+            self.build(self.input_shapes())
+
+    def input_shapes(self):
+        s, n = int(self.image_size), int(self.max_text_length)
+        return {"source_image": (None, s, s, 3), "text": (None, n), "target_image": (None, s, s, 3)}
+
+    def build(self, input_shape=None):
+        """input_shape: the batch dict's shapes ({"source_image": (B, H, W, 3), "text": (B, L)}).
+
+        Keras passes no shape for dict inputs during `fit`'s symbolic build, so construct the
+        model with `image_size` and `max_text_length` (as `build_model` does) or call
+        `model.build(shapes)` before `fit`.
+        """
+        if not input_shape:
+            raise ValueError(
+                "ComposedRetrievalModel needs its input sizes to build: pass image_size= and "
+                "max_text_length= to the constructor (keras_irtf.build_model does), or call "
+                "model.build({'source_image': (None, S, S, 3), 'text': (None, L)}) before fit()."
+            )
+        image_shape = tuple(input_shape["source_image"])
+        text_shape = tuple(input_shape["text"])
+        for layer, shape in ((self.image_encoder, image_shape), (self.text_encoder, text_shape)):
+            if not layer.built:
+                layer.build(shape)
+        f_img = self.image_encoder.compute_output_shape(image_shape)
+        f_text = self.text_encoder.compute_output_shape(text_shape)
+        if not self.composer.built:
+            self.composer.build([f_img, f_text])
+        if not self.normalization.built:
+            self.normalization.build(self.composer.compute_output_shape([f_img, f_text]))
+        self.built = True
+
+    # ---- embeddings ---------------------------------------------------------------------------
+    def encode_image(self, images, training=False):
+        return self.image_encoder(images, training=training)
+
+    def encode_text(self, tokens, training=False):
+        return self.text_encoder(tokens, training=training)
+
+    def compose(self, image_features, text_features, training=False):
+        return self.composer([image_features, text_features], training=training)
+
+    def embed_queries(self, images, tokens, training=False):
+        """Normalised query embeddings of (source image, text)."""
+        f = self.compose(self.encode_image(images, training), self.encode_text(tokens, training), training)
+        return self.normalization(f)
+
+    def embed_images(self, images, training=False):
+        """Normalised embeddings of gallery (target) images."""
+        return self.normalization(self.encode_image(images, training))
+
+    def call(self, inputs, training=False):
+        out = {"query": self.embed_queries(inputs["source_image"], inputs["text"], training)}
+        if "target_image" in inputs:
+            out["target"] = self.embed_images(inputs["target_image"], training)
+        return out
+
+    # ---- losses -------------------------------------------------------------------------------
+    def loss_term_names(self):
+        ga = self.gradient_augmentation
+        names = ["loss", "retrieval_loss"]
+        if self.eta > 0:
+            names.append("similarity_loss")
+        names += list(getattr(self.composer, "auxiliary_loss_names", ()))
+        if ga.adversarial:
+            names.append("ga_adversarial")
+        if ga.isotropic:
+            names.append("ga_isotropic")
+        if ga.fgsm:
+            names.append("fgsm_loss")
+        if "l1" in ga.methods or "l2" in ga.methods:
+            names.append("weight_regularization")
+        return names
+
+    def _query_branch(self, batch, training, tape=None, delta=None):
+        """f_comp (unnormalised) and the tensor x at the GA point (watched by `tape`, shifted by
+        `delta` when given: the FGSM pass)."""
+        point = self.gradient_augmentation.point
+        x = None
+
+        def at(name, h):
+            nonlocal x
+            if name == point:
+                if delta is not None:
+                    h = h + delta
+                if tape is not None:
+                    tape.watch(h)
+                x = h
+            return h
+
+        src = at("input", tf.convert_to_tensor(batch["source_image"]))
+        f_img = at("image_feature", self.encode_image(src, training))
+        f_text = at("text_feature", self.encode_text(batch["text"], training))
+        f_comp = at("composed", self.compose(f_img, f_text, training))
+        return f_comp, x, {"image": f_img, "text": f_text}
+
+    def _main_loss(self, f_comp, f_target, target, features, batch, training, terms):
+        """L_CE + eta * L_S (+ the composer's own terms), recording each in `terms`."""
+        query = self.normalization(f_comp)
+        main = L.RETRIEVAL_LOSSES[self.retrieval_loss](query, target)
+        terms["retrieval_loss"] = main
+        if self.eta > 0:
+            ls = L.similarity_matching_loss(query, target, self.similarity_reduction)
+            terms["similarity_loss"] = ls
+            main = main + self.eta * ls
+        if hasattr(self.composer, "auxiliary_losses"):
+            aux = self.composer.auxiliary_losses(
+                model=self, batch=batch, features=features, composed=f_comp, target_features=f_target,
+                query=query, target=target, training=training,
+            )
+            for name, value in aux.items():  # already weighted by the composer
+                terms[name] = value
+                main = main + value
+        return main
+
+    def compute_loss_terms(self, batch, training=True):
+        """Every loss term of the batch (each divided by the GLOBAL batch); terms["loss"] is the
+        differentiable total (the isotropic term acts on the gradients, in train_step)."""
+        ga = self.gradient_augmentation
+        terms = {}
+        f_target = self.encode_image(batch["target_image"], training)
+        target = self.normalization(f_target)
+        if ga.needs_input_gradient and training:
+            # inner tape: dL/dx (recorded by the caller's outer tape -> double backprop)
+            with tf.GradientTape(watch_accessed_variables=False) as inner:
+                f_comp, x, feats = self._query_branch(batch, training, tape=inner)
+                main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
+            grad_x = inner.gradient(main, x)
+            if ga.adversarial:
+                terms["ga_adversarial"] = ga.adversarial_penalty(grad_x)
+            if ga.fgsm:
+                f_adv, _, feats_adv = self._query_branch(batch, training, delta=ga.fgsm_delta(grad_x))
+                adv_terms = {}
+                adv = self._main_loss(f_adv, f_target, target, feats_adv, batch, training, adv_terms)
+                terms["fgsm_loss"] = adv
+                main = 0.5 * (main + adv)
+        else:
+            f_comp, _, feats = self._query_branch(batch, training)
+            main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
+        total = main + terms.get("ga_adversarial", 0.0)
+        if training and ("l1" in ga.methods or "l2" in ga.methods):
+            terms["weight_regularization"] = ga.weight_regularization(self.trainable_variables)
+            total = total + terms["weight_regularization"]
+        terms["loss"] = total
+        return terms
+
+    def train_step(self, data):
+        batch = data[0] if isinstance(data, (tuple, list)) else data
+        ga = self.gradient_augmentation
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            terms = self.compute_loss_terms(batch, training=True)
+        grads = tape.gradient(terms["loss"], variables)
+        if ga.isotropic:
+            noises, value = ga.isotropic_noise(variables)
+            grads = [g + n if g is not None else None for g, n in zip(grads, noises)]
+            terms["ga_isotropic"] = value
+            terms["loss"] = terms["loss"] + value
+        self.optimizer.apply(grads, variables)
+        return self._record(terms)
+
+    def test_step(self, data):
+        batch = data[0] if isinstance(data, (tuple, list)) else data
+        return self._record(self.compute_loss_terms(batch, training=False))
+
+    def _record(self, terms):
+        # terms are per-replica shares of a global mean; the trackers average over replicas
+        replicas, _ = L.replica_info()
+        for name, tracker in self._trackers.items():
+            if name in terms:
+                tracker.update_state(tf.cast(terms[name], tf.float32) * replicas)
+        return {name: t.result() for name, t in self._trackers.items()}
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        ser = keras.saving.serialize_keras_object
+        config.update(
+            image_encoder=ser(self.image_encoder),
+            text_encoder=ser(self.text_encoder),
+            composer=ser(self.composer),
+            normalization=ser(self.normalization),
+            gradient_augmentation=ser(self.gradient_augmentation),
+            retrieval_loss=self.retrieval_loss,
+            eta=self.eta,
+            similarity_reduction=self.similarity_reduction,
+            image_size=self.image_size,
+            max_text_length=self.max_text_length,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        de = keras.saving.deserialize_keras_object
+        for key in ("image_encoder", "text_encoder", "composer", "normalization", "gradient_augmentation"):
+            config[key] = de(config[key])
+        return cls(**config)

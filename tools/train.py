@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Train and evaluate a composed-retrieval model.
+
+    python tools/train.py --dataset css                       # built-in CSS benchmark, TIRG
+    python tools/train.py --dataset css --preset smoke        # about a minute
+    python tools/train.py --dataset css --ga adversarial,isotropic --set loss.eta=0.001
+    python tools/train.py --config configs/css.yaml --set train.steps=500 --out runs/try
+
+Config layers, later wins: the dataclass defaults, configs/<dataset>.yaml (or --config), the
+preset (configs/presets/<name>.yaml), the flags below, then every --set section.key=value.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", help="css (default config: configs/<dataset>.yaml)")
+    p.add_argument("--config", action="append", default=[], help="YAML config file(s), applied in order")
+    p.add_argument("--preset", help="configs/presets/<name>.yaml applied on top (e.g. smoke)")
+    p.add_argument("--method", help="composer: tirg | concat | image_only | text_only")
+    p.add_argument("--ga", help="comma-separated: adversarial,isotropic,fgsm,l1,l2 (or none)")
+    p.add_argument("--data-root", help="dataset folder in its official layout")
+    p.add_argument("--css-images", choices=["auto", "png", "2d"], help="CSS: read PNGs or draw scenes in 2D")
+    p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga]_s<seed>)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve_config(args):
+    from keras_irtf.config import ConfigError, load_config, repo_configs_dir
+
+    configs = repo_configs_dir()
+    paths = list(args.config)
+    if not paths:
+        dataset = args.dataset or "css"
+        default = configs / f"{dataset}.yaml"
+        if not default.is_file():
+            known = sorted(p.stem for p in configs.glob("*.yaml"))
+            raise ConfigError(f"unknown dataset {dataset!r}: no config {default}; datasets with a config: {known}")
+        paths = [default]
+    if args.preset:
+        preset = configs / "presets" / f"{args.preset}.yaml"
+        if not preset.is_file():
+            known = sorted(p.stem for p in (configs / "presets").glob("*.yaml"))
+            raise ConfigError(f"unknown preset {args.preset!r}; expected one of {known}")
+        paths.append(preset)
+    overrides = []
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    if args.method:
+        overrides.append(f"model.method={args.method}")
+    if args.ga is not None:
+        overrides.append(f"ga.methods={args.ga}")
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.css_images:
+        overrides.append(f"data.css_images={args.css_images}")
+    if args.out:
+        overrides.append(f"train.out={args.out}")
+    if args.seed is not None:
+        overrides.append(f"train.seed={args.seed}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    return load_config(paths, overrides + list(args.set))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from keras_irtf.config import ConfigError
+    from keras_irtf.data.base import DatasetError
+
+    try:
+        cfg = resolve_config(args)
+        from keras_irtf.training import format_results, train
+
+        run, metrics = train(cfg, verbose=0 if args.quiet else 1)
+    except (ConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nrun: {run}  ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s training)")
+    print(format_results(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
