@@ -45,7 +45,8 @@ class ModelConfig:
     embed_dim: int = 512
     word_embed_dim: int = 512
     text_hidden_dim: int = 512
-    cnn_filters: tuple = (32, 64, 128, 256)
+    cnn_filters: tuple = (16, 32, 64, 128)
+    cnn_stem_stride: int = 2
     max_text_length: int = 16
     dropout: float = 0.1
     initial_scale: float = 4.0

@@ -104,3 +104,35 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
         "whm": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
                 "ks": list(whm_ks)},
     }
+
+
+def evaluate_run(run, alpha=None, out=None, verbose=True) -> dict:
+    """Reload a run folder's model and vocabulary, re-evaluate, and write its metrics.json."""
+    from pathlib import Path
+
+    from keras_irtf.config import load_config
+    from keras_irtf.data import load_dataset
+    from keras_irtf.data.text import TextVectorizer
+    from keras_irtf.training import load_model
+    from keras_irtf.utils import read_json, write_json
+
+    run = Path(run)
+    for name in ("config.yaml", "vocab.txt", "model.keras"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: --run must be a folder written by tools/train.py")
+    cfg = load_config([run / "config.yaml"])
+    if alpha is not None:
+        cfg.eval.alpha = float(alpha)
+    dataset = load_dataset(cfg, verbose=verbose)
+    vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
+    model = load_model(run / "model.keras")
+    result = evaluate(
+        model, dataset, vectorizer, ks=cfg.eval.ks, whm_ks=cfg.eval.whm_ks or dataset.whm_ks,
+        alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,
+        batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size, query_chunk=cfg.eval.query_chunk,
+        gallery_chunk=cfg.eval.gallery_chunk, verbose=verbose,
+    )
+    previous = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics = {**previous, "dataset": cfg.data.dataset, "method": cfg.model.method, **result}
+    write_json(Path(out) if out else run / "metrics.json", metrics)
+    return metrics

@@ -29,7 +29,7 @@ def build_model(cfg: Config, vocab_size: int):
 
     m = cfg.model
     if m.image_encoder == "small_cnn":
-        image_encoder = SmallCNNEncoder(m.cnn_filters, m.embed_dim, name="image_encoder")
+        image_encoder = SmallCNNEncoder(m.cnn_filters, m.embed_dim, m.cnn_stem_stride, name="image_encoder")
     elif m.image_encoder == "resnet18":
         image_encoder = ResNet18Encoder(m.embed_dim, name="image_encoder")
     else:

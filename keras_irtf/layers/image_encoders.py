@@ -1,8 +1,8 @@
 """Image encoders: ImageNet-normalised images [B, H, W, 3] -> a feature [B, output_dim].
 
-- SmallCNNEncoder: the default for the 64x64 CSS scenes. Conv-BN-ReLU-pool blocks, then the
-  final feature map is FLATTENED (not pooled) before the projection, because CSS texts refer to
-  positions ("top-left") and global pooling would discard where things are.
+- SmallCNNEncoder: the default for the 64x64 CSS scenes. A strided 5x5 stem, Conv-BN-ReLU-pool
+  blocks, then the final feature map is FLATTENED (not pooled) before the projection, because
+  CSS texts refer to positions ("top-left") and global pooling would discard where things are.
 - ResNet18Encoder: ResNet-18 (basic blocks 2/2/2/2, 64..512 filters) with global average
   pooling and a linear projection, as in TIRG. Random initialisation; a pretrained keras-hub
   backbone can be loaded from a local preset folder (see keras_irtf.layers.pretrained).
@@ -13,20 +13,21 @@ import keras
 
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class SmallCNNEncoder(keras.layers.Layer):
-    def __init__(self, filters=(32, 64, 128, 256), output_dim=512, **kwargs):
+    def __init__(self, filters=(16, 32, 64, 128), output_dim=512, stem_stride=2, **kwargs):
         super().__init__(**kwargs)
         self.filters = tuple(int(f) for f in filters)
         self.output_dim = int(output_dim)
+        self.stem_stride = int(stem_stride)
         self.blocks = []
         for i, f in enumerate(self.filters):
-            self.blocks.append(
-                [
-                    keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i}"),
-                    keras.layers.BatchNormalization(name=f"bn{i}"),
-                    keras.layers.ReLU(),
-                    keras.layers.MaxPooling2D(2),
-                ]
-            )
+            if i == 0 and self.stem_stride > 1:
+                # downsample first: full-resolution convolutions dominate the step time on a CPU
+                conv = keras.layers.Conv2D(f, 5, strides=self.stem_stride, padding="same", use_bias=False, name="conv0")
+                pool = keras.layers.Identity()
+            else:
+                conv = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i}")
+                pool = keras.layers.MaxPooling2D(2)
+            self.blocks.append([conv, keras.layers.BatchNormalization(name=f"bn{i}"), keras.layers.ReLU(), pool])
         self.flatten = keras.layers.Flatten()
         self.projection = keras.layers.Dense(self.output_dim, name="projection")
 
@@ -50,7 +51,7 @@ class SmallCNNEncoder(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(filters=list(self.filters), output_dim=self.output_dim)
+        config.update(filters=list(self.filters), output_dim=self.output_dim, stem_stride=self.stem_stride)
         return config
 
 
