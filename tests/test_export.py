@@ -327,3 +327,51 @@ def test_corrupt_gallery_image_is_named(smoke_run, tmp_path):
     with pytest.raises(ExportError, match="b.jpg could not be decoded"):
         export_run(smoke_run, out_root=tmp_path / "out", gallery=gallery, verbose=False)
     assert not (tmp_path / "out" / smoke_run.name / "1").exists()
+
+
+def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from keras_irtf.query import FRAME_COLOR, ExportedModel, search
+
+    gallery = Path(css_smoke_root) / "images"
+    model = ExportedModel(exported)
+    query = gallery / "css_test_000003.png"
+    text = "add red cube to top-left"
+    # in-graph retrieve over the stored gallery; the query's own image is left out
+    results = search(model, query, text, gallery, top=10)
+    assert [r.rank for r in results] == list(range(1, 11))
+    assert all(r.path != query for r in results)
+    assert all(a.score >= b.score for a, b in zip(results, results[1:]))
+    with_own = search(model, query, text, gallery, top=10, exclude_query=False)
+    own_score = float(model.embed_queries([query.read_bytes()], [text])[0] @ model.embed_images([query.read_bytes()])[0])
+    assert any(r.path == query for r in with_own) == (own_score >= with_own[-1].score)
+    # a different gallery folder: ranked through embed_image, same scores for the same files
+    other = tmp_path / "gallery"
+    other.mkdir()
+    for r in results[:5]:
+        shutil.copy(r.path, other / r.path.name)
+    sub = search(model, query, text, other, top=3)
+    assert [r.path.name for r in sub] == [r.path.name for r in results[:3]]
+    np.testing.assert_allclose([r.score for r in sub], [r.score for r in results[:3]], atol=1e-4)
+
+    # the tool: figure with the ground truth framed when it is retrieved, not otherwise
+    tool = _load_tool("query")
+    out = tmp_path / "grid.png"
+    target = results[1].path.name
+    args = ["--model", str(exported), "--image", str(query), "--text", text, "--gallery", str(gallery),
+            "--top", "10", "--out", str(out), "--thumb", "64"]
+    assert tool.main(args + ["--target", target]) == 0
+    printed = capsys.readouterr().out
+    assert f"{target}  <- target" in printed
+    fig = np.asarray(Image.open(out).convert("RGB"))
+    assert fig.shape[1] > 11 * 64  # query + 10 results side by side
+    green = np.all(fig == np.array(FRAME_COLOR, np.uint8), axis=-1).sum()
+    assert green > 4 * 64 * 4  # a frame around one thumbnail
+    far = [p for p in sorted(gallery.iterdir()) if p.name not in {r.path.name for r in results}][0]
+    assert tool.main(args + ["--target", far.name, "--top", "3"]) == 0
+    fig = np.asarray(Image.open(out).convert("RGB"))
+    assert np.all(fig == np.array(FRAME_COLOR, np.uint8), axis=-1).sum() < 100  # score text only, no frame
+    assert tool.main(args + ["--target", "no_such.png"]) == 2
