@@ -290,7 +290,6 @@ def build_export_archive(model, image_prep: ImagePreprocessing, text_prep: TextP
         g_emb = tf.Variable(emb, trainable=False, name="gallery_embeddings")
         g_paths = tf.Variable(np.asarray(gallery_paths, dtype=object), trainable=False, dtype=tf.string,
                               name="gallery_paths")
-        archive._gallery = [g_emb, g_paths]  # keep the Python objects alive with the archive
         size = len(emb)
 
         def retrieve(image_bytes, text, k):
@@ -337,6 +336,15 @@ def next_version(base) -> int:
     return versions[-1] + 1 if versions else 1
 
 
+def check_version_free(base, version: int, force: bool = False):
+    final = Path(base) / str(int(version))
+    if final.exists() and not force:
+        raise ExportError(
+            f"{final} already exists: TF Serving versions are immutable once served. Export to the "
+            f"next free version (omit --version: {next_version(base)}), or pass --force to replace it."
+        )
+
+
 def write_atomically(base, version: int, write: Callable, force: bool = False) -> Path:
     """Call `write(tmp_folder)`, then rename the folder to `base/<version>`.
 
@@ -349,11 +357,7 @@ def write_atomically(base, version: int, write: Callable, force: bool = False) -
     if version < 0:
         raise ExportError(f"version must be a non-negative integer, got {version}")
     final = base / str(version)
-    if final.exists() and not force:
-        raise ExportError(
-            f"{final} already exists: TF Serving versions are immutable once served. Export to the "
-            f"next free version (omit --version: {next_version(base)}), or pass --force to replace it."
-        )
+    check_version_free(base, version, force)
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f".partial-{version}-{os.getpid()}-{time.time_ns()}"
     try:
@@ -398,8 +402,7 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
     text_prep = text_preprocessing_for(cfg, run_dir)
     out = Path(out)
     version = next_version(out) if version is None else int(version)
-    if (out / str(version)).exists() and not force:
-        write_atomically(out, version, lambda tmp: None, force=False)  # raises the explanatory error
+    check_version_free(out, version, force)  # before the (slow) gallery embedding
 
     gallery_paths = gallery_emb = None
     if gallery is not None:
