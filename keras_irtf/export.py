@@ -130,6 +130,31 @@ def _resize_imagenet(cfg, run_dir=None) -> ImagePreprocessing:
     return ImagePreprocessing("resize_imagenet", size, transform)
 
 
+@register_image_preprocessing("resize_center_crop_imagenet")
+def _resize_center_crop_imagenet(cfg, run_dir=None, crop_fraction: float = 0.875) -> ImagePreprocessing:
+    """ImageNet-style evaluation crop: resize the shorter side to S / crop_fraction (256 for
+    S = 224), take the central S x S, then /255 and ImageNet mean/std. For pretrained backbones
+    (register their encoder name with this preprocessing)."""
+    import tensorflow as tf
+
+    from keras_irtf.data.images import normalize_images
+
+    size = int(cfg.data.image_size)
+    short = int(round(size / crop_fraction))
+
+    def transform(image):
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = short / tf.reduce_min(shape)
+        new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+        image = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
+        top = (new[0] - size) // 2
+        left = (new[1] - size) // 2
+        image = tf.ensure_shape(image[top : top + size, left : left + size], (size, size, 3))
+        return normalize_images(image)
+
+    return ImagePreprocessing("resize_center_crop_imagenet", size, transform)
+
+
 @register_text_preprocessing("vocabulary", encoders=("lstm",))
 def _vocabulary(cfg, run_dir) -> TextPreprocessing:
     """The run's vocab.txt through the training tokeniser: strings -> int32 [B, max_text_length]."""
@@ -141,6 +166,13 @@ def _vocabulary(cfg, run_dir) -> TextPreprocessing:
     vectorizer = TextVectorizer.load(vocab, cfg.model.max_text_length)
     vectorizer(["warm up"])  # an unbuilt TextVectorization cannot be tracked by the archive
     return TextPreprocessing("vocabulary", vectorizer, [vectorizer.layer])
+
+
+@register_text_preprocessing("raw_strings")
+def _raw_strings(cfg, run_dir=None) -> TextPreprocessing:
+    """The strings themselves, for text encoders that tokenise inside the model (e.g. a BERT
+    encoder with its preprocessing SavedModel): register their encoder name with this."""
+    return TextPreprocessing("raw_strings", lambda texts: texts, [])
 
 
 def _choose(registry_for_encoder, registry, encoder, kind, key):

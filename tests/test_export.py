@@ -375,3 +375,33 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
     fig = np.asarray(Image.open(out).convert("RGB"))
     assert np.all(fig == np.array(FRAME_COLOR, np.uint8), axis=-1).sum() < 100  # score text only, no frame
     assert tool.main(args + ["--target", "no_such.png"]) == 2
+
+
+def test_preprocessing_registry_is_pluggable(smoke_run, monkeypatch):
+    import tensorflow as tf
+
+    from keras_irtf import export as E
+    from keras_irtf.config import load_config
+    from keras_irtf.data.images import normalize_images
+
+    cfg = load_config([smoke_run / "config.yaml"], ["data.image_size=32"])
+    # a new encoder plugs in by name, without touching the export code
+    monkeypatch.setitem(E.IMAGE_PREPROCESSING_FOR_ENCODER, "hub_resnet", "resize_center_crop_imagenet")
+    monkeypatch.setitem(E.TEXT_PREPROCESSING_FOR_ENCODER, "hub_bert", "raw_strings")
+    cfg.model.image_encoder, cfg.model.text_encoder = "hub_resnet", "hub_bert"
+    prep = E.image_preprocessing_for(cfg)
+    text = E.text_preprocessing_for(cfg)
+    assert prep.name == "resize_center_crop_imagenet" and text.name == "raw_strings"
+    # a 40 x 80 image: shorter side -> round(32 / 0.875) = 37, then the central 32 x 32
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    out = E.images_from_bytes(tf.constant([_png(img)]), prep).numpy()[0]
+    resized = tf.image.resize(img.astype(np.float32), (37, 74), antialias=True).numpy()
+    expected = normalize_images(resized[2:34, 21:53]).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_array_equal(text.transform(tf.constant(["a B", ""])).numpy(), [b"a B", b""])
+    # the default preprocessing leaves an image of the run's size untouched before normalising
+    default = E._resize_imagenet(cfg)
+    small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    got = E.images_from_bytes(tf.constant([_png(small)]), default).numpy()[0]
+    np.testing.assert_allclose(got, normalize_images(small.astype(np.float32)).numpy(), atol=1e-6)
