@@ -245,16 +245,18 @@ def _load_tool(name):
     return module
 
 
-def test_versions_force_and_interrupted_export(smoke_run, tmp_path, monkeypatch, capsys):
+def test_versions_force_and_interrupted_export(smoke_run, exported, tmp_path, monkeypatch, capsys):
+    import shutil
+
     import tensorflow as tf
 
     from keras_irtf.export import ExportError, export_model, load_run, read_export_info
 
     tool = _load_tool("export")
     base = tmp_path / "exported"
-    # the tool: next free version (1, then 2), endpoints without a gallery
+    shutil.copytree(exported, base / "css_smoke_tirg" / "1")  # an existing version 1
+    # the tool takes the next free version, here without a gallery
     assert tool.main(["--run", str(smoke_run), "--out", str(base), "--quiet"]) == 0
-    assert tool.main(["--run", str(smoke_run), "--out", str(base), "--name", "css_smoke_tirg", "--quiet"]) == 0
     model_dir = base / "css_smoke_tirg"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
     assert read_export_info(model_dir / "2")["endpoints"] == ["serving_default", "embed_image"]
