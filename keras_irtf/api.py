@@ -6,7 +6,7 @@
     cfg = kirtf.load_config(["configs/css.yaml", "configs/presets/smoke.yaml"])
     bench = kirtf.load_benchmark(cfg)                 # the dataset, its vocabulary, tf.data pipelines
     model = kirtf.create_model(cfg, bench)            # built and compiled as tools/train.py does
-    model.fit(bench.train_dataset(steps=40), epochs=2, steps_per_epoch=20,
+    model.fit(bench.train_dataset(steps=40), epochs=2, steps_per_epoch=20, shuffle=False,
               validation_data=bench.validation_dataset(),
               callbacks=[keras.callbacks.CSVLogger("log.csv")])
     metrics = bench.evaluate(model)                   # Recall@K (test, train) and WHM
