@@ -157,6 +157,9 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     out.write_text(render(meta, results, meta["command"]))
     print(f"wrote {out} and {out.with_suffix('.json')}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
