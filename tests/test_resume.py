@@ -1,0 +1,114 @@
+"""Crash-safe training: exact resumption after SIGKILL, a stop on a non-finite loss, batch checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from keras_irtf.config import ConfigError
+from tests.conftest import tiny_config
+
+ARGS = ["--preset", "smoke", "--ga", "isotropic", "--steps", "30", "--set", "train.steps_per_epoch=12",
+        "--set", "train.backup_every_steps=5", "--quiet"]
+
+
+def _cli(root, out):
+    return [sys.executable, "tools/train.py", "--dataset", "css", "--data-root", str(root), "--out", str(out), *ARGS]
+
+
+def _weights(run):
+    from keras_irtf.training import load_model
+
+    return load_model(run / "model.keras").get_weights()
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(css_smoke_root, tmp_path):
+    """Kill -9 part-way (mid-epoch), re-run the same command: the same final weights."""
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    subprocess.run(_cli(css_smoke_root, ref), check=True, timeout=600, capture_output=True)
+    proc = subprocess.Popen(_cli(css_smoke_root, crashed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = crashed / "backup" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 15:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 15 <= step < 30 and not (crashed / "model.keras").exists()
+    r = subprocess.run(_cli(css_smoke_root, crashed) + ["--set", "train.backup_every_steps=5"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((crashed / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == step and metrics["steps"] == 36
+    assert not (crashed / "backup").exists()  # removed once the run is complete
+    for a, b in zip(_weights(ref), _weights(crashed)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
+    from keras_irtf.backup import TrainingDiverged
+    from keras_irtf.training import train
+
+    cfg = tiny_config(css_smoke_root, f"train.out={tmp_path / 'nan'}", "optim.learning_rate=1e12",
+                      "optim.momentum=0.0", "train.steps=40", "loss.eta=0.001")
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step \d+: .*retrieval_loss=.*similarity_loss="):
+        train(cfg, verbose=0)
+    state = tmp_path / "nan" / "backup" / "state.json"
+    if state.is_file():  # any backup written holds finite weights only
+        from keras_irtf.backup import latest_backup
+
+        import h5py
+
+        with h5py.File(latest_backup(tmp_path / "nan" / "backup")["weights"]) as f:
+            arrays = []
+            f.visititems(lambda name, obj: arrays.append(obj[()]) if hasattr(obj, "shape") else None)
+        assert all(np.all(np.isfinite(a)) for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating))
+
+
+def test_global_batch_must_split_over_replicas():
+    import tensorflow as tf
+
+    from keras_irtf.distribute import check_batch, parse_devices, worker_info
+
+    class Two:
+        num_replicas_in_sync = 2
+
+    assert check_batch(16, Two()) == 8
+    with pytest.raises(ConfigError, match=r"batch_size=15 is the global batch.*2 replicas.*multiple of 2"):
+        check_batch(15, Two())
+    assert check_batch(15, tf.distribute.get_strategy()) == 15
+    assert parse_devices("cpu:2") == ("cpu", 2)
+    assert parse_devices("/gpu:0, /gpu:1") == ("list", ["/gpu:0", "/gpu:1"])
+
+
+def test_worker_info_reads_tf_config(monkeypatch):
+    from keras_irtf.distribute import make_strategy, worker_info
+
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))
+    assert worker_info() == (1, 2, False)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert worker_info() == (0, 2, True)
+    monkeypatch.delenv("TF_CONFIG")
+    assert worker_info() == (0, 1, True)
+    with pytest.raises(ConfigError, match="needs TF_CONFIG"):
+        make_strategy("multi_worker")
+
+
+def test_worker_shards_partition_each_global_batch(css_smoke, smoke_vectorizer):
+    from keras_irtf.data.pipeline import training_dataset
+
+    full = list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, image_size=64))
+    shards = [list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, image_size=64, shard=(i, 2)))
+              for i in range(2)]
+    for step in range(3):
+        joined = np.concatenate([shards[0][step]["source_id"], shards[1][step]["source_id"]])
+        np.testing.assert_array_equal(joined, full[step]["source_id"])
