@@ -87,8 +87,11 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.out or os.path.join("runs", default_run_name(cfg)))
 
 
-def train(cfg: Config, verbose: int = 1, callbacks=()):
-    """Train, save, evaluate. Returns (run folder, metrics dict)."""
+def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
+    """Train, save, evaluate. Returns (run folder, metrics dict).
+
+    `dataset`: an already loaded dataset for `cfg.data` (saves reloading it when many runs share
+    one, as tools/ablate.py does); by default it is loaded from the config."""
     import tensorflow as tf
 
     from keras_irtf.data import load_dataset
@@ -101,7 +104,8 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
     atomic_write_text(run / "config.yaml", to_yaml(cfg))
     keras.utils.set_random_seed(cfg.train.seed)
 
-    dataset = load_dataset(cfg, verbose=bool(verbose))
+    if dataset is None:
+        dataset = load_dataset(cfg, verbose=bool(verbose))
     vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
     vectorizer.save(run / "vocab.txt")
 
