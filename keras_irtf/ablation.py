@@ -24,6 +24,7 @@ and optionally a one-seed sweep of each GA weight over the paper's range (1e-6 .
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -111,16 +112,47 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
         run = out / cell / f"seed{seed}"
         if (run / "metrics.json").is_file():
             continue
-        cfg = load_config(config_paths, list(overrides) + ov + [f"train.seed={seed}", f"train.out={run}"])
-        if dataset is None:
-            dataset = load_dataset(cfg, verbose=verbose)
-        keras.backend.clear_session()
-        start = time.time()
-        log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")
-        _, metrics = train(cfg, verbose=0, dataset=dataset)
-        log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
-            f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
+        lock = _claim(run)
+        if lock is None:
+            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: another worker is training it, skipped")
+            continue
+        try:
+            cfg = load_config(config_paths, list(overrides) + ov + [f"train.seed={seed}", f"train.out={run}"])
+            if dataset is None:
+                dataset = load_dataset(cfg, verbose=verbose)
+            keras.backend.clear_session()
+            start = time.time()
+            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")
+            _, metrics = train(cfg, verbose=0, dataset=dataset)
+            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
+                f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
+        finally:
+            lock.unlink(missing_ok=True)
     return collect(out, [j[0] for j in jobs])
+
+
+def _claim(run: Path):
+    """A lock file for one (cell, seed), so that several workers can share an ablation folder;
+    None if a live process holds it (a dead holder's lock is taken over)."""
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / ".running"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
 
 
 def collect(out, cells=None) -> dict:

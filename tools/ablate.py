@@ -25,7 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="css", help="css (config: configs/<dataset>_ablation.yaml)")
     p.add_argument("--config", action="append", default=[], help="YAML config file(s), applied in order")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
-    p.add_argument("--cells", help="comma-separated subset of the grid (default: all)")
+    p.add_argument("--seed-ids", help="explicit comma-separated seeds instead of 0 .. N-1 (e.g. a second "
+                   "worker on the same --out: workers skip what another is training)")
+    p.add_argument("--cells", help="comma-separated subset of the grid (default: all; 'none': only the sweep)")
     p.add_argument("--sweep", default="", help="one-seed sweeps over 1e-6..1e-2 of: eta,eps,gamma")
     p.add_argument("--sweep-values", default="", help="comma-separated weights for --sweep")
     p.add_argument("--out", help="ablation folder (default ablations/<dataset>)")
@@ -48,7 +50,9 @@ def main(argv=None):
             print(f"error: config {path} does not exist", file=sys.stderr)
             return 2
     out = Path(args.out or f"ablations/{args.dataset}")
-    cells = [c.strip() for c in args.cells.split(",")] if args.cells else list(A.CELLS)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else list(A.CELLS)
+    if cells == ["none"]:
+        cells = []
     unknown = [c for c in cells if c not in A.CELLS]
     if unknown:
         print(f"error: unknown cell(s) {unknown}; expected a subset of {list(A.CELLS)}", file=sys.stderr)
@@ -60,14 +64,17 @@ def main(argv=None):
             names = cells + [c for c, _, _ in A.sweep_cells(sweep, values)]
             results = A.collect(out, names)
         else:
-            results = A.run_ablation(paths, seeds=args.seeds, out=out, cells=cells, overrides=args.set,
+            seeds = [int(s) for s in args.seed_ids.split(",")] if args.seed_ids else args.seeds
+            results = A.run_ablation(paths, seeds=seeds, out=out, cells=cells, overrides=args.set,
                                      sweep=sweep, sweep_values=values)
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.seed_ids or not cells:  # a worker's share: tabulate every finished run of the grid
+        results = {**A.collect(out, list(A.CELLS)), **{k: v for k, v in results.items() if k.startswith("sweep_")}}
     grid = {k: v for k, v in results.items() if not k.startswith("sweep_")}
     sweeps = {k: v for k, v in results.items() if k.startswith("sweep_")}
-    text = "## Ablation\n\n" + A.ablation_table(grid) + "\n"
+    text = "## Ablation\n\n" + (A.ablation_table(grid) if grid else "(no finished grid runs)") + "\n"
     if sweeps:
         text += "\n## Weight sweep (one seed)\n\n" + A.ablation_table({"ce": grid["ce"][:1], **sweeps} if "ce" in grid else sweeps) + "\n"
     print(text)
