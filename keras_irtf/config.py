@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
@@ -32,6 +32,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default: $KERAS_IRTF_CACHE or ./data/cache
     image_size: int = 64
     train_recall_queries: int = 10000  # size of the seeded training-query sample for Ms
+    # Keep only a seeded subset of this many training queries (None = all): a small training set
+    # trained for many epochs over-fits, the regime in which a regulariser such as GA can help.
+    max_train_queries: Optional[int] = None
     on_bad_image: str = "error"  # error | skip (count and skip unreadable images)
     file_cache: Optional[str] = None  # folder for a tf.data file cache of decoded images
 

@@ -168,12 +168,15 @@ class GradientAugmentation(keras.layers.Layer):
     def weight_regularization(self, variables):
         """L1 and/or L2 penalty over the kernels (variables of rank >= 2), per replica."""
         replicas, _ = replica_info()
-        kernels = [v for v in variables if len(v.shape) >= 2]
-        total = tf.constant(0.0)
+        kernels = [tf.convert_to_tensor(v) for v in variables if len(v.shape) >= 2]
+        if not kernels:
+            return tf.constant(0.0)
+        dtype = kernels[0].dtype
+        total = tf.constant(0.0, dtype)
         if "l1" in self.methods:
-            total += self.l1 * tf.add_n([tf.reduce_sum(tf.abs(v)) for v in kernels])
+            total += self.l1 * tf.add_n([tf.reduce_sum(tf.abs(tf.cast(v, dtype))) for v in kernels])
         if "l2" in self.methods:
-            total += self.l2 * tf.add_n([tf.reduce_sum(tf.square(v)) for v in kernels])
+            total += self.l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, dtype))) for v in kernels])
         return total / replicas
 
     def get_config(self):

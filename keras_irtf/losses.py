@@ -26,9 +26,9 @@ def replica_info():
     return ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
 
 
-def global_batch_size(local_batch):
+def global_batch_size(local_batch, dtype=tf.float32):
     n, _ = replica_info()
-    return tf.cast(local_batch, tf.float32) * n
+    return tf.cast(local_batch, dtype) * n
 
 
 def gather_across_replicas(x):
@@ -42,9 +42,12 @@ def gather_across_replicas(x):
 
 
 def average_over_global_batch(per_example):
-    """sum(per_example) / global batch size (tf.nn.compute_average_loss, kept explicit)."""
-    per_example = tf.cast(per_example, tf.float32)
-    return tf.reduce_sum(per_example) / global_batch_size(tf.shape(per_example)[0])
+    """sum(per_example) / global batch size (tf.nn.compute_average_loss, kept explicit), in the
+    per-example values' float dtype (float64 stays float64: the finite-difference tests need it)."""
+    per_example = tf.convert_to_tensor(per_example)
+    if not per_example.dtype.is_floating:
+        per_example = tf.cast(per_example, tf.float32)
+    return tf.reduce_sum(per_example) / global_batch_size(tf.shape(per_example)[0], per_example.dtype)
 
 
 def batch_classification_per_example(query, target):
@@ -80,7 +83,7 @@ def soft_triplet_per_example(query, target):
 
 def soft_triplet_loss(query, target):
     per_anchor = soft_triplet_per_example(query, target)  # 2B anchors per replica
-    return tf.reduce_sum(per_anchor) / (2.0 * global_batch_size(tf.shape(query)[0]))
+    return tf.reduce_sum(per_anchor) / (2.0 * global_batch_size(tf.shape(query)[0], per_anchor.dtype))
 
 
 def similarity_matching_per_example(query, target, reduction: str = "sum"):

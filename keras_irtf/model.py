@@ -199,7 +199,7 @@ class ComposedRetrievalModel(keras.Model):
             noises, value = ga.isotropic_noise(variables)
             grads = [g + n if g is not None else None for g, n in zip(grads, noises)]
             terms["ga_isotropic"] = value
-            terms["loss"] = terms["loss"] + value
+            terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
         self.optimizer.apply(grads, variables)
         return self._record(terms)
 

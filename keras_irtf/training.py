@@ -87,9 +87,12 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.out or os.path.join("runs", default_run_name(cfg)))
 
 
-def train(cfg: Config, verbose: int = 1, callbacks=()):
+def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     """Train, save, evaluate. Returns (run folder, metrics dict); metrics is None on a
     multi-worker run's non-chief workers (the chief writes the run folder).
+
+    `dataset`: an already loaded dataset for `cfg.data` (saves reloading it when many runs share
+    one, as tools/ablate.py does); by default it is loaded from the config.
 
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
     batches, optimizer state, learning-rate schedule and random generators).
@@ -112,7 +115,8 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
         atomic_write_text(run / "config.yaml", to_yaml(cfg))
     keras.utils.set_random_seed(cfg.train.seed)
 
-    dataset = load_dataset(cfg, verbose=bool(verbose) and chief)
+    if dataset is None:
+        dataset = load_dataset(cfg, verbose=bool(verbose) and chief)
     vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
     if chief:
         vectorizer.save(run / "vocab.txt")

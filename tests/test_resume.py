@@ -76,7 +76,7 @@ def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
 def test_global_batch_must_split_over_replicas():
     import tensorflow as tf
 
-    from keras_irtf.distribute import check_batch, parse_devices, worker_info
+    from keras_irtf.distribute import check_batch, parse_devices
 
     class Two:
         num_replicas_in_sync = 2

@@ -19,7 +19,10 @@ def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
         root = cfg.data.root
         if root is None:
             root = ensure_generated(default_cache_dir(cfg), cfg.data.css_size, cfg.data.css_seed, verbose)
-        return CSSDataset(root, images=cfg.data.css_images, image_size=cfg.data.image_size, verbose=verbose)
+        dataset = CSSDataset(root, images=cfg.data.css_images, image_size=cfg.data.image_size, verbose=verbose)
+        if cfg.data.max_train_queries:
+            dataset.limit_training_queries(cfg.data.max_train_queries, cfg.data.css_seed)
+        return dataset
     raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
 
 

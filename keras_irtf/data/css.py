@@ -201,6 +201,23 @@ class CSSDataset(RetrievalDataset):
                 i += 1
         return mods.subset(out)
 
+    def limit_training_queries(self, n, seed):
+        """Keep a seeded subset of `n` training queries (modifications): the sampler and the
+        training recall Ms then only see those. Returns self."""
+        mods = self._mods["train"]
+        if n is None or n >= len(mods):
+            return self
+        if n < 2:
+            raise ValueError(f"data.max_train_queries must be >= 2, got {n}")
+        idx = np.sort(np.random.default_rng(seed + 104729).choice(len(mods), int(n), replace=False))
+        kept = mods.subset(idx)
+        by_source = {}
+        for i, s in enumerate(kept.source_ids):
+            by_source.setdefault(int(s), []).append(i)
+        self._mods["train"] = kept
+        self._by_source["train"] = by_source
+        return self
+
     def train_recall_queries(self, n, seed):
         """CSS: the reference ranks training modifications; a seeded subset when there are more."""
         mods = self._mods["train"]

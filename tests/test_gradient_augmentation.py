@@ -1,0 +1,331 @@
+"""The mathematics of gradient augmentation, each checked against an independent computation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ga_tiny import tiny_batch, tiny_model
+from keras_irtf.gradient_augmentation import GradientAugmentation, dual_norm, per_example_norm
+
+
+# ---- independent reference computations (plain TF, not keras_irtf.losses) ---------------------
+def _l2n(x, scale):
+    return scale * x / tf.sqrt(tf.reduce_sum(x * x, axis=-1, keepdims=True))
+
+
+def _per_example_losses(model, batch, eta=0.0, overrides=None):
+    """l_i = softmax CE of query i against the batch's targets (+ eta ||q_i - t_i||^2), with any
+    intermediate tensor replaced by `overrides` (name -> tensor)."""
+    o = overrides or {}
+    scale = model.normalization.scale
+    x = o.get("input", batch["source_image"])
+    f_img = o.get("image_feature", model.image_encoder(x))
+    f_txt = o.get("text_feature", model.text_encoder(batch["text"]))
+    f_comp = o.get("composed", model.composer([f_img, f_txt]))
+    q = _l2n(f_comp, scale)
+    t = _l2n(model.image_encoder(batch["target_image"]), scale)
+    logits = tf.matmul(q, t, transpose_b=True)
+    ce = tf.reduce_logsumexp(logits, axis=1) - tf.linalg.diag_part(logits)
+    ls = tf.reduce_sum(tf.square(q - t), axis=1)
+    return ce + eta * ls, {"input": x, "image_feature": f_img, "text_feature": f_txt, "composed": f_comp}
+
+
+def _independent_penalty(model, batch, point, eps, q, eta=0.0):
+    """eps * mean_i ||d l_i / d x_i||_q, one example's loss at a time."""
+    _, feats = _per_example_losses(model, batch, eta)
+    x = tf.identity(feats[point])
+    norms = []
+    for i in range(x.shape[0]):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            losses, _ = _per_example_losses(model, batch, eta, {point: x})
+            li = losses[i]
+        g = tape.gradient(li, x).numpy()
+        others = np.delete(g, i, axis=0)
+        assert np.abs(others).max() < 1e-12  # example i's loss does not see the other x_j
+        gi = g[i].ravel()
+        norms.append(np.abs(gi).sum() if q == 1 else np.sqrt((gi**2).sum()))
+    return eps * float(np.mean(norms))
+
+
+# ---- norms ------------------------------------------------------------------------------------
+def test_dual_norm():
+    assert dual_norm("inf") == 1.0
+    assert dual_norm(2) == 2.0
+    assert dual_norm(1) == float("inf")
+    assert dual_norm(3) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="attack norm"):
+        dual_norm(0.5)
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0, float("inf"), 3.0])
+def test_per_example_norm_matches_numpy(q, rng):
+    x = rng.normal(size=(5, 2, 3, 4))
+    got = per_example_norm(tf.constant(x), q).numpy()
+    want = np.linalg.norm(x.reshape(5, -1), ord=q, axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+# ---- adversarial GA ---------------------------------------------------------------------------
+@pytest.mark.parametrize("attack_norm,q", [("inf", 1), ("2", 2)])
+@pytest.mark.parametrize("point", ["input", "composed"])
+def test_penalty_value_matches_independent_per_example_norms(attack_norm, q, point):
+    eps = 0.37
+    model = tiny_model("adversarial", eps=eps, attack_norm=attack_norm, point=point, eta=0.01)
+    batch = tiny_batch()
+    terms = model.compute_loss_terms(batch, training=True)
+    want = _independent_penalty(model, batch, point, eps, q, eta=0.01)
+    assert want > 1e-3
+    np.testing.assert_allclose(float(terms["ga_adversarial"]), want, rtol=1e-9)
+    # the total is the main loss plus the penalty
+    np.testing.assert_allclose(
+        float(terms["loss"]),
+        float(terms["retrieval_loss"]) + 0.01 * float(terms["similarity_loss"]) + want, rtol=1e-9,
+    )
+
+
+def test_reference_mode_coefficient():
+    """The authors' code: eps * d^(1 - 1/q) / 2 with d the elements of one example's x."""
+    batch = tiny_batch()
+    paper = tiny_model("adversarial", eps=0.1, attack_norm="2")
+    ref = tiny_model("adversarial", eps=0.1, attack_norm="2", mode="reference")
+    p = float(paper.compute_loss_terms(batch)["ga_adversarial"])
+    r = float(ref.compute_loss_terms(batch)["ga_adversarial"])
+    d = 3 * 3 * 3
+    np.testing.assert_allclose(r / p, d**0.5 / 2, rtol=1e-9)
+
+
+def _loss_and_grads(model, batch):
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss_terms(batch, training=True)["loss"]
+    return loss, tape.gradient(loss, variables), variables
+
+
+@pytest.mark.parametrize(
+    "point,attack_norm", [("input", "2"), ("input", "inf"), ("image_feature", "2"), ("text_feature", "2"),
+                          ("composed", "2")]
+)
+def test_penalised_gradient_matches_finite_differences(point, attack_norm):
+    """Double backprop: d(L + eps ||dL/dx||_q)/dtheta equals central differences (float64)."""
+    model = tiny_model("adversarial", eps=2.0, attack_norm=attack_norm, point=point, eta=0.05)
+    batch = tiny_batch()
+    _, grads, variables = _loss_and_grads(model, batch)
+    plain = tiny_model("", eta=0.05)
+    plain.set_weights(model.get_weights())
+    _, plain_grads, _ = _loss_and_grads(plain, batch)
+    loss_fn = tf.function(lambda: model.compute_loss_terms(batch, training=True)["loss"])
+    rng = np.random.default_rng(1)
+    h = 1e-6
+    checked, penalty_share = 0, []
+    for v, g, pg in zip(variables, grads, plain_grads):
+        if g is None:
+            continue
+        g = tf.convert_to_tensor(g).numpy().ravel()
+        pg = tf.convert_to_tensor(pg).numpy().ravel()
+        for idx in rng.choice(g.size, size=min(3, g.size), replace=False):
+            base = v.numpy()
+            flat = base.ravel().copy()
+            values = []
+            for sign in (1.0, -1.0):
+                flat[idx] = base.ravel()[idx] + sign * h
+                v.assign(flat.reshape(base.shape))
+                values.append(float(loss_fn()))
+            v.assign(base)
+            fd = (values[0] - values[1]) / (2 * h)
+            np.testing.assert_allclose(g[idx], fd, rtol=1e-5, atol=1e-8, err_msg=f"{v.path}[{idx}]")
+            penalty_share.append(abs(g[idx] - pg[idx]))
+            checked += 1
+    assert checked >= 15
+    # the penalty's own gradient (second-order term) is a visible part of what was checked
+    assert max(penalty_share) > 1e-3
+
+
+def test_all_weights_zero_is_the_plain_step():
+    """The real TIRG (batch norm included) with GA^A (eps 0) and GA^I (gamma 0) switched on: one
+    step gives the plain step's weights; with eps > 0 it does not (so the comparison can fail)."""
+    from conftest import tiny_config
+    from keras_irtf.training import build_model, make_optimizer
+
+    smoke_config = tiny_config()
+
+    def make(methods, eps=0.0, gamma=0.0):
+        cfg = smoke_config.copy()
+        cfg.ga.methods, cfg.ga.eps, cfg.ga.gamma = methods, eps, gamma
+        cfg.model.dropout = 0.0
+        model = build_model(cfg, vocab_size=20)
+        model.compile(optimizer=make_optimizer(cfg))
+        return model
+
+    s = smoke_config.data.image_size
+    rng = np.random.default_rng(0)
+    batch = {
+        "source_image": tf.constant(rng.normal(size=(8, s, s, 3)), tf.float32),
+        "text": tf.constant(rng.integers(1, 20, size=(8, smoke_config.model.max_text_length)), tf.int32),
+        "target_image": tf.constant(rng.normal(size=(8, s, s, 3)), tf.float32),
+    }
+    plain = make("")
+    start = plain.get_weights()
+    zero = make("adversarial,isotropic")
+    zero.set_weights(start)
+    on = make("adversarial,isotropic", eps=1.0, gamma=1e-2)
+    on.set_weights(start)
+    for m in (plain, zero, on):
+        m.train_step(batch)
+    changed = max(np.abs(a - b).max() for a, b in zip(plain.get_weights(), start))
+    assert changed > 1e-4  # the step did move the weights
+    for a, b in zip(plain.get_weights(), zero.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert max(np.abs(a - b).max() for a, b in zip(plain.get_weights(), on.get_weights())) > 1e-5
+
+
+# ---- isotropic GA -----------------------------------------------------------------------------
+def _draws(ga, variables, n):
+    """[n, total size] noise draws (one compiled call per draw, as in training)."""
+    draw = tf.function(lambda: tf.concat([tf.reshape(x, [-1]) for x in ga.isotropic_noise(variables)[0]], 0))
+    return np.stack([draw().numpy() for _ in range(n)])
+
+
+def test_isotropic_noise_is_isotropic_with_the_specified_scale():
+    gamma = 0.3
+    ga = GradientAugmentation("isotropic", gamma=gamma, seed=3)
+    variables = [tf.Variable(np.zeros((2, 3), np.float32)), tf.Variable(np.zeros((4,), np.float32))]
+    x = _draws(ga, variables, 3000) / gamma  # [draws, 10]: should be N(0, I)
+    n, d = x.shape
+    assert np.abs(x.mean(0)).max() < 4.5 / np.sqrt(n)  # zero mean
+    cov = np.cov(x, rowvar=False)
+    np.testing.assert_allclose(np.diag(cov), 1.0, atol=0.1)  # the scale: std gamma per element
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 0.1  # uncorrelated elements
+    # no preferred direction: the projections on random unit directions have the same spread
+    dirs = np.random.default_rng(0).normal(size=(d, 20))
+    dirs /= np.linalg.norm(dirs, axis=0)
+    spread = (x @ dirs).std(0)
+    assert spread.max() / spread.min() < 1.15
+    # the squared norm follows chi^2_d: mean d
+    assert abs((x**2).sum(1).mean() - d) < 0.3
+
+
+def test_mean_scaling_divides_by_the_variable_size():
+    ga = GradientAugmentation("isotropic", gamma=0.5, noise_scaling="mean", seed=1)
+    variables = [tf.Variable(np.zeros((10, 10), np.float32)), tf.Variable(np.zeros((2,), np.float32))]
+    x = _draws(ga, variables, 1000)
+    big, small = x[:, :100], x[:, 100:]
+    np.testing.assert_allclose(big.std(), 0.5 / 100, rtol=0.05)
+    np.testing.assert_allclose(small.std(), 0.5 / 2, rtol=0.05)
+
+
+def test_noise_is_fresh_every_step_and_repeats_under_a_seed():
+    variables = [tf.Variable(np.zeros((5,), np.float32))]
+
+    def sequence(seed, compiled):
+        ga = GradientAugmentation("isotropic", gamma=1.0, seed=seed)
+        fn = tf.function(lambda: ga.isotropic_noise(variables)[0][0]) if compiled else (
+            lambda: ga.isotropic_noise(variables)[0][0])
+        return np.stack([fn().numpy() for _ in range(3)])
+
+    a = sequence(7, compiled=True)
+    assert np.abs(a[0] - a[1]).min() > 0 and np.abs(a[1] - a[2]).min() > 0  # fresh every call
+    np.testing.assert_array_equal(a, sequence(7, compiled=True))  # same seed, same sequence
+    np.testing.assert_array_equal(a, sequence(7, compiled=False))
+    assert np.abs(a - sequence(8, compiled=True)).min() > 0
+
+
+def test_noise_is_fresh_between_training_steps():
+    """Inside the compiled train_step, two steps from the same weights get different updates."""
+    model = tiny_model("isotropic", gamma=0.1, dtype="float32")
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    batch = tiny_batch(dtype="float32")
+    variables = model.trainable_variables
+    start = [v.numpy() for v in variables]
+    step = tf.function(model.train_step)
+    step(batch)
+    first = [v.numpy() - s for v, s in zip(variables, start)]
+    for v, s in zip(variables, start):  # same weights again; the noise generator moves on
+        v.assign(s)
+    step(batch)
+    second = [v.numpy() - s for v, s in zip(variables, start)]
+    diff = max(np.abs(a - b).max() for a, b in zip(first, second))
+    assert diff > 1e-3
+
+
+def test_reference_mode_isotropic_noise_has_the_authors_departures():
+    """Authors' code: parameter k of N gets gamma * (N - k) * (n + 1) / size: mean gamma (N - k)/size."""
+    gamma = 0.2
+    ga = GradientAugmentation("isotropic", gamma=gamma, mode="reference", seed=0)
+    variables = [tf.Variable(np.zeros((4,), np.float32)), tf.Variable(np.zeros((2, 2), np.float32)),
+                 tf.Variable(np.zeros((8,), np.float32))]
+    draws = _draws(ga, variables, 2000)
+    offsets = np.cumsum([0] + [int(np.prod(v.shape)) for v in variables])
+    for k, v in enumerate(variables):
+        x = draws[:, offsets[k]:offsets[k + 1]]
+        size = int(np.prod(v.shape))
+        scale = gamma * (len(variables) - k) / size
+        np.testing.assert_allclose(x.mean(), scale, rtol=0.05)
+        np.testing.assert_allclose(x.std(), scale, rtol=0.05)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+def test_fgsm_loss_is_the_mean_of_clean_and_adversarial_losses():
+    fgsm_eps = 0.05
+    model = tiny_model("fgsm", fgsm_eps=fgsm_eps)
+    batch = tiny_batch()
+    terms = model.compute_loss_terms(batch, training=True)
+    x = batch["source_image"]
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        losses, _ = _per_example_losses(model, batch, overrides={"input": x})
+        clean = tf.reduce_mean(losses)
+    delta = fgsm_eps * tf.sign(tape.gradient(clean, x))
+    adv = tf.reduce_mean(_per_example_losses(model, batch, overrides={"input": x + delta})[0])
+    assert float(adv) > float(clean)  # the attack raises the loss
+    np.testing.assert_allclose(float(terms["fgsm_loss"]), float(adv), rtol=1e-9)
+    np.testing.assert_allclose(float(terms["loss"]), 0.5 * float(clean + adv), rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["l1", "l2"])
+def test_weight_regularization_value(method):
+    model = tiny_model(method, l1=0.01, l2=0.02)
+    terms = model.compute_loss_terms(tiny_batch(), training=True)
+    kernels = [v.numpy() for v in model.trainable_variables if len(v.shape) >= 2]
+    want = 0.01 * sum(np.abs(k).sum() for k in kernels) if method == "l1" else 0.02 * sum((k**2).sum() for k in kernels)
+    np.testing.assert_allclose(float(terms["weight_regularization"]), want, rtol=1e-9)
+    np.testing.assert_allclose(float(terms["loss"]), float(terms["retrieval_loss"]) + want, rtol=1e-9)
+
+
+# ---- logging, configuration ---------------------------------------------------------------------
+def test_every_term_is_its_own_metric():
+    model = tiny_model("adversarial,isotropic", eta=0.01, eps=0.1, gamma=1e-3, dtype="float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    batches = [tiny_batch(dtype="float32", seed=s) for s in range(2)]
+    ds = tf.data.Dataset.from_tensor_slices({k: tf.stack([b[k] for b in batches]) for k in batches[0]})
+    history = model.fit(ds, epochs=1, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    assert {"loss", "retrieval_loss", "similarity_loss", "ga_adversarial", "ga_isotropic"} <= set(logs)
+    assert logs["ga_adversarial"] > 0 and logs["similarity_loss"] > 0
+    assert logs["loss"] > logs["retrieval_loss"]
+
+
+def test_bad_ga_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="GA point"):
+        GradientAugmentation("adversarial", point="pixels")
+    with pytest.raises(ValueError, match="noise_scaling"):
+        GradientAugmentation("isotropic", noise_scaling="global")
+    with pytest.raises(ValueError, match="unknown method"):
+        GradientAugmentation("adversarial,dropout")
+
+
+def test_ga_flags_and_configs():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import train as train_tool
+
+    args = train_tool.parse_args(["--dataset", "css", "--ga", "adversarial,isotropic", "--set", "ga.eps=0.5",
+                                  "--set", "ga.gamma=0.25", "--set", "loss.eta=0.125"])
+    cfg = train_tool.resolve_config(args)
+    assert cfg.ga_methods == ("adversarial", "isotropic")
+    assert (cfg.ga.eps, cfg.ga.gamma, cfg.loss.eta) == (0.5, 0.25, 0.125)
+    ga_cfg = train_tool.resolve_config(train_tool.parse_args(["--config", "configs/css_ga.yaml"]))
+    assert ga_cfg.ga_methods == ("adversarial", "isotropic") and ga_cfg.loss.eta == 1e-3
