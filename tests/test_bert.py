@@ -165,8 +165,8 @@ def test_training_steps_never_rerun_bert_with_the_cache(css_smoke, hub_bert, ker
 @pytest.mark.parametrize("method,source,point", [
     ("tirg", "bert_hub", "input"),
     ("composeae", "bert_keras_hub", "input"),
-    ("composeae", "bert_hub", "text_feature"),
-    ("tirg", "bert_keras_hub", "image_feature"),
+    pytest.param("composeae", "bert_hub", "text_feature", marks=pytest.mark.slow),
+    pytest.param("tirg", "bert_keras_hub", "image_feature", marks=pytest.mark.slow),
 ])
 def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert, keras_hub_bert, tmp_path):
     from keras_irtf.data.css import CSSDataset

@@ -63,6 +63,17 @@ def check_local_folder(handle, key: str, help_text: str, marker: str = None) -> 
     return path
 
 
+def _unsafe_deserialization():
+    try:  # Keras 3.15; the scope is not public API, hence the fallback
+        from keras.src.saving.serialization_lib import SafeModeScope
+
+        return SafeModeScope(False)
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 class FrozenTextEncoder(keras.layers.Layer):
     """Base class: a frozen sentence encoder taking strings, or ids into an attached cache."""
 
@@ -187,8 +198,11 @@ class KerasHubBertEncoder(FrozenTextEncoder):
 
         # an absolute path: a bare preset name would go to the network even if a folder exists
         extra = {"sequence_length": self.seq_length} if self.seq_length else {}
-        self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(path, **extra)
-        self.backbone = keras_hub.models.BertBackbone.from_preset(path)
+        # Reloading a .keras model runs in Keras' safe mode, which refuses vocabulary files outside
+        # the archive. The preset folder is the one the user configured, so it is trusted here.
+        with _unsafe_deserialization():
+            self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(path, **extra)
+            self.backbone = keras_hub.models.BertBackbone.from_preset(path)
         self.backbone.trainable = False
 
     def _encode(self, texts):
