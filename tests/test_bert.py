@@ -187,6 +187,12 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     assert metrics["bert_encoder_runs"] == math.ceil(metrics["text_cache_size"] / 256)
     assert 0.0 <= metrics["test"]["R@1"] <= 1.0
 
+    # tools/evaluate.py's path: reload the run (BERT from its local folders), new cache, same recall
+    from keras_irtf.evaluation import evaluate_run
+
+    again = evaluate_run(run, out=tmp_path / "re.json", verbose=False)
+    assert again["test"]["R@1"] == pytest.approx(metrics["test"]["R@1"], abs=1e-6)
+
     # the saved model reloads BERT from its local folders and embeds raw strings as the cache did
     model = load_model(run / "model.keras")
     dataset = CSSDataset(css_smoke_root, verbose=False)

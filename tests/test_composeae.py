@@ -216,3 +216,21 @@ def test_composeae_model_trains_with_ga_and_similarity_loss(css_smoke, smoke_vec
     np.testing.assert_allclose(again(x)["query"], model(x)["query"], rtol=1e-5, atol=1e-5)
     assert isinstance(again.composer, ComposeAEComposer)
     assert last["loss"] > 0
+
+
+@pytest.mark.parametrize("name,method,batch", [
+    ("css_composeae", "composeae", 64), ("css_tirg_bert", "tirg", 64),
+    ("mitstates_composeae", "composeae", 32), ("mitstates_tirg_bert", "tirg", 32),
+    ("fashion200k_composeae", "composeae", 32), ("fashion200k_tirg_bert", "tirg", 32),
+])
+def test_configs_carry_the_recipe(name, method, batch):
+    from keras_irtf.config import load_config, repo_configs_dir
+
+    cfg = load_config([repo_configs_dir() / f"{name}.yaml"])
+    assert cfg.model.method == method and cfg.train.batch_size == batch
+    assert cfg.model.text_encoder == "bert_hub" and cfg.model.bert_dim == 768 and cfg.model.text_cache
+    assert cfg.model.composeae_loss_weights == (0.1, 0.1, 0.01)
+    assert cfg.optim.learning_rate == 0.01 and cfg.optim.momentum == 0.9
+    if not name.startswith("css"):
+        assert cfg.train.steps == 160000 and list(cfg.optim.decay_steps)[0] == 50000
+        assert cfg.model.image_encoder == "resnet18" and cfg.model.embed_dim == 512
