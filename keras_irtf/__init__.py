@@ -6,6 +6,8 @@ Public entry points:
     build_model, make_optimizer, train  models and training runs
     evaluate                            Recall@K, training recall, WHM
     load_model                          reload a saved .keras model
+    load_benchmark, create_model, save_run   user scripts (keras_irtf.api)
+    export_run                          SavedModel for TF Serving (keras_irtf.export)
 """
 
 __version__ = "0.1.0"
@@ -27,6 +29,10 @@ def __getattr__(name):
         from keras_irtf.evaluation import evaluate
 
         return evaluate
+    if name in ("Benchmark", "load_benchmark", "create_model", "save_run", "export_run"):
+        from keras_irtf import api
+
+        return getattr(api, name)
     if name == "ComposedRetrievalModel":
         from keras_irtf.model import ComposedRetrievalModel
 
@@ -35,4 +41,5 @@ def __getattr__(name):
 
 
 __all__ = ["Config", "ConfigError", "load_config", "load_dataset", "build_model", "make_optimizer",
-           "train", "evaluate", "load_model", "save_model", "ComposedRetrievalModel"]
+           "train", "evaluate", "load_model", "save_model", "ComposedRetrievalModel",
+           "Benchmark", "load_benchmark", "create_model", "save_run", "export_run"]

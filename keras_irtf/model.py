@@ -215,6 +215,14 @@ class ComposedRetrievalModel(keras.Model):
                 tracker.update_state(tf.cast(terms[name], tf.float32) * replicas)
         return {name: t.result() for name, t in self._trackers.items()}
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15 (keras#20585): under a strategy, fit() pulls a batch and all-reduces it only
+        # to build the model; that fails under MultiWorkerMirroredStrategy and consumes a batch.
+        # This model is built at construction and train() builds the optimizer, so skip it then.
+        if self.built and (self.optimizer is None or self.optimizer.built) and keras.__version__.startswith("3.15"):
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     @property
     def metrics(self):
         return list(self._trackers.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
+import shutil
 from pathlib import Path
 
 import keras
@@ -123,36 +123,76 @@ def run_dir_for(cfg: Config) -> Path:
 
 
 def train(cfg: Config, verbose: int = 1, callbacks=()):
-    """Train, save, evaluate. Returns (run folder, metrics dict)."""
-    import tensorflow as tf
+    """Train, save, evaluate. Returns (run folder, metrics dict); metrics is None on a
+    multi-worker run's non-chief workers (the chief writes the run folder).
 
+    Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
+    batches, optimizer state, learning-rate schedule and random generators).
+    """
+    from keras_irtf.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
+    from keras_irtf.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
     from keras_irtf.evaluation import evaluate
 
+    strategy = make_strategy(cfg.train.strategy, cfg.train.devices)
+    check_batch(cfg.train.batch_size, strategy)
+    multi_worker = is_multi_worker(strategy)
+    _, _, chief = worker_info() if multi_worker else (0, 1, True)
+
     run = run_dir_for(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", to_yaml(cfg))
+    if chief:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", to_yaml(cfg))
     keras.utils.set_random_seed(cfg.train.seed)
 
-    dataset = load_dataset(cfg, verbose=bool(verbose))
-    vectorizer, vocab_size = text_input_for(cfg, dataset, run, verbose)
-    model = build_model(cfg, vocab_size)
+    dataset = load_dataset(cfg, verbose=bool(verbose) and chief)
+    vectorizer, vocab_size = text_input_for(cfg, dataset, run if chief else None, verbose)
+
+    with strategy.scope():
+        model = build_model(cfg, vocab_size)
+        model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.train.jit_compile)
+        model.optimizer.build(model.trainable_variables)
     if vectorizer is None:  # frozen BERT: embed each distinct text of the run once (text_cache)
         from keras_irtf.text_cache import prepare_text_input, texts_of_run
 
         vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache,
-                                        verbose=bool(verbose))
-    model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.train.jit_compile)
+                                        verbose=bool(verbose) and chief)
 
     spe = min(cfg.train.steps_per_epoch, cfg.train.steps)
-    epochs = math.ceil(cfg.train.steps / spe)
-    ds = training_dataset(dataset, vectorizer, cfg.train.batch_size, epochs * spe, cfg.train.seed,
-                          cfg.data.image_size, cfg.train.pairs_per_source)
-    cbs = [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=50)] + list(callbacks)
-    start = time.time()
-    history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose, shuffle=False)
-    train_seconds = time.time() - start
+    total = math.ceil(cfg.train.steps / spe) * spe
+    start, prior_seconds = 0, 0.0
+    resume = latest_backup(run / "backup")
+    if resume is not None:
+        start, prior_seconds = restore_backup(model, resume), resume["train_seconds"]
+        if verbose and chief:
+            print(f"resuming {run} from its backup at step {start} of {total}", flush=True)
+
+    def batches(first, last):
+        def make(index, num_shards, _per_shard):
+            return training_dataset(dataset, vectorizer, cfg.train.batch_size, last, cfg.train.seed,
+                                    cfg.data.image_size, cfg.train.pairs_per_source, start_step=first,
+                                    shard=(index, num_shards))
+
+        return worker_dataset(strategy, make, cfg.train.batch_size) if multi_worker else make(0, 1, None)
+
+    backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
+    cbs = [StopOnNonFiniteLoss(), backup]
+    if chief:
+        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=50))
+    cbs += list(callbacks)
+    fit_kw = dict(callbacks=cbs, verbose=verbose if chief else 0, shuffle=False)
+    history = None
+    # a run resumed mid-epoch first completes that epoch, then continues epoch by epoch
+    partial = (spe - start % spe) % spe
+    if partial:
+        history = model.fit(batches(start, start + partial), epochs=1, steps_per_epoch=partial, **fit_kw)
+    if start + partial < total:
+        history = model.fit(batches(start + partial, total), initial_epoch=(start + partial) // spe,
+                            epochs=total // spe, steps_per_epoch=spe, **fit_kw)
+    train_seconds = backup.seconds()
+    if not chief:
+        return run, None
 
     save_model(model, run / "model.keras")
     result = evaluate(
@@ -167,11 +207,13 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
         "ga": list(cfg.ga_methods),
         "eta": cfg.loss.eta,
         **result,
-        "steps": epochs * spe,
+        "steps": total,
         "batch_size": cfg.train.batch_size,
+        "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(train_seconds, 2),
-        "seconds_per_step": round(train_seconds / (epochs * spe), 4),
-        "final_losses": {k: float(v[-1]) for k, v in history.history.items()},
+        "seconds_per_step": round(train_seconds / max(total - start, 1), 4) if start == 0 else None,
+        "resumed_from_step": start or None,
+        "final_losses": {k: float(v[-1]) for k, v in (history.history if history else {}).items()},
         "seed": cfg.train.seed,
     }
     if hasattr(model.text_encoder, "encoder_runs"):  # frozen BERT: how often it really ran
@@ -179,7 +221,8 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
         cache = model.text_encoder.cache
         metrics["text_cache_size"] = len(cache) if cache is not None else 0
     write_json(run / "metrics.json", metrics)
-    _write_eval_summary(run, tf, metrics)
+    _write_eval_summary(run, metrics)
+    shutil.rmtree(run / "backup", ignore_errors=True)  # the run is complete: model.keras holds it
     return run, metrics
 
 
@@ -198,7 +241,9 @@ def load_model(path):
     return keras.saving.load_model(path)
 
 
-def _write_eval_summary(run, tf, metrics):
+def _write_eval_summary(run, metrics):
+    import tensorflow as tf
+
     writer = tf.summary.create_file_writer(str(run / "logs" / "eval"))
     with writer.as_default():
         for split in ("test", "train"):

@@ -205,3 +205,16 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     vectorizer = prepare_text_input(model.text_encoder, [str(t) for t in q.texts])
     from_cache = model.embed_queries(batch["source_image"], vectorizer(batch["text"]))
     np.testing.assert_allclose(from_cache, from_strings, rtol=1e-5, atol=1e-5)
+
+    # export: the BERT preprocessing and encoder go inside the SavedModel (raw text in)
+    from keras_irtf.export import export_model, images_from_bytes, image_preprocessing_for
+
+    version = export_model(model, cfg, tmp_path / "exported", run_dir=run, verbose=False)
+    served = tf.saved_model.load(str(version))
+    png = tf.io.encode_png(tf.cast(np.random.default_rng(0).integers(0, 255, (64, 64, 3)), tf.uint8))
+    texts = tf.constant([str(q.texts[0]), str(q.texts[1])])
+    out = served.serving_default(image_bytes=tf.stack([png, png]), text=texts)["embedding"]
+    images = images_from_bytes(tf.stack([png, png]), image_preprocessing_for(cfg, run))
+    np.testing.assert_allclose(out, model.embed_queries(images, texts), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(out[0], out[1])  # the two texts are read
+

@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga]_s<seed>)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
+    p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker"],
+                   help="tf.distribute strategy (multi_worker reads the cluster from TF_CONFIG)")
+    p.add_argument("--devices", help="devices for mirrored: 'cpu:N' (N logical CPUs) or '/gpu:0,/gpu:1'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -67,6 +70,10 @@ def resolve_config(args):
         overrides.append(f"train.out={args.out}")
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
+    if args.strategy:
+        overrides.append(f"train.strategy={args.strategy}")
+    if args.devices:
+        overrides.append(f"train.devices={args.devices}")
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
     return load_config(paths, overrides + list(args.set))
@@ -85,6 +92,16 @@ def main(argv=None):
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from keras_irtf.backup import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
+    if metrics is None:  # a non-chief worker of a multi-worker run
+        print(f"worker done; the chief writes {run}")
+        return 0
     print(f"\nrun: {run}  ({metrics['steps']} steps, {metrics['train_seconds']:.0f} s training)")
     print(format_results(metrics))
     return 0

@@ -73,17 +73,25 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
 
 
 def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int, image_size: int,
-                     paired: bool = True, start_step: int = 0):
-    """`steps` batches of training queries sampled by the dataset's reference sampler.
+                     paired: bool = True, start_step: int = 0, shard=(0, 1)):
+    """Batches `start_step` .. `steps` - 1 of training queries sampled by the dataset's reference
+    sampler, each of `batch_size` queries (the global batch).
 
     The whole query list is drawn from `seed` up front, so a resumed run skips to `start_step`
-    and sees exactly the batches the uninterrupted run would have seen.
+    and sees exactly the batches the uninterrupted run would have seen. With
+    `shard=(i, n)` the dataset yields only slice i of n of every global batch (a worker's share
+    under MultiWorkerMirroredStrategy: it reads and decodes only its own images).
     """
+    index, num_shards = shard
+    if batch_size % num_shards:
+        raise ValueError(f"global batch {batch_size} does not split into {num_shards} shards")
     rng = np.random.default_rng(seed)
     queries = dataset.sample_training_queries(steps * batch_size, rng, paired=paired)
-    if start_step:
-        queries = queries.subset(np.arange(start_step * batch_size, steps * batch_size))
-    return queries_dataset(dataset.train, queries, vectorizer, batch_size, image_size, drop_remainder=True)
+    per_shard = batch_size // num_shards
+    rows = np.arange(start_step * batch_size, steps * batch_size).reshape(-1, batch_size)
+    rows = rows[:, index * per_shard : (index + 1) * per_shard].reshape(-1)
+    queries = queries.subset(rows)
+    return queries_dataset(dataset.train, queries, vectorizer, per_shard, image_size, drop_remainder=True)
 
 
 def images_dataset(split: Split, ids, batch_size: int, image_size: int):

@@ -65,7 +65,9 @@ class TextVectorizer:
         return cls(build_vocabulary(texts), max_length)
 
     def save(self, path):
-        Path(path).write_text("\n".join(self.vocabulary) + "\n")
+        from keras_irtf.utils import atomic_write_text
+
+        atomic_write_text(path, "\n".join(self.vocabulary) + "\n")
 
     @classmethod
     def load(cls, path, max_length: int = 16) -> "TextVectorizer":

@@ -9,6 +9,9 @@
 - ImageOnlyComposer / TextOnlyComposer: the single-modality baselines.
 
 A composer's call takes a list [f_img, f_text] and returns a feature of f_img's width.
+
+Batch normalisation is synchronized across replicas (a no-op on one device), so that a
+multi-replica step normalises with the global batch's statistics exactly as one device does.
 """
 
 import keras
@@ -35,9 +38,9 @@ class TIRGComposer(_Composer):
         super().__init__(output_dim, **kwargs)
         self.initial_weights = tuple(float(w) for w in initial_weights)
         d = self.output_dim
-        self.gate_bn = keras.layers.BatchNormalization(name="gate_bn")
+        self.gate_bn = keras.layers.BatchNormalization(synchronized=True, name="gate_bn")
         self.gate_dense = keras.layers.Dense(d, name="gate_dense")
-        self.res_bn = keras.layers.BatchNormalization(name="res_bn")
+        self.res_bn = keras.layers.BatchNormalization(synchronized=True, name="res_bn")
         self.res_dense1 = keras.layers.Dense(2 * d, name="res_dense1")
         self.res_dense2 = keras.layers.Dense(d, name="res_dense2")
 
@@ -72,9 +75,9 @@ class ConcatComposer(_Composer):
         super().__init__(output_dim, **kwargs)
         self.dropout_rate = float(dropout)
         d = self.output_dim
-        self.bn1 = keras.layers.BatchNormalization(name="bn1")
+        self.bn1 = keras.layers.BatchNormalization(synchronized=True, name="bn1")
         self.dense1 = keras.layers.Dense(2 * d, name="dense1")
-        self.bn2 = keras.layers.BatchNormalization(name="bn2")
+        self.bn2 = keras.layers.BatchNormalization(synchronized=True, name="bn2")
         self.dropout = keras.layers.Dropout(self.dropout_rate)
         self.dense2 = keras.layers.Dense(d, name="dense2")
 

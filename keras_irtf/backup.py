@@ -1,0 +1,131 @@
+"""Crash-safe training: exact resumption from a backup, and a stop on a non-finite loss.
+
+TrainingBackup writes, every N steps and at every epoch end, the model's weights with the
+optimizer state (momentum, iteration count and so the learning-rate schedule) and every random
+generator the model holds (the isotropic-GA noise, dropout) to `<run>/backup/`, then points
+`state.json` at it with an atomic rename: a crash at any moment leaves the previous complete
+backup in force. `train()` reads `state.json`, restores the weights, and rebuilds the input
+pipeline from the same seed at the saved step, so the resumed run sees exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_irtf.utils import read_json, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first step whose loss terms are not finite, naming the step and the terms."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        values = {k: float(v) for k, v in logs.items()}
+        if any(not math.isfinite(v) for v in values.values()):
+            step = int(self.model.optimizer.iterations.numpy())
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+            self.model.stop_training = True
+            raise TrainingDiverged(
+                f"non-finite loss at step {step}: {terms}. Training stopped; the last backup (if any) "
+                f"holds the weights from before the divergence. Lower optim.learning_rate or the GA "
+                f"weights (ga.eps, ga.gamma), or set optim.clipnorm."
+            )
+
+
+class TrainingBackup(keras.callbacks.Callback):
+    def __init__(self, backup_dir, every_steps: int = 200, enabled: bool = True, prior_seconds: float = 0.0):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self.every_steps = int(every_steps)
+        self.enabled = enabled  # False on non-chief workers: they restore but never write
+        self.prior_seconds = float(prior_seconds)  # training time before a resume
+        self._running_since = None
+        self._elapsed = 0.0
+
+    def seconds(self) -> float:
+        """Training seconds so far, across resumptions."""
+        running = time.time() - self._running_since if self._running_since is not None else 0.0
+        return self.prior_seconds + self._elapsed + running
+
+    def on_train_begin(self, logs=None):
+        self._running_since = time.time()
+
+    def on_train_end(self, logs=None):
+        if self._running_since is not None:
+            self._elapsed += time.time() - self._running_since
+        self._running_since = None
+
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def save(self):
+        if not self.enabled:
+            return
+        step = self._step()
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:09d}.weights.h5"
+        tmp = self.backup_dir / f".{name}.partial.weights.h5"
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.backup_dir / name)
+        # save_weights leaves out the random generators' states: keep them beside the weights
+        rng_name = f"step-{step:09d}.rng.npz"
+        with open(self.backup_dir / f".{rng_name}.partial", "wb") as f:
+            np.savez(f, **{f"v{i}": v.numpy() for i, v in enumerate(rng_variables(self.model))})
+        os.replace(self.backup_dir / f".{rng_name}.partial", self.backup_dir / rng_name)
+        write_json(self.backup_dir / "state.json",
+                   {"step": step, "weights": name, "rng": rng_name, "train_seconds": self.seconds()})
+        for old in list(self.backup_dir.glob("step-*.weights.h5")) + list(self.backup_dir.glob("step-*.rng.npz")):
+            if old.name not in (name, rng_name):
+                old.unlink()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps > 0 and self._step() % self.every_steps == 0:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+
+def rng_variables(model):
+    """The model's random-generator states (isotropic noise, dropout), in construction order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def latest_backup(backup_dir):
+    """The last complete backup's state ({"step", "weights", "rng", "train_seconds"}), or None."""
+    state = Path(backup_dir) / "state.json"
+    if not state.is_file():
+        return None
+    info = read_json(state)
+    for key in ("weights", "rng"):
+        if not (Path(backup_dir) / info.get(key, "-")).is_file():
+            return None
+        info[key] = Path(backup_dir) / info[key]
+    return info
+
+
+def restore_backup(model, info):
+    """Load a backup into a built, compiled model (its optimizer built)."""
+    model.load_weights(info["weights"])
+    variables = rng_variables(model)
+    with np.load(info["rng"]) as saved:
+        if len(saved.files) != len(variables):
+            raise ValueError(
+                f"backup {info['rng']} holds {len(saved.files)} random-generator states but the model has "
+                f"{len(variables)}: it was written by a different model; delete {Path(info['rng']).parent} "
+                f"to start over"
+            )
+        for i, v in enumerate(variables):
+            v.assign(saved[f"v{i}"])
+    return int(info["step"])

@@ -1,0 +1,166 @@
+"""Strategy choice, per-worker input sharding, and the Keras 3.15 multi-worker work-arounds.
+
+    --strategy auto          MirroredStrategy when more than one GPU is visible, else one device
+    --strategy one_device    the default (no distribution)
+    --strategy mirrored      MirroredStrategy over --devices (e.g. "cpu:2" = two logical CPUs,
+                             or "/gpu:0,/gpu:1"; default: every visible GPU)
+    --strategy multi_worker  MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG
+
+The configured batch size is the GLOBAL batch: each replica gets batch / replicas.
+
+Keras 3.15's `fit` does not work with MultiWorkerMirroredStrategy as shipped (keras#20585):
+its symbolic build all-reduces a whole data batch (rejected by collective all-reduce) and it
+reduces scalar metrics along axis 0. `ComposedRetrievalModel` skips the symbolic build when it is
+already built (it always is, see model.py) and `patch_keras_multi_worker()` reduces scalars with
+axis=None. Both are guarded by the Keras version: remove them when upstream is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from keras_irtf.config import ConfigError
+
+PATCHED_KERAS = ("3.15",)  # Keras minor versions the multi-worker patch was checked against
+
+
+def parse_devices(devices):
+    """'cpu:2' -> ('cpu', 2) logical CPUs; '/gpu:0,/gpu:1' -> ('list', [...]); None -> None."""
+    if not devices:
+        return None
+    devices = str(devices).strip()
+    if devices.lower().startswith("cpu:") and devices[4:].isdigit():
+        return ("cpu", int(devices[4:]))
+    items = [d.strip() for d in devices.split(",") if d.strip()]
+    if not items:
+        raise ConfigError(f"train.devices={devices!r}: expected 'cpu:N' or a comma-separated device list")
+    return ("list", items)
+
+
+def configure_logical_cpus(n: int):
+    """Split the CPU into n logical devices (must run before TensorFlow initialises its devices)."""
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    current = tf.config.get_logical_device_configuration(cpus[0])
+    if current and len(current) == n:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"train.devices=cpu:{n}: TensorFlow was already initialised with "
+            f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s); set the devices before any "
+            f"TensorFlow computation (a fresh process)"
+        ) from e
+
+
+def tf_config() -> dict:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]}") from None
+
+
+def worker_info():
+    """(index of this worker, number of workers, is_chief) from TF_CONFIG (0, 1, True without)."""
+    cfg = tf_config()
+    cluster = cfg.get("cluster", {})
+    task = cfg.get("task", {})
+    n = len(cluster.get("worker", [])) + len(cluster.get("chief", []))
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if kind == "chief":
+        return 0, max(n, 1), True
+    offset = len(cluster.get("chief", []))
+    is_chief = offset == 0 and index == 0
+    return index + offset, max(n, 1), is_chief
+
+
+def make_strategy(name: str = "auto", devices=None):
+    """A tf.distribute strategy as --strategy/--devices describe (the default strategy for one
+    device)."""
+    import tensorflow as tf
+
+    parsed = parse_devices(devices)
+    if parsed and parsed[0] == "cpu":
+        configure_logical_cpus(parsed[1])
+    if name == "multi_worker":
+        if not tf_config().get("cluster"):
+            raise ConfigError(
+                "--strategy multi_worker needs TF_CONFIG with the cluster, e.g. "
+                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
+                "(see README, 'Distributed training')"
+            )
+        patch_keras_multi_worker()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or (name == "auto" and len(tf.config.list_physical_devices("GPU")) > 1):
+        if parsed and parsed[0] == "cpu":
+            names = [d.name for d in tf.config.list_logical_devices("CPU")]
+        elif parsed:
+            names = parsed[1]
+        else:
+            names = [d.name for d in tf.config.list_logical_devices("GPU")] or None
+        return tf.distribute.MirroredStrategy(names)
+    if name in ("auto", "one_device"):
+        return tf.distribute.get_strategy()
+    raise ConfigError(f"train.strategy={name!r}: expected auto, one_device, mirrored or multi_worker")
+
+
+def check_batch(global_batch: int, strategy):
+    n = strategy.num_replicas_in_sync
+    if global_batch % n:
+        raise ConfigError(
+            f"train.batch_size={global_batch} is the global batch and must divide evenly over the "
+            f"{n} replicas (per-replica batch = global / replicas); use a multiple of {n}"
+        )
+    return global_batch // n
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def patch_keras_multi_worker():
+    """Reduce scalar step outputs with axis=None under collective all-reduce (keras#20585)."""
+    import keras
+
+    if not keras.__version__.startswith(PATCHED_KERAS):
+        return False  # a Keras we have not checked: leave it alone
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer.reduce_per_replica, "_keras_irtf_patch", False):
+        return True
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            from keras.src import tree
+
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._keras_irtf_patch = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    return True
+
+
+def worker_dataset(strategy, make_dataset, global_batch: int):
+    """Each worker builds only its own share of every global batch (its replicas' slices).
+
+    make_dataset(shard_index, num_shards, per_shard_batch) must return a dataset of batches of
+    `per_shard_batch` whose k-th batch is slice `shard_index` of the k-th global batch.
+    """
+    import tensorflow as tf
+
+    def fn(ctx: tf.distribute.InputContext):
+        per_replica = ctx.get_per_replica_batch_size(global_batch)
+        return make_dataset(ctx.input_pipeline_id, ctx.num_input_pipelines, per_replica * (
+            strategy.num_replicas_in_sync // ctx.num_input_pipelines))
+
+    return strategy.distribute_datasets_from_function(fn)

@@ -1,0 +1,493 @@
+"""SavedModel export for TF Serving: raw bytes and raw strings in, embeddings or top-k out.
+
+    from keras_irtf.export import export_run
+    path = export_run("runs/css_tirg_s0", gallery="data/gallery")   # exported/css_tirg_s0/1
+
+The SavedModel is written through `keras.export.ExportArchive` into TF Serving's layout
+`<out>/<name>/<version>/` and holds everything a client needs: image decoding (JPEG, PNG, GIF,
+BMP), resizing and normalisation, and text vectorisation are inside the graph. It loads with
+`tf.saved_model.load` alone (no keras, no keras_irtf). Endpoints (signatures):
+
+    serving_default  image_bytes string [B], text string [B] -> embedding float32 [B, D]
+    embed_image      image_bytes string [B]                  -> embedding float32 [B, D]
+    retrieve         image_bytes string [B], text string [B], k int32 [B]
+                     -> ids int64 [B, k], paths string [B, k], scores float32 [B, k]
+                     (only with a gallery: its embeddings are stored in the SavedModel)
+
+Preprocessing is chosen from the run's config through two small registries, so that a new
+encoder only registers how its inputs are made (see `register_image_preprocessing` and
+`register_text_preprocessing`):
+
+    image: model.image_encoder -> a function uint8 [H, W, 3] -> float32 [S, S, 3] (one image)
+    text:  model.text_encoder  -> a function string [B] -> the text encoder's input
+
+Writing is atomic: the SavedModel goes to a hidden `.partial-*` folder next to the version
+folders (TF Serving ignores non-integer folders) and is renamed to its integer version only when
+complete, so an interrupted export never leaves a half-written version for a server to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+EXPORT_INFO_NAME = "keras_irtf_export.json"  # in <version>/assets.extra/ (TF Serving's extras folder)
+GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made (bad run folder, gallery, version); the message says why."""
+
+
+# ---- preprocessing registries -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImagePreprocessing:
+    """How one decoded image (uint8 [H, W, 3], any size) becomes a model input [S, S, 3]."""
+
+    name: str
+    image_size: int
+    transform: Callable
+
+
+@dataclasses.dataclass
+class TextPreprocessing:
+    """How a batch of raw strings becomes the text encoder's input.
+
+    `trackables` are the objects holding state the graph needs (lookup tables, vocabularies):
+    the export archive tracks them so they are saved with the SavedModel.
+    """
+
+    name: str
+    transform: Callable
+    trackables: list = dataclasses.field(default_factory=list)
+
+
+IMAGE_PREPROCESSING: dict = {}  # name -> factory(cfg, run_dir) -> ImagePreprocessing
+TEXT_PREPROCESSING: dict = {}  # name -> factory(cfg, run_dir) -> TextPreprocessing
+IMAGE_PREPROCESSING_FOR_ENCODER: dict = {}  # model.image_encoder -> preprocessing name
+TEXT_PREPROCESSING_FOR_ENCODER: dict = {}  # model.text_encoder -> preprocessing name
+
+
+def register_image_preprocessing(name: str, encoders: Sequence[str] = ()):
+    """Decorator: register `factory(cfg, run_dir) -> ImagePreprocessing` under `name`, used for
+    the image encoders listed in `encoders` (values of `model.image_encoder`)."""
+
+    def wrap(factory):
+        IMAGE_PREPROCESSING[name] = factory
+        for e in encoders:
+            IMAGE_PREPROCESSING_FOR_ENCODER[e] = name
+        return factory
+
+    return wrap
+
+
+def register_text_preprocessing(name: str, encoders: Sequence[str] = ()):
+    """Decorator: register `factory(cfg, run_dir) -> TextPreprocessing` under `name`, used for
+    the text encoders listed in `encoders` (values of `model.text_encoder`)."""
+
+    def wrap(factory):
+        TEXT_PREPROCESSING[name] = factory
+        for e in encoders:
+            TEXT_PREPROCESSING_FOR_ENCODER[e] = name
+        return factory
+
+    return wrap
+
+
+@register_image_preprocessing("resize_imagenet", encoders=("small_cnn", "resnet18"))
+def _resize_imagenet(cfg, run_dir=None) -> ImagePreprocessing:
+    """Bilinear (antialiased) resize to data.image_size, then /255 and ImageNet mean/std: what
+    the training pipeline feeds the model (an image already at that size is not resampled)."""
+    import tensorflow as tf
+
+    from keras_irtf.data.images import normalize_images
+
+    size = int(cfg.data.image_size)
+
+    def transform(image):
+        image = tf.cast(image, tf.float32)
+        shape = tf.shape(image)
+        same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+        image = tf.cond(
+            same,
+            lambda: image,
+            lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True),
+        )
+        image = tf.ensure_shape(image, (size, size, 3))
+        return normalize_images(image)
+
+    return ImagePreprocessing("resize_imagenet", size, transform)
+
+
+@register_image_preprocessing("resize_center_crop_imagenet")
+def _resize_center_crop_imagenet(cfg, run_dir=None, crop_fraction: float = 0.875) -> ImagePreprocessing:
+    """ImageNet-style evaluation crop: resize the shorter side to S / crop_fraction (256 for
+    S = 224), take the central S x S, then /255 and ImageNet mean/std. For pretrained backbones
+    (register their encoder name with this preprocessing)."""
+    import tensorflow as tf
+
+    from keras_irtf.data.images import normalize_images
+
+    size = int(cfg.data.image_size)
+    short = int(round(size / crop_fraction))
+
+    def transform(image):
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = short / tf.reduce_min(shape)
+        new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+        image = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
+        top = (new[0] - size) // 2
+        left = (new[1] - size) // 2
+        image = tf.ensure_shape(image[top : top + size, left : left + size], (size, size, 3))
+        return normalize_images(image)
+
+    return ImagePreprocessing("resize_center_crop_imagenet", size, transform)
+
+
+@register_text_preprocessing("vocabulary", encoders=("lstm",))
+def _vocabulary(cfg, run_dir) -> TextPreprocessing:
+    """The run's vocab.txt through the training tokeniser: strings -> int32 [B, max_text_length]."""
+    from keras_irtf.data.text import TextVectorizer
+
+    vocab = Path(run_dir) / "vocab.txt"
+    if not vocab.is_file():
+        raise ExportError(f"{vocab} not found: the LSTM text encoder needs the run's vocabulary (written by training)")
+    vectorizer = TextVectorizer.load(vocab, cfg.model.max_text_length)
+    vectorizer(["warm up"])  # an unbuilt TextVectorization cannot be tracked by the archive
+    return TextPreprocessing("vocabulary", vectorizer, [vectorizer.layer])
+
+
+@register_text_preprocessing("raw_strings", encoders=("bert_hub", "bert_keras_hub"))
+def _raw_strings(cfg, run_dir=None) -> TextPreprocessing:
+    """The strings themselves, for text encoders that tokenise inside the model (e.g. a BERT
+    encoder with its preprocessing SavedModel): register their encoder name with this."""
+    return TextPreprocessing("raw_strings", lambda texts: texts, [])
+
+
+def _choose(registry_for_encoder, registry, encoder, kind, key):
+    name = registry_for_encoder.get(encoder)
+    if name is None or name not in registry:
+        raise ExportError(
+            f"{key}={encoder!r} has no registered {kind} preprocessing for export; known encoders: "
+            f"{sorted(registry_for_encoder)} (register one with keras_irtf.export.register_{kind}_preprocessing)"
+        )
+    return registry[name]
+
+
+def image_preprocessing_for(cfg, run_dir=None) -> ImagePreprocessing:
+    factory = _choose(IMAGE_PREPROCESSING_FOR_ENCODER, IMAGE_PREPROCESSING, cfg.model.image_encoder,
+                      "image", "model.image_encoder")
+    return factory(cfg, run_dir)
+
+
+def text_preprocessing_for(cfg, run_dir=None) -> TextPreprocessing:
+    factory = _choose(TEXT_PREPROCESSING_FOR_ENCODER, TEXT_PREPROCESSING, cfg.model.text_encoder,
+                      "text", "model.text_encoder")
+    return factory(cfg, run_dir)
+
+
+# ---- in-graph image decoding ------------------------------------------------------------------
+
+
+def _looks_like_image(data):
+    """True when the bytes start with a JPEG, PNG, GIF or BMP signature (a scalar string)."""
+    import tensorflow as tf
+
+    head = tf.strings.substr(data, 0, 8)
+    return tf.reduce_any(tf.stack([
+        tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff"),
+        tf.equal(head, b"\x89PNG\r\n\x1a\n"),
+        tf.equal(tf.strings.substr(head, 0, 4), b"GIF8"),
+        tf.equal(tf.strings.substr(head, 0, 2), b"BM"),
+    ]))
+
+
+def decode_image(data):
+    """One encoded image (scalar string) -> uint8 [H, W, 3]. Bytes that are not an image raise
+    InvalidArgumentError with DECODE_ERROR (TF's own message would only name formats)."""
+    import tensorflow as tf
+
+    check = tf.debugging.assert_equal(_looks_like_image(data), True, message=DECODE_ERROR)
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def images_from_bytes(image_bytes, image_prep: ImagePreprocessing):
+    """string [B] of encoded images -> float32 [B, S, S, 3] model inputs (inside a graph)."""
+    import tensorflow as tf
+
+    s = image_prep.image_size
+    return tf.map_fn(
+        lambda b: image_prep.transform(decode_image(b)),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([s, s, 3], tf.float32),
+    )
+
+
+# ---- the export module ------------------------------------------------------------------------
+
+
+def list_gallery(folder) -> list:
+    """Image files under `folder` (recursive, sorted), as paths relative to it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"gallery folder {folder} does not exist")
+    files = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise ExportError(f"gallery folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def embed_gallery_files(model, image_prep: ImagePreprocessing, folder, paths, batch_size=64):
+    """Embeddings [N, D] of the gallery files, decoded and preprocessed exactly as the exported
+    graph does. A file that cannot be decoded raises ExportError naming it."""
+    import tensorflow as tf
+
+    folder = Path(folder)
+
+    @tf.function(reduce_retracing=True)
+    def embed(raw):
+        return model.embed_images(images_from_bytes(raw, image_prep), training=False)
+
+    out = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        raw = [(folder / p).read_bytes() for p in chunk]
+        try:
+            out.append(embed(tf.constant(raw)).numpy())
+        except tf.errors.InvalidArgumentError:
+            for p, r in zip(chunk, raw):
+                try:
+                    decode_image(tf.constant(r))
+                except tf.errors.InvalidArgumentError:
+                    raise ExportError(f"gallery image {folder / p} could not be decoded (corrupt or not an image)") from None
+            raise
+    return np.concatenate(out).astype(np.float32)
+
+
+def build_export_archive(model, image_prep: ImagePreprocessing, text_prep: TextPreprocessing,
+                         gallery_embeddings=None, gallery_paths=None):
+    """A keras.export.ExportArchive with the serving endpoints (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for t in text_prep.trackables:
+        archive.track(t)
+
+    def query_embedding(image_bytes, text):
+        check = tf.debugging.assert_equal(
+            tf.shape(image_bytes)[0], tf.shape(text)[0],
+            message="image_bytes and text must have the same number of entries (one text per query image)",
+        )
+        with tf.control_dependencies([check]):
+            images = images_from_bytes(image_bytes, image_prep)
+        return model.embed_queries(images, text_prep.transform(text), training=False)
+
+    def serving_default(image_bytes, text):
+        return {"embedding": query_embedding(image_bytes, text)}
+
+    def embed_image(image_bytes):
+        return {"embedding": model.embed_images(images_from_bytes(image_bytes, image_prep), training=False)}
+
+    archive.add_endpoint("serving_default", serving_default,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                          tf.TensorSpec([None], tf.string, name="text")])
+    archive.add_endpoint("embed_image", embed_image,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+
+    if gallery_embeddings is not None:
+        emb = np.asarray(gallery_embeddings, np.float32)
+        if len(gallery_paths) != len(emb):
+            raise ExportError(f"{len(emb)} gallery embeddings but {len(gallery_paths)} gallery paths")
+        # variables (not graph constants): saved in variables/, no 2 GB GraphDef limit
+        g_emb = tf.Variable(emb, trainable=False, name="gallery_embeddings")
+        g_paths = tf.Variable(np.asarray(gallery_paths, dtype=object), trainable=False, dtype=tf.string,
+                              name="gallery_paths")
+        size = len(emb)
+
+        def retrieve(image_bytes, text, k):
+            q = query_embedding(image_bytes, text)
+            k = tf.cast(k, tf.int32)
+            count = tf.debugging.assert_equal(
+                tf.shape(k)[0], tf.shape(image_bytes)[0],
+                message="retrieve: give one k per query image (the same value for all of them)")
+            k_any = tf.cond(tf.size(k) > 0, lambda: k, lambda: tf.ones([1], tf.int32))  # empty batch
+            kmax, kmin = tf.reduce_max(k_any), tf.reduce_min(k_any)
+            check_pos = tf.debugging.assert_positive(kmin, message="retrieve: k must be >= 1")
+            check = tf.debugging.assert_equal(
+                kmin, kmax, message="retrieve: every query of a request must ask for the same k")
+            with tf.control_dependencies([count, check, check_pos]):
+                kk = tf.minimum(kmax, size)
+            scores = tf.matmul(q, g_emb, transpose_b=True)
+            top_scores, top_ids = tf.math.top_k(scores, k=kk, sorted=True)
+            return {
+                "ids": tf.cast(top_ids, tf.int64),
+                "paths": tf.gather(g_paths, top_ids),
+                "scores": top_scores,
+            }
+
+        archive.add_endpoint("retrieve", retrieve,
+                             input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                              tf.TensorSpec([None], tf.string, name="text"),
+                                              tf.TensorSpec([None], tf.int32, name="k")])
+    return archive
+
+
+# ---- versions and the atomic write ------------------------------------------------------------
+
+
+def existing_versions(base) -> list:
+    """Integer version folders under `base` (what TF Serving would load), sorted."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base) -> int:
+    versions = existing_versions(base)
+    return versions[-1] + 1 if versions else 1
+
+
+def check_version_free(base, version: int, force: bool = False):
+    final = Path(base) / str(int(version))
+    if final.exists() and not force:
+        raise ExportError(
+            f"{final} already exists: TF Serving versions are immutable once served. Export to the "
+            f"next free version (omit --version: {next_version(base)}), or pass --force to replace it."
+        )
+
+
+def write_atomically(base, version: int, write: Callable, force: bool = False) -> Path:
+    """Call `write(tmp_folder)`, then rename the folder to `base/<version>`.
+
+    The folder is hidden and non-integer while being written (TF Serving ignores it) and removed
+    if `write` raises, so `base/<version>` exists only complete. An existing version is replaced
+    only with `force=True`.
+    """
+    base = Path(base)
+    version = int(version)
+    if version < 0:
+        raise ExportError(f"version must be a non-negative integer, got {version}")
+    final = base / str(version)
+    check_version_free(base, version, force)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".partial-{version}-{os.getpid()}-{time.time_ns()}"
+    try:
+        write(tmp)
+        if final.exists():  # force: swap the old version out, then delete it
+            old = base / f".replaced-{version}-{os.getpid()}-{time.time_ns()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ---- the whole export of a run ----------------------------------------------------------------
+
+
+def load_run(run_dir):
+    """(config, Keras model) of a run folder written by training."""
+    from keras_irtf.config import load_config
+    from keras_irtf.training import load_model
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.keras"):
+        if not (run_dir / name).is_file():
+            raise ExportError(f"{run_dir / name} not found: --run must be a run folder written by tools/train.py")
+    return load_config([run_dir / "config.yaml"]), load_model(run_dir / "model.keras")
+
+
+def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, force=False,
+                 batch_size=64, verbose=True, extra_info=None) -> Path:
+    """Export a Keras ComposedRetrievalModel to `<out>/<version>/` (TF Serving's layout).
+
+    `out` is the model's folder (e.g. exported/css_tirg_s0); `run_dir` holds the run's vocab.txt
+    (for vocabulary text encoders); `gallery` is a folder of images for the `retrieve` endpoint.
+    `version=None` takes the next free integer. Returns the version folder.
+    """
+    image_prep = image_preprocessing_for(cfg, run_dir)
+    text_prep = text_preprocessing_for(cfg, run_dir)
+    out = Path(out)
+    version = next_version(out) if version is None else int(version)
+    check_version_free(out, version, force)  # before the (slow) gallery embedding
+
+    gallery_paths = gallery_emb = None
+    if gallery is not None:
+        gallery_paths = list_gallery(gallery)
+        if verbose:
+            print(f"embedding {len(gallery_paths)} gallery images from {gallery}", flush=True)
+        gallery_emb = embed_gallery_files(model, image_prep, gallery, gallery_paths, batch_size)
+
+    archive = build_export_archive(model, image_prep, text_prep, gallery_emb, gallery_paths)
+    endpoints = ["serving_default", "embed_image"] + (["retrieve"] if gallery is not None else [])
+    info = {
+        "format": "keras_irtf SavedModel export 1",
+        "run": str(run_dir) if run_dir else None,
+        "method": cfg.model.method,
+        "image_encoder": cfg.model.image_encoder,
+        "text_encoder": cfg.model.text_encoder,
+        "image_preprocessing": image_prep.name,
+        "text_preprocessing": text_prep.name,
+        "image_size": image_prep.image_size,
+        "embedding_dim": int(cfg.model.embed_dim),
+        "endpoints": endpoints,
+        "gallery": None if gallery is None else {"root": str(Path(gallery).resolve()), "size": len(gallery_paths)},
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra_info or {}),
+    }
+
+    def write(tmp):
+        archive.write_out(str(tmp), verbose=False)
+        extra = Path(tmp) / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if gallery_paths is not None:
+            (extra / GALLERY_LIST_NAME).write_text("\n".join(gallery_paths) + "\n")
+
+    path = write_atomically(out, version, write, force=force)
+    if verbose:
+        print(f"exported {path} (endpoints: {', '.join(endpoints)})", flush=True)
+    return path
+
+
+def export_run(run_dir, out_root="exported", name=None, gallery=None, version=None, force=False,
+               verbose=True) -> Path:
+    """Export a training run folder to `<out_root>/<name or the run's name>/<version>/`."""
+    run_dir = Path(run_dir)
+    cfg, model = load_run(run_dir)
+    name = name or run_dir.resolve().name
+    return export_model(model, cfg, Path(out_root) / name, run_dir=run_dir, gallery=gallery, version=version,
+                        force=force, verbose=verbose)
+
+
+def read_export_info(version_dir) -> dict:
+    """The export's description (endpoints, image size, gallery) from assets.extra/."""
+    path = Path(version_dir) / "assets.extra" / EXPORT_INFO_NAME
+    if not path.is_file():
+        raise ExportError(f"{path} not found: {version_dir} is not a keras_irtf export version folder")
+    return json.loads(path.read_text())

@@ -1,0 +1,190 @@
+"""Querying an exported SavedModel and drawing the paper's qualitative figure.
+
+    from keras_irtf.query import ExportedModel, search, draw_results
+    model = ExportedModel("exported/css_tirg_s0/1")
+    results = search(model, "q.png", "make the red cube blue", "data/gallery", top=10)
+    draw_results("q.png", "make the red cube blue", results, "grid.png", targets=["data/gallery/t.png"])
+
+Only TensorFlow and Pillow are needed: the exported graph decodes the images and vectorises the
+text. When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in
+the graph; otherwise the gallery is embedded through `embed_image` and ranked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from keras_irtf.export import GALLERY_LIST_NAME, ExportError, list_gallery, read_export_info
+
+FRAME_COLOR = (20, 170, 40)  # ground truth
+QUERY_COLOR = (40, 90, 220)
+
+
+@dataclasses.dataclass
+class Result:
+    rank: int  # 1-based
+    path: Path  # the gallery file
+    score: float
+    gallery_id: int
+
+
+class ExportedModel:
+    """A SavedModel version folder written by keras_irtf.export, loaded with TensorFlow only."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.path = Path(path)
+        if not (self.path / "saved_model.pb").is_file():
+            raise ExportError(f"{self.path} holds no saved_model.pb: pass a version folder such as exported/<name>/1")
+        self.info = read_export_info(self.path)
+        self.module = tf.saved_model.load(str(self.path))
+        self.signatures = self.module.signatures
+        gallery_list = self.path / "assets.extra" / GALLERY_LIST_NAME
+        self.gallery_paths = gallery_list.read_text().split("\n")[:-1] if gallery_list.is_file() else None
+
+    def embed_queries(self, image_bytes: list, texts: list) -> np.ndarray:
+        import tensorflow as tf
+
+        out = self.signatures["serving_default"](image_bytes=tf.constant(image_bytes), text=tf.constant(texts))
+        return out["embedding"].numpy()
+
+    def embed_images(self, image_bytes: list, batch_size: int = 64) -> np.ndarray:
+        import tensorflow as tf
+
+        fn = self.signatures["embed_image"]
+        parts = [fn(image_bytes=tf.constant(image_bytes[i : i + batch_size]))["embedding"].numpy()
+                 for i in range(0, len(image_bytes), batch_size)]
+        return np.concatenate(parts)
+
+    def retrieve(self, image_bytes: bytes, text: str, k: int):
+        """(ids, paths, scores) of the top-k of the stored gallery for one query."""
+        import tensorflow as tf
+
+        if "retrieve" not in self.signatures:
+            raise ExportError(f"{self.path} was exported without a gallery: no retrieve endpoint")
+        out = self.signatures["retrieve"](image_bytes=tf.constant([image_bytes]), text=tf.constant([text]),
+                                          k=tf.constant([int(k)], tf.int32))
+        return (out["ids"].numpy()[0], [p.decode() for p in out["paths"].numpy()[0]], out["scores"].numpy()[0])
+
+
+def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclude_query: bool = True) -> list:
+    """The top `top` gallery images for (image, text), best first.
+
+    `gallery` is a folder of images. The query image itself is left out of the results when it
+    is one of the gallery files (as in the evaluation protocol) unless exclude_query=False.
+    """
+    gallery = Path(gallery)
+    image = Path(image)
+    if not image.is_file():
+        raise FileNotFoundError(f"query image {image} not found")
+    paths = list_gallery(gallery)
+    query_bytes = image.read_bytes()
+    own = None
+    if exclude_query:
+        resolved = image.resolve()
+        own = next((i for i, p in enumerate(paths) if (gallery / p).resolve() == resolved), None)
+    want = top + (own is not None)
+    if model.gallery_paths is not None and model.gallery_paths == paths:
+        ids, _, scores = model.retrieve(query_bytes, text, want)
+    else:
+        emb = model.embed_images([(gallery / p).read_bytes() for p in paths])
+        q = model.embed_queries([query_bytes], [text])[0]
+        all_scores = emb @ q
+        ids = np.argsort(-all_scores, kind="stable")[:want]
+        scores = all_scores[ids]
+    results = []
+    for i, s in zip(ids, scores):
+        if own is not None and int(i) == own:
+            continue
+        results.append(Result(len(results) + 1, gallery / paths[int(i)], float(s), int(i)))
+    return results[:top]
+
+
+def _font(size):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _thumbnail(path, size):
+    """The image scaled to fit a size x size white square (small images enlarged without blur)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / max(im.size)
+        resample = Image.NEAREST if scale >= 2 else Image.LANCZOS
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    return canvas
+
+
+def draw_results(query_image, text: str, results: Iterable[Result], out=None, targets: Optional[Iterable] = None,
+                 thumb: int = 128, title: Optional[str] = None):
+    """The qualitative figure: the query image with its text, an arrow, then the results with
+    their rank and score; results that are a ground-truth target are framed in green.
+
+    `targets` are paths of ground-truth images (compared by resolved path). Returns the PIL image
+    (and writes it to `out` when given).
+    """
+    from PIL import Image, ImageDraw
+
+    results = list(results)
+    target_set = {Path(t).resolve() for t in (targets or ())}
+    pad, gap, arrow_w, frame = 10, 8, 40, 4
+    font, small = _font(14), _font(12)
+    chars = max(12, thumb // 7)
+    lines = textwrap.wrap(f'"{text}"', chars)[:6] or ['""']
+    line_h = 16
+    title_h = 22 if title else 0
+    cell_h = thumb + 2 * frame + 2 * line_h + 4
+    query_h = thumb + 2 * frame + len(lines) * line_h + 4
+    width = pad * 2 + (thumb + 2 * frame) + arrow_w + len(results) * (thumb + 2 * frame + gap)
+    height = pad * 2 + title_h + max(cell_h, query_h)
+    fig = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    top = pad + title_h
+
+    # query: blue frame, text below
+    x = pad
+    draw.rectangle([x, top, x + thumb + 2 * frame - 1, top + thumb + 2 * frame - 1], outline=QUERY_COLOR, width=2)
+    fig.paste(_thumbnail(query_image, thumb), (x + frame, top + frame))
+    for j, line in enumerate(lines):
+        draw.text((x, top + thumb + 2 * frame + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
+    # arrow
+    x += thumb + 2 * frame
+    mid = top + frame + thumb // 2
+    draw.line([x + 8, mid, x + arrow_w - 8, mid], fill=(0, 0, 0), width=3)
+    draw.polygon([(x + arrow_w - 6, mid), (x + arrow_w - 16, mid - 7), (x + arrow_w - 16, mid + 7)], fill=(0, 0, 0))
+    x += arrow_w
+    # results
+    for r in results:
+        is_target = Path(r.path).resolve() in target_set
+        if is_target:
+            draw.rectangle([x, top, x + thumb + 2 * frame - 1, top + thumb + 2 * frame - 1], fill=FRAME_COLOR)
+        else:
+            draw.rectangle([x + frame - 1, top + frame - 1, x + frame + thumb, top + frame + thumb], outline=(200, 200, 200))
+        fig.paste(_thumbnail(r.path, thumb), (x + frame, top + frame))
+        y = top + thumb + 2 * frame + 2
+        draw.text((x, y), f"#{r.rank}  {r.score:.3f}", fill=FRAME_COLOR if is_target else (0, 0, 0), font=font)
+        name = Path(r.path).name
+        if len(name) > chars:
+            name = name[: chars - 1] + "…"
+        draw.text((x, y + line_h), name, fill=(90, 90, 90), font=small)
+        x += thumb + 2 * frame + gap
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.save(out)
+    return fig

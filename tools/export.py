@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Export a trained run as a SavedModel for TF Serving (raw image bytes and raw text in).
+
+    python tools/export.py --run runs/css_tirg_s0                         # exported/css_tirg_s0/1
+    python tools/export.py --run runs/css_tirg_s0 --gallery data/gallery  # + the `retrieve` endpoint
+    python tools/export.py --run runs/css_tirg_s0 --version 3 --force     # replace version 3
+
+Writes <out>/<name>/<version>/ (TF Serving's layout; default: exported/<run name>/<next free
+integer>). The version folder appears only when complete; an existing version is never
+overwritten unless --force is given. Endpoints: serving_default (image_bytes + text ->
+embedding), embed_image (image_bytes -> embedding) and, with --gallery, retrieve (image_bytes +
+text + k -> top-k gallery ids, paths, scores).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder written by tools/train.py")
+    p.add_argument("--gallery", help="folder of gallery images (recursive): adds the retrieve endpoint")
+    p.add_argument("--version", type=int, help="integer version (default: the next free one)")
+    p.add_argument("--force", action="store_true", help="replace an existing --version")
+    p.add_argument("--out", default="exported", help="base folder (default: exported)")
+    p.add_argument("--name", help="model name under --out (default: the run folder's name)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    from keras_irtf.config import ConfigError
+    from keras_irtf.export import ExportError, export_run
+
+    try:
+        path = export_run(args.run, out_root=args.out, name=args.name, gallery=args.gallery,
+                          version=args.version, force=args.force, verbose=not args.quiet)
+    except (ConfigError, ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

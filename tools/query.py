@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Query an exported model and draw the qualitative figure of the paper: the query image and
+text, then the top results with their scores, the ground-truth target framed in green.
+
+    python tools/query.py --model exported/css_tirg_s0/1 --image q.png --text "make it red" \\
+        --gallery data/gallery --top 10 --out grid.png [--target data/gallery/t.png]
+
+Needs only TensorFlow and Pillow (the SavedModel decodes the images and reads the text). With
+an export made with --gallery over the same folder, the ranking runs in the graph (`retrieve`);
+otherwise the gallery is embedded with `embed_image` first. The query image is left out of the
+results when it is a gallery file (--keep-query to keep it).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="export version folder, e.g. exported/<name>/<version>")
+    p.add_argument("--image", required=True, help="query image (JPEG/PNG/GIF/BMP)")
+    p.add_argument("--text", required=True, help="modification text")
+    p.add_argument("--gallery", required=True, help="folder of gallery images (recursive)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--out", default="grid.png", help="figure to write (PNG)")
+    p.add_argument("--target", action="append", default=[],
+                   help="ground-truth image (a gallery file; repeatable): framed when retrieved")
+    p.add_argument("--keep-query", action="store_true", help="do not drop the query image from the results")
+    p.add_argument("--thumb", type=int, default=128, help="thumbnail size in pixels")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be >= 1")
+
+    from keras_irtf.export import ExportError
+    from keras_irtf.query import ExportedModel, draw_results, search
+
+    gallery = Path(args.gallery)
+    targets = []
+    for t in args.target:
+        t = Path(t)
+        t = t if t.is_file() else gallery / t
+        if not t.is_file():
+            print(f"error: --target {t} is not a file (give a path, or a path relative to --gallery)", file=sys.stderr)
+            return 2
+        targets.append(t)
+    try:
+        model = ExportedModel(args.model)
+        results = search(model, args.image, args.text, gallery, args.top, exclude_query=not args.keep_query)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    resolved = {t.resolve() for t in targets}
+    for r in results:
+        mark = "  <- target" if r.path.resolve() in resolved else ""
+        print(f"{r.rank:3d}  {r.score:9.4f}  {r.path}{mark}")
+    draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
+                 title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")
+    print(f"figure: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
