@@ -290,6 +290,10 @@ def build_export_archive(model, image_prep: ImagePreprocessing, text_prep: TextP
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if hasattr(model.text_encoder, "encode_strings"):
+        # a frozen BERT layer holds tf.saved_model-loaded objects (tokenizer tables, encoder
+        # variables) that tracking the model alone does not reach
+        archive.track(model.text_encoder)
     for t in text_prep.trackables:
         archive.track(t)
 
