@@ -41,10 +41,18 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    method: str = "tirg"  # tirg | concat | image_only | text_only (| composeae, ...)
+    method: str = "tirg"  # tirg | concat | image_only | text_only | composeae | composeae_real
     image_encoder: str = "small_cnn"  # small_cnn | resnet18
     image_weights: Optional[str] = None  # local keras-hub preset folder for a pretrained ResNet
-    text_encoder: str = "lstm"
+    text_encoder: str = "lstm"  # lstm | bert_hub | bert_keras_hub (frozen BERT, local files)
+    bert_preprocess: Optional[str] = None  # bert_hub: folder of the TF-Hub preprocessing SavedModel
+    bert_encoder: Optional[str] = None  # bert_hub: folder of the TF-Hub BERT encoder SavedModel
+    bert_preset: Optional[str] = None  # bert_keras_hub: local keras-hub preset folder
+    bert_dim: int = 768  # width of BERT's pooled output (768 for BERT-Base)
+    bert_seq_length: int = 0  # tokens per text; 0 = the preprocessing model's default
+    text_cache: bool = True  # embed each distinct text once per run (frozen BERT)
+    # ComposeAE's extra terms: image reconstruction, text reconstruction, rotational symmetry
+    composeae_loss_weights: tuple = (0.1, 0.1, 0.01)
     embed_dim: int = 512
     word_embed_dim: int = 512
     text_hidden_dim: int = 512
@@ -286,6 +294,7 @@ _CHOICES = {
     ("data", "css_size"): ("smoke", "small", "full"),
     ("data", "css_images"): ("auto", "png", "2d"),
     ("data", "on_bad_image"): ("error", "skip"),
+    ("model", "text_encoder"): ("lstm", "bert_hub", "bert_keras_hub"),
     ("loss", "kind"): ("batch_classification", "soft_triplet"),
     ("loss", "similarity_reduction"): ("sum", "mean"),
     ("ga", "attack_norm"): ("inf", "2"),

@@ -117,15 +117,23 @@ def evaluate_run(run, alpha=None, out=None, verbose=True) -> dict:
     from keras_irtf.utils import read_json, write_json
 
     run = Path(run)
-    for name in ("config.yaml", "vocab.txt", "model.keras"):
+    for name in ("config.yaml", "model.keras"):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run / name} not found: --run must be a folder written by tools/train.py")
     cfg = load_config([run / "config.yaml"])
+    lstm = cfg.model.text_encoder == "lstm"  # BERT runs have no vocabulary: the model reads strings
+    if lstm and not (run / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{run / 'vocab.txt'} not found: --run must be a folder written by tools/train.py")
     if alpha is not None:
         cfg.eval.alpha = float(alpha)
     dataset = load_dataset(cfg, verbose=verbose)
-    vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
     model = load_model(run / "model.keras")
+    if lstm:
+        vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
+    else:
+        from keras_irtf.text_cache import prepare_text_input, texts_of_run
+
+        vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache, verbose=verbose)
     result = evaluate(
         model, dataset, vectorizer, ks=cfg.eval.ks, whm_ks=cfg.eval.whm_ks or dataset.whm_ks,
         alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,

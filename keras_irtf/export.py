@@ -168,7 +168,7 @@ def _vocabulary(cfg, run_dir) -> TextPreprocessing:
     return TextPreprocessing("vocabulary", vectorizer, [vectorizer.layer])
 
 
-@register_text_preprocessing("raw_strings")
+@register_text_preprocessing("raw_strings", encoders=("bert_hub", "bert_keras_hub"))
 def _raw_strings(cfg, run_dir=None) -> TextPreprocessing:
     """The strings themselves, for text encoders that tokenise inside the model (e.g. a BERT
     encoder with its preprocessing SavedModel): register their encoder name with this."""
@@ -290,6 +290,10 @@ def build_export_archive(model, image_prep: ImagePreprocessing, text_prep: TextP
 
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if hasattr(model.text_encoder, "encode_strings"):
+        # a frozen BERT layer holds tf.saved_model-loaded objects (tokenizer tables, encoder
+        # variables) that tracking the model alone does not reach
+        archive.track(model.text_encoder)
     for t in text_prep.trackables:
         archive.track(t)
 

@@ -34,17 +34,21 @@ def build_model(cfg: Config, vocab_size: int):
         image_encoder = ResNet18Encoder(m.embed_dim, name="image_encoder")
     else:
         raise ConfigError(f"model.image_encoder={m.image_encoder!r}: expected 'small_cnn' or 'resnet18'")
-    if m.text_encoder != "lstm":
-        raise ConfigError(f"model.text_encoder={m.text_encoder!r}: expected 'lstm'")
-    ga_point_text = cfg.ga.point == "text_feature" and bool(set(cfg.ga_methods) & {"adversarial", "fgsm"})
-    text_encoder = LSTMTextEncoder(
-        vocab_size, m.word_embed_dim, m.text_hidden_dim, m.embed_dim, m.dropout,
-        use_cudnn=False if ga_point_text else "auto", name="text_encoder",
-    )
+    if m.text_encoder == "lstm":
+        ga_point_text = cfg.ga.point == "text_feature" and bool(set(cfg.ga_methods) & {"adversarial", "fgsm"})
+        text_encoder = LSTMTextEncoder(
+            vocab_size, m.word_embed_dim, m.text_hidden_dim, m.embed_dim, m.dropout,
+            use_cudnn=False if ga_point_text else "auto", name="text_encoder",
+        )
+    elif m.text_encoder in ("bert_hub", "bert_keras_hub"):
+        text_encoder = build_bert_encoder(cfg)
+    else:
+        raise ConfigError(f"model.text_encoder={m.text_encoder!r}: expected 'lstm', 'bert_hub' or 'bert_keras_hub'")
     if m.method not in COMPOSERS:
         raise ConfigError(f"model.method={m.method!r}: expected one of {sorted(COMPOSERS)}")
     composer_cls = COMPOSERS[m.method]
-    composer = composer_cls(output_dim=m.embed_dim, name="composer")
+    extra = {"loss_weights": tuple(m.composeae_loss_weights)} if m.method.startswith("composeae") else {}
+    composer = composer_cls(output_dim=m.embed_dim, name="composer", **extra)
     g = cfg.ga
     ga = GradientAugmentation(
         methods=g.methods, eps=g.eps, attack_norm=g.attack_norm, point=g.point, gamma=g.gamma,
@@ -58,6 +62,37 @@ def build_model(cfg: Config, vocab_size: int):
         similarity_reduction=cfg.loss.similarity_reduction, image_size=cfg.data.image_size,
         max_text_length=m.max_text_length, name=f"{m.method}_retrieval",
     )
+
+
+def build_bert_encoder(cfg: Config):
+    """The frozen BERT text encoder of model.text_encoder = bert_hub | bert_keras_hub."""
+    from keras_irtf.config import ConfigError
+    from keras_irtf.layers.bert import HubBertEncoder, KerasHubBertEncoder
+
+    m = cfg.model
+    try:
+        if m.text_encoder == "bert_hub":
+            return HubBertEncoder(m.bert_preprocess, m.bert_encoder, m.bert_dim, m.bert_seq_length or None,
+                                  name="text_encoder")
+        return KerasHubBertEncoder(m.bert_preset, m.bert_dim, m.bert_seq_length or None, name="text_encoder")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def text_input_for(cfg: Config, dataset, run=None, verbose=True):
+    """(vectorizer for the pipelines, vocabulary size) of the configured text encoder.
+
+    LSTM: a TextVectorizer over the training texts (saved as run/vocab.txt). BERT: (None, 0);
+    the vectorizer comes from `keras_irtf.text_cache.prepare_text_input` once the model exists.
+    """
+    from keras_irtf.data.text import TextVectorizer
+
+    if cfg.model.text_encoder != "lstm":
+        return None, 0
+    vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
+    if run is not None:
+        vectorizer.save(run / "vocab.txt")
+    return vectorizer, vectorizer.vocab_size
 
 
 def make_optimizer(cfg: Config):
@@ -100,7 +135,6 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     from keras_irtf.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.data.text import TextVectorizer
     from keras_irtf.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
     from keras_irtf.evaluation import evaluate
 
@@ -117,14 +151,17 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
 
     if dataset is None:
         dataset = load_dataset(cfg, verbose=bool(verbose) and chief)
-    vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
-    if chief:
-        vectorizer.save(run / "vocab.txt")
+    vectorizer, vocab_size = text_input_for(cfg, dataset, run if chief else None, verbose)
 
     with strategy.scope():
-        model = build_model(cfg, vectorizer.vocab_size)
+        model = build_model(cfg, vocab_size)
         model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.train.jit_compile)
         model.optimizer.build(model.trainable_variables)
+    if vectorizer is None:  # frozen BERT: embed each distinct text of the run once (text_cache)
+        from keras_irtf.text_cache import prepare_text_input, texts_of_run
+
+        vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache,
+                                        verbose=bool(verbose) and chief)
 
     spe = min(cfg.train.steps_per_epoch, cfg.train.steps)
     total = math.ceil(cfg.train.steps / spe) * spe
@@ -183,6 +220,10 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
         "final_losses": {k: float(v[-1]) for k, v in (history.history if history else {}).items()},
         "seed": cfg.train.seed,
     }
+    if hasattr(model.text_encoder, "encoder_runs"):  # frozen BERT: how often it really ran
+        metrics["bert_encoder_runs"] = model.text_encoder.encoder_runs
+        cache = model.text_encoder.cache
+        metrics["text_cache_size"] = len(cache) if cache is not None else 0
     write_json(run / "metrics.json", metrics)
     _write_eval_summary(run, metrics)
     shutil.rmtree(run / "backup", ignore_errors=True)  # the run is complete: model.keras holds it

@@ -11,15 +11,21 @@ from keras_irtf.layers.composers import (
     TextOnlyComposer,
     TIRGComposer,
 )
+from keras_irtf.layers.composeae import (  # registers "composeae" and "composeae_real" in COMPOSERS
+    ComposeAEComposer,
+    RealSpaceConcatAEComposer,
+)
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
 
 __all__ = [
     "COMPOSERS",
+    "ComposeAEComposer",
     "ConcatComposer",
     "ImageOnlyComposer",
     "LSTMTextEncoder",
+    "RealSpaceConcatAEComposer",
     "ResNet18Encoder",
     "ScaledL2Normalization",
     "SmallCNNEncoder",
