@@ -13,6 +13,7 @@ from keras_irtf.layers.composers import (
 )
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization
+from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ConcatComposer",
     "ImageOnlyComposer",
     "LSTMTextEncoder",
+    "PretrainedImageEncoder",
     "ResNet18Encoder",
     "ScaledL2Normalization",
     "SmallCNNEncoder",
