@@ -130,7 +130,8 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
     """Batches of queries in order (evaluation, or training with a pre-sampled query list).
 
     skip_unreadable: for a split streamed from disk with on_bad_image="skip", drop a query whose
-    image cannot be decoded (training) instead of giving it a black image (evaluation).
+    image cannot be decoded (training) instead of giving it a black image (evaluation). The
+    stream then repeats without end: take the batches you need.
     """
     import tensorflow as tf
 
@@ -144,6 +145,8 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
         keys = ["source_id", "target_id"] if with_target else ["source_id"]
         ds = tf.data.Dataset.from_tensor_slices(tensors)
         ds = _disk_elements(split, ds, keys, image_size, skip_unreadable)
+        if skip_unreadable and split.on_bad_image == "skip":
+            ds = ds.repeat()  # the caller takes as many batches as it needs
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
         def to_batch(b):
@@ -187,15 +190,14 @@ def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int
     """
     rng = np.random.default_rng(seed)
     split = dataset.train
-    # streamed with on_bad_image=skip: a query whose image turns out unreadable is dropped, so a
-    # few spare queries keep the run at `steps` full batches
-    spare = (batch_size + steps * batch_size // 100) if _streams_from_disk(split) and split.on_bad_image == "skip" else 0
-    queries = dataset.sample_training_queries(steps * batch_size + spare, rng, paired=paired)
+    queries = dataset.sample_training_queries(steps * batch_size, rng, paired=paired)
     if start_step:
-        queries = queries.subset(np.arange(start_step * batch_size, len(queries)))
+        queries = queries.subset(np.arange(start_step * batch_size, steps * batch_size))
     ds = queries_dataset(split, queries, vectorizer, batch_size, image_size, drop_remainder=True,
                          skip_unreadable=True)
-    return ds.take(steps - start_step) if spare else ds
+    # streamed with on_bad_image=skip, the query stream repeats (dropped queries are made up from
+    # its start), so the run still gets exactly its number of full batches
+    return ds.take(steps - start_step) if _streams_from_disk(split) and split.on_bad_image == "skip" else ds
 
 
 def images_dataset(split: Split, ids, batch_size: int, image_size: int):

@@ -139,8 +139,9 @@ class PretrainedImageEncoder(keras.layers.Layer):
         return list(self.backbone.trainable_variables)
 
     def build(self, input_shape):
-        feature_shape = self.backbone.compute_output_shape(tuple(input_shape))
-        self.projection.build((feature_shape[0], feature_shape[-1]))
+        if not self.projection.built:
+            feature_shape = self.backbone.compute_output_shape(tuple(input_shape))
+            self.projection.build((feature_shape[0], feature_shape[-1]))
         self.built = True
 
     def call(self, images, training=False):
