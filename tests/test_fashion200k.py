@@ -174,3 +174,15 @@ def test_train_and_evaluate_end_to_end_with_file_cache(f2_root, tmp_path):
     assert metrics["test"]["R@10"] == 1.0 and metrics["train"]["R@10"] == 1.0
     assert metrics["steps"] == 2 and np.isfinite(metrics["final_losses"]["loss"])
     assert len(list((tmp_path / "cache").glob("fashion200k_*_32px_*/images.u8"))) == 2
+
+
+def test_configs_carry_the_paper_hyper_parameters():
+    tirg = load_config([repo_configs_dir() / "fashion200k.yaml"])
+    ga = load_config([repo_configs_dir() / "fashion200k_ga.yaml"])
+    for cfg in (tirg, ga):
+        assert cfg.data.dataset == "fashion200k" and cfg.data.image_size == 224
+        assert cfg.train.batch_size == 32 and cfg.train.steps == 160000
+        assert cfg.optim.learning_rate == 0.01 and cfg.optim.decay_steps == (50000, 100000, 150000)
+        assert cfg.loss.kind == "batch_classification" and cfg.model.embed_dim == 512
+        assert cfg.eval.ks == (1, 10, 50) and cfg.eval.whm_ks == (1, 10, 50)
+    assert ga.ga_methods == ("adversarial", "isotropic") and ga.loss.eta == 0.001 and tirg.ga_methods == ()

@@ -250,3 +250,17 @@ def test_train_and_evaluate_end_to_end(ms_root, tmp_path):
     assert test["R@50"] == 1.0 and test["noun_R@1"] >= test["R@1"]
     assert metrics["steps"] == 2 and np.isfinite(metrics["final_losses"]["loss"])
     assert (run / "model.keras").is_file() and (run / "metrics.json").is_file()
+
+
+def test_configs_carry_the_paper_hyper_parameters():
+    tirg = load_config([repo_configs_dir() / "mitstates.yaml"])
+    ga = load_config([repo_configs_dir() / "mitstates_ga.yaml"])
+    for cfg in (tirg, ga):
+        assert cfg.data.dataset == "mitstates" and cfg.data.image_size == 224
+        assert cfg.train.batch_size == 32 and cfg.train.steps == 160000
+        assert cfg.optim.learning_rate == 0.01 and cfg.optim.decay_steps == (50000, 100000, 150000)
+        assert cfg.optim.weight_decay == 5e-5 and cfg.optim.backbone_lr_multiplier == 0.1
+        assert cfg.model.method == "tirg" and cfg.model.image_encoder == "resnet18" and cfg.model.embed_dim == 512
+    assert tirg.ga_methods == () and tirg.loss.eta == 0
+    assert ga.ga_methods == ("adversarial", "isotropic") and ga.loss.eta == 0.001
+    assert ga.ga.eps == 1e-6 and ga.ga.gamma == 0.01
