@@ -12,7 +12,13 @@ import pytest
 
 from keras_irtf.config import load_config, repo_configs_dir
 from keras_irtf.data.base import DatasetError
-from keras_irtf.data.fashion200k import Fashion200kDataset, clean_caption, different_words, parent_captions
+from keras_irtf.data.fashion200k import (
+    Fashion200kDataset,
+    clean_caption,
+    different_words,
+    parent_captions,
+    replace_texts,
+)
 from keras_irtf.data.fixtures import write_fashion200k
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +45,15 @@ def test_caption_rules_of_the_reference():
     assert parent_captions("blue floral dress") == ["floral dress", "blue dress", "blue floral"]
     # the reference removes the word as a substring, everywhere ("red" inside "shredded")
     assert parent_captions("red shredded dress")[0] == "shded dress"
+
+
+def test_vectorised_texts_match_the_reference_rule():
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "floral", "dress", "long", "red-ish"]
+    vocab = sorted({" ".join(rng.choice(words, int(rng.integers(1, 6)))) for _ in range(300)})
+    a, b = rng.integers(len(vocab), size=2000), rng.integers(len(vocab), size=2000)
+    texts = replace_texts(vocab, a, b)
+    assert list(texts) == [different_words(vocab[i], vocab[j])[2] for i, j in zip(a, b)]
 
 
 def test_reads_label_files_and_official_queries(f2):

@@ -96,6 +96,44 @@ def different_words(source_caption: str, target_caption: str):
     return source_word, target_word, f"replace {source_word} with {target_word}"
 
 
+def replace_texts(vocab, source_captions, target_captions, chunk: int = 65536) -> np.ndarray:
+    """`different_words(...)[2]` for many (source, target) caption-id pairs at once (vectorised over
+    word ids: the sampler draws millions of pairs)."""
+    words = sorted({w for c in vocab for w in c.split()})
+    word_id = {w: i for i, w in enumerate(words)}
+    width = max((len(c.split()) for c in vocab), default=1) or 1
+    table = np.full((len(vocab), width), -1, np.int64)
+    for i, c in enumerate(vocab):
+        ids = [word_id[w] for w in c.split()]
+        table[i, : len(ids)] = ids
+    src = np.asarray(source_captions, np.int64)
+    tgt = np.asarray(target_captions, np.int64)
+    codes, inverse = np.unique(src * len(vocab) + tgt, return_inverse=True)
+    a_all, b_all = codes // len(vocab), codes % len(vocab)
+    src_word = np.empty(len(codes), np.int64)
+    tgt_word = np.empty(len(codes), np.int64)
+
+    def first_missing(x, y):
+        """Per row, the first word of x absent from y (else x's last word), as a word id."""
+        missing = ~(x[:, :, None] == y[:, None, :]).any(-1) & (x >= 0)
+        last = np.maximum((x >= 0).sum(1) - 1, 0)
+        pos = np.where(missing.any(1), missing.argmax(1), last)
+        return x[np.arange(len(x)), pos]
+
+    for start in range(0, len(codes), chunk):
+        a, b = table[a_all[start:start + chunk]], table[b_all[start:start + chunk]]
+        src_word[start:start + chunk] = first_missing(a, b)
+        tgt_word[start:start + chunk] = first_missing(b, a)
+    word_pairs, pair_index = np.unique(src_word * (len(words) + 1) + tgt_word, return_inverse=True)
+
+    def name(i):
+        return words[i] if i >= 0 else ""
+
+    texts = np.array([f"replace {name(k // (len(words) + 1))} with {name(k % (len(words) + 1))}"
+                      for k in word_pairs], dtype=object)
+    return texts[pair_index.reshape(-1)][inverse.reshape(-1)]
+
+
 def parent_captions(caption: str):
     """The reference's parents of a caption: remove one word (every occurrence of that string)."""
     out = []
@@ -248,20 +286,36 @@ class Fashion200kDataset(RetrievalDataset):
         that is not modifiable is replaced by random images until one is; then a parent, a sibling
         caption and a random image of it. (The reference draws no pairs for Fashion200k: `paired`
         is ignored.)"""
+        from keras_irtf.data.sampling import Groups, passes
+
         split, index = self.train, self._index["train"]
-        lookup = {c: i for i, c in enumerate(split.caption_vocab)}
-        captions = split.captions
-        num = split.num_images
-        src, tgt, txt = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, dtype=object)
-        order = np.empty(0, np.int64)
-        for q in range(n):
-            if not len(order):
-                order = rng.permutation(num)
-            i, order = int(order[0]), order[1:]
-            while not index.modifiable[i]:
-                i = int(rng.integers(num))
-            t = index.sample_target(i, captions[i], rng)
-            src[q], tgt[q] = i, t
-            txt[q] = different_words(captions[i], captions[t])[2]
-        tcap = np.array([lookup[captions[t]] for t in tgt], np.int64)
-        return Queries(src, txt, tgt, tcap)
+        vocab = split.caption_vocab
+        lookup = {c: i for i, c in enumerate(vocab)}
+        # parents with at least two children, as ids; caption -> such parents; parent -> children
+        parents = sorted(p for p, kids in index.children.items() if len(kids) >= 2)
+        parent_id = {p: k for k, p in enumerate(parents)}
+        children = Groups([[lookup[c] for c in index.children[p]] for p in parents])
+        caption_parents = [[] for _ in vocab]
+        for p in parents:
+            for c in index.children[p]:
+                caption_parents[lookup[c]].append(parent_id[p])
+        caption_parents = Groups(caption_parents)
+        images_of = Groups([index.caption_images[c] for c in vocab])
+
+        modifiable = np.flatnonzero(index.modifiable)
+        src = passes(rng, np.arange(split.num_images), n)
+        # a source that is not modifiable is replaced by random images until one is: a uniform
+        # draw among the modifiable ones
+        fix = ~index.modifiable[src]
+        src[fix] = modifiable[np.floor(rng.random(int(fix.sum())) * len(modifiable)).astype(np.int64)]
+        src_cap = split.caption_ids[src]
+        tcap = np.empty(n, np.int64)
+        pending = np.arange(n)
+        while len(pending):  # a parent, then one of its children; again if that is the source's caption
+            p, _ = caption_parents.pick(src_cap[pending], rng)
+            c, _ = children.pick(p, rng)
+            ok = c != src_cap[pending]
+            tcap[pending[ok]] = c[ok]
+            pending = pending[~ok]
+        tgt, _ = images_of.pick(tcap, rng)
+        return Queries(src, replace_texts(vocab, src_cap, tcap), tgt, tcap)

@@ -174,6 +174,8 @@ class MITStatesDataset(RetrievalDataset):
         source a target adjective is drawn among those of its noun (its own included, as in the
         reference) and a random image of that caption is the target. When `paired`, each source
         gives two consecutive queries whose target adjectives differ."""
+        from keras_irtf.data.sampling import Groups, passes
+
         split = self.train
         nouns = self._nouns["train"]
         noun_adjs, caption_images = self._noun_adjs["train"], self._caption_images["train"]
@@ -184,34 +186,25 @@ class MITStatesDataset(RetrievalDataset):
                 f"query can be formed. " + layout_help(self.root)
             )
         lookup = {c: i for i, c in enumerate(split.caption_vocab)}
-        order = np.empty(0, np.int64)
-        src, txt, tgt, tcap = [], [], [], []
+        noun_names = sorted(noun_adjs)
+        noun_index = {nn: k for k, nn in enumerate(noun_names)}
+        # noun -> the caption ids of its adjectives; caption -> its images
+        noun_captions = Groups([[lookup[f"{a} {nn}"] for a in noun_adjs[nn]] for nn in noun_names])
+        images_of = Groups([caption_images[c] for c in split.caption_vocab])
+        adjective_of = np.array([c.split()[0] for c in split.caption_vocab], dtype=object)
 
-        def target_for(noun, adj):
-            caption = f"{adj} {noun}"
-            imgs = caption_images[caption]
-            return imgs[int(rng.integers(len(imgs)))], lookup[caption]
-
-        while len(src) < n:
-            if not len(order):
-                order = rng.permutation(np.flatnonzero(eligible))
-            i, order = int(order[0]), order[1:]
-            choices = noun_adjs[nouns[i]]
-            a1 = choices[int(rng.integers(len(choices)))]
-            picks = [a1]
-            if paired:
-                a2 = a1
-                while a2 == a1:
-                    a2 = choices[int(rng.integers(len(choices)))]
-                picks.append(a2)
-            for a in picks:
-                t, c = target_for(nouns[i], a)
-                src.append(i)
-                txt.append(a)
-                tgt.append(t)
-                tcap.append(c)
-        return Queries(np.array(src[:n], np.int64), np.array(txt[:n], dtype=object),
-                       np.array(tgt[:n], np.int64), np.array(tcap[:n], np.int64))
+        per_source = 2 if paired else 1
+        sources = passes(rng, np.flatnonzero(eligible), -(-n // per_source))
+        source_nouns = np.array([noun_index[nn] for nn in nouns], np.int64)[sources]
+        first, pos = noun_captions.pick(source_nouns, rng)
+        caps = [first]
+        if paired:  # a second, different adjective of the same noun
+            second, _ = noun_captions.pick(source_nouns, rng, exclude_position=pos)
+            caps.append(second)
+        src = np.repeat(sources, per_source)[:n]
+        tcap = np.stack(caps, axis=1).reshape(-1)[:n]
+        tgt, _ = images_of.pick(tcap, rng)
+        return Queries(src, adjective_of[tcap], tgt, tcap)
 
     # ---- evaluation -------------------------------------------------------------------------
     def extra_recalls(self):
