@@ -134,7 +134,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
                           cfg.data.image_size, cfg.train.pairs_per_source)
     cbs = [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=50)] + list(callbacks)
     start = time.time()
-    history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose)
+    history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
 
     save_model(model, run / "model.keras")
