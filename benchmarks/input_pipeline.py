@@ -180,6 +180,14 @@ def main(argv=None):
         f"(7.5 GiB for MIT-States' 53,753 images at 224 px).",
         "",
     ]
+    if max(step["constant batch"] / v for v in step.values()) > 1.05:
+        lines += [
+            "Caution: a step fed by a pipeline cannot really be faster than a step on a constant batch (which",
+            "does no input work); a ratio above 1 measures how much the machine's load changed between the",
+            "timed runs, i.e. the noise of these end-to-end rows. Repeat on an idle machine to resolve",
+            "differences smaller than that.",
+            "",
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
