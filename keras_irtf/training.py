@@ -30,10 +30,20 @@ def build_model(cfg: Config, vocab_size: int):
     m = cfg.model
     if m.image_encoder == "small_cnn":
         image_encoder = SmallCNNEncoder(m.cnn_filters, m.embed_dim, m.cnn_stem_stride, name="image_encoder")
+    elif m.image_encoder == "resnet18" and m.image_weights:
+        from keras_irtf.layers.pretrained import PretrainedImageEncoder
+
+        image_encoder = PretrainedImageEncoder.from_preset(m.image_weights, m.embed_dim, name="image_encoder")
+        print(f"image encoder: pretrained keras-hub backbone from {image_encoder.preset}", flush=True)
     elif m.image_encoder == "resnet18":
+        print("image encoder: ResNet-18 from random initialisation (no --image-weights / model.image_weights)",
+              flush=True)
         image_encoder = ResNet18Encoder(m.embed_dim, name="image_encoder")
     else:
         raise ConfigError(f"model.image_encoder={m.image_encoder!r}: expected 'small_cnn' or 'resnet18'")
+    if m.image_weights and m.image_encoder != "resnet18":
+        raise ConfigError(f"model.image_weights is set but model.image_encoder={m.image_encoder!r}: pretrained "
+                          f"weights need model.image_encoder=resnet18")
     if m.text_encoder == "lstm":
         ga_point_text = cfg.ga.point == "text_feature" and bool(set(cfg.ga_methods) & {"adversarial", "fgsm"})
         text_encoder = LSTMTextEncoder(
@@ -95,7 +105,9 @@ def text_input_for(cfg: Config, dataset, run=None, verbose=True):
     return vectorizer, vectorizer.vocab_size
 
 
-def make_optimizer(cfg: Config):
+def make_optimizer(cfg: Config, model=None):
+    """The optimizer of `cfg.optim`; given the model, its pretrained image layers train at
+    `optim.backbone_lr_multiplier` times the learning rate."""
     o = cfg.optim
     lr = o.learning_rate
     if o.decay_steps:
@@ -105,8 +117,16 @@ def make_optimizer(cfg: Config):
         )
     extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
     if o.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, momentum=o.momentum, weight_decay=o.weight_decay or None, **extra)
-    return keras.optimizers.Adam(lr, weight_decay=o.weight_decay or None, **extra)
+        optimizer = keras.optimizers.SGD(lr, momentum=o.momentum, weight_decay=o.weight_decay or None, **extra)
+    else:
+        optimizer = keras.optimizers.Adam(lr, weight_decay=o.weight_decay or None, **extra)
+    if model is not None:
+        from keras_irtf.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
+
+        groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier)
+        if groups:
+            optimizer = with_learning_rate_multipliers(optimizer, groups)
+    return optimizer
 
 
 def sample_batch(dataset, vectorizer, cfg: Config, batch_size=None):
@@ -155,7 +175,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
 
     with strategy.scope():
         model = build_model(cfg, vocab_size)
-        model.compile(optimizer=make_optimizer(cfg), jit_compile=cfg.train.jit_compile)
+        model.compile(optimizer=make_optimizer(cfg, model), jit_compile=cfg.train.jit_compile)
         model.optimizer.build(model.trainable_variables)
     if vectorizer is None:  # frozen BERT: embed each distinct text of the run once (text_cache)
         from keras_irtf.text_cache import prepare_text_input, texts_of_run
@@ -240,7 +260,8 @@ def save_model(model, path):
 
 def load_model(path):
     import keras_irtf.layers  # noqa: F401  (registers the classes)
-    import keras_irtf.model  # noqa: F401
+    import keras_irtf.model  # noqa: F401  (registers the model class)
+    import keras_irtf.optimizers  # noqa: F401
 
     return keras.saving.load_model(path)
 

@@ -5,6 +5,8 @@
     python tools/train.py --dataset css --preset smoke        # about a minute
     python tools/train.py --dataset css --ga adversarial,isotropic --set loss.eta=0.001
     python tools/train.py --config configs/css.yaml --set train.steps=500 --out runs/try
+    python tools/train.py --dataset mitstates --data-root DIR --image-weights PRESET_DIR
+    python tools/train.py --dataset fashion200k --data-root DIR --image-weights PRESET_DIR
 
 Config layers, later wins: the dataclass defaults, configs/<dataset>.yaml (or --config), the
 preset (configs/presets/<name>.yaml), the flags below, then every --set section.key=value.
@@ -19,12 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="css (default config: configs/<dataset>.yaml)")
+    p.add_argument("--dataset", help="css | mitstates | fashion200k (default config: configs/<dataset>.yaml)")
     p.add_argument("--config", action="append", default=[], help="YAML config file(s), applied in order")
     p.add_argument("--preset", help="configs/presets/<name>.yaml applied on top (e.g. smoke)")
     p.add_argument("--method", help="composer: tirg | concat | image_only | text_only")
     p.add_argument("--ga", help="comma-separated: adversarial,isotropic,fgsm,l1,l2 (or none)")
     p.add_argument("--data-root", help="dataset folder in its official layout")
+    p.add_argument("--image-encoder", choices=["small_cnn", "resnet18"], help="image encoder architecture")
+    p.add_argument("--image-weights", metavar="PRESET_DIR",
+                   help="local keras-hub preset folder (e.g. resnet_18_imagenet) for a pretrained ResNet-18; "
+                        "implies --image-encoder resnet18")
     p.add_argument("--css-images", choices=["auto", "png", "2d"], help="CSS: read PNGs or draw scenes in 2D")
     p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga]_s<seed>)")
     p.add_argument("--seed", type=int)
@@ -64,6 +70,12 @@ def resolve_config(args):
         overrides.append(f"ga.methods={args.ga}")
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    if args.image_encoder:
+        overrides.append(f"model.image_encoder={args.image_encoder}")
+    if args.image_weights:
+        if not args.image_encoder:
+            overrides.append("model.image_encoder=resnet18")
+        overrides.append(f"model.image_weights={args.image_weights}")
     if args.css_images:
         overrides.append(f"data.css_images={args.css_images}")
     if args.out:
@@ -86,6 +98,13 @@ def main(argv=None):
 
     try:
         cfg = resolve_config(args)
+        from keras_irtf.data import check_dataset
+
+        check_dataset(cfg)  # a missing download fails here, before TensorFlow starts
+        if cfg.model.image_weights:
+            from keras_irtf.layers.pretrained import resolve_preset_dir
+
+            resolve_preset_dir(cfg.model.image_weights)
         from keras_irtf.training import format_results, train
 
         run, metrics = train(cfg, verbose=0 if args.quiet else 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split
 
-DATASETS = ("css",)
+DATASETS = ("css", "mitstates", "fashion200k")
 
 
 def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
@@ -23,7 +23,27 @@ def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
         if cfg.data.max_train_queries:
             dataset.limit_training_queries(cfg.data.max_train_queries, cfg.data.css_seed)
         return dataset
+    if name in ("mitstates", "fashion200k"):
+        if name == "mitstates":
+            from keras_irtf.data.mitstates import MITStatesDataset as cls
+        else:
+            from keras_irtf.data.fashion200k import Fashion200kDataset as cls
+        return cls(cfg.data.root, image_size=cfg.data.image_size, on_bad_image=cfg.data.on_bad_image,
+                   file_cache=cfg.data.file_cache, verbose=verbose)
     raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
 
 
-__all__ = ["DATASETS", "DatasetError", "Queries", "RetrievalDataset", "Split", "load_dataset"]
+def check_dataset(cfg):
+    """Fail fast, before TensorFlow is imported, when a dataset that must be downloaded is absent:
+    DatasetError names the expected layout, where the dataset is published and the flag to use."""
+    name = cfg.data.dataset
+    if name == "mitstates":
+        from keras_irtf.data.mitstates import check_layout
+    elif name == "fashion200k":
+        from keras_irtf.data.fashion200k import check_layout
+    else:
+        return
+    check_layout(cfg.data.root)
+
+
+__all__ = ["check_dataset", "DATASETS", "DatasetError", "Queries", "RetrievalDataset", "Split", "load_dataset"]

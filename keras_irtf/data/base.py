@@ -42,8 +42,9 @@ class Split:
     caption_ids: np.ndarray  # int64 [N] index into `caption_vocab`
     caption_vocab: list  # distinct captions of the split
     image_paths: Optional[list] = None  # one path per image, when read from disk
-    images: Optional[np.ndarray] = None  # uint8 [N, H, W, 3], when held in memory
+    images: Optional[np.ndarray] = None  # uint8 [N, H, W, 3], when held in memory (or a file cache)
     test_queries: Optional[Queries] = None
+    on_bad_image: str = "error"  # images streamed from disk: error | skip an unreadable file
 
     @property
     def num_images(self) -> int:

@@ -5,6 +5,16 @@ Training batches are dicts
      "target_image": float32 [B, H, W, 3], "source_id", "target_id", "target_caption": int64 [B]}
 built from a query list that is fixed by the seed before training starts: the same seed gives the
 same batches, and a resumed run can skip to its step.
+
+A split's images come from one of three places:
+- memory (`split.images` is a numpy array: CSS): gathered from a constant;
+- a file cache (`split.images` is a CachedImages over a memory-mapped file, see
+  keras_irtf.data.image_files): gathered from the mapped file;
+- disk (`split.image_paths`, MIT-States and Fashion200k without a cache): every image is read,
+  decoded, resized and centre-cropped per element, in parallel, then batched. An image that
+  cannot be decoded stops the run with its path (`split.on_bad_image == "error"`); with "skip" it
+  is reported, and a training query that needs it is dropped (an evaluation image is replaced by
+  a black one so that the gallery keeps its order).
 """
 
 from __future__ import annotations
@@ -15,46 +25,145 @@ from keras_irtf.data.base import Queries, Split
 from keras_irtf.data.images import normalize_images
 
 
+def _in_memory(split: Split) -> bool:
+    return isinstance(split.images, np.ndarray) and not isinstance(split.images, np.memmap)
+
+
+def _streams_from_disk(split: Split) -> bool:
+    return split.images is None and split.image_paths is not None
+
+
 def _image_table(split: Split):
     import tensorflow as tf
 
-    if split.images is None:
+    if not _in_memory(split):
         return None
     return tf.constant(split.images)
+
+
+def _array_gather(images, image_size: int):
+    """ids [B] -> uint8 [B, S, S, 3] from an array-like that is not a constant (a file cache)."""
+    import tensorflow as tf
+
+    shape = tuple(images.shape[1:])
+    if shape != (image_size, image_size, 3):
+        raise ValueError(f"cached images are {shape}, the pipeline asks for {image_size}x{image_size}x3")
+
+    def gather(ids):
+        out = tf.numpy_function(lambda i: images[i], [ids], tf.uint8, stateful=False)
+        out.set_shape([None, image_size, image_size, 3])
+        return out
+
+    return gather
 
 
 def image_loader(split: Split, image_size: int):
     """A TF function: int64 ids [B] -> float32 normalised images [B, S, S, 3]."""
     import tensorflow as tf
 
+    from keras_irtf.data.image_files import decode_and_resize
+
     table = _image_table(split)
     if table is not None:
         return lambda ids: normalize_images(tf.gather(table, ids))
+    if split.images is not None:
+        gather = _array_gather(split.images, image_size)
+        return lambda ids: normalize_images(gather(ids))
     paths = tf.constant([str(p) for p in split.image_paths])
-
-    def load_one(i):
-        raw = tf.io.read_file(paths[i])
-        img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        img.set_shape([None, None, 3])
-        return tf.image.resize(img, (image_size, image_size), antialias=True)
-
     return lambda ids: normalize_images(
-        tf.map_fn(load_one, ids, fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
+        tf.map_fn(lambda i: decode_and_resize(paths[i], image_size), ids,
+                  fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
     )
 
 
-def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int, image_size: int,
-                    drop_remainder: bool = False, with_target: bool = True):
-    """Batches of queries in order (evaluation, or training with a pre-sampled query list)."""
+def _disk_elements(split: Split, ds, id_keys, image_size: int, skip_unreadable: bool):
+    """Per-element datasets of dicts -> the same dicts with "<key>_image" uint8 images decoded from
+    the split's files for each id key, in parallel and in order."""
     import tensorflow as tf
 
-    load = image_loader(split, image_size)
+    from keras_irtf.data.image_files import safe_decode_dataset
+
+    paths = tf.constant([str(p) for p in split.image_paths])
+    mode = split.on_bad_image
+
+    def decode_all(element):
+        parts = [tf.data.Dataset.from_tensors(element)]
+        parts += [safe_decode_dataset(paths[element[k]], image_size) for k in id_keys]
+        return tf.data.Dataset.zip(tuple(parts))
+
+    ds = ds.interleave(decode_all, cycle_length=16, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+
+    def check(element, *decoded):
+        out = dict(element)
+        oks = []
+        for key, (image, ok) in zip(id_keys, decoded):
+            path = paths[element[key]]
+            if mode == "error":
+                with tf.control_dependencies([tf.debugging.Assert(
+                        ok, ["could not read or decode image", path,
+                             "(replace it, or set data.on_bad_image=skip)"])]):
+                    image = tf.identity(image)
+            else:
+                image = tf.cond(ok, lambda: image, lambda: _report_skip(image, path))
+            out[f"{key}_image"] = image
+            oks.append(ok)
+        out["_ok"] = tf.reduce_all(tf.stack(oks))
+        return out
+
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if skip_unreadable and mode != "error":
+        ds = ds.filter(lambda e: e["_ok"])
+    return ds.map(lambda e: {k: v for k, v in e.items() if k != "_ok"})
+
+
+def _report_skip(image, path):
+    import tensorflow as tf
+
+    with tf.control_dependencies([tf.print("warning: skipping unreadable image", path,
+                                           "(data.on_bad_image=skip)", output_stream="file://stderr")]):
+        return tf.identity(image)
+
+
+def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int, image_size: int,
+                    drop_remainder: bool = False, with_target: bool = True, skip_unreadable: bool = False):
+    """Batches of queries in order (evaluation, or training with a pre-sampled query list).
+
+    skip_unreadable: for a split streamed from disk with on_bad_image="skip", drop a query whose
+    image cannot be decoded (training) instead of giving it a black image (evaluation). The
+    stream then repeats without end: take the batches you need.
+    """
+    import tensorflow as tf
+
     tensors = {
         "source_id": queries.source_ids.astype(np.int64),
         "text": queries.texts.astype(str),
         "target_id": queries.target_ids.astype(np.int64),
         "target_caption": queries.target_captions.astype(np.int64),
     }
+    if _streams_from_disk(split):
+        keys = ["source_id", "target_id"] if with_target else ["source_id"]
+        ds = tf.data.Dataset.from_tensor_slices(tensors)
+        ds = _disk_elements(split, ds, keys, image_size, skip_unreadable)
+        if skip_unreadable and split.on_bad_image == "skip":
+            ds = ds.repeat()  # the caller takes as many batches as it needs
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+
+        def to_batch(b):
+            out = {
+                "source_image": normalize_images(b["source_id_image"]),
+                "text": vectorizer(b["text"]),
+                "source_id": b["source_id"],
+                "target_id": b["target_id"],
+                "target_caption": b["target_caption"],
+            }
+            if with_target:
+                out["target_image"] = normalize_images(b["target_id_image"])
+            return out
+
+        return ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+    load = image_loader(split, image_size)
     ds = tf.data.Dataset.from_tensor_slices(tensors).batch(batch_size, drop_remainder=drop_remainder)
 
     def to_batch(b):
@@ -86,18 +195,29 @@ def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int
     if batch_size % num_shards:
         raise ValueError(f"global batch {batch_size} does not split into {num_shards} shards")
     rng = np.random.default_rng(seed)
+    split = dataset.train
     queries = dataset.sample_training_queries(steps * batch_size, rng, paired=paired)
     per_shard = batch_size // num_shards
     rows = np.arange(start_step * batch_size, steps * batch_size).reshape(-1, batch_size)
     rows = rows[:, index * per_shard : (index + 1) * per_shard].reshape(-1)
     queries = queries.subset(rows)
-    return queries_dataset(dataset.train, queries, vectorizer, per_shard, image_size, drop_remainder=True)
+    ds = queries_dataset(split, queries, vectorizer, per_shard, image_size, drop_remainder=True,
+                         skip_unreadable=True)
+    # streamed with on_bad_image=skip, the query stream repeats (dropped queries are made up from
+    # its start), so the run still gets exactly its number of full batches
+    return ds.take(steps - start_step) if _streams_from_disk(split) and split.on_bad_image == "skip" else ds
 
 
 def images_dataset(split: Split, ids, batch_size: int, image_size: int):
     """Batches of normalised images of `ids` (gallery indexing)."""
     import tensorflow as tf
 
+    ids = np.asarray(ids, dtype=np.int64)
+    if _streams_from_disk(split):
+        ds = tf.data.Dataset.from_tensor_slices({"id": ids})
+        ds = _disk_elements(split, ds, ["id"], image_size, skip_unreadable=False).batch(batch_size)
+        return ds.map(lambda b: normalize_images(b["id_image"]), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True).prefetch(tf.data.AUTOTUNE)
     load = image_loader(split, image_size)
-    ds = tf.data.Dataset.from_tensor_slices(np.asarray(ids, dtype=np.int64)).batch(batch_size)
+    ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size)
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -17,6 +17,7 @@ from keras_irtf.layers.composeae import (  # registers "composeae" and "composea
 )
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization
+from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "ImageOnlyComposer",
     "LSTMTextEncoder",
     "RealSpaceConcatAEComposer",
+    "PretrainedImageEncoder",
     "ResNet18Encoder",
     "ScaledL2Normalization",
     "SmallCNNEncoder",

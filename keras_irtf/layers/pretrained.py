@@ -1,0 +1,166 @@
+"""A pretrained image encoder: a keras-hub backbone read from a LOCAL preset folder.
+
+    encoder = PretrainedImageEncoder.from_preset("/data/presets/resnet_18_imagenet", output_dim=512)
+
+The default architecture is keras-hub's ResNet-18 (the `resnet_18_imagenet` preset: basic blocks
+2/2/2/2, 64..512 filters), as TIRG uses: the backbone's last feature map is averaged over space
+and projected linearly to `output_dim` (the projection is new and trained at the full learning
+rate; the backbone's layers at `optim.backbone_lr_multiplier` times it, 0.1 in the reference).
+
+Inputs are the pipeline's images: resized (shorter side) and centre-cropped to 224, ImageNet
+mean/std-normalised. If the preset's image converter (`image_converter.json`) expects another
+scaling, the encoder converts per channel before the backbone, so the weights see the inputs
+they were trained with.
+
+keras_irtf never downloads: `preset` must be a folder. A bare preset name such as
+"resnet_18_imagenet" is refused (keras-hub would go to the network for it), with instructions.
+keras-hub is an optional dependency (`pip install 'keras_irtf[hub]'`), imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+
+from keras_irtf.config import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_FETCH_HELP = (
+    "To get a local copy, on a machine with network access run\n"
+    "    python -c \"import keras_hub; keras_hub.models.Backbone.from_preset('resnet_18_imagenet')"
+    ".save_to_preset('resnet_18_imagenet')\"\n"
+    "(or download the model 'keras/resnetv1', variation 'resnet_18_imagenet', from Kaggle and unpack it), "
+    "copy the folder here and pass its path, e.g. --image-weights ./resnet_18_imagenet"
+)
+
+
+def import_keras_hub():
+    try:
+        import keras_hub
+    except ImportError as e:
+        raise ImportError(
+            "a pretrained image encoder (model.image_weights / --image-weights) needs keras-hub, an optional "
+            "dependency of keras_irtf: pip install 'keras_irtf[hub]' (keras-hub==0.32.*)"
+        ) from e
+    return keras_hub
+
+
+def resolve_preset_dir(preset) -> str:
+    """The absolute path of a local keras-hub preset folder, or ConfigError explaining what to pass."""
+    text = str(preset)
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        bare = "/" not in text and "\\" not in text and not text.startswith(".") and not text.startswith("~")
+        if bare:
+            raise ConfigError(
+                f"model.image_weights={text!r} is a bare preset name: keras-hub would try to download it, "
+                f"and keras_irtf never downloads at run time. Pass the path of a local preset folder "
+                f"(containing config.json and model.weights.h5) instead. " + _FETCH_HELP
+            )
+        raise ConfigError(f"model.image_weights: {path} is not a folder. " + _FETCH_HELP)
+    missing = [n for n in ("config.json", "model.weights.h5") if not (path / n).is_file()]
+    if missing:
+        raise ConfigError(
+            f"model.image_weights: {path} is not a keras-hub preset folder (missing {', '.join(missing)}). "
+            f"A preset folder is what `Backbone.save_to_preset(DIR)` writes. " + _FETCH_HELP
+        )
+    return str(path.resolve())
+
+
+def preset_input_transform(preset_dir):
+    """(scale, offset) per channel taking ImageNet-normalised inputs to what the preset's image
+    converter produces from 0..255 pixels; None when they are the same (or it has no converter)."""
+    path = Path(preset_dir) / "image_converter.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text()).get("config", {})
+    scale, offset = config.get("scale"), config.get("offset")
+
+    def per_channel(v, default):
+        if v is None:
+            return [default] * 3
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * 3
+
+    scale, offset = per_channel(scale, 1.0), per_channel(offset, 0.0)
+    # pixels u = (x * std + mean) * 255; the preset wants u * scale + offset
+    a = [s * sd * 255.0 for s, sd in zip(scale, IMAGENET_STD)]
+    b = [s * m * 255.0 + o for s, m, o in zip(scale, IMAGENET_MEAN, offset)]
+    if all(abs(x - 1.0) < 1e-3 for x in a) and all(abs(x) < 1e-3 for x in b):
+        return None
+    return a, b
+
+
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class PretrainedImageEncoder(keras.layers.Layer):
+    """keras-hub backbone -> global average pooling -> Dense(output_dim).
+
+    Args:
+        backbone: a keras-hub Backbone (or its serialised config, when reloading a saved model).
+        output_dim: size of the image feature.
+        preset: the folder the weights came from (recorded for reference; a reloaded model takes its
+            weights from the .keras file and does not need the folder).
+        input_scale, input_offset: per-channel conversion from ImageNet-normalised inputs to the
+            backbone's expected inputs (None = identity).
+    """
+
+    def __init__(self, backbone, output_dim=512, preset=None, input_scale=None, input_offset=None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(backbone, dict):
+            import_keras_hub()  # registers the keras-hub classes
+            backbone = keras.saving.deserialize_keras_object(backbone)
+        self.backbone = backbone
+        self.output_dim = int(output_dim)
+        self.preset = preset
+        self.input_scale = list(input_scale) if input_scale is not None else None
+        self.input_offset = list(input_offset) if input_offset is not None else None
+        self.pool = keras.layers.GlobalAveragePooling2D(name="pool")
+        self.projection = keras.layers.Dense(self.output_dim, name="projection")
+
+    @classmethod
+    def from_preset(cls, preset, output_dim=512, **kwargs):
+        """Load the backbone's architecture and weights from a local keras-hub preset folder."""
+        folder = resolve_preset_dir(preset)
+        keras_hub = import_keras_hub()
+        backbone = keras_hub.models.Backbone.from_preset(folder)
+        transform = preset_input_transform(folder)
+        scale, offset = transform if transform else (None, None)
+        return cls(backbone, output_dim=output_dim, preset=folder, input_scale=scale, input_offset=offset, **kwargs)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.preset is not None
+
+    def backbone_variables(self):
+        """The variables trained at the reduced (pretrained-layer) learning rate."""
+        return list(self.backbone.trainable_variables)
+
+    def build(self, input_shape):
+        if not self.projection.built:
+            feature_shape = self.backbone.compute_output_shape(tuple(input_shape))
+            self.projection.build((feature_shape[0], feature_shape[-1]))
+        self.built = True
+
+    def call(self, images, training=False):
+        x = images
+        if self.input_scale is not None:
+            x = x * keras.ops.convert_to_tensor(self.input_scale, x.dtype) + keras.ops.convert_to_tensor(
+                self.input_offset, x.dtype)
+        return self.projection(self.pool(self.backbone(x, training=training)))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=keras.saving.serialize_keras_object(self.backbone),
+            output_dim=self.output_dim,
+            preset=self.preset,
+            input_scale=self.input_scale,
+            input_offset=self.input_offset,
+        )
+        return config
