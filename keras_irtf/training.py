@@ -112,7 +112,11 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
     epochs = math.ceil(cfg.train.steps / spe)
     ds = training_dataset(dataset, vectorizer, cfg.train.batch_size, epochs * spe, cfg.train.seed,
                           cfg.data.image_size, cfg.train.pairs_per_source)
-    cbs = [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=50)] + list(callbacks)
+    from keras_irtf.callbacks import TrainingScalars
+
+    every = cfg.train.log_every_steps
+    cbs = [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every),
+           TrainingScalars(run / "logs" / "train", every_n_steps=every)] + list(callbacks)
     start = time.time()
     history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose)
     train_seconds = time.time() - start
@@ -123,6 +127,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
         alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,
         batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size,
         query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk, verbose=bool(verbose),
+        backend=cfg.eval.backend,
     )
     metrics = {
         "dataset": cfg.data.dataset,
