@@ -70,9 +70,13 @@ class TrainingScalars(keras.callbacks.Callback):
             self._pending[name] = (s + total - seen_total, n + count - seen_count)
             self._seen[name] = (total, count)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras resets the trackers just before this: start counting from their current state
+        # (zeros, or what on_epoch_end already collected if a reset did not happen)
+        self._seen = self._read()
+
     def on_epoch_end(self, epoch, logs=None):
         self._collect()
-        self._seen = {}  # Keras resets the trackers before the next epoch
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
