@@ -81,7 +81,8 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
         exclude = np.asarray(exclude, np.int64)
     k = min(max(ks), len(gallery_ids))
     _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, verbose, backend)
-    retrieved = split.caption_ids[gallery_ids[top]]
+    # an index of -1 marks "no eligible item" (a gallery of k items, one excluded): never a hit
+    retrieved = np.where(top >= 0, split.caption_ids[gallery_ids[np.maximum(top, 0)]], -1)
     if k < max(ks):  # a gallery smaller than K: pad with a caption that never matches
         retrieved = np.pad(retrieved, ((0, 0), (0, max(ks) - k)), constant_values=-1)
     result = M.recall_at_k(retrieved, queries.target_captions, ks)
