@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of TIRG steps on this CPU, with and without XLA, and the input pipeline's share.
 
-    python benchmarks/train_throughput.py            # both models, 30 / 8 timed steps
+    python benchmarks/train_throughput.py            # both models, 20 / 4 timed steps
     python benchmarks/train_throughput.py --quick    # fewer steps
 
 Two configurations, batch 32, TIRG composer with the LSTM text encoder, SGD with momentum:
@@ -173,10 +173,10 @@ def run_case(case, xla, args, tmp):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer timed steps (10 small CNN, 3 ResNet-18)")
+    p.add_argument("--quick", action="store_true", help="fewer timed steps (8 small CNN, 2 ResNet-18)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
-    p.add_argument("--steps-small", type=int, default=30)
-    p.add_argument("--steps-resnet", type=int, default=8)
+    p.add_argument("--steps-small", type=int, default=20)
+    p.add_argument("--steps-resnet", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternations of real-pipeline and in-memory timing")
     p.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True runs")
@@ -189,7 +189,7 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     if args.quick:
-        args.steps_small, args.steps_resnet = min(args.steps_small, 10), min(args.steps_resnet, 3)
+        args.steps_small, args.steps_resnet = min(args.steps_small, 8), min(args.steps_resnet, 2)
     args.steps_for = {"small_cnn_64": args.steps_small, "resnet18_224": args.steps_resnet}
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
