@@ -118,7 +118,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=()):
     cbs = [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every),
            TrainingScalars(run / "logs" / "train", every_n_steps=every)] + list(callbacks)
     start = time.time()
-    history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose)
+    history = model.fit(ds, epochs=epochs, steps_per_epoch=spe, callbacks=cbs, verbose=verbose, shuffle=False)
     train_seconds = time.time() - start
 
     save_model(model, run / "model.keras")
