@@ -111,6 +111,7 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>]_s<seed>
     jit_compile: bool = False
     backup_every_steps: int = 200
+    log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
     strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
     devices: Optional[str] = None
 
@@ -123,6 +124,7 @@ class EvalConfig:
     batch_size: int = 256
     query_chunk: int = 1024
     gallery_chunk: int = 8192
+    backend: str = "tf"  # retrieval: tf | faiss (exact, needs faiss-cpu) | auto (faiss when installed)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras_irtf import metrics as M
 from keras_irtf.data.base import Queries, Split
 from keras_irtf.data.pipeline import images_dataset, queries_dataset
-from keras_irtf.retrieval import chunked_top_k
+from keras_irtf.retrieval import chunked_top_k, resolve_backend
 from keras_irtf.utils import Progress
 
 
@@ -51,13 +51,20 @@ def embed_query_set(model, split: Split, queries: Queries, vectorizer, batch_siz
     return np.concatenate(out)
 
 
-def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chunk=8192, verbose=True):
-    progress = Progress(len(query_emb), "ranking", enabled=verbose)
-    return chunked_top_k(query_emb, gallery_emb, k, exclude, query_chunk, gallery_chunk, progress)
+def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chunk=8192, verbose=True,
+         backend="tf"):
+    """Top-k gallery positions for every query (bounded memory; see keras_irtf.retrieval), with a
+    progress bar. backend: "tf" (default), "faiss" (exact, needs faiss-cpu) or "auto"."""
+    backend = resolve_backend(backend)
+    progress = Progress(len(query_emb), f"ranking ({backend})", enabled=verbose)
+    out = chunked_top_k(query_emb, gallery_emb, k, exclude, query_chunk, gallery_chunk, progress, backend=backend)
+    progress.close()
+    return out
 
 
 def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=(1, 5, 10, 50),
-                   batch_size=256, image_size=64, query_chunk=1024, gallery_chunk=8192, verbose=True):
+                   batch_size=256, image_size=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
+                   backend="tf"):
     """Recall@K of `queries` on one split. Test: gallery = every image of the split, the source
     excluded. Train: gallery = the queries' target images."""
     split = getattr(dataset, split_name)
@@ -73,8 +80,9 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
         # exclusion is by gallery position; the test gallery is every image, in id order
         exclude = np.asarray(exclude, np.int64)
     k = min(max(ks), len(gallery_ids))
-    _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, verbose)
-    retrieved = split.caption_ids[gallery_ids[top]]
+    _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, verbose, backend)
+    # an index of -1 marks "no eligible item" (a gallery of k items, one excluded): never a hit
+    retrieved = np.where(top >= 0, split.caption_ids[gallery_ids[np.maximum(top, 0)]], -1)
     if k < max(ks):  # a gallery smaller than K: pad with a caption that never matches
         retrieved = np.pad(retrieved, ((0, 0), (0, max(ks) - k)), constant_values=-1)
     result = M.recall_at_k(retrieved, queries.target_captions, ks)
@@ -88,12 +96,12 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
 
 def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0.5,
              train_queries=10000, seed=0, batch_size=256, image_size=64, query_chunk=1024,
-             gallery_chunk=8192, verbose=True) -> dict:
+             gallery_chunk=8192, verbose=True, backend="tf") -> dict:
     """Test recall, training recall and WHM, as the `metrics.json` of a run stores them."""
     whm_ks = tuple(whm_ks or dataset.whm_ks)
     ks = tuple(sorted(set(ks) | set(whm_ks)))
     kw = dict(ks=ks, batch_size=batch_size, image_size=image_size, query_chunk=query_chunk,
-              gallery_chunk=gallery_chunk, verbose=verbose)
+              gallery_chunk=gallery_chunk, verbose=verbose, backend=backend)
     test = evaluate_split(model, dataset, vectorizer, "test", dataset.test.test_queries, **kw)
     train = evaluate_split(model, dataset, vectorizer, "train", dataset.train_recall_queries(train_queries, seed), **kw)
     mt = M.average_recall(test, whm_ks)
@@ -106,8 +114,10 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
     }
 
 
-def evaluate_run(run, alpha=None, out=None, verbose=True) -> dict:
-    """Reload a run folder's model and vocabulary, re-evaluate, and write its metrics.json."""
+def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None) -> dict:
+    """Reload a run folder's model and vocabulary, re-evaluate, and write its metrics.json.
+
+    backend: the retrieval backend ("tf", "faiss", "auto"; default: the run's eval.backend)."""
     from pathlib import Path
 
     from keras_irtf.config import load_config
@@ -139,6 +149,7 @@ def evaluate_run(run, alpha=None, out=None, verbose=True) -> dict:
         alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,
         batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size, query_chunk=cfg.eval.query_chunk,
         gallery_chunk=cfg.eval.gallery_chunk, verbose=verbose,
+        backend=backend or getattr(cfg.eval, "backend", "tf"),
     )
     previous = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
     metrics = {**previous, "dataset": cfg.data.dataset, "method": cfg.model.method, **result}

@@ -203,7 +203,11 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
     cbs = [StopOnNonFiniteLoss(), backup]
     if chief:
-        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=50))
+        from keras_irtf.callbacks import TrainingScalars
+
+        every = cfg.train.log_every_steps
+        cbs += [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every),
+                TrainingScalars(run / "logs" / "train", every_n_steps=every)]
     cbs += list(callbacks)
     fit_kw = dict(callbacks=cbs, verbose=verbose if chief else 0, shuffle=False)
     history = None
@@ -224,6 +228,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
         alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,
         batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size,
         query_chunk=cfg.eval.query_chunk, gallery_chunk=cfg.eval.gallery_chunk, verbose=bool(verbose),
+        backend=cfg.eval.backend,
     )
     metrics = {
         "dataset": cfg.data.dataset,

@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Re-evaluate a trained run: Recall@K on the test queries (TIRG protocol), training recall Ms on
-a fixed seeded sample, and the weighted harmonic mean WHM.
+"""Re-evaluate trained runs: Recall@K on the test queries (TIRG protocol), training recall Ms on
+a fixed seeded sample, and the weighted harmonic mean WHM; optionally draw WHM against alpha.
 
     python tools/evaluate.py --run runs/css_tirg_s0 [--alpha 0.5] [--out metrics.json]
+    python tools/evaluate.py --run runs/css_tirg_s0 --backend faiss        # exact faiss search
+    python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png   # + whm.json, whm.csv
+    python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png --reuse-metrics
 
-Reads runs/<name>/config.yaml, vocab.txt and model.keras; rewrites metrics.json (or --out) with
-the new recalls, keeping the training fields (steps, train_seconds) it already had.
+Reads runs/<name>/config.yaml, vocab.txt and model.keras; rewrites metrics.json (or --out, with
+one run) with the new recalls, keeping the training fields (steps, train_seconds) it already had.
+--whm-plot draws WHM = (1 + alpha) Ms Mt / (alpha Mt + Ms) for alpha in [0, 2], one curve per
+run, and writes the numbers beside the PNG (same name, .json and .csv). --reuse-metrics plots
+from each run's existing metrics.json instead of evaluating again (WHM depends on Ms and Mt only).
 """
 
 import argparse
@@ -15,25 +21,60 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def run_labels(runs):
+    """Short, distinct curve labels: the folder names, or the paths when two names collide."""
+    names = [Path(r).name or str(r) for r in runs]
+    return names if len(set(names)) == len(names) else [str(r) for r in runs]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder written by tools/train.py")
+    p.add_argument("--run", required=True, action="append", help="run folder written by tools/train.py (repeatable)")
     p.add_argument("--alpha", type=float, help="WHM weight of the training recall (default: the run's, 0.5)")
-    p.add_argument("--out", help="where to write the metrics (default: <run>/metrics.json)")
+    p.add_argument("--out", help="where to write the metrics (default: <run>/metrics.json; one --run only)")
+    p.add_argument("--backend", choices=["tf", "faiss", "auto"], help="retrieval backend (default: the run's eval.backend, tf)")
+    p.add_argument("--whm-plot", metavar="OUT.png", help="draw WHM against alpha in [0, 2] for the runs")
+    p.add_argument("--reuse-metrics", action="store_true",
+                   help="with --whm-plot: read each run's metrics.json instead of evaluating again")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.out and len(args.run) > 1:
+        p.error("--out names one metrics file: use it with a single --run (each run otherwise gets <run>/metrics.json)")
+    if args.reuse_metrics and not args.whm_plot:
+        p.error("--reuse-metrics only applies to --whm-plot")
 
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
     from keras_irtf.evaluation import evaluate_run
     from keras_irtf.training import format_results
+    from keras_irtf.utils import read_json
 
+    results = {}
     try:
-        metrics = evaluate_run(args.run, alpha=args.alpha, out=args.out, verbose=not args.quiet)
-    except (ConfigError, DatasetError, FileNotFoundError) as e:
+        for run, label in zip(args.run, run_labels(args.run)):
+            metrics_file = Path(run) / "metrics.json"
+            if args.reuse_metrics:
+                if not metrics_file.is_file():
+                    raise FileNotFoundError(
+                        f"{metrics_file} not found: --reuse-metrics needs an evaluated run "
+                        "(drop --reuse-metrics to evaluate it now)"
+                    )
+                metrics = read_json(metrics_file)
+            else:
+                metrics = evaluate_run(run, alpha=args.alpha, out=args.out, verbose=not args.quiet,
+                                       backend=args.backend)
+            results[label] = metrics
+            if len(args.run) > 1:
+                print(f"## {label}")
+            print(format_results(metrics))
+        if args.whm_plot:
+            from keras_irtf.plots import write_whm_plot
+
+            written = write_whm_plot(results, args.whm_plot)
+            print(f"WHM plot: {written['png']} (numbers: {written['json']}, {written['csv']})")
+    except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_results(metrics))
     return 0
 
 

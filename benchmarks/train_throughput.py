@@ -1,0 +1,272 @@
+#!/usr/bin/env python
+"""Training throughput of TIRG steps on this CPU, with and without XLA, and the input pipeline's share.
+
+    python benchmarks/train_throughput.py            # both models, 20 / 4 timed steps
+    python benchmarks/train_throughput.py --quick    # fewer steps
+
+Two configurations, batch 32, TIRG composer with the LSTM text encoder, SGD with momentum:
+- small CNN at 64x64 on the built-in CSS set (images held in memory, as the CSS loader does);
+- ResNet-18 at 224x224 (TIRG's encoder for MIT-States and Fashion200k) fed by the file pipeline
+  those datasets use: JPEG files on disk decoded and resized to 224 inside tf.data (the CSS
+  scenes are written as 300x300 JPEGs for this).
+
+For each configuration and for jit_compile off / on (XLA), in a fresh subprocess:
+- step time with the REAL input pipeline (model.fit on the tf.data pipeline);
+- step time on ONE batch held in memory (the same fit, the pipeline replaced by a repeated
+  tensor): the compute alone;
+- share of step time spent waiting on the input pipeline = 1 - in-memory time / real time (on 2
+  cores the pipeline's threads also compete with the step for the CPU, which this includes);
+- the pipeline alone (iterating the tf.data pipeline without training), in batches per second.
+Step times are measured between the ends of consecutive steps after warm-up steps (graph tracing
+and XLA compilation are not timed); real-pipeline and in-memory timings alternate in rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+NAME = "train_throughput"
+BATCH = 32
+CASES = {
+    "small_cnn_64": dict(
+        label="small CNN, 64x64, CSS (in-memory images)",
+        overrides=["model.image_encoder=small_cnn", "data.image_size=64"],
+        files=False,
+    ),
+    "resnet18_224": dict(
+        label="ResNet-18, 224x224, JPEG files decoded in tf.data",
+        overrides=["model.image_encoder=resnet18", "data.image_size=224", "model.word_embed_dim=512",
+                   "model.text_hidden_dim=512"],
+        files=True,
+    ),
+}
+
+
+def _jpeg_split(split, folder, size=300):
+    """The split's images written as JPEG files, and a Split that reads them from disk."""
+    import dataclasses
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(split.images):
+        p = folder / f"{split.name}_{i:06d}.jpg"
+        Image.fromarray(arr).resize((size, size), Image.BILINEAR).save(p, quality=90)
+        paths.append(str(p))
+    return dataclasses.replace(split, images=None, image_paths=paths)
+
+
+class StepTimer:
+    """Times the ends of training steps (a Keras callback, built lazily to import keras late)."""
+
+    def __new__(cls):
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.ends = []
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.ends.append(time.perf_counter())
+
+        return _Timer()
+
+
+def worker(args):
+    C.quiet_tensorflow()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_irtf.config import load_config, repo_configs_dir
+    from keras_irtf.data.css import CSSDataset
+    from keras_irtf.data.css_generator import generate
+    from keras_irtf.data.pipeline import training_dataset
+    from keras_irtf.data.text import TextVectorizer
+    from keras_irtf.training import build_model, make_optimizer
+
+    case = CASES[args.worker]
+    tmp = Path(args.tmp)
+    root = tmp / "css"
+    if not root.exists():
+        generate(root, size="smoke", seed=0, verbose=False)
+    cfg = load_config([repo_configs_dir() / "css.yaml"],
+                      case["overrides"] + [f"data.root={root}", f"train.batch_size={BATCH}",
+                                           f"train.jit_compile={args.xla}"])
+    keras.utils.set_random_seed(0)
+    dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)
+    if case["files"]:
+        dataset.train = _jpeg_split(dataset.train, tmp / "jpeg")
+    vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
+    model = build_model(cfg, vectorizer.vocab_size)
+    model.compile(optimizer=make_optimizer(cfg), jit_compile=args.xla)
+    ds = training_dataset(dataset, vectorizer, BATCH, 8 * (args.warmup + args.steps) + 16, 0, cfg.data.image_size)
+    result = {"case": args.worker, "xla": args.xla, "params": None}
+
+    def step_intervals(data, steps):
+        """Intervals between the ends of consecutive steps, from the end of the first step (the
+        first step of a fit also fills the pipeline's prefetch buffer)."""
+        timer = StepTimer()
+        model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
+        return list(np.diff(timer.ends))
+
+    try:  # warm-up: tracing and XLA compilation, not timed
+        step_intervals(ds, args.warmup)
+    except Exception as e:  # XLA may refuse a model: report, do not crash the suite
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(json.dumps(result))
+        return
+    result["params"] = int(model.count_params())
+    memory = tf.data.Dataset.from_tensors(next(iter(ds))).repeat()
+    # real pipeline and in-memory batch alternate in rounds, so that a change in the machine's
+    # load during the run affects both alike
+    rounds = max(1, min(args.rounds, args.steps))
+    real, mem = [], []
+    for r in range(rounds):
+        n = args.steps // rounds + (1 if r < args.steps % rounds else 0)
+        real += step_intervals(ds, n)
+        mem += step_intervals(memory, n)
+    t_real, t_mem = float(np.mean(real)), float(np.mean(mem))
+    it = iter(training_dataset(dataset, vectorizer, BATCH, args.steps + 2, 1, cfg.data.image_size))
+    next(it)
+    start = time.perf_counter()
+    n = 0
+    for _ in it:
+        n += 1
+    t_pipe = (time.perf_counter() - start) / max(n, 1)
+    result.update(step_s_real=t_real, step_s_memory=t_mem, pipeline_s_per_batch=t_pipe,
+                  examples_per_s=BATCH / t_real, examples_per_s_memory=BATCH / t_mem,
+                  pipeline_wait_share=max(0.0, 1.0 - t_mem / t_real), timed_steps=args.steps)
+    print(json.dumps(result))
+
+
+def run_case(case, xla, args, tmp):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--xla", str(xla),
+           "--steps", str(args.steps_for[case]), "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--tmp", tmp]
+    print(f"[{NAME}] {case}, jit_compile={xla}: {args.steps_for[case]} timed steps ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"case": case, "xla": xla, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    r = json.loads(lines[-1])
+    if "error" not in r:
+        print(f"[{NAME}]   {r['examples_per_s']:.1f} examples/s, waiting on input "
+              f"{100 * r['pipeline_wait_share']:.0f}%", flush=True)
+    else:
+        print(f"[{NAME}]   not possible: {r['error']}", flush=True)
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer timed steps (8 small CNN, 2 ResNet-18)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    p.add_argument("--steps-small", type=int, default=20)
+    p.add_argument("--steps-resnet", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternations of real-pipeline and in-memory timing")
+    p.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True runs")
+    p.add_argument("--out", help="report path (default docs/train_throughput.md)")
+    p.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
+    p.add_argument("--xla", type=lambda s: s == "True", default=False, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.steps_small, args.steps_resnet = min(args.steps_small, 8), min(args.steps_resnet, 2)
+    args.steps_for = {"small_cnn_64": args.steps_small, "resnet18_224": args.steps_resnet}
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown {unknown}; expected a subset of {list(CASES)}")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            for xla in ([False] if args.no_xla else [False, True]):
+                results[(case, xla)] = run_case(case, xla, args, tmp)
+
+    rows = ["| configuration | XLA | examples/s (real pipeline) | step (s) | examples/s (batch in memory) | "
+            "step in memory (s) | waiting on input | pipeline alone (batches/s) |",
+            "|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for (case, xla), r in results.items():
+        label = CASES[case]["label"]
+        if "error" in r:
+            rows.append(f"| {label} | {'on' if xla else 'off'} | not possible: {r['error']} | | | | | |")
+            continue
+        rows.append(f"| {label} | {'on' if xla else 'off'} | {r['examples_per_s']:.1f} | {r['step_s_real']:.3f} | "
+                    f"{r['examples_per_s_memory']:.1f} | {r['step_s_memory']:.3f} | "
+                    f"{100 * r['pipeline_wait_share']:.0f}% | {1 / r['pipeline_s_per_batch']:.1f} |")
+    ratio_rows = ["| configuration | XLA speed-up (examples/s with / without) | input-pipeline share (no XLA) |",
+                  "|---|---|---|"]
+    for case in cases:
+        off, on = results.get((case, False), {}), results.get((case, True), {})
+        if "examples_per_s" not in off:
+            continue
+        speed = f"{on['examples_per_s'] / off['examples_per_s']:.2f}x" if "examples_per_s" in on else (
+            "not measured" if args.no_xla else "XLA not possible")
+        ratio_rows.append(f"| {CASES[case]['label']} | {speed} | {100 * off['pipeline_wait_share']:.0f}% |")
+        summary.append(f"{case}: {off['examples_per_s']:.1f} examples/s without XLA"
+                       + (f", {on['examples_per_s']:.1f} with XLA ({speed})" if "examples_per_s" in on else f" ({speed})")
+                       + f"; {100 * off['pipeline_wait_share']:.0f}% of step time waiting on input")
+    params = {case: r.get("params") for (case, _), r in results.items() if r.get("params")}
+    body = f"""# Training throughput: TIRG steps on this CPU
+
+Command: `{C.command_line()}`
+
+Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, plain cross-entropy over the
+batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). Parameters:
+{', '.join(f'{c} {n:,}' for c, n in params.items()) or 'n/a'}. Timed steps: {args.steps_small} (small CNN),
+{args.steps_resnet} (ResNet-18), after {args.warmup} warm-up steps.
+
+## Results
+
+{chr(10).join(rows)}
+
+{chr(10).join(ratio_rows)}
+
+## Method
+
+- Each configuration and XLA setting runs in a fresh subprocess (`model.fit`, `jit_compile` as
+  listed). Step time = mean interval between the ends of consecutive steps after warm-up (the
+  first step of every fit, which also fills the prefetch buffer, is left out). Real-pipeline and
+  in-memory timings alternate in {args.rounds} rounds so that a change of load affects both.
+- "Batch in memory": the same fit on one batch repeated from memory, i.e. the step without any
+  input work. "Waiting on input" = 1 - (in-memory step time / real step time).
+- "Pipeline alone": iterating the training tf.data pipeline without a model.
+- The small-CNN case reads CSS images from memory (the CSS loader decodes them once); the
+  ResNet-18 case decodes 300x300 JPEG files and resizes them to 224 in tf.data, as the
+  MIT-States and Fashion200k loaders do.
+- The machine's 2 cores are shared with other work: compare the ratios, which were measured
+  back to back, rather than absolute figures across reports (the load average is in the table
+  below).
+
+## Machine
+
+{C.machine_markdown()}
+"""
+    path = C.write_doc(NAME, body, args.out)
+    print(f"[{NAME}] wrote {path}")
+    C.print_summary(NAME, summary or ["no configuration could be measured (see the report)"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
