@@ -33,19 +33,23 @@ def _tracker_state(metric):
 class TrainingScalars(keras.callbacks.Callback):
     """Window means of every tracked loss term, and the learning rate, to TensorBoard."""
 
-    def __init__(self, log_dir, every_n_steps=50, prefix="loss_terms"):
+    def __init__(self, log_dir, every_n_steps=50, prefix="loss_terms", write=True):
+        """`write=False`: read the trackers at the same points but write nothing (a non-chief
+        worker under MultiWorkerMirroredStrategy: reading a tracker is a collective operation
+        there, so every worker must take part in it, and only the chief writes)."""
         super().__init__()
         if int(every_n_steps) < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.log_dir = str(log_dir)
         self.every_n_steps = int(every_n_steps)
         self.prefix = prefix
+        self.write = bool(write)
         self._writer = None
 
     def on_train_begin(self, logs=None):
         import tensorflow as tf
 
-        self._writer = tf.summary.create_file_writer(self.log_dir)
+        self._writer = tf.summary.create_file_writer(self.log_dir) if self.write else None
         # the optimizer's step counter: a resumed run continues its curves where they stopped
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self._seen = {}  # name -> (total, count) at the last read, within the current epoch
@@ -87,11 +91,16 @@ class TrainingScalars(keras.callbacks.Callback):
         import tensorflow as tf
 
         self._collect()
+        learning_rate = self.learning_rate()
+        if self._writer is None:
+            self._pending = {}
+            self._last_written = self._step
+            return
         with self._writer.as_default():
             for name, (s, n) in self._pending.items():
                 if n > 0:
                     tf.summary.scalar(f"{self.prefix}/{name}", s / n, step=self._step)
-            tf.summary.scalar("optimizer/learning_rate", self.learning_rate(), step=self._step)
+            tf.summary.scalar("optimizer/learning_rate", learning_rate, step=self._step)
         self._writer.flush()
         self._pending = {}
         self._last_written = self._step
@@ -100,7 +109,7 @@ class TrainingScalars(keras.callbacks.Callback):
         return float(np.asarray(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
     def on_train_end(self, logs=None):
-        if self._writer is not None and self._step > self._last_written:
+        if self._step > self._last_written:
             self._write()
         if self._writer is not None:
             self._writer.flush()

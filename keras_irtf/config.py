@@ -53,6 +53,7 @@ class ModelConfig:
     text_cache: bool = True  # embed each distinct text once per run (frozen BERT)
     # ComposeAE's extra terms: image reconstruction, text reconstruction, rotational symmetry
     composeae_loss_weights: tuple = (0.1, 0.1, 0.01)
+    composeae_dropout: float = 0.5  # dropout of ComposeAE's projections (the reference's 0.5)
     embed_dim: int = 512
     word_embed_dim: int = 512
     text_hidden_dim: int = 512

@@ -58,6 +58,8 @@ def build_model(cfg: Config, vocab_size: int):
         raise ConfigError(f"model.method={m.method!r}: expected one of {sorted(COMPOSERS)}")
     composer_cls = COMPOSERS[m.method]
     extra = {"loss_weights": tuple(m.composeae_loss_weights)} if m.method.startswith("composeae") else {}
+    if m.method == "composeae":
+        extra["dropout"] = float(m.composeae_dropout)
     composer = composer_cls(output_dim=m.embed_dim, name="composer", **extra)
     g = cfg.ga
     ga = GradientAugmentation(
@@ -202,12 +204,13 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
 
     backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
     cbs = [StopOnNonFiniteLoss(), backup]
-    if chief:
-        from keras_irtf.callbacks import TrainingScalars
+    from keras_irtf.callbacks import TrainingScalars
 
-        every = cfg.train.log_every_steps
-        cbs += [keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every),
-                TrainingScalars(run / "logs" / "train", every_n_steps=every)]
+    every = cfg.train.log_every_steps
+    if chief:
+        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every))
+    # on every worker: its reads of the trackers are collectives under multi-worker training
+    cbs.append(TrainingScalars(run / "logs" / "train", every_n_steps=every, write=chief))
     cbs += list(callbacks)
     fit_kw = dict(callbacks=cbs, verbose=verbose if chief else 0, shuffle=False)
     history = None
@@ -219,6 +222,10 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
         history = model.fit(batches(start + partial, total), initial_epoch=(start + partial) // spe,
                             epochs=total // spe, steps_per_epoch=spe, **fit_kw)
     train_seconds = backup.seconds()
+    if multi_worker:
+        # every worker prints a digest of its final weights: in lock-step they are bit-identical
+        index, count, _ = worker_info()
+        print(f"worker {index} of {count}: final weights sha256 {weights_digest(model)}", flush=True)
     if not chief:
         return run, None
 
@@ -261,6 +268,18 @@ def save_model(model, path):
     tmp = path.with_name(f".{path.stem}.partial.keras")
     model.save(tmp)
     os.replace(tmp, path)
+
+
+def weights_digest(model) -> str:
+    """sha256 of every weight's bytes, in the model's order (compares runs bit for bit)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
 
 
 def load_model(path):

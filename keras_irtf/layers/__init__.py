@@ -16,7 +16,7 @@ from keras_irtf.layers.composeae import (  # registers "composeae" and "composea
     RealSpaceConcatAEComposer,
 )
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
-from keras_irtf.layers.normalization import ScaledL2Normalization
+from keras_irtf.layers.normalization import ScaledL2Normalization, SyncBatchNormalization
 from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
 
@@ -30,6 +30,7 @@ __all__ = [
     "PretrainedImageEncoder",
     "ResNet18Encoder",
     "ScaledL2Normalization",
+    "SyncBatchNormalization",
     "SmallCNNEncoder",
     "TIRGComposer",
     "TextOnlyComposer",

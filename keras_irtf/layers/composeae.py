@@ -28,7 +28,8 @@ concatenation [f_img, f_text] (conv over that vector as a single channel, pooled
 same decoders and reconstruction terms, no rotational symmetry.
 
 BatchNorm uses PyTorch's defaults (momentum 0.1 there = 0.9 here, epsilon 1e-5), as the
-reference does.
+reference does, and is synchronized across replicas (a no-op on one device) so that a
+MirroredStrategy run normalises with the global batch's statistics, as one device does.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ import keras
 from keras import ops
 
 from keras_irtf.layers.composers import _Composer
+from keras_irtf.layers.normalization import SyncBatchNormalization
 
 
 def _bn(name):
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+    return SyncBatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_irtf")

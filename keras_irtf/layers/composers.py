@@ -17,6 +17,8 @@ multi-replica step normalises with the global batch's statistics exactly as one 
 import keras
 from keras import ops
 
+from keras_irtf.layers.normalization import SyncBatchNormalization
+
 
 class _Composer(keras.layers.Layer):
     def __init__(self, output_dim=512, **kwargs):
@@ -38,9 +40,9 @@ class TIRGComposer(_Composer):
         super().__init__(output_dim, **kwargs)
         self.initial_weights = tuple(float(w) for w in initial_weights)
         d = self.output_dim
-        self.gate_bn = keras.layers.BatchNormalization(synchronized=True, name="gate_bn")
+        self.gate_bn = SyncBatchNormalization(name="gate_bn")
         self.gate_dense = keras.layers.Dense(d, name="gate_dense")
-        self.res_bn = keras.layers.BatchNormalization(synchronized=True, name="res_bn")
+        self.res_bn = SyncBatchNormalization(name="res_bn")
         self.res_dense1 = keras.layers.Dense(2 * d, name="res_dense1")
         self.res_dense2 = keras.layers.Dense(d, name="res_dense2")
 
@@ -75,9 +77,9 @@ class ConcatComposer(_Composer):
         super().__init__(output_dim, **kwargs)
         self.dropout_rate = float(dropout)
         d = self.output_dim
-        self.bn1 = keras.layers.BatchNormalization(synchronized=True, name="bn1")
+        self.bn1 = SyncBatchNormalization(name="bn1")
         self.dense1 = keras.layers.Dense(2 * d, name="dense1")
-        self.bn2 = keras.layers.BatchNormalization(synchronized=True, name="bn2")
+        self.bn2 = SyncBatchNormalization(name="bn2")
         self.dropout = keras.layers.Dropout(self.dropout_rate)
         self.dense2 = keras.layers.Dense(d, name="dense2")
 

@@ -13,6 +13,8 @@ multi-replica step normalises with the global batch's statistics exactly as one 
 
 import keras
 
+from keras_irtf.layers.normalization import SyncBatchNormalization
+
 
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class SmallCNNEncoder(keras.layers.Layer):
@@ -30,7 +32,7 @@ class SmallCNNEncoder(keras.layers.Layer):
             else:
                 conv = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv{i}")
                 pool = keras.layers.MaxPooling2D(2)
-            self.blocks.append([conv, keras.layers.BatchNormalization(synchronized=True, name=f"bn{i}"), keras.layers.ReLU(), pool])
+            self.blocks.append([conv, SyncBatchNormalization(name=f"bn{i}"), keras.layers.ReLU(), pool])
         self.flatten = keras.layers.Flatten()
         self.projection = keras.layers.Dense(self.output_dim, name="projection")
 
@@ -62,9 +64,9 @@ class _BasicBlock(keras.layers.Layer):
     def __init__(self, filters, stride, **kwargs):
         super().__init__(**kwargs)
         self.conv1 = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)
-        self.bn1 = keras.layers.BatchNormalization(epsilon=1e-5, synchronized=True)
+        self.bn1 = SyncBatchNormalization(epsilon=1e-5)
         self.conv2 = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)
-        self.bn2 = keras.layers.BatchNormalization(epsilon=1e-5, synchronized=True)
+        self.bn2 = SyncBatchNormalization(epsilon=1e-5)
         self.shortcut = None
         self.filters, self.stride = filters, stride
 
@@ -73,7 +75,7 @@ class _BasicBlock(keras.layers.Layer):
             self.shortcut = keras.Sequential(
                 [
                     keras.layers.Conv2D(self.filters, 1, strides=self.stride, use_bias=False),
-                    keras.layers.BatchNormalization(epsilon=1e-5, synchronized=True),
+                    SyncBatchNormalization(epsilon=1e-5),
                 ]
             )
             self.shortcut.build(input_shape)
@@ -100,7 +102,7 @@ class ResNet18Encoder(keras.layers.Layer):
         self.output_dim = int(output_dim)
         self.stem = [
             keras.layers.Conv2D(64, 7, strides=2, padding="same", use_bias=False, name="stem_conv"),
-            keras.layers.BatchNormalization(epsilon=1e-5, synchronized=True, name="stem_bn"),
+            SyncBatchNormalization(epsilon=1e-5, name="stem_bn"),
             keras.layers.ReLU(),
             keras.layers.MaxPooling2D(3, strides=2, padding="same"),
         ]
