@@ -219,7 +219,7 @@ def test_corrupt_image_found_while_streaming_or_caching(ms_root, tmp_path):
     assert np.allclose(from_disk, from_cache, atol=1e-6)
 
 
-def test_training_skips_queries_with_unreadable_images(ms_root, tmp_path):
+def test_training_skips_queries_with_unreadable_images(ms_root, tmp_path, capfd, monkeypatch):
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
 
@@ -227,6 +227,7 @@ def test_training_skips_queries_with_unreadable_images(ms_root, tmp_path):
     shutil.copytree(ms_root, root)
     bad = root / "images" / "ripe apple" / "image_0000.jpg"
     bad.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4 + b"\xff\xd9")
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the working directory
     ds = MITStatesDataset(root, image_size=32, on_bad_image="skip", verbose=False)
     bad_id = ds.train.image_paths.index(str(bad))
     vec = TextVectorizer.from_texts(ds.training_texts(), 4)
@@ -235,6 +236,9 @@ def test_training_skips_queries_with_unreadable_images(ms_root, tmp_path):
     ids = np.concatenate([np.concatenate([b["source_id"].numpy(), b["target_id"].numpy()]) for b in batches])
     assert bad_id not in ids
     assert all(b["source_image"].shape == (4, 32, 32, 3) for b in batches)
+    err = capfd.readouterr().err
+    assert "skipping unreadable image" in err and "image_0000.jpg" in err  # said on standard error
+    assert not (tmp_path / "stderr").exists()
 
 
 @pytest.mark.slow

@@ -118,10 +118,13 @@ def _disk_elements(split: Split, ds, id_keys, image_size: int, skip_unreadable: 
 
 
 def _report_skip(image, path):
+    import sys
+
     import tensorflow as tf
 
+    # the process's standard error ("file://stderr" would create a FILE named stderr)
     with tf.control_dependencies([tf.print("warning: skipping unreadable image", path,
-                                           "(data.on_bad_image=skip)", output_stream="file://stderr")]):
+                                           "(data.on_bad_image=skip)", output_stream=sys.stderr)]):
         return tf.identity(image)
 
 
