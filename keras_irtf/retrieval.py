@@ -88,10 +88,12 @@ def _tf_block_top_k():
         import tensorflow as tf
 
         @tf.function(jit_compile=True)
-        def block_top_k(q, g, g_offset, exclude, best_scores, best_ids, k):
+        def block_top_k(q, g, g_offset, g_size, exclude, best_scores, best_ids, k):
             scores = tf.matmul(q, g, transpose_b=True)
             ids = g_offset + tf.range(g.shape[0], dtype=tf.int64)
-            scores = tf.where(tf.equal(exclude[:, None], ids[None, :]), tf.constant(-np.inf, scores.dtype), scores)
+            # the source image, and the padding rows of a last, short gallery block, never count
+            drop = tf.equal(exclude[:, None], ids[None, :]) | (ids >= g_size)[None, :]
+            scores = tf.where(drop, tf.constant(-np.inf, scores.dtype), scores)
             s, i = tf.math.top_k(scores, k=min(k, g.shape[0]), sorted=True)
             # the running best comes first, so on equal scores the lower gallery index wins
             # (top_k keeps the lower position first); the -1 fillers beat excluded -inf items
@@ -111,20 +113,35 @@ def _tf_top_k(queries, gallery, k, exclude, query_chunk, gallery_chunk, progress
     nq, ng = len(queries), len(gallery)
     out_scores = np.empty((nq, k), np.float32)
     out_ids = np.empty((nq, k), np.int64)
-    for qs in range(0, nq, query_chunk):
-        q = tf.constant(queries[qs : qs + query_chunk])
-        ex = tf.constant(exclude[qs : qs + query_chunk])
-        best_s = tf.fill([q.shape[0], k], tf.constant(-np.inf, tf.float32))
-        best_i = tf.fill([q.shape[0], k], tf.constant(-1, tf.int64))
-        for gs in range(0, ng, gallery_chunk):
+    if ng == 0:
+        out_scores.fill(-np.inf)
+        out_ids.fill(-1)
+        return out_scores, out_ids
+    # every block has the same shape (the last ones padded), so XLA compiles the step once
+    qc, gc = min(query_chunk, nq), min(gallery_chunk, ng)
+    g_size = tf.constant(ng, tf.int64)
+
+    def padded(a, rows, fill=0):
+        if len(a) == rows:
+            return a
+        pad = np.full((rows - len(a),) + a.shape[1:], fill, a.dtype)
+        return np.concatenate([a, pad])
+
+    for qs in range(0, nq, qc):
+        n = min(qc, nq - qs)
+        q = tf.constant(padded(queries[qs : qs + qc], qc))
+        ex = tf.constant(padded(exclude[qs : qs + qc], qc, -1))
+        best_s = tf.fill([qc, k], tf.constant(-np.inf, tf.float32))
+        best_i = tf.fill([qc, k], tf.constant(-1, tf.int64))
+        for gs in range(0, ng, gc):
             # converted block by block: holding a second, TensorFlow copy of a large gallery
             # would cost more memory than the copies cost time
-            g = tf.constant(gallery[gs : gs + gallery_chunk])
-            best_s, best_i = step(q, g, tf.constant(gs, tf.int64), ex, best_s, best_i, k)
-        out_scores[qs : qs + len(q)] = best_s.numpy()
-        out_ids[qs : qs + len(q)] = best_i.numpy()
+            g = tf.constant(padded(gallery[gs : gs + gc], gc))
+            best_s, best_i = step(q, g, tf.constant(gs, tf.int64), g_size, ex, best_s, best_i, k)
+        out_scores[qs : qs + n] = best_s.numpy()[:n]
+        out_ids[qs : qs + n] = best_i.numpy()[:n]
         if progress is not None:
-            progress.update(len(q))
+            progress.update(n)
     return out_scores, out_ids
 
 
