@@ -4,6 +4,7 @@
     python benchmarks/run_all.py                 # full sizes
     python benchmarks/run_all.py --quick         # --quick is passed to every benchmark
     python benchmarks/run_all.py --only eval_scale,train_throughput
+    python benchmarks/run_all.py --quick-for composeae_bert   # full sizes except the ones named
 
 A benchmark is any benchmarks/<name>.py except this file and helpers whose name starts with "_".
 Each one runs in its own process from the repository root, writes its own report to
@@ -29,7 +30,7 @@ import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # what the suite is expected to hold (reported as missing when absent from this checkout)
-KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving")
+KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "composeae_bert")
 
 
 def discover(folder=None):
@@ -53,7 +54,21 @@ def extract_summary(name, stdout):
     return tail, False
 
 
+def load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def run_one(name, quick, timeout, python=sys.executable):
+    load_before = load_average()
+    r = _run_one(name, quick, timeout, python)
+    r.update(load_before=load_before, load_after=load_average())
+    return r
+
+
+def _run_one(name, quick, timeout, python=sys.executable):
     script = HERE / f"{name}.py"
     cmd = [python, str(script)] + (["--quick"] if quick else [])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
@@ -67,7 +82,7 @@ def run_one(name, quick, timeout, python=sys.executable):
                     stderr=f"timed out after {timeout} s")
     if quick and proc.returncode != 0 and "unrecognized arguments: --quick" in proc.stderr:
         print(f"[run_all] {name} has no --quick option: running it at full size", flush=True)
-        return run_one(name, False, timeout, python)
+        return _run_one(name, False, timeout, python)
     return dict(name=name, quick=quick, returncode=proc.returncode, seconds=time.time() - start,
                 stdout=proc.stdout, stderr=proc.stderr)
 
@@ -86,10 +101,18 @@ def report(results, missing, args, started):
         "Every figure is a ratio of two things measured in the same run of one benchmark; each "
         "benchmark's own report (linked) gives its method, its full table and the command again.",
     ]
+    quick = [r["name"] for r in results if r["quick"]]
     if args.quick:
         lines.append("This run used `--quick` (smaller workloads): see each report for the sizes.")
-    lines += ["", "## Machine", "", C.machine_markdown(machine), "", "## Overview", "",
-              "| benchmark | command | status | time | report |", "|---|---|---|---|---|"]
+    elif quick:
+        lines.append(f"Run with `--quick` (smaller workloads, to fit the time available): {', '.join(quick)}; "
+                     "the others at full size. See each report for the sizes.")
+    lines += ["", "## Machine", "", C.machine_markdown(machine), "",
+              "The 1-minute load average before and after each benchmark is in the overview: on this "
+              f"{machine.get('logical_cpus')}-CPU machine a load well above that number means other work "
+              "shared the cores (absolute times inflated; the ratios are measured within one run).",
+              "", "## Overview", "",
+              "| benchmark | command | status | time | load before / after | report |", "|---|---|---|---|---|---|"]
     for r in results:
         doc = C.DOCS / f"{r['name']}.md"
         fresh = doc.is_file() and doc.stat().st_mtime >= started - 1
@@ -97,10 +120,11 @@ def report(results, missing, args, started):
             "timed out" if r["returncode"] is None else f"failed (exit {r['returncode']})")
         link = f"[docs/{r['name']}.md]({r['name']}.md)" if fresh else (
             f"[docs/{r['name']}.md]({r['name']}.md) (not rewritten by this run)" if doc.is_file() else "none")
+        load = f"{C.fmt(r.get('load_before'), 2)} / {C.fmt(r.get('load_after'), 2)}"
         lines.append(f"| {r['name']} | `{' '.join(display_command(r['name'], r['quick']))}` | {status} | "
-                     f"{r['seconds']:.0f} s | {link} |")
+                     f"{r['seconds']:.0f} s | {load} | {link} |")
     for name in missing:
-        lines.append(f"| {name} | `python benchmarks/{name}.py` | not present in this checkout | | |")
+        lines.append(f"| {name} | `python benchmarks/{name}.py` | not present in this checkout | | | |")
     lines += ["", "## Summaries", ""]
     for r in results:
         summary, marked = extract_summary(r["name"], r["stdout"])
@@ -130,6 +154,8 @@ def report(results, missing, args, started):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    p.add_argument("--quick-for", default="", metavar="NAMES",
+                   help="comma-separated benchmarks to run with --quick (the others at full size)")
     p.add_argument("--only", help="comma-separated benchmark names to run (default: all present)")
     p.add_argument("--skip", default="", help="comma-separated benchmark names not to run")
     p.add_argument("--timeout", type=float, help="seconds allowed per benchmark (default: no limit)")
@@ -143,11 +169,14 @@ def main(argv=None):
         p.error(f"--only: no benchmarks/{unknown[0]}.py; present: {present}")
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
     names = [n for n in wanted if n not in skip]
+    quick_for = {n.strip() for n in args.quick_for.split(",") if n.strip()}
+    if quick_for - set(present):
+        p.error(f"--quick-for: no benchmarks/{sorted(quick_for - set(present))[0]}.py; present: {present}")
     missing = [n for n in KNOWN if n not in present]
     started = time.time()
     results = []
     for name in names:
-        r = run_one(name, args.quick, args.timeout)
+        r = run_one(name, args.quick or name in quick_for, args.timeout)
         results.append(r)
         summary, _ = extract_summary(name, r["stdout"])
         state = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']})"
