@@ -26,6 +26,7 @@ def fake_suite(tmp_path, monkeypatch):
         "print('noise')\n"
         "print('=== SUMMARY alpha ===')\n"
         "print(f'ratio 12.5x quick={quick}')\n"
+        "print('args ' + ' '.join(sys.argv[1:]))\n"
         "print('=== END SUMMARY ===')\n"
     )
     (folder / "broken.py").write_text("import sys\nprint('starting')\nsys.exit('could not find the data')\n")
@@ -75,6 +76,18 @@ def test_run_all_quick_for_one_benchmark(fake_suite):
     assert "| load before / after |" in text
     with pytest.raises(SystemExit):
         run_all.main(["--quick-for", "nope"])
+
+
+def test_run_all_extra_options_reach_the_benchmark_and_the_report(fake_suite):
+    run_all, docs = fake_suite
+    out = docs / "e.md"
+    assert run_all.main(["--only", "alpha", "--args", "alpha=--steps 200 --label 'a b'", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "args --steps 200 --label a b" in text  # what the script received
+    assert "`python benchmarks/alpha.py --steps 200 --label 'a b'`" in text  # the command, quoted
+    assert "Run with options other than the defaults (see the command column): alpha." in text
+    with pytest.raises(SystemExit):
+        run_all.main(["--args", "nope=--x"])
 
 
 def test_real_benchmarks_follow_the_suite_conventions():
