@@ -287,8 +287,8 @@ def write_report(out, results) -> Path:
             "text before training: 'cache fill'). Uncached: BERT tokenizes and encodes the batch's texts inside "
             "every step.",
             "",
-            "| BERT | cached s/step | uncached s/step | uncached / cached | per-round ratios | BERT calls in the "
-            "timed steps (cached / uncached) | cache fill (s, once) |",
+            "| BERT | cached s/step | uncached s/step | uncached / cached | per-round ratios | BERT calls during the "
+            "timed rounds (cached / uncached) | cache fill (s, once) |",
             "|---|---|---|---|---|---|---|",
         ]
         for label, row in results["timing"].items():
