@@ -12,8 +12,10 @@ Each one runs in its own process from the repository root, writes its own report
 docs/<name>.md, and prints a summary between `=== SUMMARY <name> ===` and `=== END SUMMARY ===`
 (see benchmarks/_common.py); this script collects the summaries, with the machine and the exact
 commands, into docs/benchmarks.md. A benchmark that fails is reported with its exit status and
-the end of its error output; the others still run. A benchmark that does not know --quick is
-run again without it. Known benchmarks that are not present are listed as missing.
+the end of its error output; the others still run. The report is rewritten after every benchmark
+(those not reached yet are listed as not run), so an interrupted suite leaves a correct one. A
+benchmark that does not know --quick is run again without it. Known benchmarks that are not
+present are listed as missing.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def display_command(name, quick, extra=()):
     return ["python", f"benchmarks/{name}.py"] + (["--quick"] if quick else []) + [shlex.quote(a) for a in extra]
 
 
-def report(results, missing, args, started):
+def report(results, missing, args, started, pending=()):
     machine = C.machine_info()
     lines = [
         "# Benchmarks",
@@ -128,6 +130,8 @@ def report(results, missing, args, started):
         load = f"{C.fmt(r.get('load_before'), 2)} / {C.fmt(r.get('load_after'), 2)}"
         lines.append(f"| {r['name']} | `{' '.join(display_command(r['name'], r['quick'], r.get('extra', ())))}` | {status} | "
                      f"{r['seconds']:.0f} s | {load} | {link} |")
+    for name in pending:
+        lines.append(f"| {name} | `python benchmarks/{name}.py` | not run (the suite had not reached it) | | | |")
     for name in missing:
         lines.append(f"| {name} | `python benchmarks/{name}.py` | not present in this checkout | | | |")
     lines += ["", "## Summaries", ""]
@@ -191,6 +195,8 @@ def main(argv=None):
     for name in names:
         r = run_one(name, args.quick or name in quick_for, args.timeout, extra=extra.get(name, ()))
         results.append(r)
+        # rewritten after every benchmark, so that a suite stopped part-way leaves a true report
+        report(results, missing, args, started, pending=names[len(results):])
         summary, _ = extract_summary(name, r["stdout"])
         state = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']})"
         print(f"[run_all] {name}: {state} in {r['seconds']:.0f} s", flush=True)

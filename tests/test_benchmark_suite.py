@@ -74,8 +74,30 @@ def test_run_all_quick_for_one_benchmark(fake_suite):
     assert "`python benchmarks/plain.py`" in text and "`python benchmarks/plain.py --quick`" not in text
     assert "Run with `--quick` (smaller workloads, to fit the time available): alpha;" in text
     assert "| load before / after |" in text
+    assert "not run" not in text
     with pytest.raises(SystemExit):
         run_all.main(["--quick-for", "nope"])
+
+
+def test_run_all_report_after_each_benchmark(fake_suite, monkeypatch):
+    """Stopped after its first benchmark, the suite leaves a report naming the ones not reached."""
+    run_all, docs = fake_suite
+    out = docs / "partial.md"
+    real = run_all.run_one
+    calls = []
+
+    def run_then_stop(name, *a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(run_all, "run_one", run_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_all.main(["--only", "alpha,plain", "--out", str(out)])
+    text = out.read_text()
+    assert "ratio 12.5x quick=False" in text
+    assert "| plain | `python benchmarks/plain.py` | not run (the suite had not reached it) |" in text
 
 
 def test_run_all_extra_options_reach_the_benchmark_and_the_report(fake_suite):
