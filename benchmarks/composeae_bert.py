@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--out", help="report path (default docs/composeae_bert.md; the .json next to it)")
     p.add_argument("--work", default=None, help="folder for runs and the tiny models (default: a temp folder)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite the report from the .json of an earlier run (no measurement)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps = min(args.steps, 40)
@@ -141,10 +143,12 @@ def time_cache(cfg, dataset, args):
               flush=True)
     for s in settings.values():  # tracing
         s.fit(args.warmup, record=False)
+    loads = []  # 1-minute load average after each round
     for r in range(args.timing_rounds):
         order = ("cached", "uncached") if r % 2 == 0 else ("uncached", "cached")
         for key in order:
             settings[key].fit(args.timing_steps)
+        loads.append(round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
         print(f"   round {r + 1}: cached {settings['cached'].round_medians[-1]:.3f} s/step, "
               f"uncached {settings['uncached'].round_medians[-1]:.3f} s/step", flush=True)
     row = {}
@@ -156,6 +160,7 @@ def time_cache(cfg, dataset, args):
     row["ratio_uncached_over_cached"] = row["uncached"]["median"] / row["cached"]["median"]
     per_round = [u / c for u, c in zip(settings["uncached"].round_medians, settings["cached"].round_medians)]
     row["ratio_per_round"] = [round(x, 3) for x in per_round]
+    row["load_1min_per_round"] = loads
     del settings
     gc.collect()
     return row
@@ -177,6 +182,12 @@ def big_backbone(folder: Path, texts, layers: int) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render_only:
+        path = Path(args.out) if args.out else C.DOCS / f"{NAME}.md"
+        results = json.loads(path.with_suffix(".json").read_text())
+        write_report(path, results)
+        C.print_summary(NAME, summary_lines(results))
+        return 0
     from keras_irtf.data import load_dataset
     from keras_irtf.text_cache import texts_of_run
     from keras_irtf.tiny_bert import make_tiny_hub_bert
@@ -226,6 +237,7 @@ def main(argv=None):
             print(json.dumps(row, indent=1), flush=True)
             write_report(args.out, results)
     results["seconds"] = round(time.time() - started, 1)
+    results["machine"] = C.machine_markdown()  # as measured at the end of the run (kept by --render-only)
     path = write_report(args.out, results)
     print(f"[{NAME}] wrote {path} in {results['seconds'] / 60:.1f} min")
     C.print_summary(NAME, summary_lines(results))
@@ -298,20 +310,28 @@ def write_report(out, results) -> Path:
                 f"{', '.join(f'{x:.2f}' for x in row['ratio_per_round'])} | "
                 f"{c['bert_runs_during_timed_steps']} / {u['bert_runs_during_timed_steps']} | "
                 f"{c['cache_fill_seconds']} |")
+        loads = {label: row["load_1min_per_round"] for label, row in results["timing"].items()
+                 if row.get("load_1min_per_round")}
+        if loads:
+            lines.append("1-minute load average after each round: " + "; ".join(
+                f"{label}: {', '.join(C.fmt(x, 2) for x in v)}" for label, v in loads.items()) + ".")
         lines.append("")
         tiny = results["timing"].get(TINY)
         big = [(label, row) for label, row in results["timing"].items() if label != TINY]
         if tiny:
             t = tiny["ratio_uncached_over_cached"]
-            spread = f"per-round ratios {min(tiny['ratio_per_round']):.2f}..{max(tiny['ratio_per_round']):.2f}"
-            if t >= 1.0:
-                lines.append(
-                    f"Reading: with the 1-layer tiny BERT, encoding a batch of short texts is a small part of a "
-                    f"step: the cache saves {100 * (1 - 1 / t):.0f}% of a step ({spread}).")
-            else:
+            lo, hi = min(tiny["ratio_per_round"]), max(tiny["ratio_per_round"])
+            spread = f"per-round ratios {lo:.2f}..{hi:.2f}"
+            if t < 1.0:
                 lines.append(
                     f"Reading: with the 1-layer tiny BERT the cache made no measurable difference ({t:.2f}x, {spread}): "
                     "the cached step does strictly less work, so a ratio below 1 is the timing noise of this run.")
+            else:
+                lines.append(
+                    f"Reading: with the 1-layer tiny BERT, encoding a batch of short texts is a small part of a "
+                    f"step: over all rounds the cache saves {100 * (1 - 1 / t):.0f}% of a step ({spread}"
+                    + (f"; the rounds disagree, so the saving is only known to lie between "
+                       f"{max(0.0, 100 * (1 - 1 / lo)):.0f}% and {100 * (1 - 1 / hi):.0f}%)." if hi - lo > 0.15 else ")."))
         for label, b in big:
             fill_steps = b["cached"]["cache_fill_seconds"] / max(b["uncached"]["median"], 1e-9)
             lines.append(
@@ -319,12 +339,18 @@ def write_report(out, results) -> Path:
                 f"{b['ratio_uncached_over_cached']:.1f}x slower; the cache's one-off fill took "
                 f"{b['cached']['cache_fill_seconds']} s, the time of {fill_steps:.1f} uncached steps, after which "
                 "a step only gathers rows of the cache.")
+        cached = [row["cached"]["median"] for row in results["timing"].values()]
+        if len(cached) > 1 and max(cached) > 1.2 * min(cached):
+            lines.append(
+                f"The cached step does the same work in every row, yet its median ranged over "
+                f"{min(cached):.3f}..{max(cached):.3f} s between rows: the machine's load changed between them "
+                "(other jobs), so compare the ratios within a row, whose rounds alternate, not seconds across rows.")
         lines.append("")
     elif "timing" in results["skipped"]:
         lines += ["Timing part skipped (`--skip-timing`).", ""]
     if done:
         lines += [f"Whole benchmark: {results['seconds'] / 60:.1f} min.", ""]
-    lines += ["## Machine", "", C.machine_markdown(), ""]
+    lines += ["## Machine", "", results.get("machine") or C.machine_markdown(), ""]
     return C.write_doc(NAME, "\n".join(lines), path)
 
 
