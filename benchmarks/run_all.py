@@ -4,20 +4,25 @@
     python benchmarks/run_all.py                 # full sizes
     python benchmarks/run_all.py --quick         # --quick is passed to every benchmark
     python benchmarks/run_all.py --only eval_scale,train_throughput
+    python benchmarks/run_all.py --quick-for composeae_bert   # full sizes except the ones named
+    python benchmarks/run_all.py --args "composeae_bert=--steps 200"   # extra options for one benchmark
 
 A benchmark is any benchmarks/<name>.py except this file and helpers whose name starts with "_".
 Each one runs in its own process from the repository root, writes its own report to
 docs/<name>.md, and prints a summary between `=== SUMMARY <name> ===` and `=== END SUMMARY ===`
 (see benchmarks/_common.py); this script collects the summaries, with the machine and the exact
 commands, into docs/benchmarks.md. A benchmark that fails is reported with its exit status and
-the end of its error output; the others still run. A benchmark that does not know --quick is
-run again without it. Known benchmarks that are not present are listed as missing.
+the end of its error output; the others still run. The report is rewritten after every benchmark
+(those not reached yet are listed as not run), so an interrupted suite leaves a correct one. A
+benchmark that does not know --quick is run again without it. Known benchmarks that are not
+present are listed as missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,7 +34,7 @@ import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # what the suite is expected to hold (reported as missing when absent from this checkout)
-KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "distributed")
+KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "composeae_bert", "distributed")
 
 
 def discover(folder=None):
@@ -53,30 +58,44 @@ def extract_summary(name, stdout):
     return tail, False
 
 
-def run_one(name, quick, timeout, python=sys.executable):
+def load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run_one(name, quick, timeout, python=sys.executable, extra=()):
+    load_before = load_average()
+    r = _run_one(name, quick, timeout, python, list(extra))
+    r.update(load_before=load_before, load_after=load_average())
+    return r
+
+
+def _run_one(name, quick, timeout, python=sys.executable, extra=()):
     script = HERE / f"{name}.py"
-    cmd = [python, str(script)] + (["--quick"] if quick else [])
+    cmd = [python, str(script)] + (["--quick"] if quick else []) + list(extra)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
     start = time.time()
-    print(f"[run_all] {name}: {' '.join(display_command(name, quick))}", flush=True)
+    print(f"[run_all] {name}: {' '.join(display_command(name, quick, extra))}", flush=True)
     try:
         proc = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return dict(name=name, quick=quick, returncode=None, seconds=time.time() - start, stdout=out,
-                    stderr=f"timed out after {timeout} s")
+        return dict(name=name, quick=quick, extra=list(extra), returncode=None, seconds=time.time() - start,
+                    stdout=out, stderr=f"timed out after {timeout} s")
     if quick and proc.returncode != 0 and "unrecognized arguments: --quick" in proc.stderr:
         print(f"[run_all] {name} has no --quick option: running it at full size", flush=True)
-        return run_one(name, False, timeout, python)
-    return dict(name=name, quick=quick, returncode=proc.returncode, seconds=time.time() - start,
+        return _run_one(name, False, timeout, python, extra)
+    return dict(name=name, quick=quick, extra=list(extra), returncode=proc.returncode, seconds=time.time() - start,
                 stdout=proc.stdout, stderr=proc.stderr)
 
 
-def display_command(name, quick):
-    return ["python", f"benchmarks/{name}.py"] + (["--quick"] if quick else [])
+def display_command(name, quick, extra=()):
+    return ["python", f"benchmarks/{name}.py"] + (["--quick"] if quick else []) + [shlex.quote(a) for a in extra]
 
 
-def report(results, missing, args, started):
+def report(results, missing, args, started, pending=()):
     machine = C.machine_info()
     lines = [
         "# Benchmarks",
@@ -86,10 +105,21 @@ def report(results, missing, args, started):
         "Every figure is a ratio of two things measured in the same run of one benchmark; each "
         "benchmark's own report (linked) gives its method, its full table and the command again.",
     ]
+    quick = [r["name"] for r in results if r["quick"]]
     if args.quick:
         lines.append("This run used `--quick` (smaller workloads): see each report for the sizes.")
-    lines += ["", "## Machine", "", C.machine_markdown(machine), "", "## Overview", "",
-              "| benchmark | command | status | time | report |", "|---|---|---|---|---|"]
+    elif quick:
+        lines.append(f"Run with `--quick` (smaller workloads, to fit the time available): {', '.join(quick)}; "
+                     "the others at full size. See each report for the sizes.")
+    changed = [r["name"] for r in results if r.get("extra")]
+    if changed:
+        lines.append(f"Run with options other than the defaults (see the command column): {', '.join(changed)}.")
+    lines += ["", "## Machine", "", C.machine_markdown(machine), "",
+              "The 1-minute load average before and after each benchmark is in the overview: on this "
+              f"{machine.get('logical_cpus')}-CPU machine a load well above that number means other work "
+              "shared the cores (absolute times inflated; the ratios are measured within one run).",
+              "", "## Overview", "",
+              "| benchmark | command | status | time | load before / after | report |", "|---|---|---|---|---|---|"]
     for r in results:
         doc = C.DOCS / f"{r['name']}.md"
         fresh = doc.is_file() and doc.stat().st_mtime >= started - 1
@@ -97,16 +127,19 @@ def report(results, missing, args, started):
             "timed out" if r["returncode"] is None else f"failed (exit {r['returncode']})")
         link = f"[docs/{r['name']}.md]({r['name']}.md)" if fresh else (
             f"[docs/{r['name']}.md]({r['name']}.md) (not rewritten by this run)" if doc.is_file() else "none")
-        lines.append(f"| {r['name']} | `{' '.join(display_command(r['name'], r['quick']))}` | {status} | "
-                     f"{r['seconds']:.0f} s | {link} |")
+        load = f"{C.fmt(r.get('load_before'), 2)} / {C.fmt(r.get('load_after'), 2)}"
+        lines.append(f"| {r['name']} | `{' '.join(display_command(r['name'], r['quick'], r.get('extra', ())))}` | {status} | "
+                     f"{r['seconds']:.0f} s | {load} | {link} |")
+    for name in pending:
+        lines.append(f"| {name} | `python benchmarks/{name}.py` | not run (the suite had not reached it) | | | |")
     for name in missing:
-        lines.append(f"| {name} | `python benchmarks/{name}.py` | not present in this checkout | | |")
+        lines.append(f"| {name} | `python benchmarks/{name}.py` | not present in this checkout | | | |")
     lines += ["", "## Summaries", ""]
     for r in results:
         summary, marked = extract_summary(r["name"], r["stdout"])
         lines.append(f"### {r['name']}")
         lines.append("")
-        lines.append(f"Command: `{' '.join(display_command(r['name'], r['quick']))}`")
+        lines.append(f"Command: `{' '.join(display_command(r['name'], r['quick'], r.get('extra', ())))}`")
         lines.append("")
         if r["returncode"] != 0:
             err = [ln for ln in (r["stderr"] or "").splitlines() if ln.strip()][-8:]
@@ -130,8 +163,12 @@ def report(results, missing, args, started):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    p.add_argument("--quick-for", default="", metavar="NAMES",
+                   help="comma-separated benchmarks to run with --quick (the others at full size)")
     p.add_argument("--only", help="comma-separated benchmark names to run (default: all present)")
     p.add_argument("--skip", default="", help="comma-separated benchmark names not to run")
+    p.add_argument("--args", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="extra command-line options for one benchmark, e.g. 'composeae_bert=--steps 200' (repeatable)")
     p.add_argument("--timeout", type=float, help="seconds allowed per benchmark (default: no limit)")
     p.add_argument("--out", help="report path (default docs/benchmarks.md)")
     args = p.parse_args(argv)
@@ -143,12 +180,23 @@ def main(argv=None):
         p.error(f"--only: no benchmarks/{unknown[0]}.py; present: {present}")
     skip = {n.strip() for n in args.skip.split(",") if n.strip()}
     names = [n for n in wanted if n not in skip]
+    extra = {}
+    for item in args.args:
+        name, sep, options = item.partition("=")
+        if not sep or name.strip() not in present:
+            p.error(f"--args {item!r}: expected NAME=OPTIONS with NAME one of {present}")
+        extra[name.strip()] = extra.get(name.strip(), []) + shlex.split(options)
+    quick_for = {n.strip() for n in args.quick_for.split(",") if n.strip()}
+    if quick_for - set(present):
+        p.error(f"--quick-for: no benchmarks/{sorted(quick_for - set(present))[0]}.py; present: {present}")
     missing = [n for n in KNOWN if n not in present]
     started = time.time()
     results = []
     for name in names:
-        r = run_one(name, args.quick, args.timeout)
+        r = run_one(name, args.quick or name in quick_for, args.timeout, extra=extra.get(name, ()))
         results.append(r)
+        # rewritten after every benchmark, so that a suite stopped part-way leaves a true report
+        report(results, missing, args, started, pending=names[len(results):])
         summary, _ = extract_summary(name, r["stdout"])
         state = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']})"
         print(f"[run_all] {name}: {state} in {r['seconds']:.0f} s", flush=True)

@@ -2,6 +2,7 @@
 """Latency of the exported SavedModel against calling the Keras model directly, in one run.
 
     python benchmarks/serving.py                     # the default CSS architecture, random weights
+    python benchmarks/serving.py --quick             # 8 repeats, for a smoke test
     python benchmarks/serving.py --run runs/css_tirg_s0 --repeats 50
 
 For batch sizes 1 and 64 it times, interleaved repeat by repeat (so that load from other
@@ -30,9 +31,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "benchmarks"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+
+NAME = "serving"
 
 
 def make_run(tmp: Path):
@@ -57,12 +63,16 @@ def main(argv=None):
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="8 repeats, 2 warm-up calls (a smoke test)")
     p.add_argument("--out", default=str(REPO / "docs" / "serving.md"))
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json of an earlier run")
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = min(args.repeats, 8), min(args.warmup, 2)
     if args.render_only:
         data = json.loads(Path(args.out).with_suffix(".json").read_text())
-        Path(args.out).write_text(render(data["meta"], data["results"], data["meta"]["command"]))
+        Path(args.out).write_text(render(data["meta"], data["results"], data["meta"]["command"],
+                                         data["meta"].get("machine_markdown")))
         return 0
 
     import tensorflow as tf
@@ -150,28 +160,37 @@ def main(argv=None):
         "load_average_1min_at_end": load,
         "machine": platform.machine(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "command": " ".join(["python", "benchmarks/serving.py"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": C.command_line() if argv is None else " ".join(["python", "benchmarks/serving.py", *argv]),
+        "machine_markdown": C.machine_markdown(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    out.write_text(render(meta, results, meta["command"]))
+    C.write_doc(NAME, render(meta, results, meta["command"], meta["machine_markdown"]), out)
     print(f"wrote {out} and {out.with_suffix('.json')}")
+    summary = [f"{meta['model']}, {meta['image_size']} px, median of {args.repeats} interleaved repeats; "
+               "time of each way of calling the model / time of the exported SavedModel (bytes in):"]
+    for bs, r in results.items():
+        q = r["ratio_to_saved_model"]
+        summary.append(f"batch {bs}: SavedModel {r['median_ms']['saved_model']:.1f} ms; eager Python with the same "
+                       f"decoding {q['keras_e2e']:.2f}x, eager Keras on ready tensors {q['keras_eager']:.2f}x, "
+                       f"tf.function Keras on ready tensors {q['keras_graph']:.2f}x")
+    C.print_summary(NAME, summary)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
-def render(meta, results, command) -> str:
+def render(meta, results, command, machine=None) -> str:
     results = {int(k): v for k, v in results.items()}
     names = ["saved_model", "keras_e2e", "keras_eager", "keras_graph"]
     lines = [
         "# Serving latency: exported SavedModel vs the Keras model",
         "",
         f"Measured by `{command}` on {meta['date_utc']} UTC ({meta['cpu_count']} CPU cores, TensorFlow "
-        f"{meta['tensorflow']}, 1-minute load average {meta['load_average_1min_at_end']} at the end: the machine "
-        f"is shared, so absolute times are noisy; the ratios come from the same run, repeats interleaved).",
+        f"{meta['tensorflow']}, 1-minute load average {meta['load_average_1min_at_end'] or float('nan'):.2f} at the end; absolute times depend "
+        f"on the machine and its load, the ratios come from the same run with the repeats interleaved).",
         f"Model: {meta['model']} ({meta['method']}, {meta['image_size']}x{meta['image_size']} images, "
         f"{meta['embed_dim']}-d embeddings). Median of {meta['repeats']} repeats per variant.",
         "",
@@ -194,10 +213,10 @@ def render(meta, results, command) -> str:
     for bs, r in results.items():
         q = r["ratio_to_saved_model"]
         lines.append(
-            f"- Batch {bs}: the SavedModel (decoding and vectorising included) takes {r['median_ms']['saved_model']:.1f} ms, "
-            f"{q['keras_e2e']:.1f}x less than the same work done eagerly from Python, {q['keras_eager']:.1f}x less than "
-            f"an eager Keras call on ready tensors; the Keras model compiled with tf.function on ready tensors (no "
-            f"decoding) takes {q['keras_graph']:.2f}x the SavedModel's time."
+            f"- Batch {bs}: the SavedModel (decoding and vectorising included) takes {r['median_ms']['saved_model']:.1f} ms. "
+            f"In multiples of that time: the same work done eagerly from Python {q['keras_e2e']:.2f}x, an eager Keras "
+            f"call on ready tensors {q['keras_eager']:.2f}x, the Keras model compiled with tf.function on ready "
+            f"tensors (no decoding) {q['keras_graph']:.2f}x."
         )
     lines += [
         "",
@@ -209,6 +228,8 @@ def render(meta, results, command) -> str:
         "against the eager Keras call (max abs difference <= 1e-5) before timing.",
         "",
     ]
+    if machine:
+        lines += ["## Machine", "", machine, ""]
     return "\n".join(lines)
 
 

@@ -254,9 +254,9 @@ batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). P
 - The small-CNN case reads CSS images from memory (the CSS loader decodes them once); the
   ResNet-18 case decodes 300x300 JPEG files and resizes them to 224 in tf.data, as the
   MIT-States and Fashion200k loaders do.
-- The machine's 2 cores are shared with other work: compare the ratios, which were measured
-  back to back, rather than absolute figures across reports (the load average is in the table
-  below).
+- Other work on the machine slows every figure: compare the ratios, which were measured back
+  to back, rather than absolute figures across reports (the load average at the end of the
+  run is in the table below).
 
 ## Machine
 
