@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -103,16 +102,6 @@ def _run_json(cmd, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _train_args(steps, quick, out):
     preset = ["--preset", "smoke"] if quick else []
     return [sys.executable, str(REPO / "tools" / "train.py"), "--dataset", "css", *preset, "--steps", str(steps),
@@ -122,12 +111,13 @@ def _train_args(steps, quick, out):
 
 def two_workers(steps, quick, work):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    from keras_irtf.distribute import localhost_tf_configs
+
     start = time.perf_counter()
     procs = [subprocess.Popen(_train_args(steps, quick, work / "mw") + ["--strategy", "multi_worker"],
-                              env=dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
-             for i in range(2)]
+                              env=dict(env, TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=str(REPO))
+             for tf_config in localhost_tf_configs(2)]
     outs = [p.communicate() for p in procs]
     mw_seconds = time.perf_counter() - start
     for p, (_, err) in zip(procs, outs):

@@ -66,6 +66,22 @@ def tf_config() -> dict:
         raise ConfigError(f"TF_CONFIG is not valid JSON ({e}): {raw[:200]}") from None
 
 
+def localhost_tf_configs(num_workers: int) -> list:
+    """TF_CONFIG values (JSON strings, worker 0 = chief) for `num_workers` workers on free ports
+    of this machine: how the tests and benchmarks try multi-worker training on one host."""
+    import socket
+
+    socks = [socket.socket() for _ in range(num_workers)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        cluster = {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]}
+    finally:
+        for s in socks:
+            s.close()
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(num_workers)]
+
+
 def worker_info():
     """(index of this worker, number of workers, is_chief) from TF_CONFIG (0, 1, True without)."""
     cfg = tf_config()

@@ -79,30 +79,26 @@ IMAGE_PREPROCESSING_FOR_ENCODER: dict = {}  # model.image_encoder -> preprocessi
 TEXT_PREPROCESSING_FOR_ENCODER: dict = {}  # model.text_encoder -> preprocessing name
 
 
-def register_image_preprocessing(name: str, encoders: Sequence[str] = ()):
-    """Decorator: register `factory(cfg, run_dir) -> ImagePreprocessing` under `name`, used for
-    the image encoders listed in `encoders` (values of `model.image_encoder`)."""
-
+def _register(table, for_encoder, name, encoders):
     def wrap(factory):
-        IMAGE_PREPROCESSING[name] = factory
+        table[name] = factory
         for e in encoders:
-            IMAGE_PREPROCESSING_FOR_ENCODER[e] = name
+            for_encoder[e] = name
         return factory
 
     return wrap
+
+
+def register_image_preprocessing(name: str, encoders: Sequence[str] = ()):
+    """Decorator: register `factory(cfg, run_dir) -> ImagePreprocessing` under `name`, used for
+    the image encoders listed in `encoders` (values of `model.image_encoder`)."""
+    return _register(IMAGE_PREPROCESSING, IMAGE_PREPROCESSING_FOR_ENCODER, name, encoders)
 
 
 def register_text_preprocessing(name: str, encoders: Sequence[str] = ()):
     """Decorator: register `factory(cfg, run_dir) -> TextPreprocessing` under `name`, used for
     the text encoders listed in `encoders` (values of `model.text_encoder`)."""
-
-    def wrap(factory):
-        TEXT_PREPROCESSING[name] = factory
-        for e in encoders:
-            TEXT_PREPROCESSING_FOR_ENCODER[e] = name
-        return factory
-
-    return wrap
+    return _register(TEXT_PREPROCESSING, TEXT_PREPROCESSING_FOR_ENCODER, name, encoders)
 
 
 @register_image_preprocessing("resize_imagenet", encoders=("small_cnn", "resnet18"))

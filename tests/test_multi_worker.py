@@ -7,7 +7,6 @@ MirroredStrategy in test_distributed_ga.py)."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _args(css_root, out, steps):
@@ -37,15 +26,14 @@ def _args(css_root, out, steps):
 
 @pytest.mark.slow
 def test_two_workers_on_localhost_train_in_lock_step(css_smoke_root, tmp_path):
+    from keras_irtf.distribute import localhost_tf_configs
     from keras_irtf.training import load_model
 
     steps = 2
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
     procs = []
-    for index in range(2):
-        worker_env = dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    for tf_config in localhost_tf_configs(2):
+        worker_env = dict(env, TF_CONFIG=tf_config)
         procs.append(subprocess.Popen(_args(css_root=css_smoke_root, out=tmp_path / "mw", steps=steps) + ["--strategy", "multi_worker"],
                                       env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []

@@ -152,33 +152,25 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
             ds = ds.repeat()  # the caller takes as many batches as it needs
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
-        def to_batch(b):
-            out = {
-                "source_image": normalize_images(b["source_id_image"]),
-                "text": vectorizer(b["text"]),
-                "source_id": b["source_id"],
-                "target_id": b["target_id"],
-                "target_caption": b["target_caption"],
-            }
-            if with_target:
-                out["target_image"] = normalize_images(b["target_id_image"])
-            return out
+        def image(b, key):  # decoded by the disk elements
+            return normalize_images(b[f"{key}_image"])
+    else:
+        load = image_loader(split, image_size)
+        ds = tf.data.Dataset.from_tensor_slices(tensors).batch(batch_size, drop_remainder=drop_remainder)
 
-        return ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
-
-    load = image_loader(split, image_size)
-    ds = tf.data.Dataset.from_tensor_slices(tensors).batch(batch_size, drop_remainder=drop_remainder)
+        def image(b, key):
+            return load(b[key])
 
     def to_batch(b):
         out = {
-            "source_image": load(b["source_id"]),
+            "source_image": image(b, "source_id"),
             "text": vectorizer(b["text"]),
             "source_id": b["source_id"],
             "target_id": b["target_id"],
             "target_caption": b["target_caption"],
         }
         if with_target:
-            out["target_image"] = load(b["target_id"])
+            out["target_image"] = image(b, "target_id")
         return out
 
     return ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
