@@ -100,8 +100,8 @@ class TimedSetting:
         import keras
 
         from keras_irtf.data.pipeline import training_dataset
-        from keras_irtf.text_cache import prepare_text_input, texts_of_run
-        from keras_irtf.training import build_model, make_optimizer
+        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
+        from keras_irtf.training.loop import build_model, make_optimizer
 
         keras.utils.set_random_seed(cfg.train.seed)
         self.model = build_model(cfg, 0)
@@ -170,7 +170,7 @@ def big_backbone(folder: Path, texts, layers: int) -> Path:
     """A BERT-Base-sized keras-hub preset (random weights, `layers` layers) saved to `folder`."""
     import keras_hub
 
-    from keras_irtf.tiny_bert import word_vocabulary
+    from keras_irtf.testing.tiny_bert import word_vocabulary
 
     if not (folder / "config.json").is_file():
         tok = keras_hub.models.BertTokenizer(vocabulary=word_vocabulary(texts), lowercase=True)
@@ -189,9 +189,9 @@ def main(argv=None):
         C.print_summary(NAME, summary_lines(results))
         return 0
     from keras_irtf.data import load_dataset
-    from keras_irtf.text_cache import texts_of_run
-    from keras_irtf.tiny_bert import make_tiny_hub_bert
-    from keras_irtf.training import format_results, train
+    from keras_irtf.data.text_cache import texts_of_run
+    from keras_irtf.testing.tiny_bert import make_tiny_hub_bert
+    from keras_irtf.training.loop import format_results, train
 
     started = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="composeae_bert_"))

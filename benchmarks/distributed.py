@@ -59,7 +59,7 @@ def replica_worker(args):
     """In a fresh process: time model.fit steps with 1 or 2 logical-CPU replicas; print JSON."""
     n = int(args.replica_worker)
     C.quiet_tensorflow()
-    from keras_irtf.distribute import configure_logical_cpus
+    from keras_irtf.training.distribute import configure_logical_cpus
 
     configure_logical_cpus(n)
     import keras
@@ -70,7 +70,7 @@ def replica_worker(args):
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     cfg = load_config(_config_files(args.quick), [])
     dataset = load_dataset(cfg, verbose=False)
@@ -111,7 +111,7 @@ def _train_args(steps, quick, out):
 
 def two_workers(steps, quick, work):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
-    from keras_irtf.distribute import localhost_tf_configs
+    from keras_irtf.training.distribute import localhost_tf_configs
 
     start = time.perf_counter()
     procs = [subprocess.Popen(_train_args(steps, quick, work / "mw") + ["--strategy", "multi_worker"],

@@ -11,8 +11,8 @@ Fashion200k), and compute Recall@1/10/50:
 - reference protocol (TIRG's test_retrieval.py, re-implemented in our words): for every query,
   one row of similarities `query . gallery^T` in numpy float32, the source image set to a very
   low score, a FULL argsort of the gallery, the first K captions checked in Python;
-- ours: `keras_irtf.retrieval.chunked_top_k` (query chunks x gallery chunks, running top-k merge
-  in a tf.function) and `keras_irtf.metrics.recall_at_k`; also the optional faiss backend.
+- ours: `keras_irtf.evaluation.retrieval.chunked_top_k` (query chunks x gallery chunks, running top-k merge
+  in a tf.function) and `keras_irtf.evaluation.metrics.recall_at_k`; also the optional faiss backend.
 
 Each side runs in its own subprocess, so the peak memory of one cannot hide in the other's:
 peak = the process's VmHWM (= getrusage ru_maxrss on Linux) after the search, which includes the
@@ -83,8 +83,8 @@ def reference_search(queries, gallery, source, captions, targets, k):
 
 
 def our_search(queries, gallery, source, captions, targets, k, backend, query_chunk, gallery_chunk):
-    from keras_irtf import metrics as M
-    from keras_irtf.evaluation import rank
+    from keras_irtf.evaluation import metrics as M
+    from keras_irtf.evaluation.protocol import rank
 
     _, top = rank(queries, gallery, k, source, query_chunk, gallery_chunk, verbose=False, backend=backend)
     return top, M.recall_at_k(captions[top], targets, KS)
@@ -114,7 +114,7 @@ def worker(args):
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     after = C.rss_mb()
     np.save(args.save_top, top[: args.check_queries])
-    from keras_irtf import metrics as M
+    from keras_irtf.evaluation import metrics as M
 
     m = min(args.check_queries, n)  # the queries both sides ran: recalls compared on the same set
     same = M.recall_at_k(captions[top[:m]], targets[:m], KS) if m else {}
@@ -181,7 +181,7 @@ def main(argv=None):
         args.reference_queries = min(args.reference_queries or args.queries, 300)
     import numpy as np
 
-    from keras_irtf.retrieval import faiss_available
+    from keras_irtf.evaluation.retrieval import faiss_available
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if "faiss" in backends and not faiss_available():

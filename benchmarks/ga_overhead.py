@@ -71,7 +71,7 @@ def main(argv=None):
     import tensorflow as tf
 
     from keras_irtf.config import load_config
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     overrides = list(args.set) + ([f"train.batch_size={args.batch}"] if args.batch else [])
     base = load_config([args.config], overrides)
@@ -99,7 +99,7 @@ def main(argv=None):
             tf.profiler.experimental.stop()
     # profile of GA^I: drawing the noise alone (one normal per trainable parameter)
     ga_model = build_model(base, args.vocab)
-    from keras_irtf.gradient_augmentation import GradientAugmentation
+    from keras_irtf.model.gradient_augmentation import GradientAugmentation
 
     ga = GradientAugmentation("isotropic", gamma=1e-3)
     variables = ga_model.trainable_variables

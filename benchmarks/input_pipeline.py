@@ -58,7 +58,7 @@ def parse_args(argv=None):
 
 
 def make_fixture(root: Path, n: int, size):
-    from keras_irtf.data.fixtures import write_mitstates
+    from keras_irtf.testing.fixtures import write_mitstates
 
     captions = [f"{a} {noun}" for noun in TRAIN_NOUNS + TEST_NOUNS for a in ADJECTIVES]
     per = max(2, n // len(captions))
@@ -89,7 +89,7 @@ def main(argv=None):
     from keras_irtf.data.mitstates import MITStatesDataset, list_images
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="irtf_pipeline_"))
     root = work / "mitstates"

@@ -96,7 +96,7 @@ def worker(args):
     from keras_irtf.data.css_generator import generate
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     case = CASES[args.worker]
     tmp = Path(args.tmp)

@@ -7,7 +7,7 @@ Public entry points:
     evaluate                            Recall@K, training recall, WHM
     load_model                          reload a saved .keras model
     load_benchmark, create_model, save_run   user scripts (keras_irtf.api)
-    export_run                          SavedModel for TF Serving (keras_irtf.export)
+    export_run                          SavedModel for TF Serving (keras_irtf.serving.export)
 """
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ from keras_irtf.config import Config, ConfigError, load_config  # noqa: E402
 def __getattr__(name):
     # Heavy imports (TensorFlow) only when used.
     if name in ("build_model", "make_optimizer", "train", "load_model", "save_model", "sample_batch"):
-        from keras_irtf import training
+        from keras_irtf.training import loop as training
 
         return getattr(training, name)
     if name == "load_dataset":
@@ -26,7 +26,7 @@ def __getattr__(name):
 
         return load_dataset
     if name == "evaluate":
-        from keras_irtf.evaluation import evaluate
+        from keras_irtf.evaluation.protocol import evaluate
 
         return evaluate
     if name in ("Benchmark", "load_benchmark", "create_model", "save_run", "export_run"):
@@ -34,7 +34,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name == "ComposedRetrievalModel":
-        from keras_irtf.model import ComposedRetrievalModel
+        from keras_irtf.model.retrieval_model import ComposedRetrievalModel
 
         return ComposedRetrievalModel
     raise AttributeError(f"module 'keras_irtf' has no attribute {name!r}")

@@ -13,7 +13,7 @@
     run = kirtf.save_run(model, cfg, bench, "runs/mine")    # tools/evaluate.py and tools/export.py read it
     model = kirtf.load_model(run / "model.keras")
 
-Everything here is what `keras_irtf.training.train` (and so tools/train.py) uses: a model fitted
+Everything here is what `keras_irtf.training.loop.train` (and so tools/train.py) uses: a model fitted
 from a user script trains with the same loss, gradient augmentation and data order.
 """
 
@@ -81,7 +81,7 @@ class Benchmark:
     def evaluate(self, model, verbose: bool = False) -> dict:
         """Test recall Mt, training recall Ms and their WHM, with the config's evaluation settings
         (the same numbers tools/train.py writes to metrics.json)."""
-        from keras_irtf.evaluation import evaluate
+        from keras_irtf.evaluation.protocol import evaluate
 
         c = self.cfg
         return evaluate(
@@ -110,7 +110,7 @@ def create_model(cfg: Config, vocab, compile: bool = True):
     """A ComposedRetrievalModel as the config describes, built, and compiled with the config's
     optimizer unless `compile=False`. `vocab` is a Benchmark, a TextVectorizer or a vocabulary
     size."""
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     vocab_size = int(getattr(vocab, "vocab_size", vocab))
     model = build_model(cfg, vocab_size)
@@ -122,7 +122,7 @@ def create_model(cfg: Config, vocab, compile: bool = True):
 def save_run(model, cfg: Config, benchmark: Benchmark, run_dir, metrics: Optional[dict] = None) -> Path:
     """Write a run folder (config.yaml, vocab.txt, model.keras[, metrics.json]) like
     tools/train.py does, so tools/evaluate.py, tools/export.py and tools/query.py accept it."""
-    from keras_irtf.training import save_model
+    from keras_irtf.training.loop import save_model
     from keras_irtf.utils import atomic_write_text, write_json
 
     run = Path(run_dir)
@@ -137,22 +137,22 @@ def save_run(model, cfg: Config, benchmark: Benchmark, run_dir, metrics: Optiona
 
 def save_model(model, path):
     """Save a .keras file (atomically)."""
-    from keras_irtf.training import save_model as _save
+    from keras_irtf.training.loop import save_model as _save
 
     _save(model, path)
 
 
 def load_model(path):
     """Load a .keras file saved by keras_irtf (every keras_irtf class registered first)."""
-    from keras_irtf.training import load_model as _load
+    from keras_irtf.training.loop import load_model as _load
 
     return _load(path)
 
 
 def export_run(run_dir, out_root="exported", name=None, gallery=None, version=None, force=False,
                verbose=True) -> Path:
-    """Export a run folder as a TF Serving SavedModel (see keras_irtf.export)."""
-    from keras_irtf.export import export_run as _export
+    """Export a run folder as a TF Serving SavedModel (see keras_irtf.serving.export)."""
+    from keras_irtf.serving.export import export_run as _export
 
     return _export(run_dir, out_root=out_root, name=name, gallery=gallery, version=version, force=force,
                    verbose=verbose)

@@ -31,7 +31,7 @@ from conftest import tiny_config  # noqa: E402
 from keras_irtf.data.css import CSSDataset  # noqa: E402
 from keras_irtf.data.pipeline import training_dataset  # noqa: E402
 from keras_irtf.data.text import TextVectorizer  # noqa: E402
-from keras_irtf.training import build_model, make_optimizer  # noqa: E402
+from keras_irtf.training.loop import build_model, make_optimizer  # noqa: E402
 
 ROOT, METHOD = sys.argv[1], sys.argv[2]
 STEPS = int(os.environ.get("CHECK_STEPS", "2"))
@@ -72,7 +72,7 @@ _, mirrored_end, mirrored_all, mirrored_logs, _ = train(strategy, start=single_b
 
 # negative control: the classic replica bug (each replica's loss averaged over its LOCAL batch, so
 # the summed gradients are twice too large) must show as a much larger difference
-import keras_irtf.losses as L  # noqa: E402
+import keras_irtf.model.losses as L  # noqa: E402
 
 L.global_batch_size = lambda local_batch, dtype=tf.float32: tf.cast(local_batch, dtype)
 _, buggy_end, _, _, _ = train(strategy, start=single_begin)

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf.gradient_augmentation import GradientAugmentation
+from keras_irtf.model.gradient_augmentation import GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
-from keras_irtf.model import ComposedRetrievalModel
+from keras_irtf.model.retrieval_model import ComposedRetrievalModel
 
 
 class TinyImageEncoder(keras.layers.Layer):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_irtf import ablation as A
+from keras_irtf.training import ablation as A
 from keras_irtf.config import repo_configs_dir
 
 

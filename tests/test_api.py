@@ -83,7 +83,7 @@ def test_fit_with_user_callback_evaluate_save_load(cfg, bench, tmp_path):
     # a saved run is what the tools read, and its vocabulary reproduces the token ids
     run = kirtf.save_run(model, cfg, bench, tmp_path / "run", metrics=metrics)
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "vocab.txt", "model.keras", "metrics.json"}
-    from keras_irtf.export import load_run
+    from keras_irtf.serving.export import load_run
 
     cfg2, model2 = load_run(run)
     assert cfg2.to_dict() == cfg.to_dict()

@@ -1,7 +1,7 @@
 """Frozen BERT text encoders (TF-Hub SavedModels and keras-hub presets), the text-embedding cache,
 and TIRG-BERT / ComposeAE training runs with GA on the CSS smoke set.
 
-The BERT models are tiny random ones written to temporary folders (keras_irtf.tiny_bert) with the
+The BERT models are tiny random ones written to temporary folders (keras_irtf.testing.tiny_bert) with the
 real interfaces: a tensorflow-text BertTokenizer preprocessing SavedModel + an encoder SavedModel
 with BERT's signature, and a keras-hub BertBackbone preset saved with save_to_preset.
 """
@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from keras_irtf.config import ConfigError
 from keras_irtf.layers.bert import HubBertEncoder, KerasHubBertEncoder
-from keras_irtf.text_cache import TextEmbeddingCache, prepare_text_input, texts_of_run
-from keras_irtf.tiny_bert import make_tiny_hub_bert, make_tiny_keras_hub_bert
+from keras_irtf.data.text_cache import TextEmbeddingCache, prepare_text_input, texts_of_run
+from keras_irtf.testing.tiny_bert import make_tiny_hub_bert, make_tiny_keras_hub_bert
 from tests.conftest import tiny_config
 
 HIDDEN = 24  # the tiny models' pooled width (768 for real BERT-Base: model.bert_dim)
@@ -104,7 +104,7 @@ def test_urls_and_missing_folders_are_clear_errors(tmp_path, hub_bert):
     # a bare keras-hub preset name is not a folder: never fetched, the error says how to make one
     with pytest.raises(ValueError, match="does not exist.*save_to_preset"):
         KerasHubBertEncoder("bert_base_en_uncased")
-    from keras_irtf.training import build_model
+    from keras_irtf.training.loop import build_model
 
     with pytest.raises(ConfigError, match="model.bert_preset.*not set"):
         build_model(tiny_config(None, "model.text_encoder=bert_keras_hub"), 0)
@@ -140,7 +140,7 @@ def test_cache_embeds_each_text_once_and_matches_the_uncached_path(hub_bert, run
 
 def _fit(cfg, dataset, steps):
     from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     model = build_model(cfg, 0)
     vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache)
@@ -170,7 +170,7 @@ def test_training_steps_never_rerun_bert_with_the_cache(css_smoke, hub_bert, ker
 ])
 def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert, keras_hub_bert, tmp_path):
     from keras_irtf.data.css import CSSDataset
-    from keras_irtf.training import load_model, train
+    from keras_irtf.training.loop import load_model, train
 
     cfg = tiny_config(
         css_smoke_root, *bert_overrides(source, hub_bert, keras_hub_bert), f"model.method={method}",
@@ -188,7 +188,7 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     assert 0.0 <= metrics["test"]["R@1"] <= 1.0
 
     # tools/evaluate.py's path: reload the run (BERT from its local folders), new cache, same recall
-    from keras_irtf.evaluation import evaluate_run
+    from keras_irtf.evaluation.protocol import evaluate_run
 
     again = evaluate_run(run, out=tmp_path / "re.json", verbose=False)
     assert again["test"]["R@1"] == pytest.approx(metrics["test"]["R@1"], abs=1e-6)
@@ -198,7 +198,7 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     dataset = CSSDataset(css_smoke_root, verbose=False)
     q = dataset.test.test_queries.subset(np.arange(6))
     from keras_irtf.data.pipeline import queries_dataset
-    from keras_irtf.text_cache import raw_texts
+    from keras_irtf.data.text_cache import raw_texts
 
     batch = next(iter(queries_dataset(dataset.test, q, raw_texts, 6, cfg.data.image_size, with_target=False)))
     from_strings = model.embed_queries(batch["source_image"], batch["text"])
@@ -207,7 +207,7 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     np.testing.assert_allclose(from_cache, from_strings, rtol=1e-5, atol=1e-5)
 
     # export: the BERT preprocessing and encoder go inside the SavedModel (raw text in)
-    from keras_irtf.export import export_model, images_from_bytes, image_preprocessing_for
+    from keras_irtf.serving.export import export_model, images_from_bytes, image_preprocessing_for
 
     version = export_model(model, cfg, tmp_path / "exported", run_dir=run, verbose=False)
     served = tf.saved_model.load(str(version))

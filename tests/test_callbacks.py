@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_irtf.callbacks import TrainingScalars
+from keras_irtf.training.callbacks import TrainingScalars
 
 
 def read_scalars(log_dir):

@@ -193,7 +193,7 @@ def test_composeae_model_trains_with_ga_and_similarity_loss(css_smoke, smoke_vec
     pixels, isotropic) and L_S work unchanged, the loss falls, and the .keras file reloads."""
     import keras
 
-    from keras_irtf.training import build_model, load_model, make_optimizer, sample_batch, save_model
+    from keras_irtf.training.loop import build_model, load_model, make_optimizer, sample_batch, save_model
 
     keras.utils.set_random_seed(0)  # the initial weights must not depend on which tests ran before
     cfg = tiny_config(None, "model.method=composeae", "ga.methods=adversarial,isotropic", "loss.eta=0.001",

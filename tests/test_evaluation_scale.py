@@ -4,9 +4,9 @@ with fewer eligible images than K never produces a false hit."""
 import numpy as np
 import pytest
 
-from keras_irtf import evaluation
+from keras_irtf.evaluation import protocol as evaluation
 from keras_irtf.data.base import Queries, Split
-from keras_irtf.retrieval import faiss_available
+from keras_irtf.evaluation.retrieval import faiss_available
 
 
 class TinyDataset:

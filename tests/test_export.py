@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke_run(css_smoke_root, tmp_path_factory):
     """A run folder trained for a few steps on the CSS smoke set."""
-    from keras_irtf.training import train
+    from keras_irtf.training.loop import train
 
     out = tmp_path_factory.mktemp("export_run") / "css_smoke_tirg"
     cfg = tiny_config(css_smoke_root, f"train.out={out}", "train.steps=3", "train.steps_per_epoch=3",
@@ -33,7 +33,7 @@ def smoke_run(css_smoke_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(smoke_run, css_smoke_root, tmp_path_factory):
-    from keras_irtf.export import export_run
+    from keras_irtf.serving.export import export_run
 
     base = tmp_path_factory.mktemp("exported")
     path = export_run(smoke_run, out_root=base, gallery=Path(css_smoke_root) / "images", verbose=False)
@@ -115,8 +115,8 @@ def contract(exported, css_smoke_root, tmp_path_factory):
     from keras_irtf.config import load_config
     from keras_irtf.data.images import normalize_images
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.export import list_gallery, read_export_info
-    from keras_irtf.training import load_model
+    from keras_irtf.serving.export import list_gallery, read_export_info
+    from keras_irtf.training.loop import load_model
 
     tmp = tmp_path_factory.mktemp("client")
     info = read_export_info(exported)
@@ -227,7 +227,7 @@ def test_saved_model_cli_lists_string_inputs(exported):
 
 
 def test_export_info_and_gallery_list(exported, css_smoke_root):
-    from keras_irtf.export import list_gallery, read_export_info
+    from keras_irtf.serving.export import list_gallery, read_export_info
 
     info = read_export_info(exported)
     assert exported.name == "1" and exported.parent.name == "css_smoke_tirg"
@@ -250,7 +250,7 @@ def test_versions_force_and_interrupted_export(smoke_run, exported, tmp_path, mo
 
     import tensorflow as tf
 
-    from keras_irtf.export import ExportError, export_model, load_run, read_export_info
+    from keras_irtf.serving.export import ExportError, export_model, load_run, read_export_info
 
     tool = _load_tool("export")
     base = tmp_path / "exported"
@@ -295,7 +295,7 @@ def test_versions_force_and_interrupted_export(smoke_run, exported, tmp_path, mo
 
 
 def test_bad_run_and_gallery_errors(smoke_run, tmp_path):
-    from keras_irtf.export import ExportError, export_run, list_gallery
+    from keras_irtf.serving.export import ExportError, export_run, list_gallery
 
     with pytest.raises(ExportError, match="config.yaml not found: --run must be a run folder"):
         export_run(tmp_path, out_root=tmp_path / "x", verbose=False)
@@ -308,7 +308,7 @@ def test_bad_run_and_gallery_errors(smoke_run, tmp_path):
 
 def test_unknown_encoder_names_the_registry(smoke_run):
     from keras_irtf.config import load_config
-    from keras_irtf.export import ExportError, image_preprocessing_for, text_preprocessing_for
+    from keras_irtf.serving.export import ExportError, image_preprocessing_for, text_preprocessing_for
 
     cfg = load_config([smoke_run / "config.yaml"])
     cfg.model.image_encoder = "vit_giant"
@@ -320,7 +320,7 @@ def test_unknown_encoder_names_the_registry(smoke_run):
 
 
 def test_corrupt_gallery_image_is_named(smoke_run, tmp_path):
-    from keras_irtf.export import ExportError, export_run
+    from keras_irtf.serving.export import ExportError, export_run
 
     gallery = tmp_path / "gallery"
     gallery.mkdir()
@@ -336,7 +336,7 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
 
     from PIL import Image
 
-    from keras_irtf.query import FRAME_COLOR, ExportedModel, search
+    from keras_irtf.serving.query import FRAME_COLOR, ExportedModel, search
 
     gallery = Path(css_smoke_root) / "images"
     model = ExportedModel(exported)
@@ -382,7 +382,7 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
 def test_preprocessing_registry_is_pluggable(smoke_run, monkeypatch):
     import tensorflow as tf
 
-    from keras_irtf import export as E
+    from keras_irtf.serving import export as E
     from keras_irtf.config import load_config
     from keras_irtf.data.images import normalize_images
 
@@ -419,7 +419,7 @@ def test_every_composer_and_encoder_exports(method, image_encoder, css_smoke_roo
 
     from keras_irtf import api
     from keras_irtf.data.images import normalize_images
-    from keras_irtf.export import export_model
+    from keras_irtf.serving.export import export_model
 
     cfg = tiny_config(css_smoke_root, f"model.method={method}", f"model.image_encoder={image_encoder}",
                       "data.image_size=32")

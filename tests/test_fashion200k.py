@@ -19,7 +19,7 @@ from keras_irtf.data.fashion200k import (
     parent_captions,
     replace_texts,
 )
-from keras_irtf.data.fixtures import write_fashion200k
+from keras_irtf.testing.fixtures import write_fashion200k
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -174,7 +174,7 @@ def test_file_cache_is_filled_once_and_keyed_by_size(f2, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end_with_file_cache(f2_root, tmp_path):
-    from keras_irtf.training import train
+    from keras_irtf.training.loop import train
 
     cfg = load_config([repo_configs_dir() / "fashion200k.yaml"], [
         f"data.root={f2_root}", "data.image_size=32", f"data.file_cache={tmp_path / 'cache'}",

@@ -6,10 +6,10 @@ import pytest
 import tensorflow as tf
 
 from ga_tiny import tiny_batch, tiny_model
-from keras_irtf.gradient_augmentation import GradientAugmentation, dual_norm, per_example_norm
+from keras_irtf.model.gradient_augmentation import GradientAugmentation, dual_norm, per_example_norm
 
 
-# ---- independent reference computations (plain TF, not keras_irtf.losses) ---------------------
+# ---- independent reference computations (plain TF, not keras_irtf.model.losses) ---------------------
 def _l2n(x, scale):
     return scale * x / tf.sqrt(tf.reduce_sum(x * x, axis=-1, keepdims=True))
 
@@ -146,7 +146,7 @@ def test_all_weights_zero_is_the_plain_step():
     """The real TIRG (batch norm included) with GA^A (eps 0) and GA^I (gamma 0) switched on: one
     step gives the plain step's weights; with eps > 0 it does not (so the comparison can fail)."""
     from conftest import tiny_config
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     smoke_config = tiny_config()
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from keras_irtf import metrics as M
-from keras_irtf.retrieval import chunked_top_k
+from keras_irtf.evaluation import metrics as M
+from keras_irtf.evaluation.retrieval import chunked_top_k
 
 
 def test_recall_at_k_hand_computed():

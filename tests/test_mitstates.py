@@ -13,7 +13,7 @@ import pytest
 
 from keras_irtf.config import load_config, repo_configs_dir
 from keras_irtf.data.base import DatasetError, Queries
-from keras_irtf.data.fixtures import MITSTATES_SPEC, write_mitstates
+from keras_irtf.testing.fixtures import MITSTATES_SPEC, write_mitstates
 from keras_irtf.data.mitstates import TEST_NOUNS, MITStatesDataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +243,7 @@ def test_training_skips_queries_with_unreadable_images(ms_root, tmp_path, capfd,
 
 @pytest.mark.slow
 def test_train_and_evaluate_end_to_end(ms_root, tmp_path):
-    from keras_irtf.training import train
+    from keras_irtf.training.loop import train
 
     run, metrics = train(small_config(ms_root, tmp_path / "run"), verbose=0)
     test = metrics["test"]

@@ -26,8 +26,8 @@ def _args(css_root, out, steps):
 
 @pytest.mark.slow
 def test_two_workers_on_localhost_train_in_lock_step(css_smoke_root, tmp_path):
-    from keras_irtf.distribute import localhost_tf_configs
-    from keras_irtf.training import load_model
+    from keras_irtf.training.distribute import localhost_tf_configs
+    from keras_irtf.training.loop import load_model
 
     steps = 2
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")

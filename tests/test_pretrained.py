@@ -100,7 +100,7 @@ def test_input_conversion_follows_the_preset_converter(preset, tmp_path):
 
 
 def test_build_model_loads_the_preset_weights(preset, capsys):
-    from keras_irtf.training import build_model
+    from keras_irtf.training.loop import build_model
 
     model = build_model(config(f"model.image_weights={preset}"), vocab_size=20)
     enc = model.image_encoder
@@ -115,7 +115,7 @@ def test_build_model_loads_the_preset_weights(preset, capsys):
 
 def test_random_init_is_logged(capsys):
     from keras_irtf.layers import ResNet18Encoder
-    from keras_irtf.training import build_model
+    from keras_irtf.training.loop import build_model
 
     model = build_model(config(), vocab_size=20)
     assert isinstance(model.image_encoder, ResNet18Encoder)
@@ -123,8 +123,8 @@ def test_random_init_is_logged(capsys):
 
 
 def test_backbone_learning_rate_is_a_tenth(preset):
-    from keras_irtf.optimizers import MultiplierSGD
-    from keras_irtf.training import build_model, make_optimizer
+    from keras_irtf.model.optimizers import MultiplierSGD
+    from keras_irtf.training.loop import build_model, make_optimizer
 
     cfg = config(f"model.image_weights={preset}", "optim.weight_decay=0")
     model = build_model(cfg, vocab_size=20)
@@ -144,7 +144,7 @@ def test_backbone_learning_rate_is_a_tenth(preset):
 
 
 def test_saved_model_reloads_without_the_preset_folder(preset, tmp_path):
-    from keras_irtf.training import build_model, load_model, save_model
+    from keras_irtf.training.loop import build_model, load_model, save_model
 
     folder = tmp_path / "preset_copy"
     shutil.copytree(preset, folder)
@@ -160,8 +160,8 @@ def test_saved_model_reloads_without_the_preset_folder(preset, tmp_path):
 
 @pytest.mark.slow
 def test_tools_train_with_image_weights_trains_a_step(preset, tmp_path, capsys):
-    from keras_irtf.data.fixtures import write_mitstates
-    from keras_irtf.training import load_model
+    from keras_irtf.testing.fixtures import write_mitstates
+    from keras_irtf.training.loop import load_model
 
     data = write_mitstates(tmp_path / "ms")
     spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")

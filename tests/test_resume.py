@@ -22,7 +22,7 @@ def _cli(root, out):
 
 
 def _weights(run):
-    from keras_irtf.training import load_model
+    from keras_irtf.training.loop import load_model
 
     return load_model(run / "model.keras").get_weights()
 
@@ -54,8 +54,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(css_smoke_root, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
-    from keras_irtf.backup import TrainingDiverged
-    from keras_irtf.training import train
+    from keras_irtf.training.backup import TrainingDiverged
+    from keras_irtf.training.loop import train
 
     cfg = tiny_config(css_smoke_root, f"train.out={tmp_path / 'nan'}", "optim.learning_rate=1e12",
                       "optim.momentum=0.0", "train.steps=40", "loss.eta=0.001")
@@ -63,7 +63,7 @@ def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
         train(cfg, verbose=0)
     state = tmp_path / "nan" / "backup" / "state.json"
     if state.is_file():  # any backup written holds finite weights only
-        from keras_irtf.backup import latest_backup
+        from keras_irtf.training.backup import latest_backup
 
         import h5py
 
@@ -76,7 +76,7 @@ def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
 def test_global_batch_must_split_over_replicas():
     import tensorflow as tf
 
-    from keras_irtf.distribute import check_batch, parse_devices
+    from keras_irtf.training.distribute import check_batch, parse_devices
 
     class Two:
         num_replicas_in_sync = 2
@@ -90,7 +90,7 @@ def test_global_batch_must_split_over_replicas():
 
 
 def test_worker_info_reads_tf_config(monkeypatch):
-    from keras_irtf.distribute import make_strategy, worker_info
+    from keras_irtf.training.distribute import make_strategy, worker_info
 
     cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 1}}))

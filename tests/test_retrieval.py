@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from keras_irtf.retrieval import brute_force_top_k, chunked_top_k, faiss_available, resolve_backend
+from keras_irtf.evaluation.retrieval import brute_force_top_k, chunked_top_k, faiss_available, resolve_backend
 
 BACKENDS = ["tf", pytest.param("faiss", marks=pytest.mark.skipif(
     not faiss_available(), reason="faiss-cpu is not installed (optional extra: pip install 'keras_irtf[faiss]')"))]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_irtf.data.pipeline import training_dataset
-from keras_irtf.training import build_model, load_model, make_optimizer, sample_batch, save_model, train
+from keras_irtf.training.loop import build_model, load_model, make_optimizer, sample_batch, save_model, train
 from tests.conftest import tiny_config
 
 

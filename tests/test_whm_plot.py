@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_irtf import metrics as M
+from keras_irtf.evaluation import metrics as M
 from keras_irtf.utils import read_json
 from tests.conftest import tiny_config
 
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope="module")
 def two_smoke_runs(css_smoke_root, tmp_path_factory):
-    from keras_irtf.training import train
+    from keras_irtf.training.loop import train
 
     base = tmp_path_factory.mktemp("whm_runs")
     # the first run also exercises the TensorBoard logging of train(): a GA term and a schedule
@@ -52,7 +52,7 @@ def test_whm_plot_from_two_runs(two_smoke_runs, tmp_path):
     import evaluate as evaluate_tool
     from PIL import Image
 
-    from keras_irtf.plots import COLORS
+    from keras_irtf.evaluation.plots import COLORS
 
     out = tmp_path / "figs" / "whm.png"
     argv = sum((["--run", str(r)] for r in two_smoke_runs), []) + ["--whm-plot", str(out), "--quiet"]
@@ -88,12 +88,12 @@ def test_whm_plot_from_two_runs(two_smoke_runs, tmp_path):
 def test_whm_plot_reuses_metrics_without_evaluating(two_smoke_runs, tmp_path, monkeypatch):
     import evaluate as evaluate_tool
 
-    import keras_irtf.evaluation
+    import keras_irtf.evaluation.protocol
 
     def fail(*a, **k):
         raise AssertionError("--reuse-metrics must not evaluate")
 
-    monkeypatch.setattr(keras_irtf.evaluation, "evaluate_run", fail)
+    monkeypatch.setattr(keras_irtf.evaluation.protocol, "evaluate_run", fail)
     out = tmp_path / "again.png"
     argv = sum((["--run", str(r)] for r in two_smoke_runs), []) + ["--whm-plot", str(out), "--reuse-metrics"]
     assert evaluate_tool.main(argv) == 0
@@ -105,7 +105,7 @@ def test_whm_plot_reuses_metrics_without_evaluating(two_smoke_runs, tmp_path, mo
 def test_whm_plot_errors_are_actionable(tmp_path, capsys):
     import evaluate as evaluate_tool
 
-    from keras_irtf.plots import write_whm_plot
+    from keras_irtf.evaluation.plots import write_whm_plot
 
     empty = tmp_path / "not_a_run"
     empty.mkdir()

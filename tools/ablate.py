@@ -39,7 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from keras_irtf import ablation as A
+    from keras_irtf.training import ablation as A
     from keras_irtf.config import ConfigError, repo_configs_dir
     from keras_irtf.data.base import DatasetError
 

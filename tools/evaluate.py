@@ -45,8 +45,8 @@ def main(argv=None):
 
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
-    from keras_irtf.evaluation import evaluate_run
-    from keras_irtf.training import format_results
+    from keras_irtf.evaluation.protocol import evaluate_run
+    from keras_irtf.training.loop import format_results
     from keras_irtf.utils import read_json
 
     results = {}
@@ -68,7 +68,7 @@ def main(argv=None):
                 print(f"## {label}")
             print(format_results(metrics))
         if args.whm_plot:
-            from keras_irtf.plots import write_whm_plot
+            from keras_irtf.evaluation.plots import write_whm_plot
 
             written = write_whm_plot(results, args.whm_plot)
             print(f"WHM plot: {written['png']} (numbers: {written['json']}, {written['csv']})")

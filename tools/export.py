@@ -31,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from keras_irtf.config import ConfigError
-    from keras_irtf.export import ExportError, export_run
+    from keras_irtf.serving.export import ExportError, export_run
 
     try:
         path = export_run(args.run, out_root=args.out, name=args.name, gallery=args.gallery,

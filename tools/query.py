@@ -34,8 +34,8 @@ def main(argv=None):
     if args.top < 1:
         p.error("--top must be >= 1")
 
-    from keras_irtf.export import ExportError
-    from keras_irtf.query import ExportedModel, draw_results, search
+    from keras_irtf.serving.export import ExportError
+    from keras_irtf.serving.query import ExportedModel, draw_results, search
 
     gallery = Path(args.gallery)
     targets = []

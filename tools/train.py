@@ -105,14 +105,14 @@ def main(argv=None):
             from keras_irtf.layers.pretrained import resolve_preset_dir
 
             resolve_preset_dir(cfg.model.image_weights)
-        from keras_irtf.training import format_results, train
+        from keras_irtf.training.loop import format_results, train
 
         run, metrics = train(cfg, verbose=0 if args.quiet else 1)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from keras_irtf.backup import TrainingDiverged
+        from keras_irtf.training.backup import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ loads BERT again from the same folders) and are never trainable. They accept two
 
 - tf.string texts [batch]: run the preprocessing and the encoder (inside a tf.function too, so an
   exported SavedModel can take raw text);
-- integer ids [batch] into an attached `keras_irtf.text_cache.TextEmbeddingCache`: gather the
+- integer ids [batch] into an attached `keras_irtf.data.text_cache.TextEmbeddingCache`: gather the
   embeddings precomputed once per run (training never re-runs BERT for a text it has seen).
 
 Nothing is ever downloaded: a URL or a missing folder is an error saying how to get a local copy.
@@ -93,7 +93,7 @@ class FrozenTextEncoder(keras.layers.Layer):
         return int(self._encoder_runs.numpy())
 
     def attach_cache(self, cache):
-        """Read integer inputs as row ids of `cache` (a keras_irtf.text_cache.TextEmbeddingCache)."""
+        """Read integer inputs as row ids of `cache` (a keras_irtf.data.text_cache.TextEmbeddingCache)."""
         self._cache = cache
 
     @property
@@ -130,7 +130,7 @@ class FrozenTextEncoder(keras.layers.Layer):
         if self._cache is None:
             raise ValueError(
                 f"{self.name} got integer ids but has no text-embedding cache attached: pass raw "
-                "strings, or build a keras_irtf.text_cache.TextEmbeddingCache and call attach_cache()"
+                "strings, or build a keras_irtf.data.text_cache.TextEmbeddingCache and call attach_cache()"
             )
         return self._cache.gather(tf.reshape(inputs, [-1]))
 

@@ -211,7 +211,7 @@ class _AutoencoderComposer(_Composer):
     def reconstruction_losses(self, theta, f_img, f_text, training=False):
         """Unweighted (L_rec_img, L_rec_text): per-example mean squared error over the feature,
         averaged over the GLOBAL batch (= torch's mse_loss on one device)."""
-        from keras_irtf.losses import average_over_global_batch
+        from keras_irtf.model.losses import average_over_global_batch
 
         rec_img, rec_text = self.decode(theta, training=training)
         l_img = average_over_global_batch(ops.mean(ops.square(rec_img - f_img), axis=-1))
@@ -283,7 +283,7 @@ class ComposeAEComposer(_AutoencoderComposer):
         """Unweighted L_rot_sym: the conjugate composition of the (unnormalised) target feature
         with the text, normalised, against the normalised query image feature, under the model's
         base loss."""
-        from keras_irtf.losses import RETRIEVAL_LOSSES
+        from keras_irtf.model.losses import RETRIEVAL_LOSSES
 
         back = model.normalization(self.compose(target_features, f_text, conjugate=-1.0, training=training))
         return RETRIEVAL_LOSSES[model.retrieval_loss](back, model.normalization(source_features))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_irtf import losses as L
-from keras_irtf.gradient_augmentation import GradientAugmentation
+from keras_irtf.model import losses as L
+from keras_irtf.model.gradient_augmentation import GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
 
 

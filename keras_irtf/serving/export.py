@@ -1,6 +1,6 @@
 """SavedModel export for TF Serving: raw bytes and raw strings in, embeddings or top-k out.
 
-    from keras_irtf.export import export_run
+    from keras_irtf.serving.export import export_run
     path = export_run("runs/css_tirg_s0", gallery="data/gallery")   # exported/css_tirg_s0/1
 
 The SavedModel is written through `keras.export.ExportArchive` into TF Serving's layout
@@ -176,7 +176,7 @@ def _choose(registry_for_encoder, registry, encoder, kind, key):
     if name is None or name not in registry:
         raise ExportError(
             f"{key}={encoder!r} has no registered {kind} preprocessing for export; known encoders: "
-            f"{sorted(registry_for_encoder)} (register one with keras_irtf.export.register_{kind}_preprocessing)"
+            f"{sorted(registry_for_encoder)} (register one with keras_irtf.serving.export.register_{kind}_preprocessing)"
         )
     return registry[name]
 
@@ -413,7 +413,7 @@ def write_atomically(base, version: int, write: Callable, force: bool = False) -
 def load_run(run_dir):
     """(config, Keras model) of a run folder written by training."""
     from keras_irtf.config import load_config
-    from keras_irtf.training import load_model
+    from keras_irtf.training.loop import load_model
 
     run_dir = Path(run_dir)
     for name in ("config.yaml", "model.keras"):

@@ -10,7 +10,7 @@
 - `optimizer/learning_rate`: the learning rate in effect after that step (schedules included).
 
 Steps left over at the end of training (fewer than `every_n_steps`) are written as a last,
-shorter window. `keras_irtf.training.train` adds this callback (logs/train of the run folder,
+shorter window. `keras_irtf.training.loop.train` adds this callback (logs/train of the run folder,
 every `train.log_every_steps` steps); the evaluation recalls go to logs/eval.
 
     model.fit(ds, callbacks=[TrainingScalars("runs/x/logs/train", every_n_steps=50)])

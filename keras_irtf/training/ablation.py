@@ -1,6 +1,6 @@
 """The GA paper's ablation grid: train and evaluate every cell over several seeds, then tabulate.
 
-    from keras_irtf.ablation import run_ablation, ablation_table
+    from keras_irtf.training.ablation import run_ablation, ablation_table
     results = run_ablation(["configs/css_ablation.yaml"], seeds=3, out="ablations/css")
     print(ablation_table(results))
 
@@ -94,7 +94,7 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
 
     from keras_irtf.config import load_config
     from keras_irtf.data import load_dataset
-    from keras_irtf.training import train
+    from keras_irtf.training.loop import train
 
     out = Path(out)
     base = load_config(config_paths, list(overrides))

@@ -5,11 +5,11 @@ test recall alone) upwards, to show how a ranking of methods depends on the weig
 training recall Ms. `write_whm_plot` draws that figure with Pillow (no plotting library needed)
 and writes the numbers beside it:
 
-    from keras_irtf.plots import write_whm_plot
+    from keras_irtf.evaluation.plots import write_whm_plot
     write_whm_plot({"tirg": metrics_a, "tirg+ga": metrics_b}, "whm.png")
     # -> whm.png, whm.json (Ms, Mt and every curve point), whm.csv (alpha, one column per run)
 
-`metrics_*` are the dicts `keras_irtf.evaluation.evaluate` returns (a run's metrics.json):
+`metrics_*` are the dicts `keras_irtf.evaluation.protocol.evaluate` returns (a run's metrics.json):
 only their "whm" entry (Ms, Mt, ks) is used.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_irtf import metrics as M
+from keras_irtf.evaluation import metrics as M
 
 # distinguishable on white and for the common colour-vision deficiencies (Okabe-Ito)
 COLORS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
@@ -32,7 +32,7 @@ DEFAULT_ALPHAS = tuple(np.round(np.linspace(0.0, 2.0, 41), 10))
 
 
 def whm_curve(ms: float, mt: float, alphas=DEFAULT_ALPHAS) -> list:
-    """WHM(Ms, Mt) at every alpha, by `keras_irtf.metrics.weighted_harmonic_mean`."""
+    """WHM(Ms, Mt) at every alpha, by `keras_irtf.evaluation.metrics.weighted_harmonic_mean`."""
     return [M.weighted_harmonic_mean(ms, mt, float(a)) for a in alphas]
 
 

@@ -23,9 +23,9 @@ from keras_irtf.utils import atomic_write_text, write_json
 def build_model(cfg: Config, vocab_size: int):
     """A ComposedRetrievalModel as the config describes (not yet built or compiled)."""
     from keras_irtf.config import ConfigError
-    from keras_irtf.gradient_augmentation import GradientAugmentation
+    from keras_irtf.model.gradient_augmentation import GradientAugmentation
     from keras_irtf.layers import COMPOSERS, LSTMTextEncoder, ResNet18Encoder, ScaledL2Normalization, SmallCNNEncoder
-    from keras_irtf.model import ComposedRetrievalModel
+    from keras_irtf.model.retrieval_model import ComposedRetrievalModel
 
     m = cfg.model
     if m.image_encoder == "small_cnn":
@@ -95,7 +95,7 @@ def text_input_for(cfg: Config, dataset, run=None, verbose=True):
     """(vectorizer for the pipelines, vocabulary size) of the configured text encoder.
 
     LSTM: a TextVectorizer over the training texts (saved as run/vocab.txt). BERT: (None, 0);
-    the vectorizer comes from `keras_irtf.text_cache.prepare_text_input` once the model exists.
+    the vectorizer comes from `keras_irtf.data.text_cache.prepare_text_input` once the model exists.
     """
     from keras_irtf.data.text import TextVectorizer
 
@@ -123,7 +123,7 @@ def make_optimizer(cfg: Config, model=None):
     else:
         optimizer = keras.optimizers.Adam(lr, weight_decay=o.weight_decay or None, **extra)
     if model is not None:
-        from keras_irtf.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
+        from keras_irtf.model.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
 
         groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier)
         if groups:
@@ -154,11 +154,11 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
     batches, optimizer state, learning-rate schedule and random generators).
     """
-    from keras_irtf.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
+    from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
-    from keras_irtf.evaluation import evaluate
+    from keras_irtf.training.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
+    from keras_irtf.evaluation.protocol import evaluate
 
     strategy = make_strategy(cfg.train.strategy, cfg.train.devices)
     check_batch(cfg.train.batch_size, strategy)
@@ -180,7 +180,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
         model.compile(optimizer=make_optimizer(cfg, model), jit_compile=cfg.train.jit_compile)
         model.optimizer.build(model.trainable_variables)
     if vectorizer is None:  # frozen BERT: embed each distinct text of the run once (text_cache)
-        from keras_irtf.text_cache import prepare_text_input, texts_of_run
+        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
 
         vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache,
                                         verbose=bool(verbose) and chief)
@@ -204,7 +204,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
 
     backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
     cbs = [StopOnNonFiniteLoss(), backup]
-    from keras_irtf.callbacks import TrainingScalars
+    from keras_irtf.training.callbacks import TrainingScalars
 
     every = cfg.train.log_every_steps
     if chief:
@@ -284,8 +284,8 @@ def weights_digest(model) -> str:
 
 def load_model(path):
     import keras_irtf.layers  # noqa: F401  (registers the classes)
-    import keras_irtf.model  # noqa: F401  (registers the model class)
-    import keras_irtf.optimizers  # noqa: F401
+    import keras_irtf.model.retrieval_model  # noqa: F401  (registers the model class)
+    import keras_irtf.model.optimizers  # noqa: F401
 
     return keras.saving.load_model(path)
 

@@ -1,6 +1,6 @@
 """Querying an exported SavedModel and drawing the paper's qualitative figure.
 
-    from keras_irtf.query import ExportedModel, search, draw_results
+    from keras_irtf.serving.query import ExportedModel, search, draw_results
     model = ExportedModel("exported/css_tirg_s0/1")
     results = search(model, "q.png", "make the red cube blue", "data/gallery", top=10)
     draw_results("q.png", "make the red cube blue", results, "grid.png", targets=["data/gallery/t.png"])
@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from keras_irtf.export import GALLERY_LIST_NAME, ExportError, list_gallery, read_export_info
+from keras_irtf.serving.export import GALLERY_LIST_NAME, ExportError, list_gallery, read_export_info
 
 FRAME_COLOR = (20, 170, 40)  # ground truth
 QUERY_COLOR = (40, 90, 220)
@@ -34,7 +34,7 @@ class Result:
 
 
 class ExportedModel:
-    """A SavedModel version folder written by keras_irtf.export, loaded with TensorFlow only."""
+    """A SavedModel version folder written by keras_irtf.serving.export, loaded with TensorFlow only."""
 
     def __init__(self, path):
         import tensorflow as tf

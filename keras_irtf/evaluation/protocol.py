@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf import metrics as M
+from keras_irtf.evaluation import metrics as M
 from keras_irtf.data.base import Queries, Split
 from keras_irtf.data.pipeline import images_dataset, queries_dataset
-from keras_irtf.retrieval import chunked_top_k, resolve_backend
+from keras_irtf.evaluation.retrieval import chunked_top_k, resolve_backend
 from keras_irtf.utils import Progress
 
 
@@ -53,7 +53,7 @@ def embed_query_set(model, split: Split, queries: Queries, vectorizer, batch_siz
 
 def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chunk=8192, verbose=True,
          backend="tf"):
-    """Top-k gallery positions for every query (bounded memory; see keras_irtf.retrieval), with a
+    """Top-k gallery positions for every query (bounded memory; see keras_irtf.evaluation.retrieval), with a
     progress bar. backend: "tf" (default), "faiss" (exact, needs faiss-cpu) or "auto"."""
     backend = resolve_backend(backend)
     progress = Progress(len(query_emb), f"ranking ({backend})", enabled=verbose)
@@ -123,7 +123,7 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None) -> dict:
     from keras_irtf.config import load_config
     from keras_irtf.data import load_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training import load_model
+    from keras_irtf.training.loop import load_model
     from keras_irtf.utils import read_json, write_json
 
     run = Path(run)
@@ -141,7 +141,7 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None) -> dict:
     if lstm:
         vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
     else:
-        from keras_irtf.text_cache import prepare_text_input, texts_of_run
+        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
 
         vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache, verbose=verbose)
     result = evaluate(

@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_irtf.config import parse_ga_methods
-from keras_irtf.losses import average_over_global_batch, replica_info
+from keras_irtf.model.losses import average_over_global_batch, replica_info
 
 POINTS = ("input", "image_feature", "text_feature", "composed")
 

@@ -1,0 +1,2 @@
+"""Training runs: the fit loop behind tools/train.py, crash-safe backups, callbacks,
+tf.distribute support and the ablation grid."""
