@@ -101,7 +101,7 @@ class TimedSetting:
 
         from keras_irtf.data.pipeline import training_dataset
         from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
-        from keras_irtf.training.loop import build_model, make_optimizer
+        from keras_irtf.experiment import build_model, make_optimizer
 
         keras.utils.set_random_seed(cfg.train.seed)
         self.model = build_model(cfg, 0)
@@ -201,7 +201,7 @@ def main(argv=None):
     texts = texts_of_run(dataset)
     print(f"{len(texts)} distinct texts in the run", flush=True)
     pre, enc = make_tiny_hub_bert(work / "tiny_hub_bert", texts, hidden_size=768)
-    hub = [f"model.bert_preprocess={pre}", f"model.bert_encoder={enc}", "model.bert_dim=768"]
+    hub = [f"model.text_encoder.preprocess={pre}", f"model.text_encoder.encoder={enc}", "model.text_encoder.dim=768"]
     results = {"command": C.command_line(), "steps": args.steps, "quick": args.quick, "overrides": args.set,
                "distinct_texts": len(texts), "batch_size": base_cfg.train.batch_size,
                "timing_steps": args.timing_steps, "timing_rounds": args.timing_rounds,
@@ -227,7 +227,7 @@ def main(argv=None):
                      else f"BERT-Base-width keras-hub backbone ({args.big_layers} layers, 768-d; --quick)")
         sources = {
             TINY: hub,
-            big_label: ["model.text_encoder=bert_keras_hub", f"model.bert_preset={big}", "model.bert_dim=768"],
+            big_label: ["model.text_encoder=bert_keras_hub", f"model.text_encoder.preset={big}", "model.text_encoder.dim=768"],
         }
         for label, src in sources.items():
             cfg = config_for("composeae", src + args.set)

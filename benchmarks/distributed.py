@@ -70,7 +70,7 @@ def replica_worker(args):
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     cfg = load_config(_config_files(args.quick), [])
     dataset = load_dataset(cfg, verbose=False)

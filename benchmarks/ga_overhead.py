@@ -71,7 +71,7 @@ def main(argv=None):
     import tensorflow as tf
 
     from keras_irtf.config import load_config
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     overrides = list(args.set) + ([f"train.batch_size={args.batch}"] if args.batch else [])
     base = load_config([args.config], overrides)

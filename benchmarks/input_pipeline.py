@@ -89,7 +89,7 @@ def main(argv=None):
     from keras_irtf.data.mitstates import MITStatesDataset, list_images
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="irtf_pipeline_"))
     root = work / "mitstates"

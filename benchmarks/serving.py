@@ -80,7 +80,7 @@ def main(argv=None):
     from keras_irtf.config import load_config
     from keras_irtf.data.text import TextVectorizer
     from keras_irtf.serving.export import export_run, image_preprocessing_for, images_from_bytes, list_gallery
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import load_model
 
     tmp = Path(tempfile.mkdtemp(prefix="serving_bench_"))
     if args.run:

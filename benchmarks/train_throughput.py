@@ -46,8 +46,8 @@ CASES = {
     ),
     "resnet18_224": dict(
         label="ResNet-18, 224x224, JPEG files decoded in tf.data",
-        overrides=["model.image_encoder=resnet18", "data.image_size=224", "model.word_embed_dim=512",
-                   "model.text_hidden_dim=512"],
+        overrides=["model.image_encoder=resnet18", "data.image_size=224", "model.text_encoder.word_embed_dim=512",
+                   "model.text_encoder.hidden_dim=512"],
         files=True,
     ),
 }
@@ -96,7 +96,7 @@ def worker(args):
     from keras_irtf.data.css_generator import generate
     from keras_irtf.data.pipeline import training_dataset
     from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     case = CASES[args.worker]
     tmp = Path(args.tmp)

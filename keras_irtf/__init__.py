@@ -17,10 +17,14 @@ from keras_irtf.config import Config, ConfigError, load_config  # noqa: E402
 
 def __getattr__(name):
     # Heavy imports (TensorFlow) only when used.
-    if name in ("build_model", "make_optimizer", "train", "load_model", "save_model", "sample_batch"):
-        from keras_irtf.training import loop as training
+    if name == "train":
+        from keras_irtf.training.loop import train
 
-        return getattr(training, name)
+        return train
+    if name in ("Experiment", "load_model", "save_model"):
+        from keras_irtf import experiment
+
+        return getattr(experiment, name)
     if name == "load_dataset":
         from keras_irtf.data import load_dataset
 
@@ -40,6 +44,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'keras_irtf' has no attribute {name!r}")
 
 
-__all__ = ["Config", "ConfigError", "load_config", "load_dataset", "build_model", "make_optimizer",
-           "train", "evaluate", "load_model", "save_model", "ComposedRetrievalModel",
-           "Benchmark", "load_benchmark", "create_model", "save_run", "export_run"]
+__all__ = ["Config", "ConfigError", "load_config", "load_dataset", "Experiment", "train", "evaluate",
+           "load_model", "save_model", "ComposedRetrievalModel", "Benchmark", "load_benchmark", "create_model",
+           "save_run", "export_run"]

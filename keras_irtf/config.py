@@ -20,17 +20,138 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be applied."""
 
 
+class OneOf:
+    """The config section of a pluggable kind: the registered type's name and its own settings.
+
+    In YAML, either the type alone (`image_encoder: resnet18`) or a mapping with `type` and that
+    type's keys (`image_encoder: {type: resnet18, weights: /presets/resnet_18_imagenet}`); on the
+    command line `--set model.image_encoder=resnet18` and `--set model.image_encoder.weights=DIR`.
+    Each type's defaults live in the dataclass it was registered with (keras_irtf.registry), so
+    switching the type switches the valid keys; settings given for one type are kept if the type
+    changes and changes back.
+    """
+
+    def __init__(self, kind: str, type: str, **settings):
+        self.kind = kind  # a key of keras_irtf.registry.REGISTRIES
+        self.type = str(type)
+        self._settings: dict = {}
+        if settings:
+            self.update(settings, where="OneOf")
+
+    @property
+    def registry(self):
+        from keras_irtf.registry import REGISTRIES
+
+        return REGISTRIES[self.kind]
+
+    def entry(self):
+        from keras_irtf.registry import RegistryError
+
+        try:
+            return self.registry.get(self.type)
+        except RegistryError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def settings(self):
+        """The selected type's settings (a dataclass instance, or None for a type without keys)."""
+        if self.type not in self._settings:
+            self._settings[self.type] = self.entry().default_settings()
+        return self._settings[self.type]
+
+    def update(self, value, where: str, key: str = ""):
+        """Apply a YAML/override value: a type name, or a mapping of `type` and settings."""
+        if not isinstance(value, dict):
+            if value is None or isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: {key} expects a {self.registry.kind} name or a mapping with 'type'")
+            self.type = str(value)
+            self.entry()  # an unknown name fails here, listing the registered ones
+            return
+        value = dict(value)
+        if "type" in value:
+            self.update(value.pop("type"), where, key)
+        for name, item in value.items():
+            if isinstance(item, dict) and name in self.registry:
+                # the explicit form: settings of a named type, selected or not
+                saved, self.type = self.type, name
+                try:
+                    self.update(item, where, key)
+                finally:
+                    self.type = saved
+                continue
+            settings = self.settings
+            fields = {f.name: f for f in dataclasses.fields(settings)} if settings is not None else {}
+            if name not in fields:
+                raise ConfigError(
+                    f"{where}: unknown key {key}.{name} for the {self.registry.kind} {self.type!r}; its keys: "
+                    f"{sorted(fields) or 'none'}" + _owners_hint(self.registry, name)
+                )
+            setattr(settings, name, _coerce(f"{key}", fields[name], item, where))
+
+    # cfg.model.image_encoder.filters reads (and sets) the selected type's key
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("kind", "type"):
+            raise AttributeError(name)
+        settings = self.settings
+        if settings is not None and name in {f.name for f in dataclasses.fields(settings)}:
+            return getattr(settings, name)
+        raise AttributeError(f"the {self.kind} {self.type!r} has no key {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in ("kind", "type", "_settings"):
+            object.__setattr__(self, name, value)
+            return
+        settings = self.settings
+        if settings is None or name not in {f.name for f in dataclasses.fields(settings)}:
+            raise AttributeError(f"the {self.kind} {self.type!r} has no key {name!r}")
+        setattr(settings, name, value)
+
+    def to_dict(self):
+        settings = self.settings
+        out = {"type": self.type}
+        if settings is not None:
+            out.update(_to_plain(dataclasses.asdict(settings)))
+        return out
+
+    def __eq__(self, other):
+        if isinstance(other, str):  # cfg.model.text_encoder == "bert_hub"
+            return self.type == other
+        return isinstance(other, OneOf) and self.kind == other.kind and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash((self.kind, self.type))
+
+    def __str__(self):
+        return self.type
+
+    def __repr__(self):
+        return f"OneOf({self.kind}, {self.to_dict()})"
+
+    def __deepcopy__(self, memo):
+        new = OneOf(self.kind, self.type)
+        new._settings = copy.deepcopy(self._settings, memo)
+        return new
+
+
+def _owners_hint(registry, key) -> str:
+    owners = [e.name for e in registry.entries() if key in e.keys]
+    return f" ({key!r} is a key of: {', '.join(owners)})" if owners else ""
+
+
+def _one_of(kind: str, type: str):
+    return dataclasses.field(default_factory=lambda: OneOf(kind, type))
+
+
 @dataclasses.dataclass
 class DataConfig:
-    dataset: str = "css"
+    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | ...) and its own keys,
+    # e.g. data.dataset.size for the built-in CSS.
+    dataset: OneOf = _one_of("dataset", "css")
     # Folder of the dataset in its official layout. For CSS, None means: generate the built-in
-    # benchmark of size `css_size` into `cache_dir` (once) and read it from there.
+    # benchmark (data.dataset.size) into `cache_dir` (once) and read it from there.
     root: Optional[str] = None
-    css_size: str = "small"  # smoke | small | full (built-in generator)
-    css_seed: int = 0  # generator seed (the dataset itself), independent of the training seed
-    css_images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
     cache_dir: Optional[str] = None  # default: $KERAS_IRTF_CACHE or ./data/cache
-    image_size: int = 64
+    image_size: int = 64  # the image encoder's input side S (its preprocessing makes S x S)
     train_recall_queries: int = 10000  # size of the seeded training-query sample for Ms
     # Keep only a seeded subset of this many training queries (None = all): a small training set
     # trained for many epochs over-fits, the regime in which a regulariser such as GA can help.
@@ -41,53 +162,54 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    method: str = "tirg"  # tirg | concat | image_only | text_only | composeae | composeae_real
-    image_encoder: str = "small_cnn"  # small_cnn | resnet18
-    image_weights: Optional[str] = None  # local keras-hub preset folder for a pretrained ResNet
-    text_encoder: str = "lstm"  # lstm | bert_hub | bert_keras_hub (frozen BERT, local files)
-    bert_preprocess: Optional[str] = None  # bert_hub: folder of the TF-Hub preprocessing SavedModel
-    bert_encoder: Optional[str] = None  # bert_hub: folder of the TF-Hub BERT encoder SavedModel
-    bert_preset: Optional[str] = None  # bert_keras_hub: local keras-hub preset folder
-    bert_dim: int = 768  # width of BERT's pooled output (768 for BERT-Base)
-    bert_seq_length: int = 0  # tokens per text; 0 = the preprocessing model's default
-    text_cache: bool = True  # embed each distinct text once per run (frozen BERT)
-    # ComposeAE's extra terms: image reconstruction, text reconstruction, rotational symmetry
-    composeae_loss_weights: tuple = (0.1, 0.1, 0.01)
-    composeae_dropout: float = 0.5  # dropout of ComposeAE's projections (the reference's 0.5)
+    # The three pluggable parts, each with its own keys (keras_irtf.registry).
+    composer: OneOf = _one_of("composer", "tirg")
+    image_encoder: OneOf = _one_of("image_encoder", "small_cnn")
+    text_encoder: OneOf = _one_of("text_encoder", "lstm")
     embed_dim: int = 512
-    word_embed_dim: int = 512
-    text_hidden_dim: int = 512
-    cnn_filters: tuple = (16, 32, 64, 128)
-    cnn_stem_stride: int = 2
     max_text_length: int = 16
-    dropout: float = 0.1
     initial_scale: float = 4.0
+
+    @property
+    def method(self) -> str:
+        """The composer's name (what run names and metrics call the method)."""
+        return self.composer.type
 
 
 @dataclasses.dataclass
 class LossConfig:
-    kind: str = "batch_classification"  # batch_classification | soft_triplet
+    kind: str = "batch_classification"  # a registered retrieval loss: batch_classification | soft_triplet
     eta: float = 0.0  # weight of the similarity matching loss L_S (0 = off)
     similarity_reduction: str = "sum"  # sum (paper: ||.||^2) | mean (authors' code: mean over dims)
 
 
 @dataclasses.dataclass
 class GAConfig:
-    # Comma-separated list of: adversarial, isotropic, fgsm, l1, l2 ("" = none).
+    # Comma-separated registered GA methods: adversarial, isotropic, fgsm, l1, l2 ("" = none).
+    # Each method's own keys are under ga.<method> (e.g. ga.adversarial.eps, ga.isotropic.gamma).
     methods: str = ""
-    # Adversarial GA: L_GA^A = eps * mean_i ||dL/dx_i||_q with q the dual of the attack norm p.
-    eps: float = 1e-3
-    attack_norm: str = "inf"  # inf -> q = 1 ; 2 -> q = 2
-    point: str = "input"  # input | image_feature | text_feature | composed
-    # Isotropic GA: gamma * n added to the gradient of every trainable variable, n ~ N(0, 1).
-    gamma: float = 1e-3
-    noise_scaling: str = "per_element"  # per_element (gamma * n) | mean (gamma * n / size)
+    point: str = "input"  # where x is taken (adversarial, fgsm): input | image_feature | text_feature | composed
     mode: str = "paper"  # paper | reference (the authors' code, departures included)
-    # FGSM baseline: delta = fgsm_eps * sign(dL/dx).
-    fgsm_eps: float = 1e-2
-    # L1 / L2 weight regularisation baselines.
-    l1: float = 1e-6
-    l2: float = 1e-4
+    _settings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name):
+        # cfg.ga.adversarial.eps: a registered GA method's settings
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if _is_ga_method(name):
+            return self.settings(name)
+        raise AttributeError(f"'GAConfig' has no key or GA method {name!r}")
+
+    def settings(self, method: str):
+        """The settings of a registered GA method (defaults unless configured)."""
+        if method not in self._settings:
+            from keras_irtf.registry import GA_METHODS, RegistryError
+
+            try:
+                self._settings[method] = GA_METHODS.get(method).default_settings()
+            except RegistryError as e:
+                raise ConfigError(str(e)) from None
+        return self._settings[method]
 
 
 @dataclasses.dataclass
@@ -120,12 +242,13 @@ class TrainConfig:
 @dataclasses.dataclass
 class EvalConfig:
     ks: tuple = (1, 5, 10, 50)
-    whm_ks: tuple = (1, 5, 10)  # the recalls averaged into Ms and Mt (Fashion200k: 1, 10, 50)
+    # The recalls averaged into Ms and Mt; empty = the dataset's reported Ks (Fashion200k: 1, 10, 50).
+    whm_ks: tuple = ()
     alpha: float = 0.5
     batch_size: int = 256
     query_chunk: int = 1024
     gallery_chunk: int = 8192
-    backend: str = "tf"  # retrieval: tf | faiss (exact, needs faiss-cpu) | auto (faiss when installed)
+    backend: str = "tf"  # retrieval: tf | faiss (exact, needs faiss-cpu) | auto
 
 
 @dataclasses.dataclass
@@ -139,7 +262,22 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        out = {}
+        for section in dataclasses.fields(self):
+            sub = getattr(self, section.name)
+            values = {}
+            for f in dataclasses.fields(sub):
+                if f.name.startswith("_"):
+                    continue
+                value = getattr(sub, f.name)
+                values[f.name] = value.to_dict() if isinstance(value, OneOf) else _to_plain(value)
+            if isinstance(sub, GAConfig):
+                for method in parse_ga_methods(sub.methods):
+                    settings = sub.settings(method)
+                    if settings is not None:
+                        values[method] = _to_plain(dataclasses.asdict(settings))
+            out[section.name] = values
+        return out
 
     def copy(self) -> "Config":
         return copy.deepcopy(self)
@@ -149,10 +287,10 @@ class Config:
         return parse_ga_methods(self.ga.methods)
 
 
-GA_METHODS = ("adversarial", "isotropic", "fgsm", "l1", "l2")
-
-
 def parse_ga_methods(text) -> tuple:
+    """'adversarial,isotropic' (or a list) -> ('adversarial', 'isotropic'); each must be registered."""
+    from keras_irtf.registry import GA_METHODS
+
     if isinstance(text, (list, tuple)):
         items = [str(t).strip() for t in text]
     else:
@@ -162,9 +300,37 @@ def parse_ga_methods(text) -> tuple:
     if unknown:
         raise ConfigError(
             f"ga.methods: unknown method(s) {unknown}; expected a comma-separated subset of "
-            f"{list(GA_METHODS)}"
+            f"{GA_METHODS.names()}"
         )
     return tuple(dict.fromkeys(items))
+
+
+# Keys of earlier versions -> where they live now (for an error that says where to go).
+MOVED_KEYS = {
+    "model.method": "model.composer (or --method)",
+    "model.cnn_filters": "model.image_encoder.filters (small_cnn)",
+    "model.cnn_stem_stride": "model.image_encoder.stem_stride (small_cnn)",
+    "model.image_weights": "model.image_encoder.weights (resnet18)",
+    "model.word_embed_dim": "model.text_encoder.word_embed_dim (lstm)",
+    "model.text_hidden_dim": "model.text_encoder.hidden_dim (lstm)",
+    "model.dropout": "model.text_encoder.dropout (lstm)",
+    "model.bert_preprocess": "model.text_encoder.preprocess (bert_hub)",
+    "model.bert_encoder": "model.text_encoder.encoder (bert_hub)",
+    "model.bert_preset": "model.text_encoder.preset (bert_keras_hub)",
+    "model.bert_dim": "model.text_encoder.dim (bert_hub, bert_keras_hub)",
+    "model.bert_seq_length": "model.text_encoder.seq_length (bert_hub, bert_keras_hub)",
+    "model.text_cache": "model.text_encoder.cache (bert_hub, bert_keras_hub)",
+    "model.composeae_loss_weights": "model.composer.loss_weights (composeae, composeae_real)",
+    "model.composeae_dropout": "model.composer.dropout (composeae)",
+    "data.css_size": "data.dataset.size (css)",
+    "data.css_seed": "data.dataset.seed (css)",
+    "data.css_images": "data.dataset.images (css)",
+    "ga.eps": "ga.adversarial.eps",
+    "ga.attack_norm": "ga.adversarial.attack_norm",
+    "ga.gamma": "ga.isotropic.gamma",
+    "ga.noise_scaling": "ga.isotropic.noise_scaling",
+    "ga.fgsm_eps": "ga.fgsm.eps",
+}
 
 
 def _to_plain(value):
@@ -227,30 +393,63 @@ def merge_dict(cfg: Config, updates: dict, where: str = "config") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping of keys")
         sub = getattr(cfg, section)
-        fields = {f.name: f for f in dataclasses.fields(sub)}
+        fields = {f.name: f for f in dataclasses.fields(sub) if not f.name.startswith("_")}
         for key, value in values.items():
-            if key not in fields:
+            current = getattr(sub, key, None) if key in fields else None
+            if isinstance(current, OneOf):
+                current.update(value, where, f"{section}.{key}")
+            elif key in fields:
+                setattr(sub, key, _coerce(section, fields[key], value, where))
+            elif isinstance(sub, GAConfig) and _is_ga_method(key):
+                _update_settings(sub.settings(key), value, where, f"ga.{key}")
+            else:
+                moved = MOVED_KEYS.get(f"{section}.{key}")
+                hint = f"; it moved to {moved}" if moved else ""
+                extra = ""
+                if isinstance(sub, GAConfig):
+                    from keras_irtf.registry import GA_METHODS
+
+                    extra = f", or a GA method's section {GA_METHODS.names()}"
                 raise ConfigError(
-                    f"{where}: unknown config key {section}.{key}; valid keys in {section!r}: "
-                    f"{sorted(fields)}"
+                    f"{where}: unknown config key {section}.{key}{hint}; valid keys in {section!r}: "
+                    f"{sorted(fields)}{extra}"
                 )
-            setattr(sub, key, _coerce(section, fields[key], value, where))
     return cfg
 
 
+def _is_ga_method(name) -> bool:
+    from keras_irtf.registry import GA_METHODS
+
+    return name in GA_METHODS
+
+
+def _update_settings(settings, value, where, key):
+    fields = {f.name: f for f in dataclasses.fields(settings)} if settings is not None else {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping of its keys {sorted(fields) or '(none)'}")
+    for name, item in value.items():
+        if name not in fields:
+            raise ConfigError(f"{where}: unknown key {key}.{name}; its keys: {sorted(fields) or 'none'}")
+        setattr(settings, name, _coerce(key, fields[name], item, where))
+
+
 def parse_override(text: str) -> dict:
-    """'train.steps=100' -> {'train': {'steps': 100}} (the value is read as YAML)."""
+    """'train.steps=100' -> {'train': {'steps': 100}}; deeper keys nest
+    ('model.image_encoder.weights=D' -> {'model': {'image_encoder': {'weights': 'D'}}}).
+    The value is read as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     path, raw = text.split("=", 1)
     parts = path.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: expected section.key=value (e.g. train.steps=100)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return {parts[0]: {parts[1]: value}}
+    for part in reversed(parts[1:]):
+        value = {part: value}
+    return {parts[0]: value}
 
 
 def load_yaml(path) -> dict:
@@ -293,28 +492,51 @@ def _apply_file(cfg: Config, path: Path, seen: set):
     merge_dict(cfg, data, where=str(path))
 
 
+# Choices of the plain keys. The registered kinds' keys declare theirs in their settings
+# dataclass (a class attribute CHOICES = {key: (...)}), and may add a validate(self) method.
 _CHOICES = {
-    ("data", "css_size"): ("smoke", "small", "full"),
-    ("data", "css_images"): ("auto", "png", "2d"),
     ("data", "on_bad_image"): ("error", "skip"),
-    ("model", "text_encoder"): ("lstm", "bert_hub", "bert_keras_hub"),
-    ("loss", "kind"): ("batch_classification", "soft_triplet"),
     ("loss", "similarity_reduction"): ("sum", "mean"),
-    ("ga", "attack_norm"): ("inf", "2"),
     ("ga", "point"): ("input", "image_feature", "text_feature", "composed"),
-    ("ga", "noise_scaling"): ("per_element", "mean"),
     ("ga", "mode"): ("paper", "reference"),
     ("optim", "optimizer"): ("sgd", "adam"),
     ("train", "strategy"): ("auto", "one_device", "mirrored", "multi_worker"),
+    ("eval", "backend"): ("tf", "faiss", "auto"),
 }
 
 
+def _check_settings(settings, key: str):
+    if settings is None:
+        return
+    for name, choices in getattr(settings, "CHOICES", {}).items():
+        value = str(getattr(settings, name))
+        if value not in choices:
+            raise ConfigError(f"{key}.{name}={value!r}: expected one of {list(choices)}")
+    check = getattr(settings, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
 def validate(cfg: Config):
+    """Every value in its domain; every named composer, encoder, dataset, loss and GA method
+    registered (keras_irtf.registry)."""
+    from keras_irtf.registry import RETRIEVAL_LOSSES
+
     for (section, key), choices in _CHOICES.items():
         value = str(getattr(getattr(cfg, section), key))
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r}: expected one of {list(choices)}")
-    parse_ga_methods(cfg.ga.methods)
+    for key, one_of in (("data.dataset", cfg.data.dataset), ("model.composer", cfg.model.composer),
+                        ("model.image_encoder", cfg.model.image_encoder),
+                        ("model.text_encoder", cfg.model.text_encoder)):
+        _check_settings(one_of.settings, key)
+    if cfg.loss.kind not in RETRIEVAL_LOSSES:
+        raise ConfigError(f"loss.kind={cfg.loss.kind!r}: expected one of {RETRIEVAL_LOSSES.names()}")
+    for method in parse_ga_methods(cfg.ga.methods):
+        _check_settings(cfg.ga.settings(method), f"ga.{method}")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be >= 2 (the batch supplies the negatives)")
     if cfg.train.steps < 1:
@@ -327,7 +549,7 @@ def default_cache_dir(cfg: Config) -> Path:
 
 def default_run_name(cfg: Config) -> str:
     ga = "+".join(cfg.ga_methods)
-    parts = [cfg.data.dataset, cfg.model.method]
+    parts = [cfg.data.dataset.type, cfg.model.method]
     if cfg.loss.eta > 0:
         parts.append("ls")
     if ga:

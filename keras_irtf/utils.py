@@ -1,4 +1,4 @@
-"""Small helpers: a progress bar that needs no TensorFlow, atomic file writes, JSON I/O."""
+"""Small helpers: the progress bar (Keras' Progbar), atomic file writes, JSON I/O."""
 
 from __future__ import annotations
 
@@ -6,50 +6,34 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 class Progress:
-    """A text progress bar on stderr: redrawn in place on a terminal, every 10% otherwise."""
+    """Keras' Progbar, fed with increments: the one progress-bar style of keras_irtf (training
+    shows Keras' own). Redrawn in place on a terminal; in a log file, a line every 10 seconds."""
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, unit: str = "step"):
         self.total = max(int(total), 1)
-        self.desc = desc
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.start = time.time()
         self.count = 0
-        self._last_decile = -1
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            import keras
+
+            tty = sys.stdout.isatty()
+            if desc:
+                print(desc, flush=True)
+            self.bar = keras.utils.Progbar(self.total, interval=0.05 if tty else 10.0, unit_name=unit)
 
     def update(self, n: int = 1):
-        self.count = min(self.count + n, self.total)
-        if not self.enabled:
-            return
-        frac = self.count / self.total
-        elapsed = time.time() - self.start
-        eta = elapsed / frac * (1 - frac) if frac > 0 else 0.0
-        line = (
-            f"{self.desc} [{'=' * int(30 * frac):<30}] {self.count}/{self.total} "
-            f"{elapsed:.0f}s elapsed, {eta:.0f}s left"
-        )
-        if self._tty:
-            self.stream.write("\r" + line)
-            if self.count >= self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-        else:
-            decile = int(frac * 10)
-            if decile > self._last_decile:
-                self._last_decile = decile
-                self.stream.write(line + "\n")
-                self.stream.flush()
+        self.count = min(self.count + int(n), self.total)
+        if self.bar is not None:
+            self.bar.update(self.count)
 
     def close(self):
         if self.count < self.total:
-            self.count = self.total - 1
-            self.update(1)
+            self.update(self.total - self.count)
 
 
 def atomic_write_text(path, text: str):

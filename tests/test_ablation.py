@@ -27,7 +27,7 @@ def test_grid_cells_switch_the_right_terms():
         A.cell_overrides("dropout", 1e-3)
     sweep = A.sweep_cells(["eps"], (1e-6, 1e-2))
     assert [c[0] for c in sweep] == ["sweep_eps_1e-06", "sweep_eps_0.01"]
-    assert "ga.eps=0.01" in sweep[1][2] and "ga.methods=adversarial" in sweep[1][2]
+    assert "ga.adversarial.eps=0.01" in sweep[1][2] and "ga.methods=adversarial" in sweep[1][2]
 
 
 def test_finished_runs_are_not_rerun(tmp_path):

@@ -19,7 +19,7 @@ from keras_irtf.data.text_cache import TextEmbeddingCache, prepare_text_input, t
 from keras_irtf.testing.tiny_bert import make_tiny_hub_bert, make_tiny_keras_hub_bert
 from tests.conftest import tiny_config
 
-HIDDEN = 24  # the tiny models' pooled width (768 for real BERT-Base: model.bert_dim)
+HIDDEN = 24  # the tiny models' pooled width (768 for real BERT-Base: model.text_encoder.dim)
 TEXTS = ["add red cube to top-left", "remove blue sphere", "make yellow cylinder big!"]
 
 
@@ -41,10 +41,10 @@ def keras_hub_bert(tmp_path_factory, run_texts):
 def bert_overrides(source, hub_bert, keras_hub_bert):
     if source == "bert_hub":
         pre, enc = hub_bert
-        return ["model.text_encoder=bert_hub", f"model.bert_preprocess={pre}", f"model.bert_encoder={enc}",
-                f"model.bert_dim={HIDDEN}", "model.bert_seq_length=32"]
-    return ["model.text_encoder=bert_keras_hub", f"model.bert_preset={keras_hub_bert}", f"model.bert_dim={HIDDEN}",
-            "model.bert_seq_length=32"]
+        return ["model.text_encoder=bert_hub", f"model.text_encoder.preprocess={pre}", f"model.text_encoder.encoder={enc}",
+                f"model.text_encoder.dim={HIDDEN}", "model.text_encoder.seq_length=32"]
+    return ["model.text_encoder=bert_keras_hub", f"model.text_encoder.preset={keras_hub_bert}", f"model.text_encoder.dim={HIDDEN}",
+            "model.text_encoder.seq_length=32"]
 
 
 # ---- the layers ---------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_hub_layer_outputs_config_and_graph_mode(hub_bert):
     # a shorter sequence length packs the same (short) texts identically
     short = HubBertEncoder(pre, enc, output_dim=HIDDEN, seq_length=16)
     np.testing.assert_allclose(short(tf.constant(TEXTS)), out, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="model.bert_dim"):
+    with pytest.raises(ValueError, match="model.text_encoder.dim"):
         HubBertEncoder(pre, enc, output_dim=768)(tf.constant(TEXTS))
 
 
@@ -95,18 +95,18 @@ def test_keras_hub_layer(keras_hub_bert):
 
 def test_urls_and_missing_folders_are_clear_errors(tmp_path, hub_bert):
     pre, enc = hub_bert
-    with pytest.raises(ValueError, match="is a URL.*never downloads.*model.bert_encoder="):
+    with pytest.raises(ValueError, match="is a URL.*never downloads.*model.text_encoder.encoder="):
         HubBertEncoder(pre, "https://tfhub.dev/tensorflow/bert_en_uncased_L-12_H-768_A-12/4")
-    with pytest.raises(ValueError, match="does not exist.*bert_preprocess="):
+    with pytest.raises(ValueError, match="does not exist.*text_encoder.preprocess="):
         HubBertEncoder(str(tmp_path / "nowhere"), enc)
     with pytest.raises(ValueError, match="has no saved_model.pb"):
         HubBertEncoder(str(tmp_path), enc)
     # a bare keras-hub preset name is not a folder: never fetched, the error says how to make one
     with pytest.raises(ValueError, match="does not exist.*save_to_preset"):
         KerasHubBertEncoder("bert_base_en_uncased")
-    from keras_irtf.training.loop import build_model
+    from keras_irtf.experiment import build_model
 
-    with pytest.raises(ConfigError, match="model.bert_preset.*not set"):
+    with pytest.raises(ConfigError, match="model.text_encoder.preset.*not set"):
         build_model(tiny_config(None, "model.text_encoder=bert_keras_hub"), 0)
     with pytest.raises(ConfigError, match="model.text_encoder"):
         tiny_config(None, "model.text_encoder=bert")
@@ -140,10 +140,10 @@ def test_cache_embeds_each_text_once_and_matches_the_uncached_path(hub_bert, run
 
 def _fit(cfg, dataset, steps):
     from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     model = build_model(cfg, 0)
-    vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache)
+    vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_encoder.cache)
     model.compile(optimizer=make_optimizer(cfg))
     ds = training_dataset(dataset, vectorizer, cfg.train.batch_size, steps, 0, cfg.data.image_size)
     runs = model.text_encoder.encoder_runs
@@ -151,13 +151,38 @@ def _fit(cfg, dataset, steps):
     return model, model.text_encoder.encoder_runs - runs, history.history
 
 
+def test_python_api_with_a_bert_config(css_smoke_root, hub_bert, keras_hub_bert, tmp_path):
+    """load_benchmark -> create_model -> fit -> evaluate -> save_run -> reload, with a frozen
+    BERT text encoder (raw strings through the text-embedding cache)."""
+    import keras_irtf as kirtf
+
+    cfg = tiny_config(css_smoke_root, *bert_overrides("bert_hub", hub_bert, keras_hub_bert),
+                      "data.train_recall_queries=16", "train.batch_size=8")
+    bench = kirtf.load_benchmark(cfg)
+    assert bench.vectorizer is None and bench.text_input_kind == "strings"
+    model = kirtf.create_model(cfg, bench)
+    assert len(model.text_encoder.cache) == len(texts_of_run(bench.dataset))  # create_model filled it
+    batch = next(iter(bench.train_dataset(steps=2)))
+    assert batch["text"].dtype.is_integer  # cache row ids, not strings
+    history = model.fit(bench.train_dataset(steps=2), epochs=1, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    metrics = bench.evaluate(model, verbose=False)
+    assert 0.0 <= metrics["test"]["R@1"] <= 1.0 and metrics["whm"]["value"] > 0
+    run = kirtf.save_run(model, cfg, bench, tmp_path / "run")
+    assert not (run / "vocab.txt").exists()  # BERT tokenises itself
+    from keras_irtf.experiment import evaluate_run
+
+    again = evaluate_run(run, out=tmp_path / "again.json", verbose=False)
+    assert again["test"] == pytest.approx(metrics["test"], abs=1e-6)
+
+
 def test_training_steps_never_rerun_bert_with_the_cache(css_smoke, hub_bert, keras_hub_bert):
     """Counter of encoder runs: 0 during training with the cache, one per step without it."""
-    base = bert_overrides("bert_hub", hub_bert, keras_hub_bert) + ["model.method=tirg", "ga.methods=adversarial"]
+    base = bert_overrides("bert_hub", hub_bert, keras_hub_bert) + ["model.composer=tirg", "ga.methods=adversarial"]
     cached, runs_cached, _ = _fit(tiny_config(None, *base), css_smoke, 3)
     assert runs_cached == 0
     assert len(cached.text_encoder.cache) == len(texts_of_run(css_smoke))
-    uncached, runs_uncached, hist = _fit(tiny_config(None, *base, "model.text_cache=false"), css_smoke, 3)
+    uncached, runs_uncached, hist = _fit(tiny_config(None, *base, "model.text_encoder.cache=false"), css_smoke, 3)
     assert runs_uncached == 3 and np.isfinite(hist["loss"][-1])
 
 
@@ -170,11 +195,12 @@ def test_training_steps_never_rerun_bert_with_the_cache(css_smoke, hub_bert, ker
 ])
 def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert, keras_hub_bert, tmp_path):
     from keras_irtf.data.css import CSSDataset
-    from keras_irtf.training.loop import load_model, train
+    from keras_irtf.experiment import load_model
+    from keras_irtf.training.loop import train
 
     cfg = tiny_config(
-        css_smoke_root, *bert_overrides(source, hub_bert, keras_hub_bert), f"model.method={method}",
-        "ga.methods=adversarial,isotropic", f"ga.point={point}", "ga.eps=0.01", "loss.eta=0.001",
+        css_smoke_root, *bert_overrides(source, hub_bert, keras_hub_bert), f"model.composer={method}",
+        "ga.methods=adversarial,isotropic", f"ga.point={point}", "ga.adversarial.eps=0.01", "loss.eta=0.001",
         "train.steps=3", "train.steps_per_epoch=3", "data.train_recall_queries=64", f"train.out={tmp_path / 'run'}",
     )
     run, metrics = train(cfg, verbose=0)
@@ -188,7 +214,7 @@ def test_train_with_bert_and_ga(method, source, point, css_smoke_root, hub_bert,
     assert 0.0 <= metrics["test"]["R@1"] <= 1.0
 
     # tools/evaluate.py's path: reload the run (BERT from its local folders), new cache, same recall
-    from keras_irtf.evaluation.protocol import evaluate_run
+    from keras_irtf.experiment import evaluate_run
 
     again = evaluate_run(run, out=tmp_path / "re.json", verbose=False)
     assert again["test"]["R@1"] == pytest.approx(metrics["test"]["R@1"], abs=1e-6)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_irtf.layers import COMPOSERS, ComposeAEComposer, RealSpaceConcatAEComposer, ScaledL2Normalization
+from keras_irtf.layers import ComposeAEComposer, RealSpaceConcatAEComposer, ScaledL2Normalization
+from keras_irtf.registry import COMPOSERS
 from keras_irtf.layers.composeae import ComplexProjection, adaptive_max_pool_1d
 from tests.conftest import tiny_config
 from tests.layer_testing import run_layer_test
@@ -35,8 +36,8 @@ def _randomize(layer, seed=1):
 
 
 def test_registered_names():
-    assert COMPOSERS["composeae"] is ComposeAEComposer
-    assert COMPOSERS["composeae_real"] is RealSpaceConcatAEComposer
+    assert COMPOSERS.get("composeae").obj is ComposeAEComposer
+    assert COMPOSERS.get("composeae_real").obj is RealSpaceConcatAEComposer
 
 
 @pytest.mark.parametrize("cls,kwargs", [
@@ -193,10 +194,10 @@ def test_composeae_model_trains_with_ga_and_similarity_loss(css_smoke, smoke_vec
     pixels, isotropic) and L_S work unchanged, the loss falls, and the .keras file reloads."""
     import keras
 
-    from keras_irtf.training.loop import build_model, load_model, make_optimizer, sample_batch, save_model
+    from keras_irtf.experiment import build_model, load_model, make_optimizer, sample_batch, save_model
 
     keras.utils.set_random_seed(0)  # the initial weights must not depend on which tests ran before
-    cfg = tiny_config(None, "model.method=composeae", "ga.methods=adversarial,isotropic", "loss.eta=0.001",
+    cfg = tiny_config(None, "model.composer=composeae", "ga.methods=adversarial,isotropic", "loss.eta=0.001",
                       "optim.learning_rate=0.05")
     model = build_model(cfg, smoke_vectorizer.vocab_size)
     model.compile(optimizer=make_optimizer(cfg))
@@ -230,8 +231,9 @@ def test_configs_carry_the_recipe(name, method, batch):
 
     cfg = load_config([repo_configs_dir() / f"{name}.yaml"])
     assert cfg.model.method == method and cfg.train.batch_size == batch
-    assert cfg.model.text_encoder == "bert_hub" and cfg.model.bert_dim == 768 and cfg.model.text_cache
-    assert cfg.model.composeae_loss_weights == (0.1, 0.1, 0.01)
+    assert cfg.model.text_encoder == "bert_hub" and cfg.model.text_encoder.dim == 768 and cfg.model.text_encoder.cache
+    if method == "composeae":
+        assert cfg.model.composer.loss_weights == (0.1, 0.1, 0.01)
     assert cfg.optim.learning_rate == 0.01 and cfg.optim.momentum == 0.9
     if not name.startswith("css"):
         assert cfg.train.steps == 160000 and list(cfg.optim.decay_steps)[0] == 50000

@@ -11,10 +11,10 @@ REPO = repo_configs_dir().parent
 def test_layers_merge_in_order(tmp_path):
     a = tmp_path / "a.yaml"
     a.write_text("train:\n  steps: 10\n  batch_size: 8\nga:\n  methods: adversarial\n")
-    cfg = load_config([a], ["train.steps=20", "ga.eps=0.5", "model.cnn_filters=[4,8]"])
+    cfg = load_config([a], ["train.steps=20", "ga.adversarial.eps=0.5", "model.image_encoder.filters=[4,8]"])
     assert cfg.train.steps == 20 and cfg.train.batch_size == 8
-    assert cfg.ga.eps == 0.5 and cfg.ga_methods == ("adversarial",)
-    assert cfg.model.cnn_filters == (4, 8)
+    assert cfg.ga.adversarial.eps == 0.5 and cfg.ga_methods == ("adversarial",)
+    assert cfg.model.image_encoder.filters == (4, 8)
     assert Config().train.steps != 20  # defaults untouched
 
 
@@ -62,6 +62,6 @@ def _train_cli(*args):
 
 def test_cli_unknown_dataset_and_key_are_clear_errors():
     r = _train_cli("--dataset", "imagenet")
-    assert r.returncode == 2 and "unknown dataset 'imagenet'" in r.stderr and "css" in r.stderr
+    assert r.returncode == 2 and "invalid choice: 'imagenet'" in r.stderr and "'css'" in r.stderr
     r = _train_cli("--dataset", "css", "--set", "optim.lr=0.1")
     assert r.returncode == 2 and "unknown config key optim.lr" in r.stderr and "learning_rate" in r.stderr

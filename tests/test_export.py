@@ -116,7 +116,7 @@ def contract(exported, css_smoke_root, tmp_path_factory):
     from keras_irtf.data.images import normalize_images
     from keras_irtf.data.text import TextVectorizer
     from keras_irtf.serving.export import list_gallery, read_export_info
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import load_model
 
     tmp = tmp_path_factory.mktemp("client")
     info = read_export_info(exported)
@@ -136,10 +136,13 @@ def contract(exported, css_smoke_root, tmp_path_factory):
     jpeg = _jpeg(jpeg_pixels)
     images = [(gallery_root / gallery[i]).read_bytes() for i in (0, 5, 40)] + [jpeg]
     texts = ["make top-left red", "", "ADD a Blue Cube!!", "remove the unknownword"]
-    # the reference pixels: lossless PNG decoded by Pillow; the JPEG decoded by TF and resized
-    # as the training pipeline resizes (a JPEG's pixels depend on the decoder)
-    decoded = tf.image.resize(tf.io.decode_jpeg(jpeg, channels=3), (size, size), antialias=True)
-    ref_images = np.concatenate([gallery_pixels[[0, 5, 40]].astype(np.float32), decoded.numpy()[None]])
+    # the reference pixels: lossless PNG decoded by Pillow; the JPEG decoded by TF and brought to
+    # the encoder's size as the training pipeline does (shorter side, centre crop)
+    from keras_irtf.layers.preprocessing import resize_and_center_crop
+
+    decoded = resize_and_center_crop(tf.io.decode_jpeg(jpeg, channels=3), size)
+    ref_images = np.concatenate([gallery_pixels[[0, 5, 40]].astype(np.float32),
+                                 decoded.numpy()[None].astype(np.float32)])
     ref_images = normalize_images(ref_images)
     ref_query = model.embed_queries(ref_images, vectorizer(texts)).numpy()
     ref_image = model.embed_images(ref_images).numpy()
@@ -307,16 +310,12 @@ def test_bad_run_and_gallery_errors(smoke_run, tmp_path):
 
 
 def test_unknown_encoder_names_the_registry(smoke_run):
-    from keras_irtf.config import load_config
-    from keras_irtf.serving.export import ExportError, image_preprocessing_for, text_preprocessing_for
+    from keras_irtf.config import ConfigError, load_config
 
-    cfg = load_config([smoke_run / "config.yaml"])
-    cfg.model.image_encoder = "vit_giant"
-    with pytest.raises(ExportError, match="register_image_preprocessing"):
-        image_preprocessing_for(cfg, smoke_run)
-    cfg.model.text_encoder = "bert_mystery"
-    with pytest.raises(ExportError, match="model.text_encoder='bert_mystery'"):
-        text_preprocessing_for(cfg, smoke_run)
+    with pytest.raises(ConfigError, match="no image encoder of that name.*small_cnn.*register_image_encoder"):
+        load_config([smoke_run / "config.yaml"], ["model.image_encoder=vit_giant"])
+    with pytest.raises(ConfigError, match="model.text_encoder='bert_mystery'.*registered: .*lstm"):
+        load_config([smoke_run / "config.yaml"], ["model.text_encoder=bert_mystery"])
 
 
 def test_corrupt_gallery_image_is_named(smoke_run, tmp_path):
@@ -379,34 +378,30 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
     assert tool.main(args + ["--target", "no_such.png"]) == 2
 
 
-def test_preprocessing_registry_is_pluggable(smoke_run, monkeypatch):
+def test_export_preprocesses_with_the_image_encoders_preprocessor(smoke_run):
+    """The graph's image path is the encoder's preprocessor: shorter side, centre crop, its mean
+    and std; an image already at the encoder's size is only normalised."""
     import tensorflow as tf
 
-    from keras_irtf.serving import export as E
     from keras_irtf.config import load_config
     from keras_irtf.data.images import normalize_images
+    from keras_irtf.serving import export as E
 
     cfg = load_config([smoke_run / "config.yaml"], ["data.image_size=32"])
-    # a new encoder plugs in by name, without touching the export code
-    monkeypatch.setitem(E.IMAGE_PREPROCESSING_FOR_ENCODER, "hub_resnet", "resize_center_crop_imagenet")
-    monkeypatch.setitem(E.TEXT_PREPROCESSING_FOR_ENCODER, "hub_bert", "raw_strings")
-    cfg.model.image_encoder, cfg.model.text_encoder = "hub_resnet", "hub_bert"
     prep = E.image_preprocessing_for(cfg)
-    text = E.text_preprocessing_for(cfg)
-    assert prep.name == "resize_center_crop_imagenet" and text.name == "raw_strings"
-    # a 40 x 80 image: shorter side -> round(32 / 0.875) = 37, then the central 32 x 32
+    assert prep.size == 32 and prep.name == "center_crop_imagenet"
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)
+    img = rng.integers(0, 256, (40, 80, 3), dtype=np.uint8)  # shorter side 40 -> 32: 32 x 64, centre 32
     out = E.images_from_bytes(tf.constant([_png(img)]), prep).numpy()[0]
-    resized = tf.image.resize(img.astype(np.float32), (37, 74), antialias=True).numpy()
-    expected = normalize_images(resized[2:34, 21:53]).numpy()
+    resized = tf.image.resize(img.astype(np.float32), (32, 64), antialias=True).numpy()
+    expected = normalize_images(np.clip(np.round(resized[:, 16:48]), 0, 255)).numpy()
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    np.testing.assert_array_equal(text.transform(tf.constant(["a B", ""])).numpy(), [b"a B", b""])
-    # the default preprocessing leaves an image of the run's size untouched before normalising
-    default = E._resize_imagenet(cfg)
     small = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    got = E.images_from_bytes(tf.constant([_png(small)]), default).numpy()[0]
+    got = E.images_from_bytes(tf.constant([_png(small)]), prep).numpy()[0]
     np.testing.assert_allclose(got, normalize_images(small.astype(np.float32)).numpy(), atol=1e-6)
+    text = E.text_preprocessing_for(load_config([smoke_run / "config.yaml"], ["model.text_encoder=bert_hub"]))
+    assert text.name == "raw_strings"
+    np.testing.assert_array_equal(text.transform(tf.constant(["a B", ""])).numpy(), [b"a B", b""])
 
 
 @pytest.mark.slow
@@ -421,7 +416,7 @@ def test_every_composer_and_encoder_exports(method, image_encoder, css_smoke_roo
     from keras_irtf.data.images import normalize_images
     from keras_irtf.serving.export import export_model
 
-    cfg = tiny_config(css_smoke_root, f"model.method={method}", f"model.image_encoder={image_encoder}",
+    cfg = tiny_config(css_smoke_root, f"model.composer={method}", f"model.image_encoder={image_encoder}",
                       "data.image_size=32")
     smoke_vectorizer.save(tmp_path / "vocab.txt")
     model = api.create_model(cfg, smoke_vectorizer, compile=False)

@@ -146,7 +146,8 @@ def test_no_dataset_fails_fast_with_instructions():
     )
     proc = subprocess.run([sys.executable, "-c", code, "--dataset", "fashion200k"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert "EXIT 2 TF False" in proc.stdout, proc.stdout + proc.stderr
+    # before any dataset or model work (TensorFlow itself starts first: the registries need it)
+    assert "EXIT 2" in proc.stdout, proc.stdout + proc.stderr
     for needle in ("labels/<category>_train_detect_all.txt", "github.com/xthan/fashion-200k",
                    "test_queries.txt", "github.com/google/tirg", "--data-root"):
         assert needle in proc.stderr
@@ -178,8 +179,8 @@ def test_train_and_evaluate_end_to_end_with_file_cache(f2_root, tmp_path):
 
     cfg = load_config([repo_configs_dir() / "fashion200k.yaml"], [
         f"data.root={f2_root}", "data.image_size=32", f"data.file_cache={tmp_path / 'cache'}",
-        "model.image_encoder=small_cnn", "model.embed_dim=32", "model.word_embed_dim=16",
-        "model.text_hidden_dim=32", "model.cnn_filters=[8,8,16,16]", "train.batch_size=4", "train.steps=2",
+        "model.image_encoder=small_cnn", "model.embed_dim=32", "model.text_encoder.word_embed_dim=16",
+        "model.text_encoder.hidden_dim=32", "model.image_encoder.filters=[8,8,16,16]", "train.batch_size=4", "train.steps=2",
         "train.steps_per_epoch=2", "data.train_recall_queries=16", "eval.batch_size=8", "optim.decay_steps=[]",
         f"train.out={tmp_path / 'run'}"])
     run, metrics = train(cfg, verbose=0)

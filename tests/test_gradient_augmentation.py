@@ -146,14 +146,14 @@ def test_all_weights_zero_is_the_plain_step():
     """The real TIRG (batch norm included) with GA^A (eps 0) and GA^I (gamma 0) switched on: one
     step gives the plain step's weights; with eps > 0 it does not (so the comparison can fail)."""
     from conftest import tiny_config
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
     smoke_config = tiny_config()
 
     def make(methods, eps=0.0, gamma=0.0):
         cfg = smoke_config.copy()
-        cfg.ga.methods, cfg.ga.eps, cfg.ga.gamma = methods, eps, gamma
-        cfg.model.dropout = 0.0
+        cfg.ga.methods, cfg.ga.adversarial.eps, cfg.ga.isotropic.gamma = methods, eps, gamma
+        cfg.model.text_encoder.dropout = 0.0
         model = build_model(cfg, vocab_size=20)
         model.compile(optimizer=make_optimizer(cfg))
         return model
@@ -322,10 +322,10 @@ def test_ga_flags_and_configs():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import train as train_tool
 
-    args = train_tool.parse_args(["--dataset", "css", "--ga", "adversarial,isotropic", "--set", "ga.eps=0.5",
-                                  "--set", "ga.gamma=0.25", "--set", "loss.eta=0.125"])
+    args = train_tool.parse_args(["--dataset", "css", "--ga", "adversarial,isotropic", "--set", "ga.adversarial.eps=0.5",
+                                  "--set", "ga.isotropic.gamma=0.25", "--set", "loss.eta=0.125"])
     cfg = train_tool.resolve_config(args)
     assert cfg.ga_methods == ("adversarial", "isotropic")
-    assert (cfg.ga.eps, cfg.ga.gamma, cfg.loss.eta) == (0.5, 0.25, 0.125)
+    assert (cfg.ga.adversarial.eps, cfg.ga.isotropic.gamma, cfg.loss.eta) == (0.5, 0.25, 0.125)
     ga_cfg = train_tool.resolve_config(train_tool.parse_args(["--config", "configs/css_ga.yaml"]))
     assert ga_cfg.ga_methods == ("adversarial", "isotropic") and ga_cfg.loss.eta == 1e-3

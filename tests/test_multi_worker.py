@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def _args(css_root, out, steps):
     return [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", "css", "--preset", "smoke",
             "--data-root", str(css_root), "--steps", str(steps), "--set", f"train.steps_per_epoch={steps}",
-            "--set", "model.dropout=0.0", "--ga", "adversarial,isotropic", "--set", "loss.eta=0.001",
+            "--set", "model.text_encoder.dropout=0.0", "--ga", "adversarial,isotropic", "--set", "loss.eta=0.001",
             "--quiet", "--out", str(out)]
 
 
 @pytest.mark.slow
 def test_two_workers_on_localhost_train_in_lock_step(css_smoke_root, tmp_path):
     from keras_irtf.training.distribute import localhost_tf_configs
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import load_model
 
     steps = 2
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")

@@ -51,7 +51,7 @@ def preset(tmp_path_factory):
 
 def config(*overrides):
     return load_config([repo_configs_dir() / "mitstates.yaml"], [
-        "data.image_size=32", "model.embed_dim=16", "model.word_embed_dim=8", "model.text_hidden_dim=16",
+        "data.image_size=32", "model.embed_dim=16", "model.text_encoder.word_embed_dim=8", "model.text_encoder.hidden_dim=16",
         "train.batch_size=4", *overrides])
 
 
@@ -100,22 +100,23 @@ def test_input_conversion_follows_the_preset_converter(preset, tmp_path):
 
 
 def test_build_model_loads_the_preset_weights(preset, capsys):
-    from keras_irtf.training.loop import build_model
+    from keras_irtf.experiment import build_model
 
-    model = build_model(config(f"model.image_weights={preset}"), vocab_size=20)
+    model = build_model(config(f"model.image_encoder.weights={preset}"), vocab_size=20)
     enc = model.image_encoder
     assert isinstance(enc, PretrainedImageEncoder) and enc.pretrained and enc.input_scale is None
     saved = keras_hub.models.Backbone.from_preset(str(preset))
     for a, b in zip(enc.backbone.weights, saved.weights):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert "pretrained keras-hub backbone from" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="need model.image_encoder=resnet18"):
-        build_model(config(f"model.image_weights={preset}", "model.image_encoder=small_cnn"), vocab_size=20)
+    # weights are a key of resnet18 only: on the small CNN they are refused, naming who has them
+    with pytest.raises(ConfigError, match="unknown key model.image_encoder.weights.*is a key of: resnet18"):
+        config("model.image_encoder=small_cnn", f"model.image_encoder.weights={preset}")
 
 
 def test_random_init_is_logged(capsys):
     from keras_irtf.layers import ResNet18Encoder
-    from keras_irtf.training.loop import build_model
+    from keras_irtf.experiment import build_model
 
     model = build_model(config(), vocab_size=20)
     assert isinstance(model.image_encoder, ResNet18Encoder)
@@ -124,9 +125,9 @@ def test_random_init_is_logged(capsys):
 
 def test_backbone_learning_rate_is_a_tenth(preset):
     from keras_irtf.model.optimizers import MultiplierSGD
-    from keras_irtf.training.loop import build_model, make_optimizer
+    from keras_irtf.experiment import build_model, make_optimizer
 
-    cfg = config(f"model.image_weights={preset}", "optim.weight_decay=0")
+    cfg = config(f"model.image_encoder.weights={preset}", "optim.weight_decay=0")
     model = build_model(cfg, vocab_size=20)
     opt = make_optimizer(cfg, model)
     assert isinstance(opt, MultiplierSGD)
@@ -134,6 +135,15 @@ def test_backbone_learning_rate_is_a_tenth(preset):
     for v in model.trainable_variables:
         assert opt.learning_rate_multiplier(v) == (0.1 if id(v) in backbone else 1.0)
     assert type(make_optimizer(cfg)) is keras.optimizers.SGD  # no model: plain SGD
+
+    # the Python API builds the same optimizer (it once lost the multiplier)
+    from keras_irtf import api
+
+    compiled = api.create_model(cfg, 20)
+    assert isinstance(compiled.optimizer, MultiplierSGD)
+    api_backbone = compiled.image_encoder.backbone.trainable_variables
+    assert api_backbone and all(compiled.optimizer.learning_rate_multiplier(v) == 0.1 for v in api_backbone)
+    assert compiled.optimizer.learning_rate_multiplier(compiled.image_encoder.projection.kernel) == 1.0
 
     # one SGD step with unit gradients: the multiplied variable moves a tenth as far
     a, b = keras.Variable(np.zeros(3, "float32")), keras.Variable(np.zeros(3, "float32"))
@@ -144,11 +154,11 @@ def test_backbone_learning_rate_is_a_tenth(preset):
 
 
 def test_saved_model_reloads_without_the_preset_folder(preset, tmp_path):
-    from keras_irtf.training.loop import build_model, load_model, save_model
+    from keras_irtf.experiment import build_model, load_model, save_model
 
     folder = tmp_path / "preset_copy"
     shutil.copytree(preset, folder)
-    model = build_model(config(f"model.image_weights={folder}"), vocab_size=20)
+    model = build_model(config(f"model.image_encoder.weights={folder}"), vocab_size=20)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     before = np.asarray(model.embed_images(x))
     save_model(model, tmp_path / "m.keras")
@@ -161,7 +171,7 @@ def test_saved_model_reloads_without_the_preset_folder(preset, tmp_path):
 @pytest.mark.slow
 def test_tools_train_with_image_weights_trains_a_step(preset, tmp_path, capsys):
     from keras_irtf.testing.fixtures import write_mitstates
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import load_model
 
     data = write_mitstates(tmp_path / "ms")
     spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
@@ -172,7 +182,7 @@ def test_tools_train_with_image_weights_trains_a_step(preset, tmp_path, capsys):
         "--dataset", "mitstates", "--data-root", str(data), "--image-weights", str(preset), "--steps", "1",
         "--out", str(out), "--quiet", "--set", "data.image_size=32", "--set", "train.batch_size=4",
         "--set", "train.steps_per_epoch=1", "--set", "data.train_recall_queries=8", "--set", "model.embed_dim=16",
-        "--set", "model.word_embed_dim=8", "--set", "model.text_hidden_dim=16", "--set", "eval.batch_size=16",
+        "--set", "model.text_encoder.word_embed_dim=8", "--set", "model.text_encoder.hidden_dim=16", "--set", "eval.batch_size=16",
     ])
     assert rc == 0
     assert "pretrained keras-hub backbone from" in capsys.readouterr().out

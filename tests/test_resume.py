@@ -22,7 +22,7 @@ def _cli(root, out):
 
 
 def _weights(run):
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import load_model
 
     return load_model(run / "model.keras").get_weights()
 
@@ -106,8 +106,8 @@ def test_worker_info_reads_tf_config(monkeypatch):
 def test_worker_shards_partition_each_global_batch(css_smoke, smoke_vectorizer):
     from keras_irtf.data.pipeline import training_dataset
 
-    full = list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, image_size=64))
-    shards = [list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, image_size=64, shard=(i, 2)))
+    full = list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, preprocessor=64))
+    shards = [list(training_dataset(css_smoke, smoke_vectorizer, 8, 3, seed=1, preprocessor=64, shard=(i, 2)))
               for i in range(2)]
     for step in range(3):
         joined = np.concatenate([shards[0][step]["source_id"], shards[1][step]["source_id"]])

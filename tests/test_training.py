@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from keras_irtf.data.pipeline import training_dataset
-from keras_irtf.training.loop import build_model, load_model, make_optimizer, sample_batch, save_model, train
+from keras_irtf.experiment import build_model, load_model, make_optimizer, sample_batch, save_model
+from keras_irtf.training.loop import train
 from tests.conftest import tiny_config
 
 
 def test_training_batches(css_smoke, smoke_vectorizer):
-    ds = training_dataset(css_smoke, smoke_vectorizer, batch_size=8, steps=3, seed=5, image_size=64)
+    ds = training_dataset(css_smoke, smoke_vectorizer, batch_size=8, steps=3, seed=5, preprocessor=64)
     batches = list(ds)
     assert len(batches) == 3
     b = batches[0]
@@ -47,7 +48,7 @@ def test_vectorizer_roundtrip(tmp_path, smoke_vectorizer):
 
 @pytest.mark.parametrize("method", ["tirg", "concat", "image_only", "text_only"])
 def test_model_keras_roundtrip_gives_identical_outputs(method, css_smoke, smoke_vectorizer, tmp_path):
-    cfg = tiny_config(None, f"model.method={method}")
+    cfg = tiny_config(None, f"model.composer={method}")
     model = build_model(cfg, smoke_vectorizer.vocab_size)
     model.compile(optimizer=make_optimizer(cfg))
     batch = sample_batch(css_smoke, smoke_vectorizer, cfg, batch_size=6)

@@ -23,10 +23,10 @@ def two_smoke_runs(css_smoke_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("whm_runs")
     # the first run also exercises the TensorBoard logging of train(): a GA term and a schedule
     settings = {
-        "tirg_isotropic_s0": ["model.method=tirg", "train.seed=0", "ga.methods=isotropic", "ga.gamma=0.0001",
+        "tirg_isotropic_s0": ["model.composer=tirg", "train.seed=0", "ga.methods=isotropic", "ga.isotropic.gamma=0.0001",
                               "train.steps=8", "train.steps_per_epoch=4", "train.log_every_steps=4",
                               "optim.decay_steps=[5]"],
-        "concat_s1": ["model.method=concat", "train.seed=1", "train.steps=6", "train.steps_per_epoch=6"],
+        "concat_s1": ["model.composer=concat", "train.seed=1", "train.steps=6", "train.steps_per_epoch=6"],
     }
     runs = []
     for name, items in settings.items():
@@ -93,7 +93,7 @@ def test_whm_plot_reuses_metrics_without_evaluating(two_smoke_runs, tmp_path, mo
     def fail(*a, **k):
         raise AssertionError("--reuse-metrics must not evaluate")
 
-    monkeypatch.setattr(keras_irtf.evaluation.protocol, "evaluate_run", fail)
+    monkeypatch.setattr(keras_irtf.experiment, "evaluate_run", fail)
     out = tmp_path / "again.png"
     argv = sum((["--run", str(r)] for r in two_smoke_runs), []) + ["--whm-plot", str(out), "--reuse-metrics"]
     assert evaluate_tool.main(argv) == 0

@@ -21,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv=None):
+    from keras_irtf import cli
+
+    cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="css", help="css (config: configs/<dataset>_ablation.yaml)")
+    cli.add_common(p)
+    p.add_argument("--dataset", default="css", help="dataset (config: configs/<dataset>_ablation.yaml)")
     p.add_argument("--config", action="append", default=[], help="YAML config file(s), applied in order")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
     p.add_argument("--seed-ids", help="explicit comma-separated seeds instead of 0 .. N-1 (e.g. a second "

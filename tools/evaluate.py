@@ -28,7 +28,11 @@ def run_labels(runs):
 
 
 def main(argv=None):
+    from keras_irtf import cli
+
+    cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common(p)
     p.add_argument("--run", required=True, action="append", help="run folder written by tools/train.py (repeatable)")
     p.add_argument("--alpha", type=float, help="WHM weight of the training recall (default: the run's, 0.5)")
     p.add_argument("--out", help="where to write the metrics (default: <run>/metrics.json; one --run only)")
@@ -45,7 +49,7 @@ def main(argv=None):
 
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
-    from keras_irtf.evaluation.protocol import evaluate_run
+    from keras_irtf.experiment import evaluate_run
     from keras_irtf.training.loop import format_results
     from keras_irtf.utils import read_json
 

@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None):
+    from keras_irtf import cli
+
+    cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common(p)
     p.add_argument("--run", required=True, help="run folder written by tools/train.py")
     p.add_argument("--gallery", help="folder of gallery images (recursive): adds the retrieve endpoint")
     p.add_argument("--version", type=int, help="integer version (default: the next free one)")

@@ -19,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None):
+    from keras_irtf import cli
+
+    cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_common(p)
     p.add_argument("--model", required=True, help="export version folder, e.g. exported/<name>/<version>")
     p.add_argument("--image", required=True, help="query image (JPEG/PNG/GIF/BMP)")
     p.add_argument("--text", required=True, help="modification text")

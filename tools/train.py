@@ -7,6 +7,7 @@
     python tools/train.py --config configs/css.yaml --set train.steps=500 --out runs/try
     python tools/train.py --dataset mitstates --data-root DIR --image-weights PRESET_DIR
     python tools/train.py --dataset fashion200k --data-root DIR --image-weights PRESET_DIR
+    python tools/train.py --import my_composer --method my_composer   # a composer of your own
 
 Config layers, later wins: the dataclass defaults, configs/<dataset>.yaml (or --config), the
 preset (configs/presets/<name>.yaml), the flags below, then every --set section.key=value.
@@ -20,14 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv=None):
+    from keras_irtf import cli
+
+    cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", help="css | mitstates | fashion200k (default config: configs/<dataset>.yaml)")
+    cli.add_common(p)
+    p.add_argument("--dataset", choices=cli.names("dataset"), help="dataset (default config: configs/<dataset>.yaml)")
     p.add_argument("--config", action="append", default=[], help="YAML config file(s), applied in order")
     p.add_argument("--preset", help="configs/presets/<name>.yaml applied on top (e.g. smoke)")
-    p.add_argument("--method", help="composer: tirg | concat | image_only | text_only")
-    p.add_argument("--ga", help="comma-separated: adversarial,isotropic,fgsm,l1,l2 (or none)")
+    p.add_argument("--method", choices=cli.names("composer"), help="composer (model.composer)")
+    p.add_argument("--ga", help=f"comma-separated GA methods: {','.join(cli.names('ga_method'))} (or none)")
     p.add_argument("--data-root", help="dataset folder in its official layout")
-    p.add_argument("--image-encoder", choices=["small_cnn", "resnet18"], help="image encoder architecture")
+    p.add_argument("--image-encoder", choices=cli.names("image_encoder"), help="image encoder (model.image_encoder)")
+    p.add_argument("--text-encoder", choices=cli.names("text_encoder"), help="text encoder (model.text_encoder)")
     p.add_argument("--image-weights", metavar="PRESET_DIR",
                    help="local keras-hub preset folder (e.g. resnet_18_imagenet) for a pretrained ResNet-18; "
                         "implies --image-encoder resnet18")
@@ -38,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker"],
                    help="tf.distribute strategy (multi_worker reads the cluster from TF_CONFIG)")
     p.add_argument("--devices", help="devices for mirrored: 'cpu:N' (N logical CPUs) or '/gpu:0,/gpu:1'")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. train.steps=500 or model.image_encoder.weights=DIR")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -51,10 +58,11 @@ def resolve_config(args):
     if not paths:
         dataset = args.dataset or "css"
         default = configs / f"{dataset}.yaml"
-        if not default.is_file():
-            known = sorted(p.stem for p in configs.glob("*.yaml"))
-            raise ConfigError(f"unknown dataset {dataset!r}: no config {default}; datasets with a config: {known}")
-        paths = [default]
+        if default.is_file():
+            paths = [default]
+        elif not args.dataset:
+            raise ConfigError(f"no config {default}")
+        # a registered dataset without a config of its own starts from the defaults
     if args.preset:
         preset = configs / "presets" / f"{args.preset}.yaml"
         if not preset.is_file():
@@ -65,19 +73,21 @@ def resolve_config(args):
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.method:
-        overrides.append(f"model.method={args.method}")
+        overrides.append(f"model.composer={args.method}")
     if args.ga is not None:
         overrides.append(f"ga.methods={args.ga}")
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     if args.image_encoder:
         overrides.append(f"model.image_encoder={args.image_encoder}")
+    if args.text_encoder:
+        overrides.append(f"model.text_encoder={args.text_encoder}")
     if args.image_weights:
         if not args.image_encoder:
             overrides.append("model.image_encoder=resnet18")
-        overrides.append(f"model.image_weights={args.image_weights}")
+        overrides.append(f"model.image_encoder.weights={args.image_weights}")
     if args.css_images:
-        overrides.append(f"data.css_images={args.css_images}")
+        overrides.append(f"data.dataset.images={args.css_images}")
     if args.out:
         overrides.append(f"train.out={args.out}")
     if args.seed is not None:
@@ -98,13 +108,9 @@ def main(argv=None):
 
     try:
         cfg = resolve_config(args)
-        from keras_irtf.data import check_dataset
+        from keras_irtf.experiment import Experiment
 
-        check_dataset(cfg)  # a missing download fails here, before TensorFlow starts
-        if cfg.model.image_weights:
-            from keras_irtf.layers.pretrained import resolve_preset_dir
-
-            resolve_preset_dir(cfg.model.image_weights)
+        Experiment(cfg).check()  # a missing download or preset fails here, before any training work
         from keras_irtf.training.loop import format_results, train
 
         run, metrics = train(cfg, verbose=0 if args.quiet else 1)

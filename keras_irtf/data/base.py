@@ -58,7 +58,16 @@ def index_captions(captions: Sequence[str]):
 
 
 class RetrievalDataset:
-    """Base class: `train` and `test` splits, a training-query sampler, evaluation queries."""
+    """Base class: `train` and `test` splits, a training-query sampler, evaluation queries.
+
+    A dataset registered with keras_irtf.registry.register_dataset(name, config=...) is built by
+    the assembler through `from_settings(settings, cfg, image_size, verbose)`; the default reads
+    `data.root` and the disk options (`data.on_bad_image`, `data.file_cache`). `check(settings,
+    cfg)` runs first, before TensorFlow starts, to fail fast on a missing download.
+    Images are decoded to S x S (S = `image_size`, the image encoder's input side) with the
+    shared geometry (keras_irtf.layers.preprocessing.resize_and_center_crop); normalisation is
+    the image encoder's and happens in the pipeline.
+    """
 
     name = "base"
     # Recalls averaged into Ms/Mt for the weighted harmonic mean (the dataset's reported Ks).
@@ -66,6 +75,19 @@ class RetrievalDataset:
 
     train: Split
     test: Split
+
+    @classmethod
+    def from_settings(cls, settings, cfg, image_size: int, verbose: bool = True):
+        if cfg.data.max_train_queries:
+            from keras_irtf.config import ConfigError
+
+            raise ConfigError(f"data.max_train_queries is available for the built-in CSS, not {cls.name!r}")
+        return cls(cfg.data.root, image_size=image_size, on_bad_image=cfg.data.on_bad_image,
+                   file_cache=cfg.data.file_cache, verbose=verbose)
+
+    @classmethod
+    def check(cls, settings, cfg):
+        """Fail fast (DatasetError naming the expected layout) when the data is not there."""
 
     def training_texts(self) -> list:
         """Texts the vocabulary is built from."""

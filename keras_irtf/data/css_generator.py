@@ -10,18 +10,23 @@ combinations never appear in the training scenes, and every test query's modifie
 one of them. Everything is determined by the seed.
 
     python -m keras_irtf.data.css_generator --size small --out data/cache/css_small_s0
+
+This module also registers the `css` dataset (`CSSBenchmark`): the published set under
+data.root, or the generated benchmark when no root is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from keras_irtf.data.css import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, render_2d
+from keras_irtf.data.css import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, CSSDataset, render_2d
+from keras_irtf.registry import register_dataset
 from keras_irtf.utils import Progress
 
 COLOR_NAMES = tuple(COLORS)
@@ -206,6 +211,32 @@ def ensure_generated(cache_dir, size: str, seed: int, verbose: bool = True) -> P
     if not (out / NPY_NAME).is_file():
         generate(out, size=size, seed=seed, verbose=verbose)
     return out
+
+
+@dataclasses.dataclass
+class CSSConfig:
+    CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d")}
+    size: str = "small"  # the built-in benchmark's size: smoke | small | full
+    seed: int = 0  # generator seed (the dataset itself), independent of the training seed
+    images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
+
+
+@register_dataset("css", config=CSSConfig)
+class CSSBenchmark(CSSDataset):
+    """The `css` dataset: the published CSS under data.root, or, without a root, the built-in
+    benchmark generated once into the cache folder (data.dataset.size, data.dataset.seed)."""
+
+    @classmethod
+    def from_settings(cls, settings, cfg, image_size, verbose=True):
+        from keras_irtf.config import default_cache_dir
+
+        root = cfg.data.root
+        if root is None:
+            root = ensure_generated(default_cache_dir(cfg), settings.size, settings.seed, verbose)
+        dataset = cls(root, images=settings.images, image_size=image_size, verbose=verbose)
+        if cfg.data.max_train_queries:
+            dataset.limit_training_queries(cfg.data.max_train_queries, settings.seed)
+        return dataset
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.registry import register_dataset
 
 PUBLISHED_AT = "https://github.com/xthan/fashion-200k"
 TEST_QUERIES_AT = "https://github.com/google/tirg (README, 'Fashion200k dataset': test_queries.txt)"
@@ -177,10 +178,15 @@ class _PairIndex:
         return imgs[int(rng.integers(len(imgs)))]
 
 
+@register_dataset("fashion200k")
 class Fashion200kDataset(RetrievalDataset):
     """Fashion200k with the TIRG protocol ("replace X with Y" pairs, published test queries)."""
 
     name = "fashion200k"
+
+    @classmethod
+    def check(cls, settings, cfg):
+        check_layout(cfg.data.root)
     whm_ks = (1, 10, 50)
 
     def __init__(self, root, image_size: int = 224, on_bad_image: str = "error", file_cache=None,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError
+from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
 
 CACHE_FORMAT = 1  # bump when the preprocessing changes: old caches are then not reused
 
@@ -92,28 +93,6 @@ def report_bad_images(bad, on_bad_image: str, desc: str, verbose: bool = True):
 
 
 # ---- decoding (TensorFlow) -------------------------------------------------------------------
-def resize_and_center_crop(image, size: int):
-    """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side to `size` (bilinear, antialiased), centre
-    crop (torchvision's Resize(size) + CenterCrop(size), which the reference applies to MIT-States
-    and Fashion200k images in training and evaluation alike)."""
-    import tensorflow as tf
-
-    shape = tf.shape(image)
-    h = tf.cast(shape[0], tf.float64)
-    w = tf.cast(shape[1], tf.float64)
-    short = tf.minimum(h, w)
-    # the long side is floor(size * long / short), the shorter side exactly `size`
-    new_h = tf.where(h <= w, tf.constant(size, tf.float64), tf.floor(size * h / short))
-    new_w = tf.where(h <= w, tf.floor(size * w / short), tf.constant(size, tf.float64))
-    new_h = tf.cast(new_h, tf.int32)
-    new_w = tf.cast(new_w, tf.int32)
-    resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
-    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-    crop = tf.image.crop_to_bounding_box(resized, top, left, size, size)
-    return tf.cast(tf.clip_by_value(tf.round(crop), 0, 255), tf.uint8)
-
-
 def decode_and_resize(path, size: int):
     """A file path (string tensor) -> uint8 [size, size, 3]. Raises inside tf.data if unreadable."""
     import tensorflow as tf

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
 
 
 def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = True) -> np.ndarray:
-    """Decode image files into a uint8 [N, size, size, 3] array, in parallel, in order.
+    """Decode image files into a uint8 [N, size, size, 3] array, in parallel, in order, with the
+    image encoders' geometry (shorter side to `size`, centre crop: see keras_irtf.layers.preprocessing).
 
     A file that cannot be read or decoded raises DatasetError naming it.
     """
@@ -25,8 +25,8 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
     def load(path):
         raw = tf.io.read_file(path)
         img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        img = tf.image.resize(img, (image_size, image_size), method="bilinear", antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+        img.set_shape([None, None, 3])
+        return resize_and_center_crop(img, image_size)
 
     ds = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(512).prefetch(2)
@@ -48,12 +48,13 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
         out[i : i + len(batch)] = batch
         i += len(batch)
         if progress:
-            progress.update(i)
+            progress.update(len(batch))
     return out
 
 
 def normalize_images(images):
-    """uint8/float [.., H, W, 3] in 0..255 -> float32 ImageNet-normalised (the reference's input)."""
+    """uint8/float [.., H, W, 3] in 0..255 -> float32 ImageNet-normalised (the reference's input;
+    the built-in encoders' ImagePreprocessor.normalize)."""
     import tensorflow as tf
 
     x = tf.cast(images, tf.float32) / 255.0
@@ -61,7 +62,6 @@ def normalize_images(images):
 
 
 def _progress(total, desc):
-    import keras
+    from keras_irtf.utils import Progress
 
-    print(desc, flush=True)
-    return keras.utils.Progbar(total, unit_name="image")
+    return Progress(total, desc)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.registry import register_dataset
 
 PUBLISHED_AT = "http://web.mit.edu/phillipi/Public/states_and_transformations/index.html"
 
@@ -77,10 +78,15 @@ def list_images(root):
     return records, ignored
 
 
+@register_dataset("mitstates")
 class MITStatesDataset(RetrievalDataset):
     """MIT-States with the TIRG protocol (noun-disjoint split, adjective texts)."""
 
     name = "mitstates"
+
+    @classmethod
+    def check(cls, settings, cfg):
+        check_layout(cfg.data.root)
     whm_ks = (1, 5, 10)
 
     def __init__(self, root, image_size: int = 224, on_bad_image: str = "error", file_cache=None,

@@ -6,6 +6,8 @@ Training batches are dicts
 built from a query list that is fixed by the seed before training starts: the same seed gives the
 same batches, and a resumed run can skip to its step.
 
+Images are normalised by the image encoder's preprocessor (keras_irtf.layers.preprocessing;
+the assembler passes it, a plain int S stands for the built-in ImageNet preprocessing at S).
 A split's images come from one of three places:
 - memory (`split.images` is a numpy array: CSS): gathered from a constant;
 - a file cache (`split.images` is a CachedImages over a memory-mapped file, see
@@ -22,7 +24,14 @@ from __future__ import annotations
 import numpy as np
 
 from keras_irtf.data.base import Queries, Split
-from keras_irtf.data.images import normalize_images
+from keras_irtf.layers.preprocessing import ImagePreprocessor
+
+
+def as_preprocessor(preprocessor) -> ImagePreprocessor:
+    """An ImagePreprocessor, or an int S meaning the built-in encoders' preprocessing at S x S."""
+    if isinstance(preprocessor, ImagePreprocessor):
+        return preprocessor
+    return ImagePreprocessor(int(preprocessor))
 
 
 def _in_memory(split: Split) -> bool:
@@ -57,20 +66,22 @@ def _array_gather(images, image_size: int):
     return gather
 
 
-def image_loader(split: Split, image_size: int):
+def image_loader(split: Split, preprocessor):
     """A TF function: int64 ids [B] -> float32 normalised images [B, S, S, 3]."""
     import tensorflow as tf
 
     from keras_irtf.data.image_files import decode_and_resize
 
+    prep = as_preprocessor(preprocessor)
+    image_size = prep.size
     table = _image_table(split)
     if table is not None:
-        return lambda ids: normalize_images(tf.gather(table, ids))
+        return lambda ids: prep.normalize(tf.gather(table, ids))
     if split.images is not None:
         gather = _array_gather(split.images, image_size)
-        return lambda ids: normalize_images(gather(ids))
+        return lambda ids: prep.normalize(gather(ids))
     paths = tf.constant([str(p) for p in split.image_paths])
-    return lambda ids: normalize_images(
+    return lambda ids: prep.normalize(
         tf.map_fn(lambda i: decode_and_resize(paths[i], image_size), ids,
                   fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8))
     )
@@ -128,7 +139,7 @@ def _report_skip(image, path):
         return tf.identity(image)
 
 
-def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int, image_size: int,
+def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int, preprocessor,
                     drop_remainder: bool = False, with_target: bool = True, skip_unreadable: bool = False):
     """Batches of queries in order (evaluation, or training with a pre-sampled query list).
 
@@ -138,6 +149,7 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
     """
     import tensorflow as tf
 
+    prep = as_preprocessor(preprocessor)
     tensors = {
         "source_id": queries.source_ids.astype(np.int64),
         "text": queries.texts.astype(str),
@@ -147,15 +159,15 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
     if _streams_from_disk(split):
         keys = ["source_id", "target_id"] if with_target else ["source_id"]
         ds = tf.data.Dataset.from_tensor_slices(tensors)
-        ds = _disk_elements(split, ds, keys, image_size, skip_unreadable)
+        ds = _disk_elements(split, ds, keys, prep.size, skip_unreadable)
         if skip_unreadable and split.on_bad_image == "skip":
             ds = ds.repeat()  # the caller takes as many batches as it needs
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
         def image(b, key):  # decoded by the disk elements
-            return normalize_images(b[f"{key}_image"])
+            return prep.normalize(b[f"{key}_image"])
     else:
-        load = image_loader(split, image_size)
+        load = image_loader(split, prep)
         ds = tf.data.Dataset.from_tensor_slices(tensors).batch(batch_size, drop_remainder=drop_remainder)
 
         def image(b, key):
@@ -176,7 +188,7 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
     return ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int, image_size: int,
+def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int, preprocessor,
                      paired: bool = True, start_step: int = 0, shard=(0, 1)):
     """Batches `start_step` .. `steps` - 1 of training queries sampled by the dataset's reference
     sampler, each of `batch_size` queries (the global batch).
@@ -196,23 +208,24 @@ def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int
     rows = np.arange(start_step * batch_size, steps * batch_size).reshape(-1, batch_size)
     rows = rows[:, index * per_shard : (index + 1) * per_shard].reshape(-1)
     queries = queries.subset(rows)
-    ds = queries_dataset(split, queries, vectorizer, per_shard, image_size, drop_remainder=True,
+    ds = queries_dataset(split, queries, vectorizer, per_shard, preprocessor, drop_remainder=True,
                          skip_unreadable=True)
     # streamed with on_bad_image=skip, the query stream repeats (dropped queries are made up from
     # its start), so the run still gets exactly its number of full batches
     return ds.take(steps - start_step) if _streams_from_disk(split) and split.on_bad_image == "skip" else ds
 
 
-def images_dataset(split: Split, ids, batch_size: int, image_size: int):
+def images_dataset(split: Split, ids, batch_size: int, preprocessor):
     """Batches of normalised images of `ids` (gallery indexing)."""
     import tensorflow as tf
 
+    prep = as_preprocessor(preprocessor)
     ids = np.asarray(ids, dtype=np.int64)
     if _streams_from_disk(split):
         ds = tf.data.Dataset.from_tensor_slices({"id": ids})
-        ds = _disk_elements(split, ds, ["id"], image_size, skip_unreadable=False).batch(batch_size)
-        return ds.map(lambda b: normalize_images(b["id_image"]), num_parallel_calls=tf.data.AUTOTUNE,
+        ds = _disk_elements(split, ds, ["id"], prep.size, skip_unreadable=False).batch(batch_size)
+        return ds.map(lambda b: prep.normalize(b["id_image"]), num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=True).prefetch(tf.data.AUTOTUNE)
-    load = image_loader(split, image_size)
+    load = image_loader(split, prep)
     ds = tf.data.Dataset.from_tensor_slices(ids).batch(batch_size)
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -29,22 +29,24 @@ def _embedders(model):
     return embed_images, embed_queries
 
 
-def embed_gallery(model, split: Split, ids, batch_size=256, image_size=64, verbose=True, desc="gallery"):
+def embed_gallery(model, split: Split, ids, batch_size=256, preprocessor=64, verbose=True, desc="gallery"):
+    """Embeddings of the split's images `ids`; `preprocessor`: the image encoder's
+    (keras_irtf.layers.preprocessing.ImagePreprocessor, or an int S for the built-in one)."""
     embed_images, _ = _embedders(model)
-    progress = Progress(len(ids), f"embedding {desc}", enabled=verbose)
+    progress = Progress(len(ids), f"embedding {desc}", enabled=verbose, unit="image")
     out = []
-    for images in images_dataset(split, ids, batch_size, image_size):
+    for images in images_dataset(split, ids, batch_size, preprocessor):
         out.append(embed_images(images).numpy())
         progress.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def embed_query_set(model, split: Split, queries: Queries, vectorizer, batch_size=256, image_size=64,
+def embed_query_set(model, split: Split, queries: Queries, vectorizer, batch_size=256, preprocessor=64,
                     verbose=True, desc="queries"):
     _, embed_queries = _embedders(model)
-    progress = Progress(len(queries), f"embedding {desc}", enabled=verbose)
+    progress = Progress(len(queries), f"embedding {desc}", enabled=verbose, unit="query")
     out = []
-    ds = queries_dataset(split, queries, vectorizer, batch_size, image_size, with_target=False)
+    ds = queries_dataset(split, queries, vectorizer, batch_size, preprocessor, with_target=False)
     for b in ds:
         out.append(embed_queries(b["source_image"], b["text"]).numpy())
         progress.update(len(out[-1]))
@@ -56,14 +58,14 @@ def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chun
     """Top-k gallery positions for every query (bounded memory; see keras_irtf.evaluation.retrieval), with a
     progress bar. backend: "tf" (default), "faiss" (exact, needs faiss-cpu) or "auto"."""
     backend = resolve_backend(backend)
-    progress = Progress(len(query_emb), f"ranking ({backend})", enabled=verbose)
+    progress = Progress(len(query_emb), f"ranking ({backend})", enabled=verbose, unit="query")
     out = chunked_top_k(query_emb, gallery_emb, k, exclude, query_chunk, gallery_chunk, progress, backend=backend)
     progress.close()
     return out
 
 
 def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=(1, 5, 10, 50),
-                   batch_size=256, image_size=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
+                   batch_size=256, preprocessor=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
                    backend="tf"):
     """Recall@K of `queries` on one split. Test: gallery = every image of the split, the source
     excluded. Train: gallery = the queries' target images."""
@@ -74,8 +76,8 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
     else:
         gallery_ids = np.unique(queries.target_ids)
         exclude = None
-    g = embed_gallery(model, split, gallery_ids, batch_size, image_size, verbose, f"{split_name} gallery")
-    q = embed_query_set(model, split, queries, vectorizer, batch_size, image_size, verbose, f"{split_name} queries")
+    g = embed_gallery(model, split, gallery_ids, batch_size, preprocessor, verbose, f"{split_name} gallery")
+    q = embed_query_set(model, split, queries, vectorizer, batch_size, preprocessor, verbose, f"{split_name} queries")
     if exclude is not None:
         # exclusion is by gallery position; the test gallery is every image, in id order
         exclude = np.asarray(exclude, np.int64)
@@ -95,12 +97,13 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
 
 
 def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0.5,
-             train_queries=10000, seed=0, batch_size=256, image_size=64, query_chunk=1024,
+             train_queries=10000, seed=0, batch_size=256, preprocessor=64, query_chunk=1024,
              gallery_chunk=8192, verbose=True, backend="tf") -> dict:
-    """Test recall, training recall and WHM, as the `metrics.json` of a run stores them."""
+    """Test recall, training recall and WHM, as the `metrics.json` of a run stores them (from a
+    config, keras_irtf.experiment.Experiment.evaluate passes every argument)."""
     whm_ks = tuple(whm_ks or dataset.whm_ks)
     ks = tuple(sorted(set(ks) | set(whm_ks)))
-    kw = dict(ks=ks, batch_size=batch_size, image_size=image_size, query_chunk=query_chunk,
+    kw = dict(ks=ks, batch_size=batch_size, preprocessor=preprocessor, query_chunk=query_chunk,
               gallery_chunk=gallery_chunk, verbose=verbose, backend=backend)
     test = evaluate_split(model, dataset, vectorizer, "test", dataset.test.test_queries, **kw)
     train = evaluate_split(model, dataset, vectorizer, "train", dataset.train_recall_queries(train_queries, seed), **kw)
@@ -112,46 +115,3 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
         "whm": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
                 "ks": list(whm_ks)},
     }
-
-
-def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None) -> dict:
-    """Reload a run folder's model and vocabulary, re-evaluate, and write its metrics.json.
-
-    backend: the retrieval backend ("tf", "faiss", "auto"; default: the run's eval.backend)."""
-    from pathlib import Path
-
-    from keras_irtf.config import load_config
-    from keras_irtf.data import load_dataset
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.training.loop import load_model
-    from keras_irtf.utils import read_json, write_json
-
-    run = Path(run)
-    for name in ("config.yaml", "model.keras"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"{run / name} not found: --run must be a folder written by tools/train.py")
-    cfg = load_config([run / "config.yaml"])
-    lstm = cfg.model.text_encoder == "lstm"  # BERT runs have no vocabulary: the model reads strings
-    if lstm and not (run / "vocab.txt").is_file():
-        raise FileNotFoundError(f"{run / 'vocab.txt'} not found: --run must be a folder written by tools/train.py")
-    if alpha is not None:
-        cfg.eval.alpha = float(alpha)
-    dataset = load_dataset(cfg, verbose=verbose)
-    model = load_model(run / "model.keras")
-    if lstm:
-        vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
-    else:
-        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
-
-        vectorizer = prepare_text_input(model.text_encoder, texts_of_run(dataset), cfg.model.text_cache, verbose=verbose)
-    result = evaluate(
-        model, dataset, vectorizer, ks=cfg.eval.ks, whm_ks=cfg.eval.whm_ks or dataset.whm_ks,
-        alpha=cfg.eval.alpha, train_queries=cfg.data.train_recall_queries, seed=cfg.train.seed,
-        batch_size=cfg.eval.batch_size, image_size=cfg.data.image_size, query_chunk=cfg.eval.query_chunk,
-        gallery_chunk=cfg.eval.gallery_chunk, verbose=verbose,
-        backend=backend or getattr(cfg.eval, "backend", "tf"),
-    )
-    previous = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
-    metrics = {**previous, "dataset": cfg.data.dataset, "method": cfg.model.method, **result}
-    write_json(Path(out) if out else run / "metrics.json", metrics)
-    return metrics

@@ -4,8 +4,9 @@ ComposeAE and TIRG-BERT read the modification text through uncased BERT-Base, fr
 reference implementations precompute the embeddings with a BERT server). Two local sources:
 
 - HubBertEncoder: a TF-Hub BERT encoder SavedModel and its tensorflow-text preprocessing
-  SavedModel, loaded with `tf.saved_model.load` (what `hub.load` does for a folder).
-  `hub.KerasLayer` is a Keras 2 layer and fails inside Keras 3 models, hence this wrapper.
+  SavedModel, from local folders through `tensorflow_hub.load` (URLs and hub handles are refused
+  before it is called: nothing is downloaded at run time). `hub.KerasLayer` is a Keras 2 layer
+  and fails inside Keras 3 models, hence this wrapper.
 - KerasHubBertEncoder: a keras-hub preset folder (BertBackbone + BertTextClassifierPreprocessor).
 
 Both are Keras 3 layers that store their local paths in `get_config()` (a reloaded `.keras` model
@@ -21,10 +22,15 @@ Nothing is ever downloaded: a URL or a missing folder is an error saying how to 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Optional
 
 import keras
 import tensorflow as tf
+
+from keras_irtf.layers.base import TextEncoder
+from keras_irtf.registry import register_text_encoder
 
 HUB_HELP = (
     "keras_irtf never downloads models. Download the TF-Hub BERT models once (on a machine with "
@@ -32,14 +38,14 @@ HUB_HELP = (
     "'en-uncased-l-12-h-768-a-12' for the encoder and 'en-uncased-preprocess' for the "
     "preprocessing; the same models as tfhub.dev/tensorflow/bert_en_uncased_L-12_H-768_A-12 and "
     "bert_en_uncased_preprocess), extract each archive into a folder holding saved_model.pb, "
-    "and pass the folders: --set model.bert_encoder=/path/encoder --set model.bert_preprocess=/path/preprocess"
+    "and pass the folders: --set model.text_encoder=bert_hub --set model.text_encoder.encoder=/path/encoder --set model.text_encoder.preprocess=/path/preprocess"
 )
 KERAS_HUB_HELP = (
     "keras_irtf never downloads models. Make a local keras-hub preset folder once (on a machine "
     "with network): `b = keras_hub.models.BertBackbone.from_preset('bert_base_en_uncased'); "
     "p = keras_hub.models.BertTextClassifierPreprocessor.from_preset('bert_base_en_uncased'); "
     "b.save_to_preset(DIR); p.save_to_preset(DIR)` (or download and extract the Kaggle preset "
-    "keras/bert/keras/bert_base_en_uncased), then pass --set model.bert_preset=DIR"
+    "keras/bert/keras/bert_base_en_uncased), then pass --set model.text_encoder=bert_keras_hub --set model.text_encoder.preset=DIR"
 )
 
 
@@ -74,8 +80,10 @@ def _unsafe_deserialization():
         return contextlib.nullcontext()
 
 
-class FrozenTextEncoder(keras.layers.Layer):
+class FrozenTextEncoder(TextEncoder):
     """Base class: a frozen sentence encoder taking strings, or ids into an attached cache."""
+
+    input_kind = "strings"
 
     def __init__(self, output_dim=768, seq_length=None, **kwargs):
         kwargs["trainable"] = False
@@ -108,7 +116,7 @@ class FrozenTextEncoder(keras.layers.Layer):
         if width is not None and width != self.output_dim:
             raise ValueError(
                 f"{type(self).__name__}: the encoder's pooled output is {width}-d but output_dim="
-                f"{self.output_dim} (model.bert_dim); set it to {width}"
+                f"{self.output_dim} (model.text_encoder.dim); set it to {width}"
             )
         ctx = tf.distribute.get_replica_context()
         if ctx is None or ctx.num_replicas_in_sync == 1:  # a plain variable: not per replica
@@ -144,6 +152,24 @@ class FrozenTextEncoder(keras.layers.Layer):
         return config
 
 
+@dataclasses.dataclass
+class HubBertConfig:
+    preprocess: Optional[str] = None  # folder of the TF-Hub preprocessing SavedModel
+    encoder: Optional[str] = None  # folder of the TF-Hub BERT encoder SavedModel
+    dim: int = 768  # width of BERT's pooled output (768 for BERT-Base)
+    seq_length: int = 0  # tokens per text; 0 = the preprocessing model's default
+    cache: bool = True  # embed each distinct text once per run
+
+
+@dataclasses.dataclass
+class KerasHubBertConfig:
+    preset: Optional[str] = None  # local keras-hub preset folder (BertBackbone + preprocessor)
+    dim: int = 768
+    seq_length: int = 0
+    cache: bool = True
+
+
+@register_text_encoder("bert_hub", config=HubBertConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class HubBertEncoder(FrozenTextEncoder):
     """A TF-Hub BERT encoder + its preprocessing model, from local SavedModel folders.
@@ -159,13 +185,26 @@ class HubBertEncoder(FrozenTextEncoder):
         super().__init__(output_dim, seq_length, **kwargs)
         self.preprocess_handle = str(preprocess_handle) if preprocess_handle else preprocess_handle
         self.encoder_handle = str(encoder_handle) if encoder_handle else encoder_handle
-        pre = check_local_folder(preprocess_handle, "model.bert_preprocess (preprocess_handle)", HUB_HELP, "saved_model.pb")
-        enc = check_local_folder(encoder_handle, "model.bert_encoder (encoder_handle)", HUB_HELP, "saved_model.pb")
+        pre = check_local_folder(preprocess_handle, "model.text_encoder.preprocess (preprocess_handle)", HUB_HELP,
+                                 "saved_model.pb")
+        enc = check_local_folder(encoder_handle, "model.text_encoder.encoder (encoder_handle)", HUB_HELP,
+                                 "saved_model.pb")
+        import tensorflow_hub as hub
         import tensorflow_text  # noqa: F401  (registers the ops the preprocessing model uses)
 
-        # tf.saved_model.load is what hub.load does for a local folder, minus the network
-        self.preprocess_model = tf.saved_model.load(pre)
-        self.encoder_model = tf.saved_model.load(enc)
+        # local folders only (checked above): hub.load reads them without any network access
+        self.preprocess_model = hub.load(pre)
+        self.encoder_model = hub.load(enc)
+
+    @classmethod
+    def from_settings(cls, settings, cfg, **context):
+        try:
+            return cls(settings.preprocess, settings.encoder, settings.dim, settings.seq_length or None,
+                       name="text_encoder")
+        except ValueError as e:
+            from keras_irtf.config import ConfigError
+
+            raise ConfigError(str(e)) from None
 
     def _encode(self, texts):
         if self.seq_length:
@@ -181,6 +220,7 @@ class HubBertEncoder(FrozenTextEncoder):
         return config
 
 
+@register_text_encoder("bert_keras_hub", config=KerasHubBertConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class KerasHubBertEncoder(FrozenTextEncoder):
     """A keras-hub BertBackbone and its BertTextClassifierPreprocessor from a local preset folder.
@@ -192,7 +232,7 @@ class KerasHubBertEncoder(FrozenTextEncoder):
     def __init__(self, preset, output_dim=768, seq_length=None, **kwargs):
         super().__init__(output_dim, seq_length, **kwargs)
         self.preset = str(preset) if preset else preset
-        path = check_local_folder(preset, "model.bert_preset (preset)", KERAS_HUB_HELP, "config.json")
+        path = check_local_folder(preset, "model.text_encoder.preset (preset)", KERAS_HUB_HELP, "config.json")
         import keras_hub
         import tensorflow_text  # noqa: F401
 
@@ -204,6 +244,15 @@ class KerasHubBertEncoder(FrozenTextEncoder):
             self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(path, **extra)
             self.backbone = keras_hub.models.BertBackbone.from_preset(path)
         self.backbone.trainable = False
+
+    @classmethod
+    def from_settings(cls, settings, cfg, **context):
+        try:
+            return cls(settings.preset, settings.dim, settings.seq_length or None, name="text_encoder")
+        except ValueError as e:
+            from keras_irtf.config import ConfigError
+
+            raise ConfigError(str(e)) from None
 
     def _encode(self, texts):
         inputs = self.preprocessor(texts)

@@ -34,11 +34,14 @@ MirroredStrategy run normalises with the global batch's statistics, as one devic
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 from keras import ops
 
-from keras_irtf.layers.composers import _Composer
+from keras_irtf.layers.base import Composer
 from keras_irtf.layers.normalization import SyncBatchNormalization
+from keras_irtf.registry import register_composer
 
 
 def _bn(name):
@@ -164,7 +167,7 @@ class ConvMapping(keras.layers.Layer):
         return config
 
 
-class _AutoencoderComposer(_Composer):
+class _AutoencoderComposer(Composer):
     """Shared parts: the mixing weights a, the two decoders and the reconstruction losses."""
 
     def __init__(self, output_dim=512, initial_weights=(1.0, 10.0), conv_filters=64,
@@ -233,6 +236,19 @@ class _AutoencoderComposer(_Composer):
         return config
 
 
+@dataclasses.dataclass
+class ComposeAEConfig:
+    # weights of (image reconstruction, text reconstruction, rotational symmetry)
+    loss_weights: tuple = (0.1, 0.1, 0.01)
+    dropout: float = 0.5  # dropout of the projections (the reference's 0.5)
+
+
+@dataclasses.dataclass
+class RealSpaceConcatAEConfig:
+    loss_weights: tuple = (0.1, 0.1, 0.0)  # no rotational symmetry in the real-space variant
+
+
+@register_composer("composeae", config=ComposeAEConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class ComposeAEComposer(_AutoencoderComposer):
     """ComposeAE: complex projection + rotation by the text, linear and convolutional mappings.
@@ -283,10 +299,10 @@ class ComposeAEComposer(_AutoencoderComposer):
         """Unweighted L_rot_sym: the conjugate composition of the (unnormalised) target feature
         with the text, normalised, against the normalised query image feature, under the model's
         base loss."""
-        from keras_irtf.model.losses import RETRIEVAL_LOSSES
+        from keras_irtf.model.losses import retrieval_loss
 
         back = model.normalization(self.compose(target_features, f_text, conjugate=-1.0, training=training))
-        return RETRIEVAL_LOSSES[model.retrieval_loss](back, model.normalization(source_features))
+        return retrieval_loss(model.retrieval_loss)(back, model.normalization(source_features))
 
     def auxiliary_losses(self, model, batch, features, composed, target_features, query, target, training=False):
         terms = super().auxiliary_losses(model, batch, features, composed, target_features, query, target, training)
@@ -300,6 +316,7 @@ class ComposeAEComposer(_AutoencoderComposer):
         return config
 
 
+@register_composer("composeae_real", config=RealSpaceConcatAEConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class RealSpaceConcatAEComposer(_AutoencoderComposer):
     """The real-space ablation: mappings over [f_img, f_text]; conv over that vector as one
@@ -332,12 +349,3 @@ class RealSpaceConcatAEComposer(_AutoencoderComposer):
         config.update(conv_bins=self.conv_bins)
         return config
 
-
-def _register():
-    from keras_irtf.layers.composers import COMPOSERS
-
-    COMPOSERS.setdefault("composeae", ComposeAEComposer)
-    COMPOSERS.setdefault("composeae_real", RealSpaceConcatAEComposer)
-
-
-_register()

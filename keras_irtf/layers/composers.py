@@ -14,28 +14,19 @@ Batch normalisation is synchronized across replicas (a no-op on one device), so 
 multi-replica step normalises with the global batch's statistics exactly as one device does.
 """
 
+import dataclasses
+
 import keras
 from keras import ops
 
+from keras_irtf.layers.base import Composer
 from keras_irtf.layers.normalization import SyncBatchNormalization
+from keras_irtf.registry import register_composer
 
 
-class _Composer(keras.layers.Layer):
-    def __init__(self, output_dim=512, **kwargs):
-        super().__init__(**kwargs)
-        self.output_dim = int(output_dim)
-
-    def compute_output_shape(self, input_shapes):
-        return (input_shapes[0][0], self.output_dim)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(output_dim=self.output_dim)
-        return config
-
-
+@register_composer("tirg")
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class TIRGComposer(_Composer):
+class TIRGComposer(Composer):
     def __init__(self, output_dim=512, initial_weights=(1.0, 10.0), **kwargs):
         super().__init__(output_dim, **kwargs)
         self.initial_weights = tuple(float(w) for w in initial_weights)
@@ -71,8 +62,14 @@ class TIRGComposer(_Composer):
         return config
 
 
+@dataclasses.dataclass
+class ConcatConfig:
+    dropout: float = 0.1  # before the last projection
+
+
+@register_composer("concat", config=ConcatConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class ConcatComposer(_Composer):
+class ConcatComposer(Composer):
     def __init__(self, output_dim=512, dropout=0.1, **kwargs):
         super().__init__(output_dim, **kwargs)
         self.dropout_rate = float(dropout)
@@ -103,21 +100,16 @@ class ConcatComposer(_Composer):
         return config
 
 
+@register_composer("image_only")
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class ImageOnlyComposer(_Composer):
+class ImageOnlyComposer(Composer):
     def call(self, inputs, training=False):
         return inputs[0]
 
 
+@register_composer("text_only")
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class TextOnlyComposer(_Composer):
+class TextOnlyComposer(Composer):
     def call(self, inputs, training=False):
         return inputs[1]
 
-
-COMPOSERS = {
-    "tirg": TIRGComposer,
-    "concat": ConcatComposer,
-    "image_only": ImageOnlyComposer,
-    "text_only": TextOnlyComposer,
-}

@@ -11,13 +11,25 @@ Batch normalisation is synchronized across replicas (a no-op on one device), so 
 multi-replica step normalises with the global batch's statistics exactly as one device does.
 """
 
+import dataclasses
+from typing import Optional
+
 import keras
 
+from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.normalization import SyncBatchNormalization
+from keras_irtf.registry import register_image_encoder
 
 
+@dataclasses.dataclass
+class SmallCNNConfig:
+    filters: tuple = (16, 32, 64, 128)  # one conv block each
+    stem_stride: int = 2  # stride of the first convolution (downsampling first is cheaper)
+
+
+@register_image_encoder("small_cnn", config=SmallCNNConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class SmallCNNEncoder(keras.layers.Layer):
+class SmallCNNEncoder(ImageEncoder):
     def __init__(self, filters=(16, 32, 64, 128), output_dim=512, stem_stride=2, **kwargs):
         super().__init__(**kwargs)
         self.filters = tuple(int(f) for f in filters)
@@ -95,8 +107,30 @@ class _BasicBlock(keras.layers.Layer):
         return self.conv1.compute_output_shape(input_shape)
 
 
+@dataclasses.dataclass
+class ResNet18Config:
+    # a local keras-hub preset folder (e.g. resnet_18_imagenet) for pretrained weights; None:
+    # random initialisation
+    weights: Optional[str] = None
+
+
+@register_image_encoder("resnet18", config=ResNet18Config)
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class ResNet18Encoder(keras.layers.Layer):
+class ResNet18Encoder(ImageEncoder):
+    min_image_size = 32  # five stride-2 stages
+
+    @classmethod
+    def from_settings(cls, settings, cfg, **context):
+        if settings is not None and settings.weights:
+            from keras_irtf.layers.pretrained import PretrainedImageEncoder
+
+            encoder = PretrainedImageEncoder.from_preset(settings.weights, cfg.model.embed_dim, name="image_encoder")
+            print(f"image encoder: pretrained keras-hub backbone from {encoder.preset}", flush=True)
+            return encoder
+        print("image encoder: ResNet-18 from random initialisation (no --image-weights / "
+              "model.image_encoder.weights)", flush=True)
+        return cls(output_dim=cfg.model.embed_dim, name="image_encoder")
+
     def __init__(self, output_dim=512, **kwargs):
         super().__init__(**kwargs)
         self.output_dim = int(output_dim)

@@ -25,9 +25,8 @@ from pathlib import Path
 import keras
 
 from keras_irtf.config import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from keras_irtf.layers.base import ImageEncoder
+from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 _FETCH_HELP = (
     "To get a local copy, on a machine with network access run\n"
@@ -43,7 +42,7 @@ def import_keras_hub():
         import keras_hub
     except ImportError as e:
         raise ImportError(
-            "a pretrained image encoder (model.image_weights / --image-weights) needs keras-hub, an optional "
+            "a pretrained image encoder (model.image_encoder.weights / --image-weights) needs keras-hub, an optional "
             "dependency of keras_irtf: pip install 'keras_irtf[hub]' (keras-hub==0.32.*)"
         ) from e
     return keras_hub
@@ -57,15 +56,15 @@ def resolve_preset_dir(preset) -> str:
         bare = "/" not in text and "\\" not in text and not text.startswith(".") and not text.startswith("~")
         if bare:
             raise ConfigError(
-                f"model.image_weights={text!r} is a bare preset name: keras-hub would try to download it, "
+                f"model.image_encoder.weights={text!r} is a bare preset name: keras-hub would try to download it, "
                 f"and keras_irtf never downloads at run time. Pass the path of a local preset folder "
                 f"(containing config.json and model.weights.h5) instead. " + _FETCH_HELP
             )
-        raise ConfigError(f"model.image_weights: {path} is not a folder. " + _FETCH_HELP)
+        raise ConfigError(f"model.image_encoder.weights: {path} is not a folder. " + _FETCH_HELP)
     missing = [n for n in ("config.json", "model.weights.h5") if not (path / n).is_file()]
     if missing:
         raise ConfigError(
-            f"model.image_weights: {path} is not a keras-hub preset folder (missing {', '.join(missing)}). "
+            f"model.image_encoder.weights: {path} is not a keras-hub preset folder (missing {', '.join(missing)}). "
             f"A preset folder is what `Backbone.save_to_preset(DIR)` writes. " + _FETCH_HELP
         )
     return str(path.resolve())
@@ -95,7 +94,7 @@ def preset_input_transform(preset_dir):
 
 
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class PretrainedImageEncoder(keras.layers.Layer):
+class PretrainedImageEncoder(ImageEncoder):
     """keras-hub backbone -> global average pooling -> Dense(output_dim).
 
     Args:
@@ -137,6 +136,9 @@ class PretrainedImageEncoder(keras.layers.Layer):
     def backbone_variables(self):
         """The variables trained at the reduced (pretrained-layer) learning rate."""
         return list(self.backbone.trainable_variables)
+
+    def pretrained_variables(self) -> list:
+        return self.backbone_variables() if self.pretrained else []
 
     def build(self, input_shape):
         if not self.projection.built:

@@ -4,13 +4,37 @@ LSTMTextEncoder follows TIRG's text model: word embedding -> one LSTM layer -> t
 last real token -> dropout -> linear projection.
 """
 
+import dataclasses
+
 import keras
 from keras import ops
 
+from keras_irtf.layers.base import TextEncoder
+from keras_irtf.registry import register_text_encoder
 
+
+@dataclasses.dataclass
+class LSTMConfig:
+    word_embed_dim: int = 512
+    hidden_dim: int = 512
+    dropout: float = 0.1  # on the LSTM's output, before the projection
+
+
+@register_text_encoder("lstm", config=LSTMConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
-class LSTMTextEncoder(keras.layers.Layer):
+class LSTMTextEncoder(TextEncoder):
     """int tokens [B, L] (0 = padding) -> float [B, output_dim]."""
+
+    input_kind = "tokens"
+
+    @classmethod
+    def from_settings(cls, settings, cfg, vocab_size=0, **context):
+        # cuDNN has no second-order LSTM kernel: double backprop through the LSTM (GA^A or FGSM
+        # with x at the text feature) needs the generic kernel
+        through_lstm = cfg.ga.point == "text_feature" and any(
+            getattr(_ga_entry(m), "needs_input_gradient", False) for m in cfg.ga_methods)
+        return cls(vocab_size, settings.word_embed_dim, settings.hidden_dim, cfg.model.embed_dim,
+                   settings.dropout, use_cudnn=False if through_lstm else "auto", name="text_encoder")
 
     def __init__(self, vocab_size, embed_dim=512, hidden_dim=512, output_dim=512, dropout=0.1,
                  use_cudnn="auto", **kwargs):
@@ -57,3 +81,9 @@ class LSTMTextEncoder(keras.layers.Layer):
             use_cudnn=self.use_cudnn,
         )
         return config
+
+
+def _ga_entry(name):
+    from keras_irtf.registry import GA_METHODS
+
+    return GA_METHODS.get(name).obj

@@ -31,16 +31,25 @@ Under tf.distribute the optimizer SUMS the replicas' gradients: terms that are n
 (isotropic noise, weight regularisation) are divided by the number of replicas, so the sum is
 the single-device value (the noise is drawn from one seeded generator, identical on every
 replica).
+
+Each method is a registered `GAMethod` (keras_irtf.registry.register_ga_method) with its own
+settings under ga.<name> (ga.adversarial.eps, ga.isotropic.gamma, ga.fgsm.eps, ga.l1.weight,
+ga.l2.weight); `ga.point` and `ga.mode` are shared. A method acts through three hooks of
+ComposedRetrievalModel.train_step: `main_loss` (replace the loss, as FGSM does), `loss_terms`
+(terms added to the differentiated loss, as GA^A and L1/L2 do) and `transform_gradients` (as
+GA^I does). A method of your own is one module with a GAMethod subclass, loaded with --import.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf.config import parse_ga_methods
 from keras_irtf.model.losses import average_over_global_batch, replica_info
+from keras_irtf.registry import GA_METHODS, register_ga_method
 
 POINTS = ("input", "image_feature", "text_feature", "composed")
 
@@ -71,38 +80,211 @@ def per_example_norm(x, q: float):
     return tf.pow(tf.reduce_sum(tf.pow(tf.abs(flat) + 1e-20, q), axis=1), 1.0 / q)
 
 
+class GAContext:
+    """What a GA method's loss hooks see of one training step (built by the model's train_step).
+
+    model, batch, training; `grad_x`: dL/dx at ga.point (when a method needs it, else None);
+    `terms`: the loss terms recorded so far; `f_target` / `target`: the target image's feature
+    and normalised embedding; `loss_at(delta)`: the main loss with x shifted by delta (the query
+    branch recomputed, its terms not recorded).
+    """
+
+    def __init__(self, model, batch, training, terms, f_target, target, grad_x=None, loss_at=None):
+        self.model = model
+        self.batch = batch
+        self.training = training
+        self.terms = terms
+        self.f_target = f_target
+        self.target = target
+        self.grad_x = grad_x
+        self.loss_at = loss_at
+
+
+class GAMethod:
+    """Base of gradient-augmentation methods (and regularisation baselines).
+
+    Subclass it, register it with `@register_ga_method(name, config=SettingsDataclass)`, and
+    override what the method does (all optional):
+        needs_input_gradient  True when loss hooks need ctx.grad_x (an inner tape is recorded)
+        term_names            the loss terms it logs (Keras metrics, TensorBoard)
+        main_loss(ctx, main)  -> the main loss to use instead of `main`
+        loss_terms(ctx)       -> {term: value} added to the differentiated loss
+        transform_gradients(grads, variables) -> (grads, {term: value} for logging)
+    `self.settings` is the method's settings (ga.<name>), `self.ga` the model's
+    GradientAugmentation layer (ga.point, ga.mode, the seeded noise generator).
+    """
+
+    needs_input_gradient = False
+    term_names = ()
+
+    def __init__(self, settings, ga):
+        self.settings = settings
+        self.ga = ga
+
+    def main_loss(self, ctx, main):
+        return main
+
+    def loss_terms(self, ctx) -> dict:
+        return {}
+
+    def transform_gradients(self, grads, variables):
+        return grads, {}
+
+
+@dataclasses.dataclass
+class AdversarialConfig:
+    CHOICES = {"attack_norm": ("inf", "2")}
+    eps: float = 1e-3  # L_GA^A = eps * mean_i ||dL/dx_i||_q
+    attack_norm: str = "inf"  # the attack's p: inf -> q = 1, 2 -> q = 2
+
+
+@dataclasses.dataclass
+class IsotropicConfig:
+    CHOICES = {"noise_scaling": ("per_element", "mean")}
+    gamma: float = 1e-3  # standard deviation of the gradient noise (per element)
+    noise_scaling: str = "per_element"  # per_element (gamma * n) | mean (gamma * n / size, the authors')
+
+
+@dataclasses.dataclass
+class FGSMConfig:
+    eps: float = 1e-2  # delta = eps * sign(dL/dx)
+
+
+@dataclasses.dataclass
+class L1Config:
+    weight: float = 1e-6  # weight * sum |W| over kernels and embeddings
+
+
+@dataclasses.dataclass
+class L2Config:
+    weight: float = 1e-4  # weight * sum W^2 over kernels and embeddings
+
+
+@register_ga_method("adversarial", config=AdversarialConfig)
+class AdversarialGA(GAMethod):
+    """Explicit adversarial GA: + eps * mean_i ||dL/dx_i||_q (double backprop)."""
+
+    needs_input_gradient = True
+    term_names = ("ga_adversarial",)
+
+    def loss_terms(self, ctx):
+        return {"ga_adversarial": self.ga.adversarial_penalty(ctx.grad_x)}
+
+
+@register_ga_method("isotropic", config=IsotropicConfig)
+class IsotropicGA(GAMethod):
+    """Implicit isotropic GA: gamma * n added to every variable's gradient."""
+
+    term_names = ("ga_isotropic",)
+
+    def transform_gradients(self, grads, variables):
+        noises, value = self.ga.isotropic_noise(variables)
+        grads = [g + n if g is not None else None for g, n in zip(grads, noises)]
+        return grads, {"ga_isotropic": value}
+
+
+@register_ga_method("fgsm", config=FGSMConfig)
+class FGSMTraining(GAMethod):
+    """FGSM adversarial training: (L(x) + L(x + eps * sign(dL/dx))) / 2."""
+
+    needs_input_gradient = True
+    term_names = ("fgsm_loss",)
+
+    def main_loss(self, ctx, main):
+        adv = ctx.loss_at(self.ga.fgsm_delta(ctx.grad_x))
+        ctx.terms["fgsm_loss"] = adv
+        return 0.5 * (main + adv)
+
+
+class _WeightPenalty(GAMethod):
+    term_names = ("weight_regularization",)
+
+    def loss_terms(self, ctx):
+        return {"weight_regularization": self.ga.weight_regularization(ctx.model.trainable_variables, self.name)}
+
+
+@register_ga_method("l1", config=L1Config)
+class L1Regularization(_WeightPenalty):
+    """L1 weight regularisation baseline."""
+
+    name = "l1"
+
+
+@register_ga_method("l2", config=L2Config)
+class L2Regularization(_WeightPenalty):
+    """L2 weight regularisation baseline."""
+
+    name = "l2"
+
+
+_LEGACY_KEYS = {"eps": ("adversarial", "eps"), "attack_norm": ("adversarial", "attack_norm"),
+                "gamma": ("isotropic", "gamma"), "noise_scaling": ("isotropic", "noise_scaling"),
+                "fgsm_eps": ("fgsm", "eps"), "l1": ("l1", "weight"), "l2": ("l2", "weight")}
+
+
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class GradientAugmentation(keras.layers.Layer):
-    """The GA settings of a model, and the random state of its isotropic noise.
+    """The GA settings of a model, its active methods, and the random state of its isotropic noise.
 
     A layer so that the noise generator's state is saved with the model and its checkpoints
     (a resumed run continues the same noise sequence).
+
+    Args:
+        methods: registered GA method names ("adversarial,isotropic" or a list).
+        point: where x is taken for the methods that need dL/dx.
+        mode: "paper" or "reference" (the authors' code).
+        settings: {method: {key: value}} (each method's ga.<method> keys; defaults otherwise).
+        seed: seed of the isotropic noise.
     """
 
-    def __init__(self, methods="", eps=1e-3, attack_norm="inf", point="input", gamma=1e-3,
-                 noise_scaling="per_element", mode="paper", fgsm_eps=1e-2, l1=1e-6, l2=1e-4,
-                 seed=0, **kwargs):
+    def __init__(self, methods="", point="input", mode="paper", settings=None, seed=0, **kwargs):
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_KEYS}  # .keras files before 0.2
         super().__init__(**kwargs)
-        self.methods = parse_ga_methods(methods)
+        if isinstance(methods, str):
+            methods = [m.strip() for m in methods.split(",")]
+        self.methods = tuple(dict.fromkeys(m for m in methods if m and m != "none"))
+        unknown = [m for m in self.methods if m not in GA_METHODS]
+        if unknown:
+            raise ValueError(f"GA: unknown method(s) {unknown}; registered: {GA_METHODS.names()}")
         if point not in POINTS:
             raise ValueError(f"GA point must be one of {POINTS}, got {point!r}")
-        if noise_scaling not in ("per_element", "mean"):
-            raise ValueError(f"noise_scaling must be 'per_element' or 'mean', got {noise_scaling!r}")
         if mode not in ("paper", "reference"):
             raise ValueError(f"GA mode must be 'paper' or 'reference', got {mode!r}")
-        self.eps = float(eps)
-        self.attack_norm = str(attack_norm)
-        self.q = dual_norm(attack_norm)
         self.point = point
-        self.gamma = float(gamma)
-        self.noise_scaling = noise_scaling
         self.mode = mode
-        self.fgsm_eps = float(fgsm_eps)
-        self.l1 = float(l1)
-        self.l2 = float(l2)
         self.seed = int(seed)
+        given = {m: dict(v) for m, v in (settings or {}).items()}
+        for key, value in legacy.items():
+            method, field = _LEGACY_KEYS[key]
+            given.setdefault(method, {})[field] = value
+        self._method_settings = {}
+        for name in set(self.methods) | set(given) | {"adversarial", "isotropic", "fgsm", "l1", "l2"}:
+            entry = GA_METHODS.get(name)
+            values = entry.default_settings()
+            for key, value in given.get(name, {}).items():
+                if not hasattr(values, key):
+                    raise ValueError(f"GA method {name!r} has no setting {key!r}; its keys: {entry.keys}")
+                setattr(values, key, value)
+            for key, choices in getattr(values, "CHOICES", {}).items():
+                if str(getattr(values, key)) not in choices:
+                    raise ValueError(f"GA {name}.{key}={getattr(values, key)!r}: expected one of {list(choices)}")
+            self._method_settings[name] = values
+        self.active = [GA_METHODS.get(m).obj(self._method_settings[m], self) for m in self.methods]
+        self.q = dual_norm(self.attack_norm)
         self.noise_seed = keras.random.SeedGenerator(self.seed, name="isotropic_noise_seed")
         self.built = True  # no weights of its own besides the generator state
+
+    def method_settings(self, name):
+        return self._method_settings[name]
+
+    # the built-in methods' settings, read where the mathematics is written
+    eps = property(lambda self: float(self._method_settings["adversarial"].eps))
+    attack_norm = property(lambda self: str(self._method_settings["adversarial"].attack_norm))
+    gamma = property(lambda self: float(self._method_settings["isotropic"].gamma))
+    noise_scaling = property(lambda self: self._method_settings["isotropic"].noise_scaling)
+    fgsm_eps = property(lambda self: float(self._method_settings["fgsm"].eps))
+    l1 = property(lambda self: float(self._method_settings["l1"].weight))
+    l2 = property(lambda self: float(self._method_settings["l2"].weight))
 
     @property
     def adversarial(self) -> bool:
@@ -118,7 +300,13 @@ class GradientAugmentation(keras.layers.Layer):
 
     @property
     def needs_input_gradient(self) -> bool:
-        return self.adversarial or self.fgsm
+        return any(m.needs_input_gradient for m in self.active)
+
+    def term_names(self) -> list:
+        names = []
+        for m in self.active:
+            names += [n for n in m.term_names if n not in names]
+        return names
 
     # ---- explicit adversarial GA -------------------------------------------------------------
     def adversarial_penalty(self, grad_x):
@@ -165,33 +353,26 @@ class GradientAugmentation(keras.layers.Layer):
         return noises, value  # this replica's share; the replicas' shares sum to L_GA^I
 
     # ---- L1 / L2 baselines --------------------------------------------------------------------
-    def weight_regularization(self, variables):
-        """L1 and/or L2 penalty over the kernels (variables of rank >= 2), per replica."""
+    def weight_regularization(self, variables, kind: str):
+        """The L1 ("l1") or L2 ("l2") penalty over the kernels (variables of rank >= 2), per replica."""
         replicas, _ = replica_info()
         kernels = [tf.convert_to_tensor(v) for v in variables if len(v.shape) >= 2]
         if not kernels:
             return tf.constant(0.0)
         dtype = kernels[0].dtype
-        total = tf.constant(0.0, dtype)
-        if "l1" in self.methods:
-            total += self.l1 * tf.add_n([tf.reduce_sum(tf.abs(tf.cast(v, dtype))) for v in kernels])
-        if "l2" in self.methods:
-            total += self.l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, dtype))) for v in kernels])
+        if kind == "l1":
+            total = self.l1 * tf.add_n([tf.reduce_sum(tf.abs(tf.cast(v, dtype))) for v in kernels])
+        else:
+            total = self.l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, dtype))) for v in kernels])
         return total / replicas
 
     def get_config(self):
         config = super().get_config()
         config.update(
             methods=",".join(self.methods),
-            eps=self.eps,
-            attack_norm=self.attack_norm,
             point=self.point,
-            gamma=self.gamma,
-            noise_scaling=self.noise_scaling,
             mode=self.mode,
-            fgsm_eps=self.fgsm_eps,
-            l1=self.l1,
-            l2=self.l2,
+            settings={m: dataclasses.asdict(self._method_settings[m]) for m in sorted(self._method_settings)},
             seed=self.seed,
         )
         return config

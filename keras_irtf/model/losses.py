@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_irtf.registry import RETRIEVAL_LOSSES, register_retrieval_loss
+
 
 def replica_info():
     """(number of replicas in sync, this replica's id) in the current context (1, 0 if none)."""
@@ -57,6 +59,7 @@ def batch_classification_per_example(query, target):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
+@register_retrieval_loss("batch_classification")
 def batch_classification_loss(query, target):
     return average_over_global_batch(batch_classification_per_example(query, target))
 
@@ -81,6 +84,7 @@ def soft_triplet_per_example(query, target):
     return tf.reduce_sum(losses, 1) / tf.reduce_sum(negative, 1)
 
 
+@register_retrieval_loss("soft_triplet")
 def soft_triplet_loss(query, target):
     per_anchor = soft_triplet_per_example(query, target)  # 2B anchors per replica
     return tf.reduce_sum(per_anchor) / (2.0 * global_batch_size(tf.shape(query)[0], per_anchor.dtype))
@@ -97,7 +101,7 @@ def similarity_matching_loss(query, target, reduction: str = "sum"):
     return average_over_global_batch(similarity_matching_per_example(query, target, reduction))
 
 
-RETRIEVAL_LOSSES = {
-    "batch_classification": batch_classification_loss,
-    "soft_triplet": soft_triplet_loss,
-}
+
+def retrieval_loss(name: str):
+    """The registered retrieval loss function of that name (loss.kind)."""
+    return RETRIEVAL_LOSSES.get(name).obj

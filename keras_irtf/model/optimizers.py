@@ -61,8 +61,12 @@ def with_learning_rate_multipliers(optimizer, groups):
 
 
 def pretrained_learning_rate_groups(model, multiplier: float):
-    """[(backbone variables, multiplier)] for a model whose image encoder holds pretrained layers."""
-    encoder = getattr(model, "image_encoder", None)
-    if encoder is None or not getattr(encoder, "pretrained", False) or multiplier == 1.0:
+    """[(pretrained variables, multiplier)] for a model whose encoders hold pretrained layers
+    (each encoder lists them through `pretrained_variables()`)."""
+    if multiplier == 1.0:
         return []
-    return [(encoder.backbone_variables(), multiplier)]
+    variables = []
+    for part in (getattr(model, "image_encoder", None), getattr(model, "text_encoder", None)):
+        if part is not None and hasattr(part, "pretrained_variables"):
+            variables += [v for v in part.pretrained_variables() if v.trainable]
+    return [(variables, multiplier)] if variables else []

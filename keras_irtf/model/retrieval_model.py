@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_irtf.model import losses as L
-from keras_irtf.model.gradient_augmentation import GradientAugmentation
+from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
 
 
@@ -26,8 +26,7 @@ class ComposedRetrievalModel(keras.Model):
                  gradient_augmentation=None, retrieval_loss="batch_classification", eta=0.0,
                  similarity_reduction="sum", image_size=None, max_text_length=None, **kwargs):
         super().__init__(**kwargs)
-        if retrieval_loss not in L.RETRIEVAL_LOSSES:
-            raise ValueError(f"retrieval_loss must be one of {sorted(L.RETRIEVAL_LOSSES)}, got {retrieval_loss!r}")
+        L.retrieval_loss(retrieval_loss)  # an unknown name fails here, listing the registered ones
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.composer = composer
@@ -101,19 +100,11 @@ class ComposedRetrievalModel(keras.Model):
 
     # ---- losses -------------------------------------------------------------------------------
     def loss_term_names(self):
-        ga = self.gradient_augmentation
         names = ["loss", "retrieval_loss"]
         if self.eta > 0:
             names.append("similarity_loss")
         names += list(getattr(self.composer, "auxiliary_loss_names", ()))
-        if ga.adversarial:
-            names.append("ga_adversarial")
-        if ga.isotropic:
-            names.append("ga_isotropic")
-        if ga.fgsm:
-            names.append("fgsm_loss")
-        if "l1" in ga.methods or "l2" in ga.methods:
-            names.append("weight_regularization")
+        names += self.gradient_augmentation.term_names()
         return names
 
     def _query_branch(self, batch, training, tape=None, delta=None):
@@ -141,7 +132,7 @@ class ComposedRetrievalModel(keras.Model):
     def _main_loss(self, f_comp, f_target, target, features, batch, training, terms):
         """L_CE + eta * L_S (+ the composer's own terms), recording each in `terms`."""
         query = self.normalization(f_comp)
-        main = L.RETRIEVAL_LOSSES[self.retrieval_loss](query, target)
+        main = L.retrieval_loss(self.retrieval_loss)(query, target)
         terms["retrieval_loss"] = main
         if self.eta > 0:
             ls = L.similarity_matching_loss(query, target, self.similarity_reduction)
@@ -159,47 +150,51 @@ class ComposedRetrievalModel(keras.Model):
 
     def compute_loss_terms(self, batch, training=True):
         """Every loss term of the batch (each divided by the GLOBAL batch); terms["loss"] is the
-        differentiable total (the isotropic term acts on the gradients, in train_step)."""
+        differentiable total. In training, the active GA methods act through their hooks
+        (keras_irtf.model.gradient_augmentation.GAMethod): `main_loss`, then `loss_terms`; the
+        gradient hooks run in train_step."""
         ga = self.gradient_augmentation
         terms = {}
         f_target = self.encode_image(batch["target_image"], training)
         target = self.normalization(f_target)
+        grad_x = None
         if ga.needs_input_gradient and training:
             # inner tape: dL/dx (recorded by the caller's outer tape -> double backprop)
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 f_comp, x, feats = self._query_branch(batch, training, tape=inner)
                 main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
             grad_x = inner.gradient(main, x)
-            if ga.adversarial:
-                terms["ga_adversarial"] = ga.adversarial_penalty(grad_x)
-            if ga.fgsm:
-                f_adv, _, feats_adv = self._query_branch(batch, training, delta=ga.fgsm_delta(grad_x))
-                adv_terms = {}
-                adv = self._main_loss(f_adv, f_target, target, feats_adv, batch, training, adv_terms)
-                terms["fgsm_loss"] = adv
-                main = 0.5 * (main + adv)
         else:
             f_comp, _, feats = self._query_branch(batch, training)
             main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
-        total = main + terms.get("ga_adversarial", 0.0)
-        if training and ("l1" in ga.methods or "l2" in ga.methods):
-            terms["weight_regularization"] = ga.weight_regularization(self.trainable_variables)
-            total = total + terms["weight_regularization"]
+        total = main
+        if training and ga.active:
+            def loss_at(delta):
+                f_shift, _, feats_shift = self._query_branch(batch, training, delta=delta)
+                return self._main_loss(f_shift, f_target, target, feats_shift, batch, training, {})
+
+            ctx = GAContext(self, batch, training, terms, f_target, target, grad_x=grad_x, loss_at=loss_at)
+            for method in ga.active:
+                main = method.main_loss(ctx, main)
+            total = main
+            for method in ga.active:
+                for name, value in method.loss_terms(ctx).items():
+                    terms[name] = terms[name] + value if name in terms else value
+                    total = total + value
         terms["loss"] = total
         return terms
 
     def train_step(self, data):
         batch = data[0] if isinstance(data, (tuple, list)) else data
-        ga = self.gradient_augmentation
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             terms = self.compute_loss_terms(batch, training=True)
         grads = tape.gradient(terms["loss"], variables)
-        if ga.isotropic:
-            noises, value = ga.isotropic_noise(variables)
-            grads = [g + n if g is not None else None for g, n in zip(grads, noises)]
-            terms["ga_isotropic"] = value
-            terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
+        for method in self.gradient_augmentation.active:
+            grads, logged = method.transform_gradients(grads, variables)
+            for name, value in logged.items():  # e.g. L_GA^I = sum_v noise_v . v
+                terms[name] = value
+                terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
         self.optimizer.apply(grads, variables)
         return self._record(terms)
 

@@ -14,12 +14,11 @@ BMP), resizing and normalisation, and text vectorisation are inside the graph. I
                      -> ids int64 [B, k], paths string [B, k], scores float32 [B, k]
                      (only with a gallery: its embeddings are stored in the SavedModel)
 
-Preprocessing is chosen from the run's config through two small registries, so that a new
-encoder only registers how its inputs are made (see `register_image_preprocessing` and
-`register_text_preprocessing`):
-
-    image: model.image_encoder -> a function uint8 [H, W, 3] -> float32 [S, S, 3] (one image)
-    text:  model.text_encoder  -> a function string [B] -> the text encoder's input
+Preprocessing is the model's own: images go through the image encoder's ImagePreprocessor
+(keras_irtf.layers.preprocessing, the same object the training and evaluation pipelines use),
+text through the text encoder's input kind ("tokens": the run's vocab.txt vectoriser inside the
+graph; "strings": the raw strings, for encoders that tokenise themselves). A new encoder
+therefore exports without any change here.
 
 Writing is atomic: the SavedModel goes to a hidden `.partial-*` folder next to the version
 folders (TF Serving ignores non-integer folders) and is renamed to its integer version only when
@@ -48,16 +47,7 @@ class ExportError(ValueError):
     """An export that cannot be made (bad run folder, gallery, version); the message says why."""
 
 
-# ---- preprocessing registries -----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ImagePreprocessing:
-    """How one decoded image (uint8 [H, W, 3], any size) becomes a model input [S, S, 3]."""
-
-    name: str
-    image_size: int
-    transform: Callable
+# ---- preprocessing ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -73,124 +63,29 @@ class TextPreprocessing:
     trackables: list = dataclasses.field(default_factory=list)
 
 
-IMAGE_PREPROCESSING: dict = {}  # name -> factory(cfg, run_dir) -> ImagePreprocessing
-TEXT_PREPROCESSING: dict = {}  # name -> factory(cfg, run_dir) -> TextPreprocessing
-IMAGE_PREPROCESSING_FOR_ENCODER: dict = {}  # model.image_encoder -> preprocessing name
-TEXT_PREPROCESSING_FOR_ENCODER: dict = {}  # model.text_encoder -> preprocessing name
+def image_preprocessing_for(cfg, run_dir=None):
+    """The image encoder's preprocessing (keras_irtf.layers.preprocessing.ImagePreprocessor)."""
+    from keras_irtf.experiment import Experiment
 
-
-def _register(table, for_encoder, name, encoders):
-    def wrap(factory):
-        table[name] = factory
-        for e in encoders:
-            for_encoder[e] = name
-        return factory
-
-    return wrap
-
-
-def register_image_preprocessing(name: str, encoders: Sequence[str] = ()):
-    """Decorator: register `factory(cfg, run_dir) -> ImagePreprocessing` under `name`, used for
-    the image encoders listed in `encoders` (values of `model.image_encoder`)."""
-    return _register(IMAGE_PREPROCESSING, IMAGE_PREPROCESSING_FOR_ENCODER, name, encoders)
-
-
-def register_text_preprocessing(name: str, encoders: Sequence[str] = ()):
-    """Decorator: register `factory(cfg, run_dir) -> TextPreprocessing` under `name`, used for
-    the text encoders listed in `encoders` (values of `model.text_encoder`)."""
-    return _register(TEXT_PREPROCESSING, TEXT_PREPROCESSING_FOR_ENCODER, name, encoders)
-
-
-@register_image_preprocessing("resize_imagenet", encoders=("small_cnn", "resnet18"))
-def _resize_imagenet(cfg, run_dir=None) -> ImagePreprocessing:
-    """Bilinear (antialiased) resize to data.image_size, then /255 and ImageNet mean/std: what
-    the training pipeline feeds the model (an image already at that size is not resampled)."""
-    import tensorflow as tf
-
-    from keras_irtf.data.images import normalize_images
-
-    size = int(cfg.data.image_size)
-
-    def transform(image):
-        image = tf.cast(image, tf.float32)
-        shape = tf.shape(image)
-        same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
-        image = tf.cond(
-            same,
-            lambda: image,
-            lambda: tf.image.resize(image, (size, size), method="bilinear", antialias=True),
-        )
-        image = tf.ensure_shape(image, (size, size, 3))
-        return normalize_images(image)
-
-    return ImagePreprocessing("resize_imagenet", size, transform)
-
-
-@register_image_preprocessing("resize_center_crop_imagenet")
-def _resize_center_crop_imagenet(cfg, run_dir=None, crop_fraction: float = 0.875) -> ImagePreprocessing:
-    """ImageNet-style evaluation crop: resize the shorter side to S / crop_fraction (256 for
-    S = 224), take the central S x S, then /255 and ImageNet mean/std. For pretrained backbones
-    (register their encoder name with this preprocessing)."""
-    import tensorflow as tf
-
-    from keras_irtf.data.images import normalize_images
-
-    size = int(cfg.data.image_size)
-    short = int(round(size / crop_fraction))
-
-    def transform(image):
-        shape = tf.cast(tf.shape(image)[:2], tf.float32)
-        scale = short / tf.reduce_min(shape)
-        new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-        image = tf.image.resize(tf.cast(image, tf.float32), new, method="bilinear", antialias=True)
-        top = (new[0] - size) // 2
-        left = (new[1] - size) // 2
-        image = tf.ensure_shape(image[top : top + size, left : left + size], (size, size, 3))
-        return normalize_images(image)
-
-    return ImagePreprocessing("resize_center_crop_imagenet", size, transform)
-
-
-@register_text_preprocessing("vocabulary", encoders=("lstm",))
-def _vocabulary(cfg, run_dir) -> TextPreprocessing:
-    """The run's vocab.txt through the training tokeniser: strings -> int32 [B, max_text_length]."""
-    from keras_irtf.data.text import TextVectorizer
-
-    vocab = Path(run_dir) / "vocab.txt"
-    if not vocab.is_file():
-        raise ExportError(f"{vocab} not found: the LSTM text encoder needs the run's vocabulary (written by training)")
-    vectorizer = TextVectorizer.load(vocab, cfg.model.max_text_length)
-    vectorizer(["warm up"])  # an unbuilt TextVectorization cannot be tracked by the archive
-    return TextPreprocessing("vocabulary", vectorizer, [vectorizer.layer])
-
-
-@register_text_preprocessing("raw_strings", encoders=("bert_hub", "bert_keras_hub"))
-def _raw_strings(cfg, run_dir=None) -> TextPreprocessing:
-    """The strings themselves, for text encoders that tokenise inside the model (e.g. a BERT
-    encoder with its preprocessing SavedModel): register their encoder name with this."""
-    return TextPreprocessing("raw_strings", lambda texts: texts, [])
-
-
-def _choose(registry_for_encoder, registry, encoder, kind, key):
-    name = registry_for_encoder.get(encoder)
-    if name is None or name not in registry:
-        raise ExportError(
-            f"{key}={encoder!r} has no registered {kind} preprocessing for export; known encoders: "
-            f"{sorted(registry_for_encoder)} (register one with keras_irtf.serving.export.register_{kind}_preprocessing)"
-        )
-    return registry[name]
-
-
-def image_preprocessing_for(cfg, run_dir=None) -> ImagePreprocessing:
-    factory = _choose(IMAGE_PREPROCESSING_FOR_ENCODER, IMAGE_PREPROCESSING, cfg.model.image_encoder,
-                      "image", "model.image_encoder")
-    return factory(cfg, run_dir)
+    return Experiment(cfg, verbose=False).preprocessor
 
 
 def text_preprocessing_for(cfg, run_dir=None) -> TextPreprocessing:
-    factory = _choose(TEXT_PREPROCESSING_FOR_ENCODER, TEXT_PREPROCESSING, cfg.model.text_encoder,
-                      "text", "model.text_encoder")
-    return factory(cfg, run_dir)
+    """The text encoder's input from raw strings: the run's vocabulary ("tokens" encoders) or
+    the strings themselves ("strings" encoders)."""
+    from keras_irtf.experiment import Experiment
+
+    exp = Experiment(cfg, verbose=False)
+    if exp.text_input_kind != "tokens":
+        return TextPreprocessing("raw_strings", lambda texts: texts, [])
+    vocab = Path(run_dir) / "vocab.txt" if run_dir is not None else None
+    if vocab is None or not vocab.is_file():
+        raise ExportError(f"{vocab} not found: the {cfg.model.text_encoder.type!r} text encoder needs the run's "
+                          f"vocabulary (written by training)")
+    exp.build_text_input(vocabulary=vocab)
+    vectorizer = exp.vectorizer
+    vectorizer(["warm up"])  # an unbuilt TextVectorization cannot be tracked by the archive
+    return TextPreprocessing("vocabulary", vectorizer, [vectorizer.layer])
 
 
 # ---- in-graph image decoding ------------------------------------------------------------------
@@ -221,13 +116,14 @@ def decode_image(data):
     return image
 
 
-def images_from_bytes(image_bytes, image_prep: ImagePreprocessing):
-    """string [B] of encoded images -> float32 [B, S, S, 3] model inputs (inside a graph)."""
+def images_from_bytes(image_bytes, preprocessor):
+    """string [B] of encoded images -> float32 [B, S, S, 3] model inputs (inside a graph), through
+    the image encoder's preprocessor."""
     import tensorflow as tf
 
-    s = image_prep.image_size
+    s = preprocessor.size
     return tf.map_fn(
-        lambda b: image_prep.transform(decode_image(b)),
+        lambda b: preprocessor(decode_image(b)),
         image_bytes,
         fn_output_signature=tf.TensorSpec([s, s, 3], tf.float32),
     )
@@ -251,7 +147,7 @@ def list_gallery(folder) -> list:
     return files
 
 
-def embed_gallery_files(model, image_prep: ImagePreprocessing, folder, paths, batch_size=64):
+def embed_gallery_files(model, image_prep, folder, paths, batch_size=64):
     """Embeddings [N, D] of the gallery files, decoded and preprocessed exactly as the exported
     graph does. A file that cannot be decoded raises ExportError naming it."""
     import tensorflow as tf
@@ -278,7 +174,7 @@ def embed_gallery_files(model, image_prep: ImagePreprocessing, folder, paths, ba
     return np.concatenate(out).astype(np.float32)
 
 
-def build_export_archive(model, image_prep: ImagePreprocessing, text_prep: TextPreprocessing,
+def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
                          gallery_embeddings=None, gallery_paths=None):
     """A keras.export.ExportArchive with the serving endpoints (see the module docstring)."""
     import keras
@@ -412,14 +308,13 @@ def write_atomically(base, version: int, write: Callable, force: bool = False) -
 
 def load_run(run_dir):
     """(config, Keras model) of a run folder written by training."""
-    from keras_irtf.config import load_config
-    from keras_irtf.training.loop import load_model
+    from keras_irtf.experiment import Experiment
 
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "model.keras"):
-        if not (run_dir / name).is_file():
-            raise ExportError(f"{run_dir / name} not found: --run must be a run folder written by tools/train.py")
-    return load_config([run_dir / "config.yaml"]), load_model(run_dir / "model.keras")
+    try:
+        exp, model = Experiment.from_run(run_dir, verbose=False, load_data=False)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
+    return exp.cfg, model
 
 
 def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, force=False,
@@ -449,11 +344,11 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         "format": "keras_irtf SavedModel export 1",
         "run": str(run_dir) if run_dir else None,
         "method": cfg.model.method,
-        "image_encoder": cfg.model.image_encoder,
-        "text_encoder": cfg.model.text_encoder,
-        "image_preprocessing": image_prep.name,
+        "image_encoder": cfg.model.image_encoder.type,
+        "text_encoder": cfg.model.text_encoder.type,
+        "image_preprocessing": image_prep.describe(),
         "text_preprocessing": text_prep.name,
-        "image_size": image_prep.image_size,
+        "image_size": image_prep.size,
         "embedding_dim": int(cfg.model.embed_dim),
         "endpoints": endpoints,
         "gallery": None if gallery is None else {"root": str(Path(gallery).resolve()), "size": len(gallery_paths)},

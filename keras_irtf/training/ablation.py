@@ -51,8 +51,8 @@ SWEEP_VALUES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 # weight swept -> (config key, ga.methods, L_S on?)
 SWEEPS = {
     "eta": ("loss.eta", "", True),
-    "eps": ("ga.eps", "adversarial", False),
-    "gamma": ("ga.gamma", "isotropic", False),
+    "eps": ("ga.adversarial.eps", "adversarial", False),
+    "gamma": ("ga.isotropic.gamma", "isotropic", False),
 }
 
 
@@ -93,7 +93,7 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     import keras
 
     from keras_irtf.config import load_config
-    from keras_irtf.data import load_dataset
+    from keras_irtf.experiment import Experiment
     from keras_irtf.training.loop import train
 
     out = Path(out)
@@ -118,8 +118,8 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
             continue
         try:
             cfg = load_config(config_paths, list(overrides) + ov + [f"train.seed={seed}", f"train.out={run}"])
-            if dataset is None:
-                dataset = load_dataset(cfg, verbose=verbose)
+            if dataset is None:  # every cell shares the dataset (and its preprocessing)
+                dataset = Experiment(cfg, verbose=verbose).dataset
             keras.backend.clear_session()
             start = time.time()
             log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")

@@ -39,7 +39,7 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise TrainingDiverged(
                 f"non-finite loss at step {step}: {terms}. Training stopped; the last backup (if any) "
                 f"holds the weights from before the divergence. Lower optim.learning_rate or the GA "
-                f"weights (ga.eps, ga.gamma), or set optim.clipnorm."
+                f"weights (ga.adversarial.eps, ga.isotropic.gamma), or set optim.clipnorm."
             )
 
 

@@ -1,0 +1,377 @@
+"""The assembler: one resolved config -> every object a run needs, built in one place.
+
+    from keras_irtf.config import load_config
+    from keras_irtf.experiment import Experiment
+
+    exp = Experiment(load_config(["configs/css.yaml"]))
+    model = exp.create_model()                    # dataset, text input, model, optimizer
+    model.fit(exp.train_dataset(), epochs=5, steps_per_epoch=200)
+    metrics = exp.evaluate(model)                 # Recall@K, training recall, WHM
+    exp.save_run(model, "runs/mine", metrics)
+    exp, model = Experiment.from_run("runs/mine") # a run folder back, ready to evaluate or export
+
+The config names every pluggable part (keras_irtf.registry); this module looks each up and asks
+it to build itself from its own settings: the dataset (`from_settings`), the image encoder's
+preprocessing (`preprocessor`), the text input (a vocabulary for "tokens" encoders, the frozen
+encoder's text-embedding cache for "strings" encoders), the model, the optimizer with the
+pretrained layers' learning-rate multiplier, the tf.data pipelines, the evaluation, and run
+folders. tools/*.py, keras_irtf.api, keras_irtf.training, keras_irtf.serving, the examples and
+the benchmarks all go through it; nothing else turns config strings into objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from keras_irtf.config import Config, ConfigError, load_config, to_yaml
+
+RUN_FILES = ("config.yaml", "model.keras")  # what every run folder holds (+ vocab.txt for token encoders)
+
+
+class Experiment:
+    """Builds and holds the objects of one configured run.
+
+    Args:
+        cfg: a resolved keras_irtf.config.Config.
+        dataset: an already loaded dataset for cfg.data (saves reloading it when several runs
+            share one, as tools/ablate.py does); loaded on first use otherwise.
+        verbose: progress output while loading and evaluating.
+    """
+
+    def __init__(self, cfg: Config, dataset=None, verbose: bool = True):
+        self.cfg = cfg
+        self.verbose = verbose
+        self._dataset = dataset
+        self._preprocessor = None
+        # what the pipelines apply to the raw texts: a TextVectorizer (token encoders), the
+        # text cache's row ids or the strings themselves (string encoders); set by
+        # build_text_input / attach_text_input
+        self.vectorizer = None
+
+    # ---- the registered parts ------------------------------------------------------------------
+    @property
+    def image_encoder_class(self):
+        return self.cfg.model.image_encoder.entry().obj
+
+    @property
+    def text_encoder_class(self):
+        return self.cfg.model.text_encoder.entry().obj
+
+    @property
+    def text_input_kind(self) -> str:
+        """'tokens' (a vocabulary over the training texts) or 'strings' (the encoder reads text)."""
+        return getattr(self.text_encoder_class, "input_kind", "tokens")
+
+    @property
+    def preprocessor(self):
+        """The image encoder's preprocessing (keras_irtf.layers.preprocessing.ImagePreprocessor):
+        what the pipelines, the evaluation, the export and the query tool apply to every image."""
+        if self._preprocessor is None:
+            m = self.cfg.model.image_encoder
+            self._preprocessor = self.image_encoder_class.preprocessor(m.settings, self.cfg)
+        return self._preprocessor
+
+    def check(self):
+        """Fail fast, before any heavy work: the dataset's files, the image size the encoder
+        accepts, and the local folders the encoders read (DatasetError / ConfigError)."""
+        from keras_irtf.data import check_dataset
+
+        check_dataset(self.cfg)
+        low = getattr(self.image_encoder_class, "min_image_size", 1)
+        if self.cfg.data.image_size < low:
+            raise ConfigError(f"data.image_size={self.cfg.data.image_size}: the image encoder "
+                              f"{self.cfg.model.image_encoder.type!r} needs at least {low}")
+        weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
+        if weights:
+            from keras_irtf.layers.pretrained import resolve_preset_dir
+
+            resolve_preset_dir(weights)
+
+    # ---- data ----------------------------------------------------------------------------------
+    @property
+    def dataset(self):
+        if self._dataset is None:
+            from keras_irtf.data import load_dataset
+
+            self._dataset = load_dataset(self.cfg, image_size=self.preprocessor.size, verbose=self.verbose)
+        return self._dataset
+
+    def build_text_input(self, vocabulary=None, save_to=None) -> int:
+        """Token encoders: the vectoriser over the training texts (or read from `vocabulary`, a
+        run's vocab.txt), saved to `save_to` if given; returns the vocabulary size. String
+        encoders: nothing yet (their input needs the model, see attach_text_input); returns 0."""
+        if self.text_input_kind != "tokens":
+            return 0
+        from keras_irtf.data.text import TextVectorizer
+
+        n = self.cfg.model.max_text_length
+        if vocabulary is not None:
+            self.vectorizer = TextVectorizer.load(vocabulary, n)
+        else:
+            self.vectorizer = TextVectorizer.from_texts(self.dataset.training_texts(), n)
+        if save_to is not None:
+            self.vectorizer.save(save_to)
+        return self.vectorizer.vocab_size
+
+    def attach_text_input(self, model, verbose: Optional[bool] = None):
+        """String encoders: embed each distinct text of the run once (when the encoder's
+        settings have `cache: true`) and feed the pipelines the cache's row ids; otherwise the
+        raw strings. Token encoders: nothing to do."""
+        if self.text_input_kind != "strings":
+            return self.vectorizer
+        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
+
+        use_cache = bool(getattr(self.cfg.model.text_encoder.settings, "cache", False))
+        show = self.verbose if verbose is None else verbose
+        self.vectorizer = prepare_text_input(model.text_encoder, texts_of_run(self.dataset), use_cache,
+                                             verbose=show)
+        return self.vectorizer
+
+    # ---- model and optimizer -------------------------------------------------------------------
+    def build_model(self, vocab_size: Optional[int] = None):
+        """The ComposedRetrievalModel of the config, built (not compiled). `vocab_size`: the
+        token encoder's vocabulary (default: the vectoriser's)."""
+        from keras_irtf.layers.normalization import ScaledL2Normalization
+        from keras_irtf.model.gradient_augmentation import GradientAugmentation
+        from keras_irtf.model.retrieval_model import ComposedRetrievalModel
+
+        cfg, m = self.cfg, self.cfg.model
+        if vocab_size is None:
+            vocab_size = self.vectorizer.vocab_size if self.vectorizer is not None and \
+                self.text_input_kind == "tokens" else 0
+        context = {"vocab_size": int(vocab_size)}
+        image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
+        text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
+        composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
+        import dataclasses
+
+        ga = GradientAugmentation(
+            methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
+            settings={name: dataclasses.asdict(s) for name in cfg.ga_methods
+                      if (s := cfg.ga.settings(name)) is not None},
+            name="gradient_augmentation",
+        )
+        return ComposedRetrievalModel(
+            image_encoder, text_encoder, composer,
+            normalization=ScaledL2Normalization(m.initial_scale, name="normalization"),
+            gradient_augmentation=ga, retrieval_loss=cfg.loss.kind, eta=cfg.loss.eta,
+            similarity_reduction=cfg.loss.similarity_reduction, image_size=self.preprocessor.size,
+            max_text_length=m.max_text_length, name=f"{m.method}_retrieval",
+        )
+
+    def make_optimizer(self, model=None):
+        """The optimizer of `cfg.optim`; given the model, its pretrained layers (the encoders'
+        `pretrained_variables()`) train at `optim.backbone_lr_multiplier` times the rate."""
+        import keras
+
+        o = self.cfg.optim
+        lr = o.learning_rate
+        if o.decay_steps:
+            bounds = [int(s) for s in o.decay_steps]
+            lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+                bounds, [o.learning_rate * o.decay_factor**i for i in range(len(bounds) + 1)]
+            )
+        extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
+        if o.optimizer == "sgd":
+            optimizer = keras.optimizers.SGD(lr, momentum=o.momentum, weight_decay=o.weight_decay or None, **extra)
+        else:
+            optimizer = keras.optimizers.Adam(lr, weight_decay=o.weight_decay or None, **extra)
+        if model is not None:
+            from keras_irtf.model.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
+
+            groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier)
+            if groups:
+                optimizer = with_learning_rate_multipliers(optimizer, groups)
+        return optimizer
+
+    def compile(self, model):
+        """Compile `model` with the configured optimizer (multipliers included) and build the
+        optimizer's state now (a backup restores into it)."""
+        model.compile(optimizer=self.make_optimizer(model), jit_compile=self.cfg.train.jit_compile)
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    def create_model(self, strategy=None, compile: bool = True, vocabulary=None, vocab_out=None):
+        """Text input + model (+ optimizer), under `strategy`'s scope when given: what a run
+        trains. `vocabulary` / `vocab_out`: read / write the vocabulary file (token encoders)."""
+        import contextlib
+
+        vocab_size = self.build_text_input(vocabulary=vocabulary, save_to=vocab_out)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model = self.build_model(vocab_size)
+            if compile:
+                self.compile(model)
+        self.attach_text_input(model)
+        return model
+
+    # ---- pipelines -----------------------------------------------------------------------------
+    def train_dataset(self, steps: Optional[int] = None, start_step: int = 0, shard=(0, 1),
+                      batch_size: Optional[int] = None, seed: Optional[int] = None):
+        """Training batches `start_step` .. steps - 1 (default train.steps), drawn by the dataset's
+        reference sampler from `seed` (default train.seed): the same seed, the same batches.
+        `shard=(i, n)`: this worker's slice of every global batch."""
+        from keras_irtf.data.pipeline import training_dataset
+
+        c = self.cfg.train
+        return training_dataset(
+            self.dataset, self._text_input(), int(batch_size or c.batch_size), int(steps or c.steps),
+            c.seed if seed is None else int(seed), self.preprocessor, c.pairs_per_source,
+            start_step=start_step, shard=shard,
+        )
+
+    def sample_batch(self, batch_size: Optional[int] = None):
+        """One training batch (for building a model before loading weights, and for tests)."""
+        return next(iter(self.train_dataset(steps=1, batch_size=batch_size)))
+
+    def validation_dataset(self, batch_size: Optional[int] = None):
+        """The test queries with their target images, in order, full batches only (the batch is
+        the loss's set of negatives): for `model.fit(validation_data=...)` / `model.evaluate`."""
+        from keras_irtf.data.pipeline import queries_dataset
+
+        split = self.dataset.test
+        bs = int(batch_size or self.cfg.train.batch_size)
+        if len(split.test_queries) < bs:
+            raise ValueError(f"the test split has {len(split.test_queries)} queries, fewer than one batch of {bs}")
+        return queries_dataset(split, split.test_queries, self._text_input(), bs, self.preprocessor,
+                               drop_remainder=True, with_target=True)
+
+    def gallery_dataset(self, split: str = "test", batch_size: Optional[int] = None):
+        """Every image of a split, in id order, preprocessed (for indexing)."""
+        import numpy as np
+
+        from keras_irtf.data.pipeline import images_dataset
+
+        s = getattr(self.dataset, split)
+        return images_dataset(s, np.arange(s.num_images), int(batch_size or self.cfg.eval.batch_size),
+                              self.preprocessor)
+
+    def _text_input(self):
+        if self.vectorizer is None:
+            if self.text_input_kind == "tokens":
+                self.build_text_input()
+            else:
+                raise ValueError("the text input of a string text encoder needs the model: call "
+                                 "create_model() or attach_text_input(model) first")
+        return self.vectorizer
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, model, verbose: Optional[bool] = None, backend: Optional[str] = None) -> dict:
+        """Test recall Mt, training recall Ms and their WHM with the config's evaluation settings
+        (what metrics.json holds)."""
+        from keras_irtf.evaluation.protocol import evaluate
+
+        e = self.cfg.eval
+        return evaluate(
+            model, self.dataset, self._text_input(), ks=e.ks, whm_ks=e.whm_ks or self.dataset.whm_ks,
+            alpha=e.alpha, train_queries=self.cfg.data.train_recall_queries, seed=self.cfg.train.seed,
+            batch_size=e.batch_size, preprocessor=self.preprocessor, query_chunk=e.query_chunk,
+            gallery_chunk=e.gallery_chunk, verbose=self.verbose if verbose is None else verbose,
+            backend=backend or e.backend,
+        )
+
+    # ---- run folders ---------------------------------------------------------------------------
+    def save_run(self, model, run_dir, metrics: Optional[dict] = None) -> Path:
+        """Write a run folder: config.yaml, vocab.txt (token encoders), model.keras and, given,
+        metrics.json. tools/evaluate.py, tools/export.py and tools/query.py read it."""
+        from keras_irtf.utils import atomic_write_text, write_json
+
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "config.yaml", to_yaml(self.cfg))
+        if self.text_input_kind == "tokens" and self.vectorizer is not None:
+            self.vectorizer.save(run / "vocab.txt")
+        save_model(model, run / "model.keras")
+        if metrics is not None:
+            write_json(run / "metrics.json", metrics)
+        return run
+
+    @classmethod
+    def from_run(cls, run_dir, overrides=(), verbose: bool = True, load_data: bool = True):
+        """(Experiment, model) of a run folder: its config (plus `overrides`), its vocabulary and
+        its model; with `load_data`, the dataset and the text input too (ready to evaluate)."""
+        run = Path(run_dir)
+        for name in RUN_FILES:
+            if not (run / name).is_file():
+                raise FileNotFoundError(f"{run / name} not found: --run must be a run folder written by tools/train.py")
+        cfg = load_config([run / "config.yaml"], list(overrides))
+        exp = cls(cfg, verbose=verbose)
+        if exp.text_input_kind == "tokens":
+            vocab = run / "vocab.txt"
+            if not vocab.is_file():
+                raise FileNotFoundError(f"{vocab} not found: the {cfg.model.text_encoder.type!r} text encoder needs "
+                                        f"the run's vocabulary (written by training)")
+            exp.build_text_input(vocabulary=vocab)
+        model = load_model(run / "model.keras")
+        if load_data:
+            exp.attach_text_input(model)
+        return exp, model
+
+
+# ---- the same, as functions of a config (for scripts and tests that need one object) ----------
+def build_model(cfg: Config, vocab_size: int = 0):
+    """The configured ComposedRetrievalModel, built, not compiled (Experiment.build_model)."""
+    return Experiment(cfg, verbose=False).build_model(vocab_size)
+
+
+def make_optimizer(cfg: Config, model=None):
+    """The configured optimizer; given the model, with the pretrained layers' multiplier."""
+    return Experiment(cfg, verbose=False).make_optimizer(model)
+
+
+def sample_batch(dataset, vectorizer, cfg: Config, batch_size: Optional[int] = None):
+    """One training batch of `dataset` through `vectorizer` with the config's pipeline."""
+    exp = Experiment(cfg, dataset=dataset, verbose=False)
+    exp.vectorizer = vectorizer
+    return exp.sample_batch(batch_size)
+
+
+def save_model(model, path):
+    """Save a .keras file atomically (a crash never leaves a truncated model)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path):
+    """Load a .keras file saved by keras_irtf, every keras_irtf class registered first.
+
+    (`keras.saving.load_model` alone cannot find keras_irtf's classes until keras_irtf's modules
+    are imported: call this, or `import keras_irtf.layers, keras_irtf.model.retrieval_model`
+    first.)"""
+    import keras
+
+    from keras_irtf.registry import load_builtins
+
+    load_builtins()
+    import keras_irtf.model.optimizers  # noqa: F401  (registers the optimizer classes)
+    import keras_irtf.model.retrieval_model  # noqa: F401  (registers the model class)
+
+    return keras.saving.load_model(path)
+
+
+def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, overrides=()) -> dict:
+    """Reload a run folder's model, re-evaluate it, and write its metrics.json (or `out`).
+
+    backend: the retrieval backend ("tf", "faiss", "auto"; default: the run's eval.backend)."""
+    from keras_irtf.utils import read_json, write_json
+
+    run = Path(run)
+    overrides = list(overrides) + ([f"eval.alpha={float(alpha)}"] if alpha is not None else [])
+    exp, model = Experiment.from_run(run, overrides, verbose=verbose)
+    result = exp.evaluate(model, backend=backend)
+    previous = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    metrics = {**previous, "dataset": exp.cfg.data.dataset.type, "method": exp.cfg.model.method, **result}
+    write_json(Path(out) if out else run / "metrics.json", metrics)
+    return metrics
+
+
+def experiment_from_args(config_paths=(), overrides=(), imports=(), verbose: bool = True) -> Experiment:
+    """The tools' entry: import the user's modules (their registrations), resolve the config,
+    build the Experiment."""
+    from keras_irtf.registry import import_modules
+
+    import_modules(imports)
+    return Experiment(load_config(config_paths, overrides), verbose=verbose)
