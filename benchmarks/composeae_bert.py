@@ -99,19 +99,19 @@ class TimedSetting:
     def __init__(self, cfg, dataset, use_cache, batches):
         import keras
 
-        from keras_irtf.data.pipeline import training_dataset
-        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
-        from keras_irtf.experiment import build_model, make_optimizer
+        from keras_irtf.experiment import Experiment
 
         keras.utils.set_random_seed(cfg.train.seed)
-        self.model = build_model(cfg, 0)
+        cfg = cfg.copy()
+        cfg.model.text_encoder.cache = bool(use_cache)
+        exp = Experiment(cfg, dataset=dataset, verbose=False)
+        self.model = exp.build_model(0)
         t0 = time.perf_counter()
-        vectorizer = prepare_text_input(self.model.text_encoder, texts_of_run(dataset), use_cache)
+        exp.attach_text_input(self.model)
         self.fill_seconds = time.perf_counter() - t0 if use_cache else 0.0
-        self.model.compile(optimizer=make_optimizer(cfg, self.model), jit_compile=cfg.train.jit_compile)
+        exp.compile(self.model)
         # the same batches in every round: each fit iterates this dataset from its start
-        self.ds = training_dataset(dataset, vectorizer, cfg.train.batch_size, batches, cfg.train.seed,
-                                   cfg.data.image_size)
+        self.ds = exp.train_dataset(steps=batches)
         self.times = []  # seconds of every timed step
         self.round_medians = []
         self.bert_runs = 0
@@ -188,8 +188,8 @@ def main(argv=None):
         write_report(path, results)
         C.print_summary(NAME, summary_lines(results))
         return 0
-    from keras_irtf.data import load_dataset
     from keras_irtf.data.text_cache import texts_of_run
+    from keras_irtf.experiment import Experiment
     from keras_irtf.testing.tiny_bert import make_tiny_hub_bert
     from keras_irtf.training.loop import format_results, train
 
@@ -197,7 +197,7 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix="composeae_bert_"))
     work.mkdir(parents=True, exist_ok=True)
     base_cfg = config_for("tirg", args.set)
-    dataset = load_dataset(base_cfg, verbose=True)
+    dataset = Experiment(base_cfg).dataset
     texts = texts_of_run(dataset)
     print(f"{len(texts)} distinct texts in the run", flush=True)
     pre, enc = make_tiny_hub_bert(work / "tiny_hub_bert", texts, hidden_size=768)

@@ -67,22 +67,16 @@ def replica_worker(args):
     import tensorflow as tf
 
     from keras_irtf.config import load_config
-    from keras_irtf.data import load_dataset
-    from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.experiment import build_model, make_optimizer
+    from keras_irtf.experiment import Experiment
 
     cfg = load_config(_config_files(args.quick), [])
-    dataset = load_dataset(cfg, verbose=False)
-    vec = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
+    exp = Experiment(cfg, verbose=False)
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(n)]) if n > 1
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = build_model(cfg, vec.vocab_size)
-        model.compile(optimizer=make_optimizer(cfg, model))
+    model = exp.create_model(strategy)
     steps = args.warmup + args.steps
-    ds = training_dataset(dataset, vec, cfg.train.batch_size, steps, 0, cfg.data.image_size, cfg.train.pairs_per_source)
+    ds = exp.train_dataset(steps=steps, seed=0)
     ends = []
 
     class Timer(keras.callbacks.Callback):

@@ -87,9 +87,7 @@ def main(argv=None):
     from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.data.image_files import check_image_files
     from keras_irtf.data.mitstates import MITStatesDataset, list_images
-    from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.experiment import build_model, make_optimizer
+    from keras_irtf.experiment import Experiment
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="irtf_pipeline_"))
     root = work / "mitstates"
@@ -104,27 +102,27 @@ def main(argv=None):
     check_image_files(paths, verbose=False)
     results["header check, files/s"] = len(paths) / (time.perf_counter() - t)
 
-    streamed = MITStatesDataset(root, image_size=S, verbose=False)
-    vec = TextVectorizer.from_texts(streamed.training_texts(), 4)
+    cfg = load_config([repo_configs_dir() / "mitstates.yaml"], [
+        f"data.root={root}", f"data.image_size={S}", f"train.batch_size={B}", "model.max_text_length=4"])
+    # the two datasets under test (streamed, file cache); everything else from the assembler
+    streamed = Experiment(cfg, dataset=MITStatesDataset(root, image_size=S, verbose=False), verbose=False)
     nb = args.pipeline_batches
-    results["pipeline from JPEGs, images/s"] = timed_images(
-        training_dataset(streamed, vec, B, nb + 1, 0, S), 2 * B, nb)
+    results["pipeline from JPEGs, images/s"] = timed_images(streamed.train_dataset(steps=nb + 1, seed=0), 2 * B, nb)
     print(results, flush=True)
 
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     t = time.perf_counter()
-    cached = MITStatesDataset(root, image_size=S, file_cache=cache_dir, verbose=False)
+    cached = Experiment(cfg, dataset=MITStatesDataset(root, image_size=S, file_cache=cache_dir, verbose=False),
+                        verbose=False)
     results["open with file cache (check + decode all), images/s"] = n_images / (time.perf_counter() - t)
-    results["pipeline from file cache, images/s"] = timed_images(
-        training_dataset(cached, vec, B, nb + 1, 0, S), 2 * B, nb)
+    cached.vectorizer = streamed.vectorizer
+    results["pipeline from file cache, images/s"] = timed_images(cached.train_dataset(steps=nb + 1, seed=0), 2 * B, nb)
     print(results, flush=True)
 
-    cfg = load_config([repo_configs_dir() / "mitstates.yaml"], [f"data.image_size={S}", f"train.batch_size={B}"])
     keras.utils.set_random_seed(0)
-    model = build_model(cfg, vec.vocab_size)
-    model.compile(optimizer=make_optimizer(cfg, model))
-    batch = next(iter(training_dataset(cached, vec, B, 1, 0, S)))
+    model = cached.create_model(vocabulary=None)
+    batch = next(iter(cached.train_dataset(steps=1, seed=0)))
     constant = tf.data.Dataset.from_tensors(batch).repeat()
 
     class StepTimes(keras.callbacks.Callback):
@@ -141,8 +139,9 @@ def main(argv=None):
     fit_seconds(constant, 1)  # traces the train step
     step = {"constant batch": fit_seconds(constant, args.steps)}
     results["training step consumption, images/s"] = 2 * B / step["constant batch"]
-    step["from JPEGs"] = fit_seconds(training_dataset(streamed, vec, B, args.steps + 1, 1, S), args.steps)
-    step["from file cache"] = fit_seconds(training_dataset(cached, vec, B, args.steps + 1, 1, S), args.steps)
+    streamed.vectorizer = cached.vectorizer
+    step["from JPEGs"] = fit_seconds(streamed.train_dataset(steps=args.steps + 1, seed=1), args.steps)
+    step["from file cache"] = fit_seconds(cached.train_dataset(steps=args.steps + 1, seed=1), args.steps)
     print(results, step, flush=True)
 
     consume = results["training step consumption, images/s"]

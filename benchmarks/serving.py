@@ -78,9 +78,8 @@ def main(argv=None):
     import tensorflow as tf
 
     from keras_irtf.config import load_config
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.serving.export import export_run, image_preprocessing_for, images_from_bytes, list_gallery
-    from keras_irtf.experiment import load_model
+    from keras_irtf.experiment import Experiment
+    from keras_irtf.serving.export import export_run, images_from_bytes, list_gallery
 
     tmp = Path(tempfile.mkdtemp(prefix="serving_bench_"))
     if args.run:
@@ -98,9 +97,8 @@ def main(argv=None):
         source = "configs/css.yaml architecture, random weights"
     export_dir = export_run(run, out_root=tmp / "exported", verbose=False)
 
-    model = load_model(run / "model.keras")
-    vectorizer = TextVectorizer.load(run / "vocab.txt", cfg.model.max_text_length)
-    image_prep = image_preprocessing_for(cfg, run)
+    exp, model = Experiment.from_run(run, verbose=False, load_data=False)
+    vectorizer, image_prep = exp.vectorizer, exp.preprocessor
     served = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
 
     files = list_gallery(images_dir)

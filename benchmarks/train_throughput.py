@@ -94,9 +94,7 @@ def worker(args):
     from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.data.css import CSSDataset
     from keras_irtf.data.css_generator import generate
-    from keras_irtf.data.pipeline import training_dataset
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.experiment import build_model, make_optimizer
+    from keras_irtf.experiment import Experiment
 
     case = CASES[args.worker]
     tmp = Path(args.tmp)
@@ -110,10 +108,9 @@ def worker(args):
     dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)
     if case["files"]:
         dataset.train = _jpeg_split(dataset.train, tmp / "jpeg")
-    vectorizer = TextVectorizer.from_texts(dataset.training_texts(), cfg.model.max_text_length)
-    model = build_model(cfg, vectorizer.vocab_size)
-    model.compile(optimizer=make_optimizer(cfg), jit_compile=args.xla)
-    ds = training_dataset(dataset, vectorizer, BATCH, 8 * (args.warmup + args.steps) + 16, 0, cfg.data.image_size)
+    exp = Experiment(cfg, dataset=dataset, verbose=False)
+    model = exp.create_model()  # compiled with train.jit_compile = --xla
+    ds = exp.train_dataset(steps=8 * (args.warmup + args.steps) + 16, seed=0)
     result = {"case": args.worker, "xla": args.xla, "params": None}
 
     def step_intervals(data, steps):
@@ -140,7 +137,7 @@ def worker(args):
         real += step_intervals(ds, n)
         mem += step_intervals(memory, n)
     t_real, t_mem = float(np.mean(real)), float(np.mean(mem))
-    it = iter(training_dataset(dataset, vectorizer, BATCH, args.steps + 2, 1, cfg.data.image_size))
+    it = iter(exp.train_dataset(steps=args.steps + 2, seed=1))
     next(it)
     start = time.perf_counter()
     n = 0

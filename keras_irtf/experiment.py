@@ -21,6 +21,7 @@ the benchmarks all go through it; nothing else turns config strings into objects
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -139,14 +140,12 @@ class Experiment:
 
         cfg, m = self.cfg, self.cfg.model
         if vocab_size is None:
-            vocab_size = self.vectorizer.vocab_size if self.vectorizer is not None and \
-                self.text_input_kind == "tokens" else 0
+            tokens = self.text_input_kind == "tokens" and self.vectorizer is not None
+            vocab_size = self.vectorizer.vocab_size if tokens else 0
         context = {"vocab_size": int(vocab_size)}
         image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
         text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
         composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
-        import dataclasses
-
         ga = GradientAugmentation(
             methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
             settings={name: dataclasses.asdict(s) for name in cfg.ga_methods

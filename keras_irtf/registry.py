@@ -214,5 +214,23 @@ def import_modules(names) -> list:
 
 
 def describe() -> str:
-    """Every registry's names, one kind a line (for --help texts and README)."""
+    """Every registry's names, one kind a line (for --help texts)."""
     return "\n".join(f"{kind}: {', '.join(reg.names())}" for kind, reg in REGISTRIES.items())
+
+
+def markdown_table() -> str:
+    """The registries as the Markdown table README.md shows (a test keeps the two equal):
+    `python -m keras_irtf.registry`."""
+    rows = ["| kind | config key | registered (own keys) | decorator |", "|---|---|---|---|"]
+    for reg in REGISTRIES.values():
+        names = []
+        for e in reg.entries():
+            names.append(f"`{e.name}` ({', '.join(e.keys)})" if e.keys else f"`{e.name}`")
+        rows.append(f"| {reg.kind} | `{reg.key}` | {'; '.join(names)} | `{reg.decorator}` |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # run as a script, this file is not the module the built-ins fill
+    from keras_irtf import registry
+
+    print(registry.markdown_table())

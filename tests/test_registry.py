@@ -187,3 +187,11 @@ def test_keras_irtf_has_no_import_cycle():
             visit(m, [m])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
     assert len(modules) > 30 and graph["keras_irtf.experiment"]  # the walk saw the package
+
+
+def test_readme_registry_table_is_the_registries():
+    from keras_irtf.registry import markdown_table
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- registry-table -->\n", 1)[1].split("\n<!-- /registry-table -->", 1)[0]
+    assert block == markdown_table(), "README's registry table is stale: paste `python -m keras_irtf.registry`"

@@ -30,6 +30,16 @@ from keras_irtf.registry import register_dataset
 from keras_irtf.utils import Progress
 
 COLOR_NAMES = tuple(COLORS)
+
+
+@dataclasses.dataclass
+class CSSConfig:
+    CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d")}
+    size: str = "small"  # the built-in benchmark's size: smoke | small | full
+    seed: int = 0  # generator seed (the dataset itself), independent of the training seed
+    images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
+
+
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 CELL_CENTERS = (0.2, 0.5, 0.8)
@@ -168,7 +178,8 @@ def generate_split(split: str, n_queries: int, rng, held_out: set):
     return {"objects_img": writer.objects, "labels": writer.labels, "mods": records}
 
 
-def generate(out, size: str = "small", seed: int = 0, write_png: bool = True, verbose: bool = True) -> Path:
+def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_png: bool = True,
+             verbose: bool = True) -> Path:
     """Write the benchmark to `out` in the published layout (atomically: all or nothing)."""
     if size not in SIZES_PRESETS:
         raise ValueError(f"unknown CSS size {size!r}; expected one of {sorted(SIZES_PRESETS)}")
@@ -213,14 +224,6 @@ def ensure_generated(cache_dir, size: str, seed: int, verbose: bool = True) -> P
     return out
 
 
-@dataclasses.dataclass
-class CSSConfig:
-    CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d")}
-    size: str = "small"  # the built-in benchmark's size: smoke | small | full
-    seed: int = 0  # generator seed (the dataset itself), independent of the training seed
-    images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
-
-
 @register_dataset("css", config=CSSConfig)
 class CSSBenchmark(CSSDataset):
     """The `css` dataset: the published CSS under data.root, or, without a root, the built-in
@@ -242,8 +245,8 @@ class CSSBenchmark(CSSDataset):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--size", default="small", choices=sorted(SIZES_PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", default=CSSConfig.size, choices=sorted(SIZES_PRESETS))
+    parser.add_argument("--seed", type=int, default=CSSConfig.seed)
     parser.add_argument("--no-png", action="store_true", help="write only the .npy (images drawn in 2D)")
     args = parser.parse_args(argv)
     path = generate(args.out, args.size, args.seed, write_png=not args.no_png)
