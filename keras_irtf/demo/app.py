@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from keras_irtf.demo.limits import DemoError, Limits, check_image
+from keras_irtf.demo.limits import DemoError, Limits, check_image, mb_text
 from keras_irtf.demo.tf_serving import format_predict_response, parse_predict_request
 
 log = logging.getLogger("keras_irtf.demo")
@@ -56,7 +56,7 @@ async def read_json(request, limit: int):
     """The request body parsed as JSON, refused with 413 past `limit` bytes (Content-Length is
     checked first, then the bytes actually received)."""
     length = request.headers.get("content-length")
-    too_big = DemoError(f"the request body is over {limit / 1024 / 1024:.1f} MB, this server's limit "
+    too_big = DemoError(f"the request body is over {mb_text(limit)}, this server's limit "
                         f"(demo option --max-request-mb)", status=413)
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
@@ -232,13 +232,13 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
             raise DemoError("offset must be >= 0 and limit between 1 and 500")
         return json_response(demo.gallery(q, offset, limit, known))
 
-    @app.get("/api/gallery/{gallery_id}/texts")
+    @app.get("/api/gallery/{gallery_id:int}/texts")
     async def gallery_texts(gallery_id: int):
         model.gallery_file(gallery_id)  # 404 for an unknown id
         texts = demo.ground_truth.texts_for(gallery_id) if demo.ground_truth is not None else []
         return json_response({"id": gallery_id, "texts": texts})
 
-    @app.get("/gallery/{gallery_id}")
+    @app.get("/gallery/{gallery_id:int}")
     async def gallery_image(gallery_id: int):
         path = model.gallery_file(gallery_id)
         if not path.is_file():

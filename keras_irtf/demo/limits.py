@@ -44,15 +44,15 @@ class Limits:
         return dataclasses.asdict(self)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1024 / 1024:.1f} MB"
+def mb_text(n: int) -> str:
+    return f"{n / 1024 / 1024:.3g} MB"
 
 
 def _mp(n: int) -> str:
     return f"{n / 1e6:.1f} megapixels"
 
 
-def check_image(data: bytes, limits: Limits, what: str = "the image") -> tuple:
+def check_image(data: bytes, limits: Limits, what: str = "the upload") -> tuple:
     """(width, height, format) of an encoded image, or DemoError (413 over a limit, 400 for bytes
     that are not an image the model can decode)."""
     from PIL import Image
@@ -61,7 +61,7 @@ def check_image(data: bytes, limits: Limits, what: str = "the image") -> tuple:
         raise DemoError(f"{what} is empty (0 bytes): send the bytes of a JPEG, PNG, GIF or BMP file")
     if len(data) > limits.max_upload_bytes:
         raise DemoError(
-            f"{what} is {_mb(len(data))}; this server accepts images up to {_mb(limits.max_upload_bytes)} "
+            f"{what} is {mb_text(len(data))}; this server accepts images up to {mb_text(limits.max_upload_bytes)} "
             f"(demo option --max-upload-mb)", status=413)
     try:
         # Image.open reads the header only. Pillow's own pixel check (a warning past
