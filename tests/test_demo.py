@@ -331,6 +331,33 @@ def test_page_search_api_and_gallery_by_id_only(demo, served, css_smoke_root, ga
         f"css_test_{i:06d}.png" for i in range(10, 15)]
 
 
+def test_gallery_entries_stay_inside_the_gallery(exported, css_smoke_root, tmp_path):
+    """A gallery of symbolic links is served (the export followed them too); a list entry leading
+    out of the gallery folder is refused, whatever the list says."""
+    import shutil
+
+    from keras_irtf.demo import DemoError
+    from keras_irtf.demo.served import ServedModel
+
+    copy = tmp_path / "css_demo" / "1"
+    shutil.copytree(exported, copy)
+    links = tmp_path / "links"
+    links.mkdir()
+    source = Path(css_smoke_root) / "images" / "css_test_000001.png"
+    (links / "a.png").symlink_to(source)
+    (tmp_path / "secret.txt").write_text("not for visitors")
+    (copy / "assets.extra" / "gallery.txt").write_text("a.png\n../secret.txt\n/etc/hostname\nsub/../a.png\n")
+    model = ServedModel(copy, gallery_root=links)
+    assert model.gallery_files_present and model.gallery_bytes(0) == source.read_bytes()
+    assert model.gallery_bytes(3) == source.read_bytes()
+    for bad in (1, 2):
+        with pytest.raises(DemoError, match="outside the gallery folder") as e:
+            model.gallery_bytes(bad)
+        assert e.value.status == 404
+    with pytest.raises(DemoError, match="ids run from 0 to 3"):
+        model.gallery_file(4)
+
+
 # ---- pieces without a server ------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -72,19 +73,24 @@ class ServedModel:
 
     @property
     def gallery_files_present(self) -> bool:
-        return (self.gallery_root is not None and self.gallery_root.is_dir() and bool(self.gallery_paths)
-                and self.gallery_file(0).is_file())
+        if self.gallery_root is None or not self.gallery_root.is_dir() or not self.gallery_paths:
+            return False
+        try:
+            return self.gallery_file(0).is_file()
+        except DemoError:
+            return False
 
     def gallery_file(self, gallery_id: int) -> Path:
-        """The file of gallery image `gallery_id`: looked up by position in the export's list and
-        kept inside the gallery folder (a list entry leading outside it is refused), so that no
-        request can name an arbitrary path."""
+        """The file of gallery image `gallery_id`: looked up by position in the export's list, so
+        that no request ever names a path. An entry of the list that would lead outside the gallery
+        folder (absolute, or through "..") is refused; symbolic links inside it are followed, as
+        the export followed them when it embedded the gallery."""
         if self.gallery_root is None:
             raise DemoError("this export records no gallery folder: start the demo with --gallery DIR", status=404)
         if not 0 <= gallery_id < len(self.gallery_paths):
             raise DemoError(f"no gallery image {gallery_id}: ids run from 0 to {len(self.gallery_paths) - 1}",
                             status=404)
-        path = (self.gallery_root / self.gallery_paths[gallery_id]).resolve()
+        path = Path(os.path.normpath(self.gallery_root / self.gallery_paths[gallery_id]))
         if not path.is_relative_to(self.gallery_root):
             raise DemoError(f"gallery entry {gallery_id} points outside the gallery folder", status=404)
         return path
