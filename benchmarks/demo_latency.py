@@ -145,12 +145,17 @@ def measure(args, tmp: Path, load_before: str) -> int:
         page_skip = "no Chromium installed (apt-get install -y chromium)"
 
     times = {"direct": [], "page_api": [], "rest": [], "page": []}
+    browser = None
     with DemoProcess(export, "--queries", root) as demo:
         import contextlib
 
         page_ctx = chromium_page() if page_skip is None else contextlib.nullcontext()
         with page_ctx as page:
             if page is not None:
+                from importlib import metadata
+
+                browser = (f"Chromium {page.context.browser.version} ({find_chromium()}), "
+                           f"Playwright {metadata.version('playwright')}")
                 page.goto(demo.url)
                 page.wait_for_selector("#gallery-grid .thumb")
                 page.fill("#k", str(args.k))
@@ -236,7 +241,7 @@ def measure(args, tmp: Path, load_before: str) -> int:
         "",
         (f"The page measurement was skipped: {page_skip}." if page_skip else
          "`page` is what the page shows as \"ms per query\": from sending the request to the results grid "
-         "in the DOM (thumbnails come from the browser's cache or load afterwards)."),
+         f"in the DOM (thumbnails come from the browser's cache or load afterwards); {browser}, headless."),
         "",
         f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after} "
         f"({info.get('logical_cpus')} logical CPUs, shared with other jobs).",

@@ -6,7 +6,7 @@ demo's tests and latency benchmark share.
         with chromium_page() as page:                            # headless, loopback only
             page.goto(demo.url)
 
-The child runs tools/demo.py with keras made unimportable, so it proves on every run that the
+The child runs tools/demo.py (so this needs a source checkout) with keras made unimportable, so it proves on every run that the
 export is served by TensorFlow alone. It binds to 127.0.0.1 on a port the OS picks.
 """
 
