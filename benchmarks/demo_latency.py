@@ -60,7 +60,6 @@ def make_export(tmp: Path, run=None):
     from keras_irtf import api
     from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.data.css_generator import ensure_generated
-    from keras_irtf.export import export_run
 
     root = ensure_generated(REPO / "data" / "cache", "small", 0, verbose=False)
     gallery = tmp / "css_small_test"
@@ -74,7 +73,7 @@ def make_export(tmp: Path, run=None):
         bench = api.load_benchmark(cfg)
         model = api.create_model(cfg, bench, compile=False)
         run = api.save_run(model, cfg, bench, tmp / "css_smoke_demo")
-    export = export_run(run, out_root=tmp / "exported", gallery=gallery, verbose=False)
+    export = api.export_run(run, out_root=tmp / "exported", gallery=gallery, verbose=False)
     return export, root, gallery
 
 

@@ -28,14 +28,13 @@ LIMITS = ["--max-megapixels", "0.5", "--max-upload-mb", "0.25", "--max-request-m
 @pytest.fixture(scope="module")
 def exported(css_smoke_root, tmp_path_factory):
     """A smoke CSS run (3 steps) exported with the smoke set's images as its gallery."""
-    from keras_irtf.export import export_run
-    from keras_irtf.training import train
+    import keras_irtf as kirtf
 
     out = tmp_path_factory.mktemp("demo_run") / "css_demo"
     cfg = tiny_config(css_smoke_root, f"train.out={out}", "train.steps=3", "train.steps_per_epoch=3",
                       "data.train_recall_queries=16")
-    run, _ = train(cfg, verbose=0)
-    return export_run(run, out_root=tmp_path_factory.mktemp("exported"), gallery=Path(css_smoke_root) / "images",
+    run, _ = kirtf.train(cfg, verbose=0)
+    return kirtf.export_run(run, out_root=tmp_path_factory.mktemp("exported"), gallery=Path(css_smoke_root) / "images",
                       verbose=False)
 
 
@@ -348,6 +347,7 @@ def test_gallery_entries_stay_inside_the_gallery(exported, css_smoke_root, tmp_p
     (tmp_path / "secret.txt").write_text("not for visitors")
     (copy / "assets.extra" / "gallery.txt").write_text("a.png\n../secret.txt\n/etc/hostname\nsub/../a.png\n")
     model = ServedModel(copy, gallery_root=links)
+    assert model.info["endpoints"] == ["serving_default", "embed_image", "retrieve"]  # the export's file names
     assert model.gallery_files_present and model.gallery_bytes(0) == source.read_bytes()
     assert model.gallery_bytes(3) == source.read_bytes()
     for bad in (1, 2):

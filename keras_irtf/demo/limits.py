@@ -11,7 +11,7 @@ import dataclasses
 import io
 import warnings
 
-# Formats the exported graph decodes (tf.io.decode_image; see keras_irtf.export.decode_image).
+# Formats the exported graph decodes (tf.io.decode_image inside the export's signatures).
 MODEL_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 
 

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 from keras_irtf.demo.limits import DemoError
-from keras_irtf.export import EXPORT_INFO_NAME, GALLERY_LIST_NAME  # plain constants: keras is not imported
+
+# What the exporter writes beside the SavedModel, in <version>/assets.extra/ (TF Serving's folder
+# for extra files): the export's description and the gallery's paths in id order. The demo reads
+# them as files, like any client of the export, so it imports nothing of the exporter.
+EXPORT_INFO_NAME = "keras_irtf_export.json"
+GALLERY_LIST_NAME = "gallery.txt"
 
 
 @dataclasses.dataclass
