@@ -55,8 +55,9 @@ def main(argv=None):
         return 2
     demo = app.state.demo
     model = demo.model
-    print(f"loaded {model.path} in {model.load_seconds:.1f} s (+{model.warm_up_seconds:.1f} s warm-up): model {model.name!r} version {model.version}, "
-          f"signatures {', '.join(sorted(model.signatures))}, gallery of {model.gallery_size} images", flush=True)
+    print(f"loaded {model.path} in {model.load_seconds:.1f} s (+{model.warm_up_seconds:.1f} s warm-up): "
+          f"model {model.name!r} version {model.version}, signatures {', '.join(sorted(model.signatures))}, "
+          f"gallery of {model.gallery_size} images", flush=True)
     if model.gallery_size and not model.gallery_files_present:
         print(f"warning: the gallery images are not under {model.gallery_root}: thumbnails and gallery picks "
               f"will fail; pass --gallery DIR", file=sys.stderr, flush=True)

@@ -54,8 +54,15 @@ class ServedModel:
         self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         self.name = name or self.path.parent.name
         self.version = int(self.path.name) if self.path.name.isdigit() else 1
+        if str(self.info.get("text_encoder", "")).startswith("bert"):
+            _register_text_ops()  # BERT exports hold tensorflow-text ops (TF Serving links them too)
         start = time.perf_counter()
-        self.module = tf.saved_model.load(str(self.path))
+        try:
+            self.module = tf.saved_model.load(str(self.path))
+        except tf.errors.NotFoundError as e:
+            if "not registered" not in str(e) or not _register_text_ops():
+                raise
+            self.module = tf.saved_model.load(str(self.path))
         self.load_seconds = time.perf_counter() - start
         self.functions = dict(self.module.signatures)
         self.signatures = {name: _signature_info(fn) for name, fn in self.functions.items()}
@@ -186,6 +193,15 @@ class ServedModel:
                     defs[key] = json_format.MessageToDict(sig, preserving_proto_field_name=True)
         return {"model_spec": {"name": self.name, "signature_name": "", "version": str(self.version)},
                 "metadata": {"signature_def": {"signature_def": defs}}}
+
+
+def _register_text_ops() -> bool:
+    """Register tensorflow-text's ops (a dependency of keras_irtf); False if it is missing."""
+    try:
+        import tensorflow_text  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def model_error_text(message: str) -> str:
