@@ -1,0 +1,313 @@
+"""The demo's web application (FastAPI): the page, its JSON endpoints, and TF Serving's REST API.
+
+    GET  /                                   the page (static/index.html, its JS and CSS: no CDN)
+    GET  /api/info                           model, gallery, limits, ground-truth source
+    GET  /api/gallery?q=&offset=&limit=&known=   gallery entries whose path contains q
+    GET  /api/gallery/<id>/texts             the known modification texts of a gallery image
+    GET  /gallery/<id>                       a gallery image, by id only (no path is ever taken
+                                             from a request)
+    POST /api/search                         one query of the page through `retrieve`
+    GET  /v1/models/<name>[/versions/<v>]    TF Serving's model status
+    GET  /v1/models/<name>[/versions/<v>]/metadata   its SignatureDefs
+    POST /v1/models/<name>[/versions/<v>]:predict    TF Serving's predict (see tf_serving.py)
+
+Every request body is read up to a size limit and every image is checked against the upload
+and pixel limits (keras_irtf.demo.limits) before TensorFlow sees it. Refusals answer
+`{"error": "..."}` with a 4xx status; nothing a client sends crashes the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from keras_irtf.demo.limits import DemoError, Limits, check_image, mb_text
+from keras_irtf.demo.tf_serving import format_predict_response, parse_predict_request
+
+log = logging.getLogger("keras_irtf.demo")
+STATIC = Path(__file__).resolve().parent / "static"
+_MODEL_URL = re.compile(
+    r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?(?P<verb>:predict|/metadata)?$")
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+                ".bmp": "image/bmp"}
+
+
+def json_response(content, status: int = 200):
+    # TF Serving writes NaN and Infinity as bare tokens; Starlette's JSONResponse would refuse them
+    return Response(json.dumps(content, allow_nan=True, separators=(",", ":")), status_code=status,
+                    media_type="application/json")
+
+
+async def read_json(request, limit: int):
+    """The request body parsed as JSON, refused with 413 past `limit` bytes (Content-Length is
+    checked first, then the bytes actually received)."""
+    length = request.headers.get("content-length")
+    too_big = DemoError(f"the request body is over {mb_text(limit)}, this server's limit "
+                        f"(demo option --max-request-mb)", status=413)
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except ValueError as e:
+        raise DemoError(f"the request body is not valid JSON: {e}") from None
+
+
+def _int_param(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DemoError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise DemoError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+class Demo:
+    """What the routes share: the served model, the limits, the known queries."""
+
+    def __init__(self, model, limits: Limits, ground_truth=None):
+        self.model = model
+        self.limits = limits
+        self.ground_truth = ground_truth
+        self._lower_paths = [p.lower() for p in model.gallery_paths]
+
+    def info(self) -> dict:
+        m = self.model
+        gt = self.ground_truth
+        return {
+            "model": {"name": m.name, "version": m.version, "path": str(m.path),
+                      "signatures": {n: {"inputs": list(s.inputs), "outputs": list(s.outputs)}
+                                     for n, s in sorted(m.signatures.items())},
+                      "method": m.info.get("method"), "image_size": m.info.get("image_size"),
+                      "embedding_dim": m.info.get("embedding_dim")},
+            "gallery": {"size": m.gallery_size, "files": m.gallery_files_present,
+                        "root": str(m.gallery_root) if m.gallery_root else None},
+            "retrieve": m.has_retrieve,
+            "ground_truth": None if gt is None else {"source": gt.source, "protocol": gt.protocol,
+                                                     "queries": len(gt), "references": len(gt.reference_ids)},
+            "limits": self.limits.describe(),
+            "rest_url": f"/v1/models/{m.name}:predict",
+        }
+
+    def gallery(self, q: str, offset: int, limit: int, known: bool) -> dict:
+        q = q.lower().strip()
+        ids = [i for i, p in enumerate(self._lower_paths) if q in p] if q else range(self.model.gallery_size)
+        if known and self.ground_truth is not None:
+            refs = self.ground_truth.reference_ids
+            ids = [i for i in ids if i in refs]
+        ids = list(ids)
+        page = ids[offset : offset + limit]
+        refs = self.ground_truth.reference_ids if self.ground_truth is not None else set()
+        return {"total": len(ids), "offset": offset,
+                "items": [{"id": i, "path": self.model.gallery_paths[i], "known": i in refs} for i in page]}
+
+    def search(self, body) -> dict:
+        """One page query: reference (gallery id or uploaded bytes) + text -> top-k via `retrieve`."""
+        start = time.perf_counter()
+        if not isinstance(body, dict):
+            raise DemoError("the request body must be a JSON object")
+        text = body.get("text", "")
+        if not isinstance(text, str):
+            raise DemoError("text must be a string")
+        if len(text) > 1000:
+            raise DemoError(f"the text is {len(text)} characters long; write at most 1000")
+        m = self.model
+        if not m.has_retrieve:
+            raise DemoError("this export has no retrieve endpoint: export the run with --gallery DIR", status=409)
+        k = _int_param(body.get("k", 10), "k", 1, min(self.limits.max_k, max(1, m.gallery_size)))
+        image_id = body.get("image_id")
+        if image_id is not None:
+            image_id = _int_param(image_id, "image_id", 0, m.gallery_size - 1)
+            data = m.gallery_bytes(image_id)
+            reference = {"image_id": image_id, "path": m.gallery_paths[image_id]}
+        else:
+            image = body.get("image")
+            if not isinstance(image, dict) or not isinstance(image.get("b64"), str):
+                raise DemoError('pick a gallery image ("image_id") or upload one ("image": {"b64": ...})')
+            try:
+                data = base64.b64decode(image["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise DemoError("the uploaded image is not valid base64") from None
+            name = str(body.get("filename") or "the uploaded image")[:200]
+            width, height, fmt = check_image(data, self.limits, what=f"{name}")
+            reference = {"image_id": None, "path": None, "filename": name, "width": width, "height": height,
+                         "format": fmt, "bytes": len(data)}
+        exclude = bool(body.get("exclude_reference", True)) and image_id is not None
+        want = k + 1 if exclude else k
+        t0 = time.perf_counter()
+        out = m.retrieve(data, text, want)
+        model_ms = (time.perf_counter() - t0) * 1000
+        known = None
+        gt = self.ground_truth
+        if gt is not None and image_id is not None:
+            known = gt.targets(image_id, text)
+        results = []
+        for gid, path, score in zip(out["ids"], out["paths"], out["scores"]):
+            if exclude and gid == image_id:
+                continue
+            results.append({"rank": len(results) + 1, "id": gid, "path": path,
+                            "score": score if math.isfinite(score) else None,
+                            "target": bool(known is not None and gid in known)})
+        results = results[:k]
+        server_ms = (time.perf_counter() - start) * 1000
+        ground = None
+        if known is not None:
+            ground = {"known": True, "targets": len(known), "found": sum(r["target"] for r in results),
+                      "protocol": gt.protocol}
+        elif gt is not None:
+            ground = {"known": False, "targets": 0, "found": 0, "protocol": gt.protocol}
+        log.info("search k=%d ref=%s text=%r: %.1f ms model, %.1f ms server", k,
+                 reference.get("path") or reference.get("filename"), text[:80], model_ms, server_ms)
+        return {"query": {**reference, "text": text, "k": k, "exclude_reference": exclude},
+                "results": results, "ground_truth": ground,
+                "timing": {"model_ms": round(model_ms, 2), "server_ms": round(server_ms, 2)}}
+
+    def check_predict_images(self, columns: dict, row_format: bool):
+        for name, values in columns.items():
+            if not name.endswith("image_bytes"):
+                continue
+            for i, value in enumerate(values):
+                where = f"instances[{i}].{name}" if row_format else f"inputs.{name}[{i}]"
+                if not isinstance(value, bytes):
+                    raise DemoError(f"{where}: expected one image per query")
+                check_image(value, self.limits, what=where)
+
+
+def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
+    """The FastAPI application serving `model` (a keras_irtf.demo.served.ServedModel)."""
+    demo = Demo(model, limits or Limits(), ground_truth)
+    app = FastAPI(title=f"keras_irtf demo: {model.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.demo = demo
+
+    @app.exception_handler(DemoError)
+    async def _demo_error(request, exc: DemoError):
+        log.warning("refused %s %s with %d: %s", request.method, request.url.path, exc.status, exc.message)
+        return json_response({"error": exc.message}, exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc: HTTPException):
+        return json_response({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return json_response({"error": f"bad request: {problems}"}, 400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return json_response({"error": f"internal error ({type(exc).__name__}): {exc}"}, 500)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/info")
+    async def info():
+        return json_response(demo.info())
+
+    @app.get("/api/gallery")
+    async def gallery(q: str = "", offset: int = 0, limit: int = 60, known: bool = False):
+        if offset < 0 or not 1 <= limit <= 500:
+            raise DemoError("offset must be >= 0 and limit between 1 and 500")
+        return json_response(demo.gallery(q, offset, limit, known))
+
+    @app.get("/api/gallery/{gallery_id:int}/texts")
+    async def gallery_texts(gallery_id: int):
+        model.gallery_file(gallery_id)  # 404 for an unknown id
+        texts = demo.ground_truth.texts_for(gallery_id) if demo.ground_truth is not None else []
+        return json_response({"id": gallery_id, "texts": texts})
+
+    @app.get("/gallery/{gallery_id:int}")
+    async def gallery_image(gallery_id: int):
+        path = model.gallery_file(gallery_id)
+        if not path.is_file():
+            raise DemoError(f"gallery image {gallery_id} is missing from {model.gallery_root}", status=404)
+        return FileResponse(path, media_type=_IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                            headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/api/search")
+    async def search(request: Request):
+        body = await read_json(request, demo.limits.max_request_bytes)
+        return json_response(await run_in_threadpool(demo.search, body))
+
+    def _parse_model_url(rest: str):
+        m = _MODEL_URL.match(rest)
+        if m is None:
+            raise DemoError(f"Malformed request: /v1/models/{rest}", status=404)
+        if m["name"] != model.name or m["label"] is not None or (
+                m["version"] is not None and int(m["version"]) != model.version):
+            spec = (f"Specific({m['name']}, {m['version']})" if m["version"] else
+                    f"Label({m['name']}, {m['label']})" if m["label"] else f"Latest({m['name']})")
+            raise DemoError(f"Servable not found for request: {spec} (this server has {model.name}, "
+                            f"version {model.version})", status=404)
+        return m["verb"]
+
+    @app.get("/v1/models/{rest:path}")
+    async def model_get(rest: str):
+        verb = _parse_model_url(rest)
+        if verb == ":predict":
+            raise DemoError("predict takes POST", status=405)
+        return json_response(model.metadata() if verb == "/metadata" else model.status())
+
+    @app.post("/v1/models/{rest:path}")
+    async def model_post(rest: str, request: Request):
+        verb = _parse_model_url(rest)
+        if verb != ":predict":
+            raise DemoError(f"POST /v1/models/{rest}: this server implements :predict only", status=404)
+        start = time.perf_counter()
+        body = await read_json(request, demo.limits.max_request_bytes)
+        name, columns, row_format = parse_predict_request(body, model.signatures, demo.limits.max_instances)
+        demo.check_predict_images(columns, row_format)
+        t0 = time.perf_counter()
+        outputs = await run_in_threadpool(model.call, name, columns)
+        model_ms = (time.perf_counter() - t0) * 1000
+        answer = format_predict_response(outputs, row_format)
+        log.info("predict %s batch=%d: %.1f ms model, %.1f ms server", name, len(next(iter(columns.values()))),
+                 model_ms, (time.perf_counter() - start) * 1000)
+        return json_response(answer)
+
+    return app
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info", on_ready=None):
+    """Run `app` with uvicorn on host:port (port 0: a free port) until interrupted (Ctrl-C or
+    SIGTERM). `on_ready(url)` is called once the socket is bound."""
+    import socket
+
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    sock.listen(128)  # connections made before uvicorn starts accepting wait in the backlog
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    url = f"http://{shown}:{bound}/"
+    config = uvicorn.Config(app, host=host, port=bound, log_level=log_level, access_log=False)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready(url)
+    server.run(sockets=[sock])

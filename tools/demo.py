@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Try an exported model in the browser: a web page and TF Serving's REST API over one export.
+
+    python tools/demo.py --model exported/css_tirg_s0/1                # http://127.0.0.1:8080/
+    python tools/demo.py --model exported/css_tirg_s0/1 --port 0       # any free port (printed)
+    python tools/demo.py --model exported/css_tirg_s0/1 --gallery data/my_gallery --queries q.jsonl
+
+The export must have been made with --gallery (the `retrieve` endpoint) for the page's search;
+the REST API serves every signature either way: POST /v1/models/<name>:predict. The model is
+loaded with tf.saved_model.load only (no keras). Binds to 127.0.0.1 unless --host says otherwise:
+the demo has no authentication, so only bind to another address on a network you trust.
+Needs the demo extra: pip install -e '.[demo]'.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow start-up chatter
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="export version folder, e.g. exported/<name>/<version>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--name", help="model name in the REST URLs (default: the export's folder name)")
+    p.add_argument("--gallery", help="folder of the gallery images, if not where the export recorded it")
+    p.add_argument("--queries", help="known queries for the ground-truth marker: a .jsonl file or a CSS dataset "
+                                     "folder (default: found next to the export or the gallery)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded image (default 10)")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="most pixels of an image (default 40)")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32)")
+    p.add_argument("--max-instances", type=int, default=64, help="most queries in one predict request (default 64)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from keras_irtf.demo import DemoError, Limits, build_app, serve
+    except ImportError as e:
+        print(f"error: {e}. The demo needs its extra: pip install -e '.[demo]'", file=sys.stderr)
+        return 2
+    try:
+        limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                        max_pixels=int(args.max_megapixels * 1e6),
+                        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+                        max_instances=args.max_instances)
+        app = build_app(args.model, gallery=args.gallery, queries=args.queries, limits=limits, name=args.name)
+    except (DemoError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = app.state.demo
+    model = demo.model
+    print(f"loaded {model.path} in {model.load_seconds:.1f} s (+{model.warm_up_seconds:.1f} s warm-up): "
+          f"model {model.name!r} version {model.version}, signatures {', '.join(sorted(model.signatures))}, "
+          f"gallery of {model.gallery_size} images", flush=True)
+    if model.gallery_size and not model.gallery_files_present:
+        print(f"warning: the gallery images are not under {model.gallery_root}: thumbnails and gallery picks "
+              f"will fail; pass --gallery DIR", file=sys.stderr, flush=True)
+    if not model.has_retrieve:
+        print("warning: the export has no retrieve endpoint (exported without --gallery): the page cannot "
+              "search; the REST API still serves serving_default and embed_image", file=sys.stderr, flush=True)
+    gt = demo.ground_truth
+    print(f"ground truth: {gt.source} ({len(gt)} known queries)" if gt is not None else
+          "ground truth: none found (see --queries)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {args.host}: the demo has no authentication; anyone who can reach this "
+              f"address can query the model", file=sys.stderr, flush=True)
+
+    def ready(url):
+        print(f"keras_irtf demo: serving on {url} (REST: {url}v1/models/{model.name}:predict); Ctrl-C stops",
+              flush=True)
+
+    try:
+        serve(app, host=args.host, port=args.port, log_level=args.log_level, on_ready=ready)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
