@@ -43,10 +43,12 @@ def preparse(argv=None):
 
 
 def start_tensorflow(verbose: bool = False):
-    """Import TensorFlow and initialise its devices. Unless `verbose`, the C++ log lines printed
-    meanwhile (oneDNN and CUDA notices, absl's pre-initialisation warning, CPU feature hints)
-    are dropped: they are written straight to file descriptor 2, so it is pointed at /dev/null for
-    that moment. Python errors are not affected (they are raised after it is restored)."""
+    """Import TensorFlow. Unless `verbose`, the C++ log lines its import prints (oneDNN and CUDA
+    notices, absl's pre-initialisation warning, CPU feature hints) are dropped: they are written
+    straight to file descriptor 2, so it is pointed at /dev/null for that moment, and later C++
+    log lines are filtered with TF_CPP_MIN_LOG_LEVEL=3. Python errors are not affected (they are
+    raised after it is restored). Devices are NOT initialised here: logical CPUs and multi-worker
+    collectives must be configured first."""
     if verbose or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
 
@@ -57,9 +59,7 @@ def start_tensorflow(verbose: bool = False):
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.constant(0) + 0  # device initialisation logs here too
+        import tensorflow  # noqa: F401
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
