@@ -79,10 +79,17 @@ def read_css_npy(root) -> dict:
     path = root / NPY_NAME
     if not path.is_file():
         raise DatasetError(f"{path} not found; " + _layout_help(root))
+    from keras_irtf.data.safe_files import UnsafeFileError, load_pickled_npy
+
     try:
-        data = np.load(path, allow_pickle=True).item()
+        # a crafted pickle runs code when loaded: unpickle plain data only
+        data = load_pickled_npy(path)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # a truncated or foreign file
         raise DatasetError(f"{path} could not be read as a pickled dict ({e}); " + _layout_help(root)) from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} holds a {type(data).__name__}, not a pickled dict; " + _layout_help(root))
     for split in ("train", "test"):
         if split not in data:
             raise DatasetError(f"{path}: key {split!r} missing; " + _layout_help(root))
