@@ -28,7 +28,7 @@ class DataConfig:
     root: Optional[str] = None
     css_size: str = "small"  # smoke | small | full (built-in generator)
     css_seed: int = 0  # generator seed (the dataset itself), independent of the training seed
-    css_images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
+    css_images: str = "auto"  # auto (PNGs when images/ has any, each then required; else 2D) | png | 2d
     cache_dir: Optional[str] = None  # default: $KERAS_IRTF_CACHE or ./data/cache
     image_size: int = 64
     train_recall_queries: int = 10000  # size of the seeded training-query sample for Ms

@@ -114,6 +114,7 @@ class CSSDataset(RetrievalDataset):
         if images not in ("auto", "png", "2d"):
             raise ValueError(f"images must be 'auto', 'png' or '2d', not {images!r}")
         data = read_css_npy(self.root)
+        images = self._choose_image_mode(images, verbose)
         self.image_mode = {}
         self._mods = {}
         self._by_source = {}
@@ -168,17 +169,34 @@ class CSSDataset(RetrievalDataset):
                 ),
             )
 
+    def _choose_image_mode(self, mode, verbose):
+        """'png' or '2d' for the whole dataset. `auto` draws in 2D only when the dataset has no
+        PNGs at all (no images/css_*.png), and says so; when PNGs are there, every one must be:
+        a missing file is an error naming it, never a silent switch of one split to 2D."""
+        if mode != "auto":
+            return mode
+        folder = self.root / "images"
+        if folder.is_dir() and any(True for _ in folder.glob("css_*.png")):
+            return "png"
+        if verbose:
+            print(f"CSS: {folder} holds no PNGs; drawing every scene in 2D (--css-images 2d)", flush=True)
+        return "2d"
+
     def _load_images(self, split, objects_img, mode, image_size, verbose):
         n = len(objects_img)
         folder = self.root / "images"
         paths = [folder / IMAGE_PATTERN.format(split=split, index=i) for i in range(n)]
-        have_png = folder.is_dir() and all(p.is_file() for p in (paths[0], paths[-1])) if n else False
-        if mode == "png" and not have_png:
-            raise DatasetError(
-                f"--css-images png: {folder} lacks {paths[0].name if n else 'images'}; "
-                + _layout_help(self.root)
-            )
-        use_png = mode == "png" or (mode == "auto" and have_png)
+        use_png = mode == "png"
+        if use_png:
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                listing = ", ".join(p.name for p in missing[:5]) + (
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise DatasetError(
+                    f"CSS {split} split: {len(missing)} of {n} PNG(s) missing in {folder}: {listing}. Restore "
+                    f"them, or draw every scene in 2D with --css-images 2d (--set data.css_images=2d); "
+                    + _layout_help(self.root)
+                )
         self.image_mode[split] = "png" if use_png else "2d"
         if use_png:
             from keras_irtf.data.images import decode_files
