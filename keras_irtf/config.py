@@ -319,6 +319,117 @@ def validate(cfg: Config):
         raise ConfigError("train.batch_size must be >= 2 (the batch supplies the negatives)")
     if cfg.train.steps < 1:
         raise ConfigError("train.steps must be >= 1")
+    validate_numeric_domains(cfg)
+
+
+# ---- numeric domains (issue #15 item 10) -------------------------------------------------------
+# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?); None = unbounded. Every
+# float must also be finite. None values of Optional keys are not checked.
+_POSITIVE, _NON_NEGATIVE = (0, False, None, False), (0, True, None, False)
+_FRACTION = (0, True, 1, False)  # [0, 1)
+NUMERIC_DOMAINS = {
+    ("data", "image_size"): (1, True, None, False),  # and at least the encoder's minimum (below)
+    ("data", "css_seed"): _NON_NEGATIVE,
+    ("data", "train_recall_queries"): (1, True, None, False),
+    ("data", "max_train_queries"): (2, True, None, False),
+    ("model", "embed_dim"): (1, True, None, False),
+    ("model", "word_embed_dim"): (1, True, None, False),
+    ("model", "text_hidden_dim"): (1, True, None, False),
+    ("model", "bert_dim"): (1, True, None, False),
+    ("model", "bert_seq_length"): _NON_NEGATIVE,
+    ("model", "cnn_stem_stride"): (1, True, None, False),
+    ("model", "max_text_length"): (1, True, None, False),
+    ("model", "dropout"): _FRACTION,
+    ("model", "composeae_dropout"): _FRACTION,
+    ("model", "initial_scale"): _POSITIVE,
+    ("loss", "eta"): _NON_NEGATIVE,
+    ("ga", "eps"): _NON_NEGATIVE,
+    ("ga", "gamma"): _NON_NEGATIVE,
+    ("ga", "fgsm_eps"): _NON_NEGATIVE,
+    ("ga", "l1"): _NON_NEGATIVE,
+    ("ga", "l2"): _NON_NEGATIVE,
+    ("optim", "learning_rate"): _POSITIVE,
+    ("optim", "momentum"): _FRACTION,
+    ("optim", "weight_decay"): _NON_NEGATIVE,
+    ("optim", "decay_factor"): _POSITIVE,
+    ("optim", "backbone_lr_multiplier"): _NON_NEGATIVE,
+    ("optim", "clipnorm"): _POSITIVE,
+    ("train", "steps_per_epoch"): (1, True, None, False),
+    ("train", "seed"): _NON_NEGATIVE,
+    ("train", "backup_every_steps"): _NON_NEGATIVE,  # 0 = only at epoch ends
+    ("train", "log_every_steps"): (1, True, None, False),
+    ("eval", "alpha"): _NON_NEGATIVE,
+    ("eval", "batch_size"): (1, True, None, False),
+    ("eval", "query_chunk"): (1, True, None, False),
+    ("eval", "gallery_chunk"): (1, True, None, False),
+}
+# tuple keys whose every item has a domain
+NUMERIC_ITEM_DOMAINS = {
+    ("model", "cnn_filters"): (1, True, None, False),
+    ("model", "composeae_loss_weights"): _NON_NEGATIVE,
+    ("optim", "decay_steps"): (1, True, None, False),
+    ("eval", "ks"): (1, True, None, False),
+    ("eval", "whm_ks"): (1, True, None, False),
+}
+
+
+def _domain_text(domain) -> str:
+    low, low_in, high, high_in = domain
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_in else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_in else '<'} {high}")
+    return "a finite number " + " and ".join(parts)
+
+
+def _check_number(key: str, value, domain):
+    import math
+
+    low, low_in, high, high_in = domain
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {_domain_text(domain)}") from None
+    bad = not math.isfinite(number)
+    bad = bad or (low is not None and (number < low or (number == low and not low_in)))
+    bad = bad or (high is not None and (number > high or (number == high and not high_in)))
+    if bad:
+        raise ConfigError(f"{key}={value!r}: expected {_domain_text(domain)}")
+
+
+def min_image_size(cfg: Config) -> int:
+    """The smallest data.image_size the configured image encoder turns into a feature: the small
+    CNN's stem stride and 2x poolings must leave at least one pixel; ResNet-18 has a total stride
+    of 32."""
+    m = cfg.model
+    if m.image_encoder == "small_cnn":
+        stride = max(int(m.cnn_stem_stride), 1)
+        pools = max(len(m.cnn_filters) - (1 if stride > 1 else 0), 0)
+        # stem: ceil(size / stride); each pool: floor(x / 2); the last map must be >= 1 pixel
+        return stride * (2**pools - 1) + 1
+    return 32
+
+
+def validate_numeric_domains(cfg: Config):
+    """Refuse numbers outside their domain (NaN, infinite, negative rates, ...) at config time,
+    naming the key and what was expected, instead of failing later with an unrelated message."""
+    for (section, key), domain in NUMERIC_DOMAINS.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None:
+            _check_number(f"{section}.{key}", value, domain)
+    for (section, key), domain in NUMERIC_ITEM_DOMAINS.items():
+        for i, item in enumerate(getattr(getattr(cfg, section), key) or ()):
+            _check_number(f"{section}.{key}[{i}]", item, domain)
+    need = min_image_size(cfg)
+    if cfg.data.image_size < need:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is below what model.image_encoder={cfg.model.image_encoder!r} "
+            f"accepts (>= {need} with model.cnn_filters={list(cfg.model.cnn_filters)} and "
+            f"model.cnn_stem_stride={cfg.model.cnn_stem_stride})" if cfg.model.image_encoder == "small_cnn" else
+            f"data.image_size={cfg.data.image_size} is below what model.image_encoder={cfg.model.image_encoder!r} "
+            f"accepts (>= {need})"
+        )
 
 
 def default_cache_dir(cfg: Config) -> Path:
