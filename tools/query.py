@@ -35,6 +35,7 @@ def main(argv=None):
         p.error("--top must be >= 1")
 
     from keras_irtf.serving.export import ExportError
+    from keras_irtf.serving.limits import ImageTooLarge
     from keras_irtf.serving.query import ExportedModel, draw_results, search
 
     gallery = Path(args.gallery)
@@ -49,7 +50,7 @@ def main(argv=None):
     try:
         model = ExportedModel(args.model)
         results = search(model, args.image, args.text, gallery, args.top, exclude_query=not args.keep_query)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, ImageTooLarge) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     resolved = {t.resolve() for t in targets}

@@ -85,6 +85,10 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
         raise FileNotFoundError(f"query image {image} not found")
     paths = list_gallery(gallery)
     query_bytes = image.read_bytes()
+    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, check_image_bytes
+
+    max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
+    check_image_bytes(query_bytes, max_pixels, f"query image {image}")  # before the graph decodes it
     own = None
     if exclude_query:
         resolved = image.resolve()
