@@ -109,7 +109,8 @@ class TrainConfig:
     steps_per_epoch: int = 200
     seed: int = 0
     pairs_per_source: bool = True  # TIRG sampler: consecutive queries share a source image
-    out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>]_s<seed>
+    out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>][_<preset>]_s<seed>
+    preset: Optional[str] = None  # the preset applied (tools/train.py --preset): part of the default run name
     jit_compile: bool = False
     backup_every_steps: int = 200
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
@@ -443,6 +444,8 @@ def default_run_name(cfg: Config) -> str:
         parts.append("ls")
     if ga:
         parts.append(ga.replace("+", "-"))
+    if cfg.train.preset:  # the smoke run and the full run must not share a folder
+        parts.append(str(cfg.train.preset))
     parts.append(f"s{cfg.train.seed}")
     return "_".join(parts)
 

@@ -32,7 +32,10 @@ def parse_args(argv=None):
                    help="local keras-hub preset folder (e.g. resnet_18_imagenet) for a pretrained ResNet-18; "
                         "implies --image-encoder resnet18")
     p.add_argument("--css-images", choices=["auto", "png", "2d"], help="CSS: read PNGs or draw scenes in 2D")
-    p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga]_s<seed>)")
+    p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga][_<preset>]_s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the run folder")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the run folder's backup and start over (instead of resuming it)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker"],
@@ -61,7 +64,7 @@ def resolve_config(args):
             known = sorted(p.stem for p in (configs / "presets").glob("*.yaml"))
             raise ConfigError(f"unknown preset {args.preset!r}; expected one of {known}")
         paths.append(preset)
-    overrides = []
+    overrides = [f"train.preset={args.preset}"] if args.preset else []
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.method:
@@ -107,7 +110,7 @@ def main(argv=None):
             resolve_preset_dir(cfg.model.image_weights)
         from keras_irtf.training.loop import format_results, train
 
-        run, metrics = train(cfg, verbose=0 if args.quiet else 1)
+        run, metrics = train(cfg, verbose=0 if args.quiet else 1, overwrite=args.overwrite, fresh=args.fresh)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -144,7 +144,7 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.out or os.path.join("runs", default_run_name(cfg)))
 
 
-def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
+def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: bool = False, fresh: bool = False):
     """Train, save, evaluate. Returns (run folder, metrics dict); metrics is None on a
     multi-worker run's non-chief workers (the chief writes the run folder).
 
@@ -152,8 +152,17 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     one, as tools/ablate.py does); by default it is loaded from the config.
 
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
-    batches, optimizer state, learning-rate schedule and random generators).
+    batches, optimizer state, learning-rate schedule and random generators). The run folder is
+    locked while training; a folder holding a finished run is refused unless `overwrite`, and a
+    backup written with another config unless `fresh` discards it (training/run_folder.py).
     """
+    from keras_irtf.training.run_folder import run_folder_guard
+
+    with run_folder_guard(run_dir_for(cfg), cfg, overwrite=overwrite, fresh=fresh, verbose=bool(verbose)):
+        return _train(cfg, verbose, callbacks, dataset)
+
+
+def _train(cfg: Config, verbose: int, callbacks, dataset):
     from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
     from keras_irtf.data import load_dataset
     from keras_irtf.data.pipeline import training_dataset
