@@ -212,7 +212,7 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         return worker_dataset(strategy, make, cfg.train.batch_size) if multi_worker else make(0, 1, None)
 
     backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
-    cbs = [StopOnNonFiniteLoss(), backup]
+    cbs = [StopOnNonFiniteLoss(backup), backup]
     from keras_irtf.training.callbacks import TrainingScalars
 
     every = cfg.train.log_every_steps
