@@ -53,9 +53,11 @@ def main(argv=None):
     except (ExportError, FileNotFoundError, ImageTooLarge) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resolved = {t.resolve() for t in targets}
+    from keras_irtf.serving.export import file_sha256
+
+    target_hashes = {file_sha256(t) for t in targets}  # by content, as draw_results frames them
     for r in results:
-        mark = "  <- target" if r.path.resolve() in resolved else ""
+        mark = "  <- target" if r.sha256 in target_hashes else ""
         print(f"{r.rank:3d}  {r.score:9.4f}  {r.path}{mark}")
     draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
                  title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")

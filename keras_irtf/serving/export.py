@@ -40,6 +40,7 @@ import numpy as np
 
 EXPORT_INFO_NAME = "keras_irtf_export.json"  # in <version>/assets.extra/ (TF Serving's extras folder)
 GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
+GALLERY_HASHES_NAME = "gallery_sha256.txt"  # the sha256 of each gallery file's bytes, in id order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
 
@@ -496,6 +497,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         (extra / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         if gallery_paths is not None:
             (extra / GALLERY_LIST_NAME).write_text("\n".join(gallery_paths) + "\n")
+            # the stored embeddings are only valid for these exact files (serving/query.py checks)
+            (extra / GALLERY_HASHES_NAME).write_text("\n".join(file_sha256(Path(gallery) / p) for p in gallery_paths) + "\n")
 
     path = write_atomically(out, version, write, force=force)
     if verbose:
@@ -511,6 +514,16 @@ def export_run(run_dir, out_root="exported", name=None, gallery=None, version=No
     name = name or run_dir.resolve().name
     return export_model(model, cfg, Path(out_root) / name, run_dir=run_dir, gallery=gallery, version=version,
                         force=force, verbose=verbose, max_pixels=max_pixels)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_export_info(version_dir) -> dict:

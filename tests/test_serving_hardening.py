@@ -1,4 +1,5 @@
-"""Pixel limits read from image headers before decoding, and empty batches (issue #15 item 3)."""
+"""Serving hardening (issue #15): pixel limits read from image headers before decoding, empty
+batches (item 3); stored gallery embeddings used only for the exported files (item 9)."""
 
 import io
 import json
@@ -135,3 +136,56 @@ def test_query_tool_and_loaders_refuse_a_pixel_bomb(small_export, tmp_path, caps
         check_image_files([bomb], on_bad_image="error", verbose=False)
     with pytest.raises(DatasetError, match=r"bomb\.png: 20000 x 20000 = 400000000 pixels is over the limit"):
         decode_files([bomb], 32, verbose=False)
+
+
+def test_gallery_with_the_exported_names_but_other_images_is_embedded_again(small_export, tmp_path):
+    """Issue #15 item 9: same file names, different images -> the stored embeddings are stale."""
+    import shutil
+
+    from keras_irtf.serving.query import ExportedModel, search
+
+    path, exported_gallery = small_export
+    model = ExportedModel(path)
+    gallery = tmp_path / "gallery"
+    shutil.copytree(exported_gallery, gallery)
+    query = gallery / "g2.png"
+
+    def expected(folder):
+        files = sorted(p.name for p in folder.iterdir())
+        emb = model.embed_images([(folder / f).read_bytes() for f in files])
+        q = model.embed_queries([query.read_bytes()], ["add a red cube"])[0]
+        return {f: float(s) for f, s in zip(files, emb @ q)}
+
+    same = search(model, query, "add a red cube", gallery, top=5)
+    want = expected(gallery)
+    assert [r.path.name for r in same] and "g2.png" not in [r.path.name for r in same]
+    for r in same:
+        assert abs(r.score - want[r.path.name]) < 1e-4
+    # swap the contents of g0 and g1 (names unchanged): scores must follow the new contents
+    a, b = (gallery / "g0.png").read_bytes(), (gallery / "g1.png").read_bytes()
+    (gallery / "g0.png").write_bytes(b)
+    (gallery / "g1.png").write_bytes(a)
+    swapped = search(model, query, "add a red cube", gallery, top=5)
+    want = expected(gallery)
+    assert abs(want["g0.png"] - want["g1.png"]) > 1e-6  # the swap is visible in the scores
+    for r in swapped:
+        assert abs(r.score - want[r.path.name]) < 1e-4, (r.path.name, r.score, want)
+    # the query is recognised by content: a copy outside the gallery is still left out
+    copy = tmp_path / "elsewhere.png"
+    copy.write_bytes(query.read_bytes())
+    assert "g2.png" not in [r.path.name for r in search(model, copy, "add a red cube", gallery, top=5)]
+
+
+def test_targets_are_recognised_by_content(small_export, tmp_path):
+    from keras_irtf.serving.query import ExportedModel, draw_results, search
+
+    path, gallery = small_export
+    model = ExportedModel(path)
+    results = search(model, gallery / "g2.png", "x", gallery, top=2)
+    target_copy = tmp_path / "target.png"  # the same bytes as the top result, under another name
+    target_copy.write_bytes(results[0].path.read_bytes())
+    fig = draw_results(gallery / "g2.png", "x", results, targets=[target_copy], thumb=32)
+    pixels = np.asarray(fig)
+    green = np.all(pixels == (20, 170, 40), axis=-1)
+    first_cell = green[:, 10 + 40 + 40: 10 + 40 + 40 + 40]  # query cell + arrow, then result 1
+    assert first_cell.any()
