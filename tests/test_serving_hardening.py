@@ -189,3 +189,20 @@ def test_targets_are_recognised_by_content(small_export, tmp_path):
     green = np.all(pixels == (20, 170, 40), axis=-1)
     first_cell = green[:, 10 + 40 + 40: 10 + 40 + 40 + 40]  # query cell + arrow, then result 1
     assert first_cell.any()
+
+
+def test_query_image_that_is_not_an_image_is_a_clear_error(small_export, tmp_path, capsys):
+    """Issue #15 item 11: a non-image --image gives one error line and exit 2, no traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    path, gallery = small_export
+    spec = importlib.util.spec_from_file_location("query_tool2", Path(__file__).parent.parent / "tools" / "query.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("this is not an image")
+    code = tool.main(["--model", str(path), "--image", str(text_file), "--text", "x", "--gallery", str(gallery),
+                      "--out", str(tmp_path / "grid.png")])
+    assert code == 2
+    assert f"error: query image {text_file} is not a JPEG, PNG, GIF or BMP image" in capsys.readouterr().err

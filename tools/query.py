@@ -36,7 +36,7 @@ def main(argv=None):
 
     from keras_irtf.serving.export import ExportError
     from keras_irtf.serving.limits import ImageTooLarge
-    from keras_irtf.serving.query import ExportedModel, draw_results, search
+    from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
 
     gallery = Path(args.gallery)
     targets = []
@@ -50,7 +50,7 @@ def main(argv=None):
     try:
         model = ExportedModel(args.model)
         results = search(model, args.image, args.text, gallery, args.top, exclude_query=not args.keep_query)
-    except (ExportError, FileNotFoundError, ImageTooLarge) as e:
+    except (ExportError, FileNotFoundError, ImageTooLarge, QueryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from keras_irtf.serving.export import file_sha256

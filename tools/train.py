@@ -99,6 +99,7 @@ def main(argv=None):
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
 
+    cfg = None
     try:
         cfg = resolve_config(args)
         from keras_irtf.data import check_dataset
@@ -114,6 +115,16 @@ def main(argv=None):
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the backup makes it resumable
+        from keras_irtf.training.run_folder import interrupted_message
+
+        run = None
+        if cfg is not None:
+            from keras_irtf.training.loop import run_dir_for
+
+            run = run_dir_for(cfg)
+        print(f"\n{interrupted_message(run)}", file=sys.stderr)
+        return 130
     except Exception as e:
         from keras_irtf.training.backup import TrainingDiverged
 

@@ -26,6 +26,10 @@ FRAME_COLOR = (20, 170, 40)  # ground truth
 QUERY_COLOR = (40, 90, 220)
 
 
+class QueryError(ValueError):
+    """A query that cannot be run (an input file that is not an image); the message names it."""
+
+
 @dataclasses.dataclass
 class Result:
     rank: int  # 1-based
@@ -97,7 +101,8 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, check_image_bytes
 
     max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
-    check_image_bytes(query_bytes, max_pixels, f"query image {image}")  # before the graph decodes it
+    if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
+        raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
     hashes = [file_sha256(gallery / p) for p in paths]
     own = None
     if exclude_query:
@@ -117,9 +122,12 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
         for p in paths:
             raw.append((gallery / p).read_bytes())
             try:
-                check_image_bytes(raw[-1], max_pixels, f"gallery image {gallery / p}")
+                dims = check_image_bytes(raw[-1], max_pixels, f"gallery image {gallery / p}")
             except ImageTooLarge as e:
                 raise ImageTooLarge(f"{e}; remove it from the gallery") from None
+            if dims is None:
+                raise QueryError(f"gallery image {gallery / p} is not a JPEG, PNG, GIF or BMP image (or its header "
+                                 f"is damaged); remove it from the gallery")
         emb = model.embed_images(raw)
         q = model.embed_queries([query_bytes], [text])[0]
         all_scores = emb @ q

@@ -295,7 +295,9 @@ def load_model(path):
     import keras_irtf.layers  # noqa: F401  (registers the classes)
     import keras_irtf.model.retrieval_model  # noqa: F401  (registers the model class)
     import keras_irtf.model.optimizers  # noqa: F401
+    from keras_irtf.training.run_folder import check_model_file
 
+    check_model_file(path)  # a truncated file is "damaged", not "not found" or a Keras traceback
     return keras.saving.load_model(path)
 
 

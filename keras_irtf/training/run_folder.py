@@ -265,3 +265,44 @@ def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, ver
         yield run
     finally:
         lock.release()
+
+
+# ---- model files ------------------------------------------------------------------------------
+class DamagedModelFile(RunFolderError):
+    """A model.keras that is empty, truncated or otherwise not a readable Keras archive."""
+
+
+def check_model_file(path):
+    """Raise FileNotFoundError when `path` is missing and DamagedModelFile when it is not a whole
+    Keras archive (a .keras file is a zip: its directory and every member's CRC are checked), so
+    that a damaged file is reported as damaged, not as missing or as a Keras traceback."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    advice = ("it was probably cut short by a crash or a full disk while being copied or written. Train the "
+              "run again (tools/train.py with --overwrite) or restore the file from a copy")
+    size = path.stat().st_size
+    if size == 0:
+        raise DamagedModelFile(f"{path} is damaged: the file is empty; {advice}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DamagedModelFile(f"{path} is damaged: not a readable Keras archive ({e}; {size} bytes); {advice}") from None
+    if bad is not None:
+        raise DamagedModelFile(f"{path} is damaged: member {bad} fails its checksum; {advice}")
+    if "config.json" not in names:
+        raise DamagedModelFile(f"{path} is damaged: no config.json inside (holds {names[:5]}); {advice}")
+
+
+def interrupted_message(run) -> str:
+    """The one line tools/train.py prints on Ctrl-C: the step a re-run resumes from."""
+    from keras_irtf.training.backup import latest_backup
+
+    info = latest_backup(Path(run) / "backup") if run is not None else None
+    if info is None:
+        return f"interrupted before the first backup of {run}; run the same command to start again"
+    return f"interrupted at step {int(info['step'])} (the last backup in {run}); run the same command to resume"
