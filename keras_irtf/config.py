@@ -116,6 +116,9 @@ class TrainConfig:
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
     strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
     devices: Optional[str] = None
+    # multi_worker: a collective that does not complete within this many seconds fails (a worker
+    # stuck or gone) instead of waiting forever; generous, as the first one waits for every worker
+    collective_timeout_seconds: float = 1800.0
 
 
 @dataclasses.dataclass
@@ -359,6 +362,7 @@ NUMERIC_DOMAINS = {
     ("train", "seed"): _NON_NEGATIVE,
     ("train", "backup_every_steps"): _NON_NEGATIVE,  # 0 = only at epoch ends
     ("train", "log_every_steps"): (1, True, None, False),
+    ("train", "collective_timeout_seconds"): _POSITIVE,
     ("eval", "alpha"): _NON_NEGATIVE,
     ("eval", "batch_size"): (1, True, None, False),
     ("eval", "query_chunk"): (1, True, None, False),

@@ -131,6 +131,13 @@ def main(argv=None):
         if isinstance(e, TrainingDiverged):
             print(f"error: {e}", file=sys.stderr)
             return 3
+        from keras_irtf.training.distribute import collective_failure_message
+        from keras_irtf.training.loop import run_dir_for
+
+        message = collective_failure_message(e, cfg.train.collective_timeout_seconds, run_dir_for(cfg)) if cfg else None
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+            return 4
         raise
     if metrics is None:  # a non-chief worker of a multi-worker run
         print(f"worker done; the chief writes {run}")

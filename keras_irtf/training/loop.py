@@ -169,7 +169,7 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     from keras_irtf.training.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
     from keras_irtf.evaluation.protocol import evaluate
 
-    strategy = make_strategy(cfg.train.strategy, cfg.train.devices)
+    strategy = make_strategy(cfg.train.strategy, cfg.train.devices, cfg.train.collective_timeout_seconds)
     check_batch(cfg.train.batch_size, strategy)
     multi_worker = is_multi_worker(strategy)
     _, _, chief = worker_info() if multi_worker else (0, 1, True)
