@@ -213,7 +213,7 @@ def main(argv=None):
             cfg = config_for(method, hub + [f"train.steps={args.steps}", f"train.out={work / ('run_' + method)}"]
                              + args.set)
             print(f"== {method}: {args.steps} steps", flush=True)
-            run, metrics = train(cfg, verbose=2, dataset=dataset)
+            run, metrics = train(cfg, verbose=2, dataset=dataset, overwrite=True)  # --work may hold an earlier run
             results["recall"][method] = {k: metrics[k] for k in ("test", "train", "whm", "steps", "batch_size",
                                                                   "train_seconds", "seconds_per_step",
                                                                   "bert_encoder_runs", "text_cache_size")}

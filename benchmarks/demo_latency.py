@@ -69,7 +69,7 @@ def make_export(tmp: Path, run=None):
     if run is None:
         configs = repo_configs_dir()
         cfg = load_config([configs / "css.yaml", configs / "presets" / "smoke.yaml"],
-                          [f"data.root={root}", "data.css_size=small"])
+                          [f"data.root={root}", "data.dataset.size=small"])
         bench = api.load_benchmark(cfg)
         model = api.create_model(cfg, bench, compile=False)
         run = api.save_run(model, cfg, bench, tmp / "css_smoke_demo")

@@ -231,12 +231,16 @@ class TrainConfig:
     steps_per_epoch: int = 200
     seed: int = 0
     pairs_per_source: bool = True  # TIRG sampler: consecutive queries share a source image
-    out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>]_s<seed>
+    out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>][_<preset>]_s<seed>
+    preset: Optional[str] = None  # the preset applied (tools/train.py --preset): part of the default run name
     jit_compile: bool = False
     backup_every_steps: int = 200
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
     strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
     devices: Optional[str] = None
+    # multi_worker: a collective that does not complete within this many seconds fails (a worker
+    # stuck or gone) instead of waiting forever; generous, as the first one waits for every worker
+    collective_timeout_seconds: float = 1800.0
 
 
 @dataclasses.dataclass
@@ -508,6 +512,13 @@ _CHOICES = {
 def _check_settings(settings, key: str):
     if settings is None:
         return
+    for name, domain in getattr(settings, "DOMAINS", {}).items():
+        value = getattr(settings, name)
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _check_number(f"{key}.{name}[{i}]", item, domain)
+        elif value is not None:
+            _check_number(f"{key}.{name}", value, domain)
     for name, choices in getattr(settings, "CHOICES", {}).items():
         value = str(getattr(settings, name))
         if value not in choices:
@@ -532,15 +543,112 @@ def validate(cfg: Config):
     for key, one_of in (("data.dataset", cfg.data.dataset), ("model.composer", cfg.model.composer),
                         ("model.image_encoder", cfg.model.image_encoder),
                         ("model.text_encoder", cfg.model.text_encoder)):
-        _check_settings(one_of.settings, key)
+        one_of.settings  # noqa: B018  (the selected type's, defaults included)
+        for type_name, settings in one_of._settings.items():  # and every type given keys
+            _check_settings(settings, key if type_name == one_of.type else f"{key}.{type_name}")
     if cfg.loss.kind not in RETRIEVAL_LOSSES:
         raise ConfigError(f"loss.kind={cfg.loss.kind!r}: expected one of {RETRIEVAL_LOSSES.names()}")
     for method in parse_ga_methods(cfg.ga.methods):
-        _check_settings(cfg.ga.settings(method), f"ga.{method}")
+        cfg.ga.settings(method)
+    for method, settings in cfg.ga._settings.items():  # the selected methods and any given keys
+        _check_settings(settings, f"ga.{method}")
     if cfg.train.batch_size < 2:
         raise ConfigError("train.batch_size must be >= 2 (the batch supplies the negatives)")
     if cfg.train.steps < 1:
         raise ConfigError("train.steps must be >= 1")
+    validate_numeric_domains(cfg)
+
+
+# ---- numeric domains (issue #15 item 10) -------------------------------------------------------
+# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?); None = unbounded. Every
+# float must also be finite. None values of Optional keys are not checked.
+# A domain: (low, low included?, high, high included?); a registered kind's settings dataclass
+# declares its own as a class attribute DOMAINS = {key: domain} (tuples: every item).
+POSITIVE, NON_NEGATIVE = (0, False, None, False), (0, True, None, False)
+FRACTION = (0, True, 1, False)  # [0, 1)
+AT_LEAST_ONE = (1, True, None, False)
+_POSITIVE, _NON_NEGATIVE, _FRACTION = POSITIVE, NON_NEGATIVE, FRACTION
+NUMERIC_DOMAINS = {
+    ("data", "image_size"): (1, True, None, False),  # and at least the encoder's minimum (below)
+    ("data", "train_recall_queries"): (1, True, None, False),
+    ("data", "max_train_queries"): (2, True, None, False),
+    ("model", "embed_dim"): (1, True, None, False),
+    ("model", "max_text_length"): (1, True, None, False),
+    ("model", "initial_scale"): _POSITIVE,
+    ("loss", "eta"): _NON_NEGATIVE,
+    ("optim", "learning_rate"): _POSITIVE,
+    ("optim", "momentum"): _FRACTION,
+    ("optim", "weight_decay"): _NON_NEGATIVE,
+    ("optim", "decay_factor"): _POSITIVE,
+    ("optim", "backbone_lr_multiplier"): _NON_NEGATIVE,
+    ("optim", "clipnorm"): _POSITIVE,
+    ("train", "steps_per_epoch"): (1, True, None, False),
+    ("train", "seed"): _NON_NEGATIVE,
+    ("train", "backup_every_steps"): _NON_NEGATIVE,  # 0 = only at epoch ends
+    ("train", "log_every_steps"): (1, True, None, False),
+    ("train", "collective_timeout_seconds"): _POSITIVE,
+    ("eval", "alpha"): _NON_NEGATIVE,
+    ("eval", "batch_size"): (1, True, None, False),
+    ("eval", "query_chunk"): (1, True, None, False),
+    ("eval", "gallery_chunk"): (1, True, None, False),
+}
+# tuple keys whose every item has a domain
+NUMERIC_ITEM_DOMAINS = {
+    ("optim", "decay_steps"): (1, True, None, False),
+    ("eval", "ks"): (1, True, None, False),
+    ("eval", "whm_ks"): (1, True, None, False),
+}
+
+
+def _domain_text(domain) -> str:
+    low, low_in, high, high_in = domain
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_in else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_in else '<'} {high}")
+    return "a finite number " + " and ".join(parts)
+
+
+def _check_number(key: str, value, domain):
+    import math
+
+    low, low_in, high, high_in = domain
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {_domain_text(domain)}") from None
+    bad = not math.isfinite(number)
+    bad = bad or (low is not None and (number < low or (number == low and not low_in)))
+    bad = bad or (high is not None and (number > high or (number == high and not high_in)))
+    if bad:
+        raise ConfigError(f"{key}={value!r}: expected {_domain_text(domain)}")
+
+
+def min_image_size(cfg: Config) -> int:
+    """The smallest data.image_size the configured image encoder turns into a feature (its
+    classmethod `min_image_size(settings)`)."""
+    encoder = cfg.model.image_encoder
+    return int(encoder.entry().obj.min_image_size(encoder.settings))
+
+
+def validate_numeric_domains(cfg: Config):
+    """Refuse numbers outside their domain (NaN, infinite, negative rates, ...) at config time,
+    naming the key and what was expected, instead of failing later with an unrelated message."""
+    for (section, key), domain in NUMERIC_DOMAINS.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None:
+            _check_number(f"{section}.{key}", value, domain)
+    for (section, key), domain in NUMERIC_ITEM_DOMAINS.items():
+        for i, item in enumerate(getattr(getattr(cfg, section), key) or ()):
+            _check_number(f"{section}.{key}[{i}]", item, domain)
+    need = min_image_size(cfg)
+    if cfg.data.image_size < need:
+        settings = {k: v for k, v in cfg.model.image_encoder.to_dict().items() if k != "type"}
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is below what model.image_encoder="
+            f"{cfg.model.image_encoder.type!r} accepts (>= {need}" + (f" with {settings})" if settings else ")")
+        )
 
 
 def default_cache_dir(cfg: Config) -> Path:
@@ -554,6 +662,8 @@ def default_run_name(cfg: Config) -> str:
         parts.append("ls")
     if ga:
         parts.append(ga.replace("+", "-"))
+    if cfg.train.preset:  # the smoke run and the full run must not share a folder
+        parts.append(str(cfg.train.preset))
     parts.append(f"s{cfg.train.seed}")
     return "_".join(parts)
 

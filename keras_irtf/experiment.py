@@ -79,11 +79,7 @@ class Experiment:
         accepts, and the local folders the encoders read (DatasetError / ConfigError)."""
         from keras_irtf.data import check_dataset
 
-        check_dataset(self.cfg)
-        low = getattr(self.image_encoder_class, "min_image_size", 1)
-        if self.cfg.data.image_size < low:
-            raise ConfigError(f"data.image_size={self.cfg.data.image_size}: the image encoder "
-                              f"{self.cfg.model.image_encoder.type!r} needs at least {low}")
+        check_dataset(self.cfg)  # (the image size against the encoder: config validation)
         weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
         if weights:
             from keras_irtf.layers.pretrained import resolve_preset_dir
@@ -343,11 +339,13 @@ def load_model(path):
     import keras
 
     from keras_irtf.registry import load_builtins
+    from keras_irtf.training.run_folder import check_model_file
 
     load_builtins()
     import keras_irtf.model.optimizers  # noqa: F401  (registers the optimizer classes)
     import keras_irtf.model.retrieval_model  # noqa: F401  (registers the model class)
 
+    check_model_file(path)  # a truncated file is "damaged", not "not found" or a Keras traceback
     return keras.saving.load_model(path)
 
 

@@ -36,12 +36,24 @@ class Progress:
             self.update(self.total - self.count)
 
 
+def umask_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0666 less the user's umask).
+
+    The umask can only be read by setting it; set it straight back (process-wide, but only for
+    the instant between the two calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path, text: str):
     """Write a file so that readers see the old or the new content, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600 files; run-folder files should follow the umask like model.keras does
+        os.fchmod(fd, umask_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

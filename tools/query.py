@@ -39,7 +39,8 @@ def main(argv=None):
         p.error("--top must be >= 1")
 
     from keras_irtf.serving.export import ExportError
-    from keras_irtf.serving.query import ExportedModel, draw_results, search
+    from keras_irtf.serving.limits import ImageTooLarge
+    from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
 
     gallery = Path(args.gallery)
     targets = []
@@ -53,12 +54,14 @@ def main(argv=None):
     try:
         model = ExportedModel(args.model)
         results = search(model, args.image, args.text, gallery, args.top, exclude_query=not args.keep_query)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, ImageTooLarge, QueryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    resolved = {t.resolve() for t in targets}
+    from keras_irtf.serving.export import file_sha256
+
+    target_hashes = {file_sha256(t) for t in targets}  # by content, as draw_results frames them
     for r in results:
-        mark = "  <- target" if r.path.resolve() in resolved else ""
+        mark = "  <- target" if r.sha256 in target_hashes else ""
         print(f"{r.rank:3d}  {r.score:9.4f}  {r.path}{mark}")
     draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
                  title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")

@@ -38,7 +38,10 @@ def parse_args(argv=None):
                    help="local keras-hub preset folder (e.g. resnet_18_imagenet) for a pretrained ResNet-18; "
                         "implies --image-encoder resnet18")
     p.add_argument("--css-images", choices=["auto", "png", "2d"], help="CSS: read PNGs or draw scenes in 2D")
-    p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga]_s<seed>)")
+    p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga][_<preset>]_s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the run folder")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the run folder's backup and start over (instead of resuming it)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker"],
@@ -69,7 +72,7 @@ def resolve_config(args):
             known = sorted(p.stem for p in (configs / "presets").glob("*.yaml"))
             raise ConfigError(f"unknown preset {args.preset!r}; expected one of {known}")
         paths.append(preset)
-    overrides = []
+    overrides = [f"train.preset={args.preset}"] if args.preset else []
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.method:
@@ -106,6 +109,7 @@ def main(argv=None):
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
 
+    cfg = None
     try:
         cfg = resolve_config(args)
         from keras_irtf.experiment import Experiment
@@ -113,16 +117,33 @@ def main(argv=None):
         Experiment(cfg).check()  # a missing download or preset fails here, before any training work
         from keras_irtf.training.loop import format_results, train
 
-        run, metrics = train(cfg, verbose=0 if args.quiet else 1)
+        run, metrics = train(cfg, verbose=0 if args.quiet else 1, overwrite=args.overwrite, fresh=args.fresh)
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the backup makes it resumable
+        from keras_irtf.training.run_folder import interrupted_message
+
+        run = None
+        if cfg is not None:
+            from keras_irtf.training.loop import run_dir_for
+
+            run = run_dir_for(cfg)
+        print(f"\n{interrupted_message(run)}", file=sys.stderr)
+        return 130
     except Exception as e:
         from keras_irtf.training.backup import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             print(f"error: {e}", file=sys.stderr)
             return 3
+        from keras_irtf.training.distribute import collective_failure_message
+        from keras_irtf.training.loop import run_dir_for
+
+        message = collective_failure_message(e, cfg.train.collective_timeout_seconds, run_dir_for(cfg)) if cfg else None
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+            return 4
         raise
     if metrics is None:  # a non-chief worker of a multi-worker run
         print(f"worker done; the chief writes {run}")

@@ -79,10 +79,17 @@ def read_css_npy(root) -> dict:
     path = root / NPY_NAME
     if not path.is_file():
         raise DatasetError(f"{path} not found; " + _layout_help(root))
+    from keras_irtf.data.safe_files import UnsafeFileError, load_pickled_npy
+
     try:
-        data = np.load(path, allow_pickle=True).item()
+        # a crafted pickle runs code when loaded: unpickle plain data only
+        data = load_pickled_npy(path)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # a truncated or foreign file
         raise DatasetError(f"{path} could not be read as a pickled dict ({e}); " + _layout_help(root)) from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path} holds a {type(data).__name__}, not a pickled dict; " + _layout_help(root))
     for split in ("train", "test"):
         if split not in data:
             raise DatasetError(f"{path}: key {split!r} missing; " + _layout_help(root))
@@ -107,6 +114,7 @@ class CSSDataset(RetrievalDataset):
         if images not in ("auto", "png", "2d"):
             raise ValueError(f"images must be 'auto', 'png' or '2d', not {images!r}")
         data = read_css_npy(self.root)
+        images = self._choose_image_mode(images, verbose)
         self.image_mode = {}
         self._mods = {}
         self._by_source = {}
@@ -161,17 +169,34 @@ class CSSDataset(RetrievalDataset):
                 ),
             )
 
+    def _choose_image_mode(self, mode, verbose):
+        """'png' or '2d' for the whole dataset. `auto` draws in 2D only when the dataset has no
+        PNGs at all (no images/css_*.png), and says so; when PNGs are there, every one must be:
+        a missing file is an error naming it, never a silent switch of one split to 2D."""
+        if mode != "auto":
+            return mode
+        folder = self.root / "images"
+        if folder.is_dir() and any(True for _ in folder.glob("css_*.png")):
+            return "png"
+        if verbose:
+            print(f"CSS: {folder} holds no PNGs; drawing every scene in 2D (--css-images 2d)", flush=True)
+        return "2d"
+
     def _load_images(self, split, objects_img, mode, image_size, verbose):
         n = len(objects_img)
         folder = self.root / "images"
         paths = [folder / IMAGE_PATTERN.format(split=split, index=i) for i in range(n)]
-        have_png = folder.is_dir() and all(p.is_file() for p in (paths[0], paths[-1])) if n else False
-        if mode == "png" and not have_png:
-            raise DatasetError(
-                f"--css-images png: {folder} lacks {paths[0].name if n else 'images'}; "
-                + _layout_help(self.root)
-            )
-        use_png = mode == "png" or (mode == "auto" and have_png)
+        use_png = mode == "png"
+        if use_png:
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                listing = ", ".join(p.name for p in missing[:5]) + (
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise DatasetError(
+                    f"CSS {split} split: {len(missing)} of {n} PNG(s) missing in {folder}: {listing}. Restore "
+                    f"them, or draw every scene in 2D with --css-images 2d (--set data.dataset.images=2d); "
+                    + _layout_help(self.root)
+                )
         self.image_mode[split] = "png" if use_png else "2d"
         if use_png:
             from keras_irtf.data.images import decode_files

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.css import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, CSSDataset, render_2d
+from keras_irtf.config import NON_NEGATIVE
 from keras_irtf.registry import register_dataset
 from keras_irtf.utils import Progress
 
@@ -34,10 +35,11 @@ COLOR_NAMES = tuple(COLORS)
 
 @dataclasses.dataclass
 class CSSConfig:
+    DOMAINS = {"seed": NON_NEGATIVE}
     CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d")}
     size: str = "small"  # the built-in benchmark's size: smoke | small | full
     seed: int = 0  # generator seed (the dataset itself), independent of the training seed
-    images: str = "auto"  # auto (PNG if present, else 2D render) | png | 2d
+    images: str = "auto"  # auto (PNGs when images/ has any, each then required; else 2D) | png | 2d
 
 
 ROWS = ("top", "middle", "bottom")

@@ -70,8 +70,14 @@ def clean_caption(text: str) -> str:
             .replace("&", "andmark").replace("*", "starmark"))
 
 
-def read_labels(root, split):
-    """[(relative path, caption)] of every line of the split's label files, in file order."""
+def read_labels(root, split, on_outside: str = "error", dropped=None):
+    """[(relative path, caption)] of every line of the split's label files, in file order.
+
+    A listed path that leaves `root` (absolute, `..`, a symlink out) raises UnsafeFileError
+    naming the file and line; with on_outside="skip" the line is left out and (where, path) is
+    appended to `dropped`."""
+    from keras_irtf.data.safe_files import contained_path
+
     out = []
     for path in label_files(root, split):
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -84,7 +90,12 @@ def read_labels(root, split):
                         f"{path}, line {n}: expected 'image path<TAB>detection score<TAB>caption', got "
                         f"{line.strip()[:120]!r}. " + layout_help(root)
                     )
-                out.append((fields[0].strip(), clean_caption(fields[2])))
+                rel = fields[0].strip()
+                if contained_path(root, rel, f"{path}, line {n}", on_outside) is None:
+                    if dropped is not None:
+                        dropped.append((f"{path}, line {n}", rel))
+                    continue
+                out.append((rel, clean_caption(fields[2])))
     return out
 
 
@@ -201,7 +212,12 @@ class Fashion200kDataset(RetrievalDataset):
         self.dropped_test_queries = 0
         self.test_queries_source = None
         for split_name in ("train", "test"):
-            recs = read_labels(self.root, split_name)
+            outside = []
+            recs = read_labels(self.root, split_name, on_bad_image, outside)
+            if outside:
+                from keras_irtf.data.safe_files import report_outside
+
+                report_outside([f"{w}: {rel}" for w, rel in outside], f"Fashion200k {split_name} labels", verbose)
             if not recs:
                 raise DatasetError(f"the {split_name} label files under {self.root / 'labels'} are empty. "
                                    + layout_help(self.root))
@@ -211,7 +227,7 @@ class Fashion200kDataset(RetrievalDataset):
                 name=f"fashion200k_{split_name}", desc=f"Fashion200k {split_name} split", verbose=verbose,
             )
             self.skipped_images += bad
-            dropped_paths = {recs[i][0] for i in np.flatnonzero(~keep)}
+            dropped_paths = {recs[i][0] for i in np.flatnonzero(~keep)} | {rel for _, rel in outside}
             recs = [r for r, k in zip(recs, keep) if k]
             captions = [c for _, c in recs]
             caption_ids, vocab = index_captions(captions)

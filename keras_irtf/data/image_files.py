@@ -26,12 +26,16 @@ import numpy as np
 
 from keras_irtf.data.base import DatasetError
 from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
+from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, image_dimensions
 
 CACHE_FORMAT = 1  # bump when the preprocessing changes: old caches are then not reused
 
 _JPEG = b"\xff\xd8\xff"
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TAIL = 1024
+_HEAD = 4096  # holds the dimensions of a PNG, GIF or BMP, and of most JPEGs
+_JPEG_HEAD = 1 << 18
+MAX_PIXELS = DEFAULT_MAX_PIXELS
 
 
 def _check_one(path) -> str | None:
@@ -44,11 +48,17 @@ def _check_one(path) -> str | None:
         return "empty file"
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(_HEAD)
+            if head.startswith(_JPEG) and image_dimensions(head) is None:
+                head += f.read(_JPEG_HEAD - _HEAD)  # EXIF segments can precede the frame header
             f.seek(max(0, size - _TAIL))
             tail = f.read()
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
+    dims = image_dimensions(head)
+    if dims is not None and dims[0] * dims[1] > MAX_PIXELS:
+        return (f"{dims[0]} x {dims[1]} pixels, over the limit of {MAX_PIXELS} "
+                f"(keras_irtf.serving.limits.DEFAULT_MAX_PIXELS): decoding it would exhaust memory")
     if head.startswith(_JPEG):
         # every complete JPEG ends with the EOI marker (a few writers pad after it)
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"

@@ -18,9 +18,15 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
     from keras_irtf.data.base import DatasetError
 
     paths = [str(p) for p in paths]
+    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
+
     for p in paths:
         if not tf.io.gfile.exists(p):
             raise DatasetError(f"image file {p} is missing")
+        try:
+            check_image_file(p, DEFAULT_MAX_PIXELS)  # header only: refuse a decompression bomb
+        except ImageTooLarge as e:
+            raise DatasetError(f"image file {e}") from None
 
     def load(path):
         raw = tf.io.read_file(path)

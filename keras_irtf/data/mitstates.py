@@ -59,9 +59,14 @@ def check_layout(root):
         raise DatasetError(f"{images} has no '<adjective> <noun>' folders. " + layout_help(root))
 
 
-def list_images(root):
+def list_images(root, on_outside: str = "error", dropped=None):
     """[(path, adjective, noun)] of every usable image, sorted by folder then file name, and the
-    number of non-JPEG files ignored."""
+    number of non-JPEG files ignored.
+
+    A file (or folder) that is a symlink leading out of `root` raises UnsafeFileError; with
+    on_outside="skip" it is left out and its path appended to `dropped`."""
+    from keras_irtf.data.safe_files import contained_path
+
     records, ignored = [], 0
     for folder in sorted(p for p in (Path(root) / "images").iterdir() if p.is_dir()):
         parts = folder.name.split()
@@ -73,6 +78,11 @@ def list_images(root):
                 continue
             if not f.name.lower().endswith("jpg"):
                 ignored += 1
+                continue
+            rel = f.relative_to(root)
+            if contained_path(root, rel, f"MIT-States image {f}", on_outside) is None:
+                if dropped is not None:
+                    dropped.append(str(f))
                 continue
             records.append((f, adj, noun))
     return records, ignored
@@ -95,7 +105,12 @@ class MITStatesDataset(RetrievalDataset):
 
         self.root = Path(root) if root is not None else None
         check_layout(root)
-        records, ignored = list_images(self.root)
+        outside = []
+        records, ignored = list_images(self.root, on_bad_image, outside)
+        if outside:
+            from keras_irtf.data.safe_files import report_outside
+
+            report_outside(outside, "MIT-States images", verbose)
         if verbose and ignored:
             print(f"MIT-States: ignored {ignored} file(s) that are not .jpg", flush=True)
         test_nouns = set(TEST_NOUNS)

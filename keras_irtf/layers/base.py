@@ -31,8 +31,10 @@ def _settings_kwargs(settings) -> dict:
 class ImageEncoder(keras.layers.Layer):
     """Base of image encoders."""
 
-    # the smallest input side the architecture accepts (config validation)
-    min_image_size = 1
+    @classmethod
+    def min_image_size(cls, settings) -> int:
+        """The smallest input side (data.image_size) the architecture turns into a feature."""
+        return 1
 
     @classmethod
     def from_settings(cls, settings, cfg, **context):

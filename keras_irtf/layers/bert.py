@@ -29,6 +29,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from keras_irtf.config import AT_LEAST_ONE, NON_NEGATIVE
 from keras_irtf.layers.base import TextEncoder
 from keras_irtf.registry import register_text_encoder
 
@@ -154,6 +155,7 @@ class FrozenTextEncoder(TextEncoder):
 
 @dataclasses.dataclass
 class HubBertConfig:
+    DOMAINS = {"dim": AT_LEAST_ONE, "seq_length": NON_NEGATIVE}
     preprocess: Optional[str] = None  # folder of the TF-Hub preprocessing SavedModel
     encoder: Optional[str] = None  # folder of the TF-Hub BERT encoder SavedModel
     dim: int = 768  # width of BERT's pooled output (768 for BERT-Base)
@@ -163,6 +165,7 @@ class HubBertConfig:
 
 @dataclasses.dataclass
 class KerasHubBertConfig:
+    DOMAINS = {"dim": AT_LEAST_ONE, "seq_length": NON_NEGATIVE}
     preset: Optional[str] = None  # local keras-hub preset folder (BertBackbone + preprocessor)
     dim: int = 768
     seq_length: int = 0

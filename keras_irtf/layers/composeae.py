@@ -39,6 +39,7 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_irtf.config import FRACTION, NON_NEGATIVE
 from keras_irtf.layers.base import Composer
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_composer
@@ -238,6 +239,7 @@ class _AutoencoderComposer(Composer):
 
 @dataclasses.dataclass
 class ComposeAEConfig:
+    DOMAINS = {"loss_weights": NON_NEGATIVE, "dropout": FRACTION}
     # weights of (image reconstruction, text reconstruction, rotational symmetry)
     loss_weights: tuple = (0.1, 0.1, 0.01)
     dropout: float = 0.5  # dropout of the projections (the reference's 0.5)
@@ -245,6 +247,7 @@ class ComposeAEConfig:
 
 @dataclasses.dataclass
 class RealSpaceConcatAEConfig:
+    DOMAINS = {"loss_weights": NON_NEGATIVE}
     loss_weights: tuple = (0.1, 0.1, 0.0)  # no rotational symmetry in the real-space variant
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_irtf.config import FRACTION
 from keras_irtf.layers.base import Composer
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_composer
@@ -64,6 +65,7 @@ class TIRGComposer(Composer):
 
 @dataclasses.dataclass
 class ConcatConfig:
+    DOMAINS = {"dropout": FRACTION}
     dropout: float = 0.1  # before the last projection
 
 

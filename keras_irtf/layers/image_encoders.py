@@ -16,6 +16,7 @@ from typing import Optional
 
 import keras
 
+from keras_irtf.config import AT_LEAST_ONE
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_image_encoder
@@ -23,6 +24,7 @@ from keras_irtf.registry import register_image_encoder
 
 @dataclasses.dataclass
 class SmallCNNConfig:
+    DOMAINS = {"filters": AT_LEAST_ONE, "stem_stride": AT_LEAST_ONE}
     filters: tuple = (16, 32, 64, 128)  # one conv block each
     stem_stride: int = 2  # stride of the first convolution (downsampling first is cheaper)
 
@@ -30,6 +32,13 @@ class SmallCNNConfig:
 @register_image_encoder("small_cnn", config=SmallCNNConfig)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class SmallCNNEncoder(ImageEncoder):
+    @classmethod
+    def min_image_size(cls, settings) -> int:
+        # stem: ceil(size / stride); each later block pools by 2; the last map must keep a pixel
+        stride = max(int(settings.stem_stride), 1)
+        pools = max(len(settings.filters) - (1 if stride > 1 else 0), 0)
+        return stride * (2**pools - 1) + 1
+
     def __init__(self, filters=(16, 32, 64, 128), output_dim=512, stem_stride=2, **kwargs):
         super().__init__(**kwargs)
         self.filters = tuple(int(f) for f in filters)
@@ -117,7 +126,9 @@ class ResNet18Config:
 @register_image_encoder("resnet18", config=ResNet18Config)
 @keras.saving.register_keras_serializable(package="keras_irtf")
 class ResNet18Encoder(ImageEncoder):
-    min_image_size = 32  # five stride-2 stages
+    @classmethod
+    def min_image_size(cls, settings) -> int:
+        return 32  # a total stride of 32
 
     @classmethod
     def from_settings(cls, settings, cfg, **context):

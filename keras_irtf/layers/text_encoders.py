@@ -9,12 +9,14 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_irtf.config import AT_LEAST_ONE, FRACTION
 from keras_irtf.layers.base import TextEncoder
 from keras_irtf.registry import register_text_encoder
 
 
 @dataclasses.dataclass
 class LSTMConfig:
+    DOMAINS = {"word_embed_dim": AT_LEAST_ONE, "hidden_dim": AT_LEAST_ONE, "dropout": FRACTION}
     word_embed_dim: int = 512
     hidden_dim: int = 512
     dropout: float = 0.1  # on the LSTM's output, before the projection

@@ -48,6 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_irtf.config import NON_NEGATIVE
 from keras_irtf.model.losses import average_over_global_batch, replica_info
 from keras_irtf.registry import GA_METHODS, register_ga_method
 
@@ -133,6 +134,7 @@ class GAMethod:
 
 @dataclasses.dataclass
 class AdversarialConfig:
+    DOMAINS = {"eps": NON_NEGATIVE}
     CHOICES = {"attack_norm": ("inf", "2")}
     eps: float = 1e-3  # L_GA^A = eps * mean_i ||dL/dx_i||_q
     attack_norm: str = "inf"  # the attack's p: inf -> q = 1, 2 -> q = 2
@@ -140,6 +142,7 @@ class AdversarialConfig:
 
 @dataclasses.dataclass
 class IsotropicConfig:
+    DOMAINS = {"gamma": NON_NEGATIVE}
     CHOICES = {"noise_scaling": ("per_element", "mean")}
     gamma: float = 1e-3  # standard deviation of the gradient noise (per element)
     noise_scaling: str = "per_element"  # per_element (gamma * n) | mean (gamma * n / size, the authors')
@@ -147,16 +150,19 @@ class IsotropicConfig:
 
 @dataclasses.dataclass
 class FGSMConfig:
+    DOMAINS = {"eps": NON_NEGATIVE}
     eps: float = 1e-2  # delta = eps * sign(dL/dx)
 
 
 @dataclasses.dataclass
 class L1Config:
+    DOMAINS = {"weight": NON_NEGATIVE}
     weight: float = 1e-6  # weight * sum |W| over kernels and embeddings
 
 
 @dataclasses.dataclass
 class L2Config:
+    DOMAINS = {"weight": NON_NEGATIVE}
     weight: float = 1e-4  # weight * sum W^2 over kernels and embeddings
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 EXPORT_INFO_NAME = "keras_irtf_export.json"  # in <version>/assets.extra/ (TF Serving's extras folder)
 GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
+GALLERY_HASHES_NAME = "gallery_sha256.txt"  # the sha256 of each gallery file's bytes, in id order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
 
@@ -104,26 +105,32 @@ def _looks_like_image(data):
     ]))
 
 
-def decode_image(data):
+def decode_image(data, max_pixels=None):
     """One encoded image (scalar string) -> uint8 [H, W, 3]. Bytes that are not an image raise
-    InvalidArgumentError with DECODE_ERROR (TF's own message would only name formats)."""
+    InvalidArgumentError with DECODE_ERROR (TF's own message would only name formats); with
+    `max_pixels`, an image whose header declares more pixels raises it before decoding."""
     import tensorflow as tf
 
-    check = tf.debugging.assert_equal(_looks_like_image(data), True, message=DECODE_ERROR)
-    with tf.control_dependencies([check]):
+    from keras_irtf.serving.limits import assert_pixel_limit_graph
+
+    checks = [tf.debugging.assert_equal(_looks_like_image(data), True, message=DECODE_ERROR)]
+    if max_pixels:
+        with tf.control_dependencies(checks):
+            checks.append(assert_pixel_limit_graph(data, max_pixels))
+    with tf.control_dependencies(checks):
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 
 
-def images_from_bytes(image_bytes, preprocessor):
+def images_from_bytes(image_bytes, preprocessor, max_pixels=None):
     """string [B] of encoded images -> float32 [B, S, S, 3] model inputs (inside a graph), through
-    the image encoder's preprocessor."""
+    the image encoder's preprocessor; images over `max_pixels` are refused before decoding."""
     import tensorflow as tf
 
     s = preprocessor.size
     return tf.map_fn(
-        lambda b: preprocessor(decode_image(b)),
+        lambda b: preprocessor(decode_image(b, max_pixels)),
         image_bytes,
         fn_output_signature=tf.TensorSpec([s, s, 3], tf.float32),
     )
@@ -147,12 +154,19 @@ def list_gallery(folder) -> list:
     return files
 
 
-def embed_gallery_files(model, image_prep, folder, paths, batch_size=64):
+def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pixels=None):
     """Embeddings [N, D] of the gallery files, decoded and preprocessed exactly as the exported
-    graph does. A file that cannot be decoded raises ExportError naming it."""
+    graph does. A file that cannot be decoded, or is over `max_pixels`, raises ExportError naming it."""
     import tensorflow as tf
 
+    from keras_irtf.serving.limits import ImageTooLarge, check_image_file
+
     folder = Path(folder)
+    for p in paths:
+        try:
+            check_image_file(folder / p, max_pixels)
+        except ImageTooLarge as e:
+            raise ExportError(f"gallery {e}") from None
 
     @tf.function(reduce_retracing=True)
     def embed(raw):
@@ -175,11 +189,19 @@ def embed_gallery_files(model, image_prep, folder, paths, batch_size=64):
 
 
 def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
-                         gallery_embeddings=None, gallery_paths=None):
-    """A keras.export.ExportArchive with the serving endpoints (see the module docstring)."""
+                         gallery_embeddings=None, gallery_paths=None, max_pixels=None):
+    """A keras.export.ExportArchive with the serving endpoints (see the module docstring).
+
+    `max_pixels`: images whose header declares more pixels are refused (INVALID_ARGUMENT) before
+    decoding (keras_irtf.serving.limits); None = DEFAULT_MAX_PIXELS, 0 = no limit."""
     import keras
     import tensorflow as tf
 
+    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, empty_batch_guard
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    side = image_prep.size
+    dim = int(model.embed_images(tf.zeros([1, side, side, 3]), training=False).shape[-1])
     archive = keras.export.ExportArchive()
     archive.track(model)
     if hasattr(model.text_encoder, "encode_strings"):
@@ -195,14 +217,15 @@ def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
             message="image_bytes and text must have the same number of entries (one text per query image)",
         )
         with tf.control_dependencies([check]):
-            images = images_from_bytes(image_bytes, image_prep)
-        return model.embed_queries(images, text_prep.transform(text), training=False)
+            return empty_batch_guard(image_bytes, dim, lambda: model.embed_queries(
+                images_from_bytes(image_bytes, image_prep, max_pixels), text_prep.transform(text), training=False))
 
     def serving_default(image_bytes, text):
         return {"embedding": query_embedding(image_bytes, text)}
 
     def embed_image(image_bytes):
-        return {"embedding": model.embed_images(images_from_bytes(image_bytes, image_prep), training=False)}
+        return {"embedding": empty_batch_guard(image_bytes, dim, lambda: model.embed_images(
+            images_from_bytes(image_bytes, image_prep, max_pixels), training=False))}
 
     archive.add_endpoint("serving_default", serving_default,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
@@ -318,13 +341,18 @@ def load_run(run_dir):
 
 
 def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, force=False,
-                 batch_size=64, verbose=True, extra_info=None) -> Path:
+                 batch_size=64, verbose=True, extra_info=None, max_pixels=None) -> Path:
     """Export a Keras ComposedRetrievalModel to `<out>/<version>/` (TF Serving's layout).
 
     `out` is the model's folder (e.g. exported/css_tirg_s0); `run_dir` holds the run's vocab.txt
     (for vocabulary text encoders); `gallery` is a folder of images for the `retrieve` endpoint.
-    `version=None` takes the next free integer. Returns the version folder.
+    `version=None` takes the next free integer. `max_pixels`: the serving graph refuses images whose
+    header declares more pixels (default keras_irtf.serving.limits.DEFAULT_MAX_PIXELS; 0 = no
+    limit). Returns the version folder.
     """
+    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     image_prep = image_preprocessing_for(cfg, run_dir)
     text_prep = text_preprocessing_for(cfg, run_dir)
     out = Path(out)
@@ -336,9 +364,9 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         gallery_paths = list_gallery(gallery)
         if verbose:
             print(f"embedding {len(gallery_paths)} gallery images from {gallery}", flush=True)
-        gallery_emb = embed_gallery_files(model, image_prep, gallery, gallery_paths, batch_size)
+        gallery_emb = embed_gallery_files(model, image_prep, gallery, gallery_paths, batch_size, max_pixels)
 
-    archive = build_export_archive(model, image_prep, text_prep, gallery_emb, gallery_paths)
+    archive = build_export_archive(model, image_prep, text_prep, gallery_emb, gallery_paths, max_pixels)
     endpoints = ["serving_default", "embed_image"] + (["retrieve"] if gallery is not None else [])
     info = {
         "format": "keras_irtf SavedModel export 1",
@@ -349,6 +377,7 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         "image_preprocessing": image_prep.describe(),
         "text_preprocessing": text_prep.name,
         "image_size": image_prep.size,
+        "max_pixels": max_pixels,  # images over this many pixels are refused before decoding (0 = no limit)
         "embedding_dim": int(cfg.model.embed_dim),
         "endpoints": endpoints,
         "gallery": None if gallery is None else {"root": str(Path(gallery).resolve()), "size": len(gallery_paths)},
@@ -363,6 +392,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         (extra / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         if gallery_paths is not None:
             (extra / GALLERY_LIST_NAME).write_text("\n".join(gallery_paths) + "\n")
+            # the stored embeddings are only valid for these exact files (serving/query.py checks)
+            (extra / GALLERY_HASHES_NAME).write_text("\n".join(file_sha256(Path(gallery) / p) for p in gallery_paths) + "\n")
 
     path = write_atomically(out, version, write, force=force)
     if verbose:
@@ -371,13 +402,23 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
 
 
 def export_run(run_dir, out_root="exported", name=None, gallery=None, version=None, force=False,
-               verbose=True) -> Path:
+               verbose=True, max_pixels=None) -> Path:
     """Export a training run folder to `<out_root>/<name or the run's name>/<version>/`."""
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
     name = name or run_dir.resolve().name
     return export_model(model, cfg, Path(out_root) / name, run_dir=run_dir, gallery=gallery, version=version,
-                        force=force, verbose=verbose)
+                        force=force, verbose=verbose, max_pixels=max_pixels)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_export_info(version_dir) -> dict:

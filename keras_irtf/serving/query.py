@@ -19,10 +19,15 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from keras_irtf.serving.export import GALLERY_LIST_NAME, ExportError, list_gallery, read_export_info
+from keras_irtf.serving.export import (GALLERY_HASHES_NAME, GALLERY_LIST_NAME, ExportError, file_sha256, list_gallery,
+                                       read_export_info)
 
 FRAME_COLOR = (20, 170, 40)  # ground truth
 QUERY_COLOR = (40, 90, 220)
+
+
+class QueryError(ValueError):
+    """A query that cannot be run (an input file that is not an image); the message names it."""
 
 
 @dataclasses.dataclass
@@ -31,6 +36,7 @@ class Result:
     path: Path  # the gallery file
     score: float
     gallery_id: int
+    sha256: Optional[str] = None  # of the file's bytes: targets are recognised by content
 
 
 class ExportedModel:
@@ -47,6 +53,9 @@ class ExportedModel:
         self.signatures = self.module.signatures
         gallery_list = self.path / "assets.extra" / GALLERY_LIST_NAME
         self.gallery_paths = gallery_list.read_text().split("\n")[:-1] if gallery_list.is_file() else None
+        hashes = self.path / "assets.extra" / GALLERY_HASHES_NAME
+        # without hashes (an older export) the stored embeddings cannot be checked: never used
+        self.gallery_hashes = hashes.read_text().split("\n")[:-1] if hashes.is_file() else None
 
     def embed_queries(self, image_bytes: list, texts: list) -> np.ndarray:
         import tensorflow as tf
@@ -77,7 +86,11 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     """The top `top` gallery images for (image, text), best first.
 
     `gallery` is a folder of images. The query image itself is left out of the results when it
-    is one of the gallery files (as in the evaluation protocol) unless exclude_query=False.
+    is one of the gallery files (as in the evaluation protocol) unless exclude_query=False; it is
+    recognised by content (the file at the query's path if its bytes are the query's, else the
+    first gallery file with the same bytes). The export's stored gallery embeddings (`retrieve`)
+    are used only when the gallery holds exactly the exported files, by name and by sha256;
+    otherwise the gallery is embedded again.
     """
     gallery = Path(gallery)
     image = Path(image)
@@ -85,15 +98,37 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
         raise FileNotFoundError(f"query image {image} not found")
     paths = list_gallery(gallery)
     query_bytes = image.read_bytes()
+    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, check_image_bytes
+
+    max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
+    if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
+        raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
+    hashes = [file_sha256(gallery / p) for p in paths]
     own = None
     if exclude_query:
+        import hashlib
+
+        query_hash = hashlib.sha256(query_bytes).hexdigest()
         resolved = image.resolve()
-        own = next((i for i, p in enumerate(paths) if (gallery / p).resolve() == resolved), None)
+        same = [i for i, h in enumerate(hashes) if h == query_hash]
+        own = next((i for i in same if (gallery / paths[i]).resolve() == resolved), same[0] if same else None)
     want = top + (own is not None)
-    if model.gallery_paths is not None and model.gallery_paths == paths:
+    if model.gallery_paths == paths and model.gallery_hashes == hashes:
         ids, _, scores = model.retrieve(query_bytes, text, want)
     else:
-        emb = model.embed_images([(gallery / p).read_bytes() for p in paths])
+        from keras_irtf.serving.limits import ImageTooLarge
+
+        raw = []
+        for p in paths:
+            raw.append((gallery / p).read_bytes())
+            try:
+                dims = check_image_bytes(raw[-1], max_pixels, f"gallery image {gallery / p}")
+            except ImageTooLarge as e:
+                raise ImageTooLarge(f"{e}; remove it from the gallery") from None
+            if dims is None:
+                raise QueryError(f"gallery image {gallery / p} is not a JPEG, PNG, GIF or BMP image (or its header "
+                                 f"is damaged); remove it from the gallery")
+        emb = model.embed_images(raw)
         q = model.embed_queries([query_bytes], [text])[0]
         all_scores = emb @ q
         ids = np.argsort(-all_scores, kind="stable")[:want]
@@ -102,7 +137,7 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     for i, s in zip(ids, scores):
         if own is not None and int(i) == own:
             continue
-        results.append(Result(len(results) + 1, gallery / paths[int(i)], float(s), int(i)))
+        results.append(Result(len(results) + 1, gallery / paths[int(i)], float(s), int(i), hashes[int(i)]))
     return results[:top]
 
 
@@ -134,13 +169,13 @@ def draw_results(query_image, text: str, results: Iterable[Result], out=None, ta
     """The qualitative figure: the query image with its text, an arrow, then the results with
     their rank and score; results that are a ground-truth target are framed in green.
 
-    `targets` are paths of ground-truth images (compared by resolved path). Returns the PIL image
-    (and writes it to `out` when given).
+    `targets` are paths of ground-truth images (compared by content: a result whose bytes equal
+    a target's is framed). Returns the PIL image (and writes it to `out` when given).
     """
     from PIL import Image, ImageDraw
 
     results = list(results)
-    target_set = {Path(t).resolve() for t in (targets or ())}
+    target_set = {file_sha256(t) for t in (targets or ())}
     pad, gap, arrow_w, frame = 10, 8, 40, 4
     font, small = _font(14), _font(12)
     chars = max(12, thumb // 7)
@@ -171,7 +206,7 @@ def draw_results(query_image, text: str, results: Iterable[Result], out=None, ta
     x += arrow_w
     # results
     for r in results:
-        is_target = Path(r.path).resolve() in target_set
+        is_target = (r.sha256 or file_sha256(r.path)) in target_set
         if is_target:
             draw.rectangle([x, top, x + thumb + 2 * frame - 1, top + thumb + 2 * frame - 1], fill=FRAME_COLOR)
         else:

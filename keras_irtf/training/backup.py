@@ -26,8 +26,37 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+# A model variable beyond this magnitude has exploded (weights are O(1)-O(100); a batch-norm
+# variance of 1e23 was seen one step before the loss turned NaN): such state is not backed up.
+EXPLODED_ABS = 1e12
+
+
+def unsound_state(model):
+    """None when every float variable of the model is finite and below EXPLODED_ABS (and every
+    optimizer variable finite), else a description of the first variable that is not."""
+    for v in model.variables:
+        if "float" not in str(v.dtype):
+            continue
+        a = np.asarray(v.numpy())
+        if not np.all(np.isfinite(a)):
+            return f"{v.path} holds non-finite values"
+        peak = float(np.max(np.abs(a))) if a.size else 0.0
+        if peak > EXPLODED_ABS:
+            return f"{v.path} has exploded (max |value| {peak:.3g} > {EXPLODED_ABS:.0e})"
+    optimizer = getattr(model, "optimizer", None)
+    for v in getattr(optimizer, "variables", []) or []:
+        if "float" in str(v.dtype) and not np.all(np.isfinite(np.asarray(v.numpy()))):
+            return f"optimizer variable {v.path} holds non-finite values"
+    return None
+
+
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Stop at the first step whose loss terms are not finite, naming the step and the terms."""
+    """Stop at the first step whose loss terms are not finite, naming the step and the terms, and
+    the step of the last backup known to be sound (`backup`: the run's TrainingBackup)."""
+
+    def __init__(self, backup=None):
+        super().__init__()
+        self.backup = backup
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
@@ -36,10 +65,17 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             step = int(self.model.optimizer.iterations.numpy())
             terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
             self.model.stop_training = True
+            good = self.backup.last_good_step if self.backup is not None else None
+            if good is None:
+                where = "no backup was kept (none was written before the divergence), so a re-run starts over"
+            else:
+                where = (f"the last backup, from step {good}, passed the finiteness check (every weight finite and "
+                         f"below {EXPLODED_ABS:.0e}) and is what a re-run of the same command resumes; state from "
+                         f"later steps was never backed up")
             raise TrainingDiverged(
-                f"non-finite loss at step {step}: {terms}. Training stopped; the last backup (if any) "
-                f"holds the weights from before the divergence. Lower optim.learning_rate or the GA "
-                f"weights (ga.adversarial.eps, ga.isotropic.gamma), or set optim.clipnorm."
+                f"non-finite loss at step {step}: {terms}. Training stopped; {where}. Lower "
+                f"optim.learning_rate or the GA weights (ga.adversarial.eps, ga.isotropic.gamma), or set "
+                f"optim.clipnorm; a changed config cannot resume this backup: add --fresh to start over with it."
             )
 
 
@@ -52,6 +88,9 @@ class TrainingBackup(keras.callbacks.Callback):
         self.prior_seconds = float(prior_seconds)  # training time before a resume
         self._running_since = None
         self._elapsed = 0.0
+        info = latest_backup(self.backup_dir) if enabled else None
+        self.last_good_step = int(info["step"]) if info else None  # the backup a re-run resumes
+        self.refused = []  # (step, reason) of states not backed up
 
     def seconds(self) -> float:
         """Training seconds so far, across resumptions."""
@@ -69,10 +108,19 @@ class TrainingBackup(keras.callbacks.Callback):
     def _step(self) -> int:
         return int(self.model.optimizer.iterations.numpy())
 
-    def save(self):
+    def save(self, logs=None):
         if not self.enabled:
             return
         step = self._step()
+        # never publish a diverged state: keep the last good backup in force instead
+        reason = next((f"loss {k}={float(v):.6g}" for k, v in (logs or {}).items() if not _finite(v)), None)
+        reason = reason or unsound_state(self.model)
+        if reason is not None:
+            self.refused.append((step, reason))
+            if len(self.refused) == 1:
+                kept = f"step {self.last_good_step}" if self.last_good_step is not None else "none"
+                print(f"warning: step {step}: {reason}; not backed up (last good backup: {kept})", flush=True)
+            return
         self.backup_dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:09d}.weights.h5"
         tmp = self.backup_dir / f".{name}.partial.weights.h5"
@@ -85,16 +133,24 @@ class TrainingBackup(keras.callbacks.Callback):
         os.replace(self.backup_dir / f".{rng_name}.partial", self.backup_dir / rng_name)
         write_json(self.backup_dir / "state.json",
                    {"step": step, "weights": name, "rng": rng_name, "train_seconds": self.seconds()})
+        self.last_good_step = step
         for old in list(self.backup_dir.glob("step-*.weights.h5")) + list(self.backup_dir.glob("step-*.rng.npz")):
             if old.name not in (name, rng_name):
                 old.unlink()
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_steps > 0 and self._step() % self.every_steps == 0:
-            self.save()
+            self.save(logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.save()
+        self.save(logs)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number: nothing to check
 
 
 def rng_variables(model):

@@ -96,9 +96,32 @@ def worker_info():
     return index + offset, max(n, 1), is_chief
 
 
-def make_strategy(name: str = "auto", devices=None):
+def check_devices_exist(names):
+    """Raise ConfigError when a device of `names` (e.g. '/gpu:1', 'cpu:1') does not exist here:
+    MirroredStrategy over a missing device waits forever in its first step instead of failing."""
+    import tensorflow as tf
+
+    available = tf.config.list_logical_devices()
+    have = {(d.device_type.upper(), tf.DeviceSpec.from_string(d.name).device_index) for d in available}
+    missing = []
+    for name in names:
+        text = str(name).strip()
+        spec = tf.DeviceSpec.from_string(text if text.startswith("/") else "/" + text)
+        if spec.device_type is None or (spec.device_type.upper(), spec.device_index or 0) not in have:
+            missing.append(text)
+    if missing:
+        listing = ", ".join(d.name for d in available)
+        raise ConfigError(
+            f"train.devices: {', '.join(missing)} do(es) not exist on this machine; available devices: {listing}. "
+            f"For N logical CPU devices use --devices cpu:N (e.g. cpu:2: 'cpu:1' is not a device unless the CPU "
+            f"is split)."
+        )
+
+
+def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=None):
     """A tf.distribute strategy as --strategy/--devices describe (the default strategy for one
-    device)."""
+    device). `collective_timeout_seconds`: multi-worker collectives that do not complete within
+    it fail (DeadlineExceeded) instead of waiting forever for a stuck or lost worker."""
     import tensorflow as tf
 
     parsed = parse_devices(devices)
@@ -112,12 +135,15 @@ def make_strategy(name: str = "auto", devices=None):
                 "(see README, 'Distributed training')"
             )
         patch_keras_multi_worker()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=float(collective_timeout_seconds) if collective_timeout_seconds else None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "mirrored" or (name == "auto" and len(tf.config.list_physical_devices("GPU")) > 1):
         if parsed and parsed[0] == "cpu":
             names = [d.name for d in tf.config.list_logical_devices("CPU")]
         elif parsed:
             names = parsed[1]
+            check_devices_exist(names)
         else:
             names = [d.name for d in tf.config.list_logical_devices("GPU")] or None
         return tf.distribute.MirroredStrategy(names)
@@ -180,3 +206,21 @@ def worker_dataset(strategy, make_dataset, global_batch: int):
             strategy.num_replicas_in_sync // ctx.num_input_pipelines))
 
     return strategy.distribute_datasets_from_function(fn)
+
+
+COLLECTIVE_ERRORS = ("DeadlineExceededError", "UnavailableError", "CancelledError", "AbortedError")
+
+
+def collective_failure_message(error, timeout_seconds, run=None):
+    """A one-paragraph explanation when `error` is a multi-worker collective that timed out or lost
+    its peer, else None."""
+    if type(error).__name__ not in COLLECTIVE_ERRORS:
+        return None
+    from keras_irtf.training.backup import latest_backup
+
+    info = latest_backup(os.path.join(str(run), "backup")) if run is not None else None
+    resume = (f"the last backup is at step {int(info['step'])}; restart every worker with the same command to "
+              f"resume from it" if info else "no backup was written yet; restart every worker to start again")
+    return (f"a multi-worker collective operation failed ({type(error).__name__}): a worker is stuck, gone or "
+            f"unreachable, or did not join within train.collective_timeout_seconds={timeout_seconds}. {resume}. "
+            f"({str(error).strip().splitlines()[0][:300] if str(error).strip() else ''})")

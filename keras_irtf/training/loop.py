@@ -27,7 +27,7 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.out or os.path.join("runs", default_run_name(cfg)))
 
 
-def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
+def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: bool = False, fresh: bool = False):
     """Train, save, evaluate. Returns (run folder, metrics dict); metrics is None on a
     multi-worker run's non-chief workers (the chief writes the run folder).
 
@@ -35,14 +35,23 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
     one, as tools/ablate.py does); by default it is loaded from the config.
 
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
-    batches, optimizer state, learning-rate schedule and random generators).
+    batches, optimizer state, learning-rate schedule and random generators). The run folder is
+    locked while training; a folder holding a finished run is refused unless `overwrite`, and a
+    backup written with another config unless `fresh` discards it (training/run_folder.py).
     """
+    from keras_irtf.training.run_folder import run_folder_guard
+
+    with run_folder_guard(run_dir_for(cfg), cfg, overwrite=overwrite, fresh=fresh, verbose=bool(verbose)):
+        return _train(cfg, verbose, callbacks, dataset)
+
+
+def _train(cfg: Config, verbose: int, callbacks, dataset):
     from keras_irtf.experiment import Experiment, save_model
     from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
     from keras_irtf.training.callbacks import TrainingScalars
     from keras_irtf.training.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
 
-    strategy = make_strategy(cfg.train.strategy, cfg.train.devices)
+    strategy = make_strategy(cfg.train.strategy, cfg.train.devices, cfg.train.collective_timeout_seconds)
     check_batch(cfg.train.batch_size, strategy)
     multi_worker = is_multi_worker(strategy)
     _, _, chief = worker_info() if multi_worker else (0, 1, True)
@@ -72,7 +81,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None):
         return worker_dataset(strategy, make, cfg.train.batch_size) if multi_worker else make(0, 1, None)
 
     backup = TrainingBackup(run / "backup", cfg.train.backup_every_steps, enabled=chief, prior_seconds=prior_seconds)
-    cbs = [StopOnNonFiniteLoss(), backup]
+    cbs = [StopOnNonFiniteLoss(backup), backup]
     every = cfg.train.log_every_steps
     if chief:
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every))

@@ -1,0 +1,308 @@
+"""A run folder that never loses a result: overwrite check, exclusive lock, config fingerprint.
+
+`train()` enters `run_folder_guard(run, cfg)` before it writes anything:
+
+- a folder that holds a finished run (model.keras or metrics.json, and no backup/ to resume) is
+  refused unless `overwrite=True` (tools/train.py --overwrite), which removes that run's files
+  first (so its TensorBoard logs do not mix with the new run's);
+- an exclusive lock file `<run>/.lock` (created with O_EXCL, holding the owner's pid, start time
+  and host) stops a second training into the same folder at once. A lock whose process is gone
+  (same host, pid not running, or running but started later: a reused pid) is stale and taken over;
+- a backup to resume must come from the same experiment: the resolved config (less the keys
+  that may change on resume, RESUMABLE_KEYS) is stored with the backup, and a re-run whose
+  config differs stops and lists the keys, with `fresh=True` (--fresh) to discard the backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from keras_irtf.config import ConfigError
+
+LOCK_NAME = ".lock"
+FINGERPRINT_NAME = "config_fingerprint.json"  # in <run>/backup/
+# What a finished run consists of (what --overwrite removes); anything else in the folder stays.
+RUN_FILES = ("model.keras", "metrics.json", "config.yaml", "vocab.txt")
+RUN_FOLDERS = ("logs", "backup")
+
+# Keys that may differ between a backup and the run that resumes it: the length of the run (to
+# extend it), how often it logs and backs up, where it is written, the hardware it runs on, and
+# everything that only concerns the evaluation after training.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.steps_per_epoch",
+    "train.backup_every_steps",
+    "train.log_every_steps",
+    "train.out",
+    "train.preset",
+    "train.strategy",
+    "train.devices",
+    "train.collective_timeout_seconds",
+    "data.cache_dir",
+    "data.file_cache",
+    "data.train_recall_queries",
+    "eval.*",
+)
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be used as asked (finished run, locked, other experiment)."""
+
+
+# ---- finished runs and --overwrite ------------------------------------------------------------
+def finished_run_files(run) -> list:
+    """The result files of a finished run in `run` ([] when none, or when a backup/ shows that
+    the run is still to be resumed)."""
+    run = Path(run)
+    if (run / "backup").is_dir():
+        return []
+    return [name for name in ("model.keras", "metrics.json") if (run / name).exists()]
+
+
+def check_not_finished(run, overwrite: bool = False, verbose: bool = True):
+    """Refuse to train into a folder holding a finished run unless `overwrite`; with it, remove
+    that run's files (RUN_FILES, RUN_FOLDERS) first."""
+    run = Path(run)
+    found = finished_run_files(run)
+    if not found:
+        return
+    if not overwrite:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / found[0]).stat().st_mtime))
+        raise RunFolderError(
+            f"{run} holds a finished run ({', '.join(found)}, written {when}); training again would replace "
+            f"it. Choose another folder with --out, or pass --overwrite to replace it (tools/evaluate.py "
+            f"--run {run} re-evaluates it without training)."
+        )
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run / name, ignore_errors=True)
+    if verbose:
+        print(f"--overwrite: removed the finished run in {run}", flush=True)
+
+
+# ---- the lock ---------------------------------------------------------------------------------
+def _process_start(pid: int):
+    """The start time of process `pid` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_is_stale(owner: dict) -> bool:
+    """True when the lock's owner is a process of this host that no longer runs."""
+    if owner.get("host") != socket.gethostname():
+        return False  # cannot tell for another machine: treat as held
+    pid = int(owner.get("pid", -1))
+    if pid <= 0 or not _alive(pid):
+        return True
+    started = owner.get("process_start")
+    return started is not None and _process_start(pid) not in (None, started)  # pid reused
+
+
+class RunLock:
+    """An exclusive lock on a run folder (a file created with O_EXCL), released by `release()`."""
+
+    def __init__(self, run):
+        self.path = Path(run) / LOCK_NAME
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "process_start": _process_start(os.getpid()),
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.held = False
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = self._read()
+                if other is not None and not lock_is_stale(other):
+                    raise RunFolderError(
+                        f"{self.path.parent} is being written by another training (pid {other.get('pid')} on "
+                        f"{other.get('host')}, since {other.get('since')}); two trainings into one folder would "
+                        f"overwrite each other's backup and config. Wait for it, or choose another --out. "
+                        f"If that process is gone, delete {self.path}."
+                    ) from None
+                # stale (its process is gone) or unreadable (a crash while it was written): take it over
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            self.held = True
+            return self
+        raise RunFolderError(f"could not take the lock {self.path}: another process keeps re-creating it")
+
+    def _read(self):
+        for _ in range(20):  # the owner may be between creating the file and writing it
+            try:
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return None
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                time.sleep(0.05)
+        return None
+
+    def release(self):
+        if self.held:
+            if (self._read() or {}).get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+# ---- the config fingerprint -------------------------------------------------------------------
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def fingerprinted_config(cfg) -> dict:
+    """{"section.key": value} of the resolved config, less RESUMABLE_KEYS."""
+    flat = _flatten(cfg.to_dict())
+    return {k: v for k, v in flat.items() if not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_KEYS)}
+
+
+def config_fingerprint(cfg) -> dict:
+    values = fingerprinted_config(cfg)
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    return {"sha256": digest, "config": values}
+
+
+def write_fingerprint(backup_dir, cfg):
+    from keras_irtf.utils import write_json
+
+    write_json(Path(backup_dir) / FINGERPRINT_NAME, config_fingerprint(cfg))
+
+
+def check_fingerprint(backup_dir, cfg, verbose: bool = True):
+    """Stop when the backup in `backup_dir` was written by a run of another config."""
+    from keras_irtf.utils import read_json
+
+    path = Path(backup_dir) / FINGERPRINT_NAME
+    if not path.is_file():
+        if verbose:
+            print(f"warning: {backup_dir} has no {FINGERPRINT_NAME} (written by an older keras_irtf): resuming "
+                  f"without checking that it is the same experiment", flush=True)
+        return
+    stored = read_json(path)
+    current = config_fingerprint(cfg)
+    if stored.get("sha256") == current["sha256"]:
+        return
+    old, new = stored.get("config", {}), current["config"]
+    differ = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    listing = "; ".join(f"{k}: backup {old.get(k, '<absent>')!r}, now {new.get(k, '<absent>')!r}" for k in differ[:12])
+    more = f"; and {len(differ) - 12} more" if len(differ) > 12 else ""
+    raise RunFolderError(
+        f"{Path(backup_dir).parent} holds a backup of a different experiment, so it cannot be resumed with "
+        f"this config ({len(differ)} key(s) differ: {listing}{more}). Re-run with the backup's settings to "
+        f"resume, pass --fresh to discard the backup and start over, or choose another --out. Keys that may "
+        f"change on resume: {', '.join(RESUMABLE_KEYS)}."
+    )
+
+
+# ---- all of it, around a training ------------------------------------------------------------
+def is_chief_process(cfg) -> bool:
+    """Only the chief of a multi-worker run writes (and so locks) the run folder."""
+    if cfg.train.strategy != "multi_worker":
+        return True
+    from keras_irtf.training.distribute import worker_info
+
+    return worker_info()[2]
+
+
+@contextlib.contextmanager
+def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, verbose: bool = True):
+    """Lock `run`, refuse a finished run (unless `overwrite`), discard (`fresh`) or check the
+    backup's config, and store this config's fingerprint for a fresh start. The lock is held
+    until the block exits."""
+    from keras_irtf.training.backup import latest_backup
+
+    run = Path(run)
+    if not is_chief_process(cfg):
+        yield run
+        return
+    lock = RunLock(run).acquire()
+    try:
+        check_not_finished(run, overwrite, verbose)
+        backup_dir = run / "backup"
+        if fresh and backup_dir.exists():
+            shutil.rmtree(backup_dir)
+            if verbose:
+                print(f"--fresh: discarded the backup in {backup_dir}", flush=True)
+        if latest_backup(backup_dir) is not None:
+            check_fingerprint(backup_dir, cfg, verbose)
+        else:
+            write_fingerprint(backup_dir, cfg)
+        yield run
+    finally:
+        lock.release()
+
+
+# ---- model files ------------------------------------------------------------------------------
+class DamagedModelFile(RunFolderError):
+    """A model.keras that is empty, truncated or otherwise not a readable Keras archive."""
+
+
+def check_model_file(path):
+    """Raise FileNotFoundError when `path` is missing and DamagedModelFile when it is not a whole
+    Keras archive (a .keras file is a zip: its directory and every member's CRC are checked), so
+    that a damaged file is reported as damaged, not as missing or as a Keras traceback."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    advice = ("it was probably cut short by a crash or a full disk while being copied or written. Train the "
+              "run again (tools/train.py with --overwrite) or restore the file from a copy")
+    size = path.stat().st_size
+    if size == 0:
+        raise DamagedModelFile(f"{path} is damaged: the file is empty; {advice}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DamagedModelFile(f"{path} is damaged: not a readable Keras archive ({e}; {size} bytes); {advice}") from None
+    if bad is not None:
+        raise DamagedModelFile(f"{path} is damaged: member {bad} fails its checksum; {advice}")
+    if "config.json" not in names:
+        raise DamagedModelFile(f"{path} is damaged: no config.json inside (holds {names[:5]}); {advice}")
+
+
+def interrupted_message(run) -> str:
+    """The one line tools/train.py prints on Ctrl-C: the step a re-run resumes from."""
+    from keras_irtf.training.backup import latest_backup
+
+    info = latest_backup(Path(run) / "backup") if run is not None else None
+    if info is None:
+        return f"interrupted before the first backup of {run}; run the same command to start again"
+    return f"interrupted at step {int(info['step'])} (the last backup in {run}); run the same command to resume"
