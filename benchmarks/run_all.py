@@ -34,7 +34,8 @@ import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # what the suite is expected to hold (reported as missing when absent from this checkout)
-KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "composeae_bert", "distributed")
+KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "composeae_bert", "distributed",
+         "demo_latency", "retrieval_backends")
 
 
 def discover(folder=None):

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from keras_irtf.config import Config, ConfigError, load_config, to_yaml
+from keras_irtf.config import Config, load_config, to_yaml
 
 RUN_FILES = ("config.yaml", "model.keras")  # what every run folder holds (+ vocab.txt for token encoders)
 
@@ -75,11 +75,11 @@ class Experiment:
         return self._preprocessor
 
     def check(self):
-        """Fail fast, before any heavy work: the dataset's files, the image size the encoder
-        accepts, and the local folders the encoders read (DatasetError / ConfigError)."""
+        """Fail fast, before any heavy work: the dataset's files and the local folders the
+        encoders read (DatasetError / ConfigError; the image size is checked with the config)."""
         from keras_irtf.data import check_dataset
 
-        check_dataset(self.cfg)  # (the image size against the encoder: config validation)
+        check_dataset(self.cfg)
         weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
         if weights:
             from keras_irtf.layers.pretrained import resolve_preset_dir

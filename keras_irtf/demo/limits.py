@@ -11,6 +11,8 @@ import dataclasses
 import io
 import warnings
 
+from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS
+
 # Formats the exported graph decodes (tf.io.decode_image inside the export's signatures).
 MODEL_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 
@@ -30,7 +32,7 @@ class DemoError(Exception):
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024  # one encoded image
-    max_pixels: int = 40_000_000  # width x height of one image
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height of one image (the exports' default too)
     max_request_bytes: int = 32 * 1024 * 1024  # one HTTP request body (base64 makes images 4/3 larger)
     max_instances: int = 64  # images or queries in one predict request
     max_k: int = 100  # results the page asks for

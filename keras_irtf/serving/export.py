@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
