@@ -36,6 +36,12 @@ class DataConfig:
     # trained for many epochs over-fits, the regime in which a regulariser such as GA can help.
     max_train_queries: Optional[int] = None
     on_bad_image: str = "error"  # error | skip (count and skip unreadable images)
+    # CSS training sampler: reference (TIRG: a modification record uniformly, then one of its
+    # pairs) | uniform_pairs (uniformly over all pairs). MIT-States/Fashion200k: reference only.
+    sampler: str = "reference"
+    # CSS: also evaluate on the test split rendered under a shift training never sees
+    # (None | render | noise; keras_irtf.data.css_shift): metrics.json gets a test_shift block.
+    css_shift: Optional[str] = None
     file_cache: Optional[str] = None  # folder for a tf.data file cache of decoded images
 
 

@@ -22,8 +22,16 @@ def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
         dataset = CSSDataset(root, images=cfg.data.css_images, image_size=cfg.data.image_size, verbose=verbose)
         if cfg.data.max_train_queries:
             dataset.limit_training_queries(cfg.data.max_train_queries, cfg.data.css_seed)
+        dataset.sampler = _sampler(cfg, ("reference", "uniform_pairs"))
+        if cfg.data.css_shift:
+            from keras_irtf.data.css_shift import attach_shift
+
+            attach_shift(dataset, cfg.data.css_shift, cfg.data.css_seed, verbose=verbose)
         return dataset
     if name in ("mitstates", "fashion200k"):
+        _sampler(cfg, ("reference",))
+        if cfg.data.css_shift:
+            raise ConfigError(f"data.css_shift is for the built-in CSS only, not {name!r}")
         if name == "mitstates":
             from keras_irtf.data.mitstates import MITStatesDataset as cls
         else:
@@ -31,6 +39,15 @@ def load_dataset(cfg, verbose: bool = True) -> RetrievalDataset:
         return cls(cfg.data.root, image_size=cfg.data.image_size, on_bad_image=cfg.data.on_bad_image,
                    file_cache=cfg.data.file_cache, verbose=verbose)
     raise ConfigError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}")
+
+
+def _sampler(cfg, allowed):
+    from keras_irtf.config import ConfigError
+
+    sampler = getattr(cfg.data, "sampler", "reference")
+    if sampler not in allowed:
+        raise ConfigError(f"data.sampler={sampler!r} for {cfg.data.dataset}: expected one of {list(allowed)}")
+    return sampler
 
 
 def check_dataset(cfg):

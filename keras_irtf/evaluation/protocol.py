@@ -2,7 +2,10 @@
 
 Test: every test query (source image + text) against the gallery of ALL test images, the query's
 own source image excluded; a hit when a retrieved image has the target's caption.
-Train: a fixed, seeded sample of training queries against the gallery of their target images.
+Train (Ms), per dataset as TIRG's code does it (`dataset.train_recall_gallery`): CSS, every
+training query against every training image, the source excluded; MIT-States and Fashion200k, a
+fixed, seeded sample of training queries against the gallery of their target images.
+Exact score ties are broken towards the lower gallery index (TIRG: numpy's unstable argsort).
 """
 
 from __future__ import annotations
@@ -65,10 +68,11 @@ def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chun
 def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=(1, 5, 10, 50),
                    batch_size=256, image_size=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
                    backend="tf"):
-    """Recall@K of `queries` on one split. Test: gallery = every image of the split, the source
-    excluded. Train: gallery = the queries' target images."""
+    """Recall@K of `queries` on one split. Test (and test_shift): gallery = every image of the
+    split, the source excluded. Train: the same when `dataset.train_recall_gallery == "split"`
+    (CSS), else gallery = the queries' target images."""
     split = getattr(dataset, split_name)
-    if split_name == "test":
+    if split_name != "train" or getattr(dataset, "train_recall_gallery", "targets") == "split":
         gallery_ids = np.arange(split.num_images)
         exclude = queries.source_ids
     else:
@@ -86,7 +90,7 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
     if k < max(ks):  # a gallery smaller than K: pad with a caption that never matches
         retrieved = np.pad(retrieved, ((0, 0), (0, max(ks) - k)), constant_values=-1)
     result = M.recall_at_k(retrieved, queries.target_captions, ks)
-    if split_name == "test":
+    if split_name.startswith("test"):
         for name, fn in dataset.extra_recalls().items():
             hits = fn(retrieved, queries)
             for kk in ks:
