@@ -163,8 +163,12 @@ def generate_split(split: str, n_queries: int, rng, held_out: set):
     return {"objects_img": writer.objects, "labels": writer.labels, "mods": records}
 
 
-def generate(out, size: str = "small", seed: int = 0, write_png: bool = True, verbose: bool = True) -> Path:
-    """Write the benchmark to `out` in the published layout (atomically: all or nothing)."""
+def generate(out, size: str = "small", seed: int = 0, write_png: bool = True, verbose: bool = True,
+             shifts=()) -> Path:
+    """Write the benchmark to `out` in the published layout (atomically: all or nothing).
+
+    shifts: also write the test split under these rendering shifts (keras_irtf.data.css_shift)
+    as `shift_<name>/css_test_<index:06d>.png`."""
     if size not in SIZES_PRESETS:
         raise ValueError(f"unknown CSS size {size!r}; expected one of {sorted(SIZES_PRESETS)}")
     out = Path(out)
@@ -191,6 +195,11 @@ def generate(out, size: str = "small", seed: int = 0, write_png: bool = True, ve
                     )
                     progress.update()
         np.save(tmp / NPY_NAME, data, allow_pickle=True)
+        if shifts:
+            from keras_irtf.data.css_shift import write_shift_pngs
+
+            for name in shifts:
+                write_shift_pngs(tmp, data["test"]["objects_img"], name, seed)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -214,8 +223,11 @@ def main(argv=None):
     parser.add_argument("--size", default="small", choices=sorted(SIZES_PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-png", action="store_true", help="write only the .npy (images drawn in 2D)")
+    parser.add_argument("--shift", default="", help="also write the test split under these rendering shifts "
+                        "(comma-separated: render,noise; see keras_irtf.data.css_shift)")
     args = parser.parse_args(argv)
-    path = generate(args.out, args.size, args.seed, write_png=not args.no_png)
+    shifts = [x.strip() for x in args.shift.split(",") if x.strip()]
+    path = generate(args.out, args.size, args.seed, write_png=not args.no_png, shifts=shifts)
     print(f"wrote {path}")
 
 

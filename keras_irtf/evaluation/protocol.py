@@ -110,12 +110,27 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
     train = evaluate_split(model, dataset, vectorizer, "train", dataset.train_recall_queries(train_queries, seed), **kw)
     mt = M.average_recall(test, whm_ks)
     ms = M.average_recall(train, whm_ks)
-    return {
+    out = {
         "test": test,
         "train": train,
         "whm": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
                 "ks": list(whm_ks)},
     }
+    out.update(evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw))
+    return out
+
+
+def evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw) -> dict:
+    """{"test_shift": recalls, "whm_shift": WHM(Ms, Mt_shift)} when the dataset has a shifted
+    test split (CSS with data.css_shift), else {}."""
+    shifted = getattr(dataset, "test_shift", None)
+    if shifted is None:
+        return {}
+    result = evaluate_split(model, dataset, vectorizer, "test_shift", shifted.test_queries, **kw)
+    mt = M.average_recall(result, whm_ks)
+    return {"test_shift": result,
+            "whm_shift": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
+                          "ks": list(whm_ks), "shift": getattr(dataset, "shift_name", None)}}
 
 
 def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None) -> dict:
