@@ -258,7 +258,8 @@ def summarize(runs: list) -> dict:
 
 def _fmt(values, significant=None):
     values = np.asarray(values, np.float64)
-    if values.size == 0 or np.isnan(values).all():
+    values = values[~np.isnan(values)]  # a run without that column (e.g. no robustness.json yet)
+    if values.size == 0:
         return "–"
 
     def f(v):
