@@ -36,7 +36,7 @@ from keras_irtf.training.loop import build_model, make_optimizer  # noqa: E402
 ROOT, METHOD = sys.argv[1], sys.argv[2]
 STEPS = int(os.environ.get("CHECK_STEPS", "2"))
 cfg = tiny_config(ROOT, f"model.method={METHOD}", "ga.methods=adversarial,isotropic", "loss.eta=0.001",
-                  "ga.eps=0.01", "ga.gamma=0.01", "model.dropout=0.0", "model.composeae_dropout=0.0", f"train.steps={STEPS}", *sys.argv[3:])
+                  "ga.eps=0.01", "ga.gamma=0.01", "ga.noise_scaling=per_element", "model.dropout=0.0", "model.composeae_dropout=0.0", f"train.steps={STEPS}", *sys.argv[3:])
 data = CSSDataset(ROOT, verbose=False)
 vectorizer = TextVectorizer.from_texts(data.training_texts(), cfg.model.max_text_length)
 # the same global batches for both runs, held in memory
