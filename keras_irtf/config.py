@@ -329,6 +329,8 @@ MOVED_KEYS = {
     "data.css_size": "data.dataset.size (css)",
     "data.css_seed": "data.dataset.seed (css)",
     "data.css_images": "data.dataset.images (css)",
+    "data.css_shift": "data.dataset.shift (css)",
+    "data.sampler": "data.dataset.sampler (css)",
     "ga.eps": "ga.adversarial.eps",
     "ga.attack_norm": "ga.adversarial.attack_norm",
     "ga.gamma": "ga.isotropic.gamma",

@@ -283,15 +283,16 @@ class Experiment:
         return run
 
     @classmethod
-    def from_run(cls, run_dir, overrides=(), verbose: bool = True, load_data: bool = True):
+    def from_run(cls, run_dir, overrides=(), verbose: bool = True, load_data: bool = True, dataset=None):
         """(Experiment, model) of a run folder: its config (plus `overrides`), its vocabulary and
-        its model; with `load_data`, the dataset and the text input too (ready to evaluate)."""
+        its model; with `load_data`, the dataset and the text input too (ready to evaluate).
+        `dataset`: an already loaded dataset of the run's config (saves reloading it)."""
         run = Path(run_dir)
         for name in RUN_FILES:
             if not (run / name).is_file():
                 raise FileNotFoundError(f"{run / name} not found: --run must be a run folder written by tools/train.py")
         cfg = load_config([run / "config.yaml"], list(overrides))
-        exp = cls(cfg, verbose=verbose)
+        exp = cls(cfg, dataset=dataset, verbose=verbose)
         if exp.text_input_kind == "tokens":
             vocab = run / "vocab.txt"
             if not vocab.is_file():

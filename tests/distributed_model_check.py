@@ -36,8 +36,9 @@ from keras_irtf.experiment import build_model, make_optimizer  # noqa: E402
 ROOT, METHOD = sys.argv[1], sys.argv[2]
 STEPS = int(os.environ.get("CHECK_STEPS", "2"))
 cfg = tiny_config(ROOT, f"model.composer={METHOD}", "ga.methods=adversarial,isotropic", "loss.eta=0.001",
-                  "ga.adversarial.eps=0.01", "ga.isotropic.gamma=0.01", "model.text_encoder.dropout=0.0",
-                  "model.composer.composeae.dropout=0.0", f"train.steps={STEPS}", *sys.argv[3:])
+                  "ga.adversarial.eps=0.01", "ga.isotropic.gamma=0.01", "ga.isotropic.noise_scaling=per_element",
+                  "model.text_encoder.dropout=0.0", "model.composer.composeae.dropout=0.0", f"train.steps={STEPS}",
+                  *sys.argv[3:])
 data = CSSDataset(ROOT, verbose=False)
 vectorizer = TextVectorizer.from_texts(data.training_texts(), cfg.model.max_text_length)
 # the same global batches for both runs, held in memory

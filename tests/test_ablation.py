@@ -10,12 +10,17 @@ from keras_irtf.training import ablation as A
 from keras_irtf.config import repo_configs_dir
 
 
-def _metrics(r1, ms=0.9, seconds=0.5):
+def _metrics(r1, ms=0.9, seconds=0.5, seed=0, pgd=None):
     test = {"R@1": r1, "R@5": r1 + 0.2, "R@10": r1 + 0.3}
     mt = np.mean(list(test.values()))
-    return {"test": test, "train": {"R@1": ms - 0.1, "R@5": ms, "R@10": ms + 0.05},
-            "whm": {"alpha": 0.5, "value": 1.5 * ms * mt / (0.5 * mt + ms), "Mt": mt, "Ms": ms},
-            "seconds_per_step": seconds, "train_seconds": 10.0}
+    m = {"test": test, "train": {"R@1": ms - 0.1, "R@5": ms, "R@10": ms + 0.05},
+         "whm": {"alpha": 0.5, "value": 1.5 * ms * mt / (0.5 * mt + ms), "Mt": mt, "Ms": ms},
+         "seconds_per_step": seconds, "train_seconds": 10.0, "seed": seed,
+         "final_losses": {"retrieval_loss": 0.5, "ga_adversarial": 0.1}}
+    if pgd is not None:
+        m["robustness"] = {"pgd": {A.ATTACK_KEY: {"R@1": pgd}}, "noise": {A.NOISE_KEY: {"R@1": r1}},
+                           "input_grad_l1": 4.0}
+    return m
 
 
 def test_grid_cells_switch_the_right_terms():
@@ -39,22 +44,60 @@ def test_finished_runs_are_not_rerun(tmp_path):
             (run / "metrics.json").write_text(json.dumps(_metrics(0.3 + 0.1 * seed)))
     logged = []
     results = A.run_ablation([repo_configs_dir() / "css_ablation.yaml"], seeds=2, out=out, cells=("ce", "gaa"),
-                             log=logged.append)
+                             log=logged.append, robustness=False)
     assert logged == []  # nothing trained
     assert sorted(results) == ["ce", "gaa"] and len(results["ce"]) == 2
 
 
-def test_table_reports_mean_std_and_a_verdict_against_the_spread():
+def test_table_reports_mean_std_and_a_paired_t_test_verdict():
     results = {
-        "ce": [_metrics(0.30), _metrics(0.32), _metrics(0.31)],
-        "gai": [_metrics(0.40), _metrics(0.41), _metrics(0.42)],  # clearly better
-        "ls": [_metrics(0.29), _metrics(0.33), _metrics(0.31)],  # within the spread
+        "ce": [_metrics(0.30, seed=0, pgd=0.10), _metrics(0.32, seed=1, pgd=0.12), _metrics(0.31, seed=2, pgd=0.11)],
+        # PGD recall higher by 0.20 +- 0.001 on every seed: a paired difference far from zero
+        "gaa": [_metrics(0.30, seed=0, pgd=0.30), _metrics(0.32, seed=1, pgd=0.321), _metrics(0.31, seed=2, pgd=0.309)],
+        # R@1 differences +0.03, -0.03, +0.01: no effect
+        "ls": [_metrics(0.33, seed=0, pgd=0.10), _metrics(0.29, seed=1, pgd=0.12), _metrics(0.32, seed=2, pgd=0.11)],
+        "gai": [_metrics(0.5, seed=0)],  # one seed: shown, not tested
     }
     table = A.ablation_table(results)
     lines = table.splitlines()
+    assert lines[0].startswith("| loss | seeds | R@1 | R@5 |") and "PGD 4/255 R@1" in lines[0]
     assert lines[2].startswith("| L_CE | 3 | 31.0 ± 1.0 |")
-    assert "(better)" in lines[3] and "L_CE + L_GA^I" in lines[3]
-    assert "(no measurable effect)" in lines[4]
+    assert sum(line.startswith("| L_CE + L_GA^I | 1 | 50.0 |") for line in lines) == 1  # every row shown
+    tests = A.paired_tests(results)
+    assert tests["gaa"]["pgd R@1"]["p"] < 1e-3 and tests["gaa"]["verdict"] == "PGD 4/255 R@1 higher"
+    assert tests["gaa"]["pgd R@1"]["ci"][0] > 19.0
+    assert tests["ls"]["verdict"] == "no measurable effect" and tests["ls"]["R@1"]["p"] > 0.5
+    assert tests["gai"]["verdict"] == "(one seed: no test)"
+    row = next(line for line in lines if line.startswith("| L_CE + L_GA^A | 3 | +0.0"))
+    assert "PGD 4/255 R@1 higher" in row and "p=" in row
+
+
+def test_runs_are_paired_by_seed_not_by_order():
+    results = {"ce": [_metrics(0.30, seed=1), _metrics(0.50, seed=0)],
+               "gaa": [_metrics(0.51, seed=0), _metrics(0.31, seed=1)]}
+    t = A.paired_tests(results)["gaa"]["R@1"]
+    np.testing.assert_allclose(t["mean"], 1.0)
+    assert t["sd"] < 1e-9
+
+
+def test_t_distribution_matches_tables():
+    from keras_irtf.evaluation.stats import paired_t_test, t_cdf, t_quantile
+
+    # two-sided 5% critical values of Student's t: df 1, 2, 4, 10
+    for df, crit in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281)):
+        np.testing.assert_allclose(t_cdf(crit, df), 0.975, atol=2e-5)
+        np.testing.assert_allclose(t_quantile(0.975, df), crit, atol=2e-4)
+    np.testing.assert_allclose(t_cdf(-1.0, 3), 0.195501, atol=1e-6)
+    np.testing.assert_allclose(t_cdf(0.0, 5), 0.5)
+    r = paired_t_test([1.0, 2.0, 3.5], [0.0, 0.5, 1.0])  # differences 1, 1.5, 2.5
+    np.testing.assert_allclose(r["t"], (5 / 3) / (np.std([1, 1.5, 2.5], ddof=1) / np.sqrt(3)))
+    np.testing.assert_allclose(r["p"], 0.0634, atol=1e-3)
+    assert r["ci"][0] < 0 < r["ci"][1]
+
+
+def test_sweeps_include_the_authors_noise_scale():
+    cells = A.sweep_cells(["gamma_mean", "gamma"], (1e-2,))
+    assert "ga.isotropic.noise_scaling=mean" in cells[0][2] and "ga.isotropic.noise_scaling=per_element" in cells[1][2]
 
 
 def test_a_live_workers_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):

@@ -189,7 +189,7 @@ def _draws(ga, variables, n):
 
 def test_isotropic_noise_is_isotropic_with_the_specified_scale():
     gamma = 0.3
-    ga = GradientAugmentation("isotropic", gamma=gamma, seed=3)
+    ga = GradientAugmentation("isotropic", gamma=gamma, noise_scaling="per_element", seed=3)
     variables = [tf.Variable(np.zeros((2, 3), np.float32)), tf.Variable(np.zeros((4,), np.float32))]
     x = _draws(ga, variables, 3000) / gamma  # [draws, 10]: should be N(0, I)
     n, d = x.shape
@@ -219,7 +219,7 @@ def test_noise_is_fresh_every_step_and_repeats_under_a_seed():
     variables = [tf.Variable(np.zeros((5,), np.float32))]
 
     def sequence(seed, compiled):
-        ga = GradientAugmentation("isotropic", gamma=1.0, seed=seed)
+        ga = GradientAugmentation("isotropic", gamma=1.0, noise_scaling="per_element", seed=seed)
         fn = tf.function(lambda: ga.isotropic_noise(variables)[0][0]) if compiled else (
             lambda: ga.isotropic_noise(variables)[0][0])
         return np.stack([fn().numpy() for _ in range(3)])
@@ -233,7 +233,7 @@ def test_noise_is_fresh_every_step_and_repeats_under_a_seed():
 
 def test_noise_is_fresh_between_training_steps():
     """Inside the compiled train_step, two steps from the same weights get different updates."""
-    model = tiny_model("isotropic", gamma=0.1, dtype="float32")
+    model = tiny_model("isotropic", gamma=0.1, noise_scaling="per_element", dtype="float32")
     model.compile(optimizer=keras.optimizers.SGD(1.0))
     batch = tiny_batch(dtype="float32")
     variables = model.trainable_variables
@@ -263,6 +263,99 @@ def test_reference_mode_isotropic_noise_has_the_authors_departures():
         scale = gamma * (len(variables) - k) / size
         np.testing.assert_allclose(x.mean(), scale, rtol=0.05)
         np.testing.assert_allclose(x.std(), scale, rtol=0.05)
+
+
+def _updates_from_noise(methods_kw, steps=25):
+    """The part of the weight update that the isotropic term adds, as it reaches the optimizer:
+    (update of the GA model) - (update of the same model without GA), from the same weights and
+    batch, SGD with learning rate 1 and no momentum, so the difference is -noise."""
+    batch = tiny_batch(dtype="float32")
+    plain = tiny_model("", dtype="float32", seed=0)
+    iso = tiny_model("isotropic", dtype="float32", seed=0, **methods_kw)
+    for m in (plain, iso):
+        m.compile(optimizer=keras.optimizers.SGD(1.0))
+    start = [v.numpy() for v in plain.trainable_variables]
+    steps_fn = {id(m): tf.function(m.train_step) for m in (plain, iso)}
+    out = []
+    for _ in range(steps):
+        deltas = {}
+        for m in (plain, iso):
+            for v, s in zip(m.trainable_variables, start):
+                v.assign(s)
+            steps_fn[id(m)](batch)
+            deltas[id(m)] = [v.numpy() - s for v, s in zip(m.trainable_variables, start)]
+        out.append([a - b for a, b in zip(deltas[id(iso)], deltas[id(plain)])])
+    sizes = [int(np.prod(s.shape)) for s in start]
+    # [steps, variable] -> per variable, all steps' elements
+    return [np.stack([o[k] for o in out]).reshape(steps, -1) for k in range(len(sizes))], sizes
+
+
+def test_noise_reaches_the_optimizer_with_its_specified_scale():
+    """The noise as the optimizer applies it: a wrong factor anywhere between the draw and
+    optimizer.apply (x10 in train_step, a lost division) changes this standard deviation."""
+    gamma = 0.05
+    per_var, sizes = _updates_from_noise({"gamma": gamma, "noise_scaling": "per_element"})
+    x = np.concatenate([p.ravel() for p in per_var]) / gamma
+    assert x.size > 5000
+    np.testing.assert_allclose(x.std(), 1.0, rtol=0.05)
+    assert abs(x.mean()) < 4.5 / np.sqrt(x.size)
+
+
+def test_mean_scaled_noise_reaches_the_optimizer_divided_by_the_variable_size():
+    gamma = 0.5
+    per_var, sizes = _updates_from_noise({"gamma": gamma, "noise_scaling": "mean"})
+    x = np.concatenate([p.ravel() * size / gamma for p, size in zip(per_var, sizes)])
+    np.testing.assert_allclose(x.std(), 1.0, rtol=0.05)
+    # and each variable by its own size (the largest ones have enough elements to tell)
+    for p, size in zip(per_var, sizes):
+        if p.size >= 1000:
+            np.testing.assert_allclose(p.std() * size / gamma, 1.0, rtol=0.1)
+
+
+def test_fused_normals_have_the_standard_normal_distribution():
+    """The one-draw-per-step sampler (Box-Muller over one uniform draw) against N(0, 1):
+    moments, tail probabilities, independence of the two members of a Box-Muller pair, of
+    neighbours and across variables, odd total sizes; and against keras.random.normal."""
+    from keras_irtf.model.gradient_augmentation import fused_standard_normals
+
+    shapes = [(301, 7), (5,), (3, 3, 2)]  # 2,130 elements (the split point falls inside shape 0)
+    gen = keras.random.SeedGenerator(11)
+    draw = tf.function(lambda: tf.concat([tf.reshape(x, [-1]) for x in fused_standard_normals(shapes, gen)], 0))
+    x = np.stack([draw().numpy() for _ in range(300)])  # [draws, 2130]
+    assert [tuple(t.shape) for t in fused_standard_normals(shapes, gen)] == shapes
+    z = x.ravel()
+    n = z.size
+    assert abs(z.mean()) < 4.5 / np.sqrt(n)
+    np.testing.assert_allclose(z.std(), 1.0, atol=4.5 * np.sqrt(2.0 / n))
+    np.testing.assert_allclose(((z - z.mean()) ** 4).mean() / z.var() ** 2, 3.0, atol=0.05)  # kurtosis
+    for k, p in ((1.0, 0.682689), (2.0, 0.954500), (3.0, 0.997300)):
+        np.testing.assert_allclose((np.abs(z) < k).mean(), p, atol=4.5 * np.sqrt(p * (1 - p) / n))
+    ref = keras.random.normal((n,), seed=3).numpy()
+    np.testing.assert_allclose(np.quantile(z, [0.01, 0.1, 0.5, 0.9, 0.99]),
+                               np.quantile(ref, [0.01, 0.1, 0.5, 0.9, 0.99]), atol=0.03)
+    half = (x.shape[1] + 1) // 2
+    a, b = x[:, : x.shape[1] - half].ravel(), x[:, half:].ravel()  # the two members of each pair
+    bound = 4.5 / np.sqrt(a.size)
+    assert abs(np.corrcoef(a, b)[0, 1]) < bound
+    assert abs(np.corrcoef(a**2, b**2)[0, 1]) < 2 * bound  # independent, not only uncorrelated
+    assert abs(np.corrcoef(x[:, :-1].ravel(), x[:, 1:].ravel())[0, 1]) < bound  # neighbours
+    assert abs(np.corrcoef(x[:-1].ravel(), x[1:].ravel())[0, 1]) < bound  # successive steps
+    odd = fused_standard_normals([(3,), (4,)], keras.random.SeedGenerator(0))
+    assert [t.shape for t in odd] == [(3,), (4,)]
+
+
+def test_fused_normals_repeat_under_a_seed():
+    from keras_irtf.model.gradient_augmentation import fused_standard_normals
+
+    def seq(seed):
+        gen = keras.random.SeedGenerator(seed)
+        return np.stack([np.concatenate([t.numpy().ravel() for t in fused_standard_normals([(4, 2), (3,)], gen)])
+                         for _ in range(3)])
+
+    a = seq(5)
+    np.testing.assert_array_equal(a, seq(5))
+    assert np.abs(a[0] - a[1]).min() > 0
+    assert np.abs(a - seq(6)).min() > 0
 
 
 # ---- baselines ----------------------------------------------------------------------------------
@@ -295,7 +388,7 @@ def test_weight_regularization_value(method):
 
 # ---- logging, configuration ---------------------------------------------------------------------
 def test_every_term_is_its_own_metric():
-    model = tiny_model("adversarial,isotropic", eta=0.01, eps=0.1, gamma=1e-3, dtype="float32")
+    model = tiny_model("adversarial,isotropic", eta=0.01, eps=0.1, gamma=1e-3, noise_scaling="per_element", dtype="float32")
     model.compile(optimizer=keras.optimizers.SGD(0.01))
     batches = [tiny_batch(dtype="float32", seed=s) for s in range(2)]
     ds = tf.data.Dataset.from_tensor_slices({k: tf.stack([b[k] for b in batches]) for k in batches[0]})

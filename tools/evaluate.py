@@ -6,6 +6,7 @@ a fixed seeded sample, and the weighted harmonic mean WHM; optionally draw WHM a
     python tools/evaluate.py --run runs/css_tirg_s0 --backend faiss        # exact faiss search
     python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png   # + whm.json, whm.csv
     python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png --reuse-metrics
+    python tools/evaluate.py --run runs/css_tirg_s0 --robustness          # -> robustness.json
 
 Reads runs/<name>/config.yaml, vocab.txt and model.keras; rewrites metrics.json (or --out, with
 one run) with the new recalls, keeping the training fields (steps, train_seconds) it already had.
@@ -40,8 +41,14 @@ def main(argv=None):
     p.add_argument("--whm-plot", metavar="OUT.png", help="draw WHM against alpha in [0, 2] for the runs")
     p.add_argument("--reuse-metrics", action="store_true",
                    help="with --whm-plot: read each run's metrics.json instead of evaluating again")
+    p.add_argument("--robustness", action="store_true",
+                   help="instead: perturbed test queries (noise, JPEG, FGSM, PGD, text) -> <run>/robustness.json")
+    p.add_argument("--robustness-kinds", help="with --robustness: a comma-separated subset of "
+                   "noise,jpeg,fgsm,pgd,text (default all)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.robustness:
+        return robustness_main(args)
     if args.out and len(args.run) > 1:
         p.error("--out names one metrics file: use it with a single --run (each run otherwise gets <run>/metrics.json)")
     if args.reuse_metrics and not args.whm_plot:
@@ -76,6 +83,30 @@ def main(argv=None):
 
             written = write_whm_plot(results, args.whm_plot)
             print(f"WHM plot: {written['png']} (numbers: {written['json']}, {written['csv']})")
+    except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def robustness_main(args):
+    """--robustness: keras_irtf.evaluation.robustness on each run; a table per run on stdout."""
+    from keras_irtf.config import ConfigError
+    from keras_irtf.data.base import DatasetError
+    from keras_irtf.evaluation import robustness as R
+
+    levels = None
+    if args.robustness_kinds:
+        kinds = [k.strip() for k in args.robustness_kinds.split(",") if k.strip()]
+        levels = {k: R.DEFAULT_LEVELS[k] for k in kinds if k in R.DEFAULT_LEVELS}
+        if len(levels) != len(kinds):
+            print(f"error: --robustness-kinds expects a subset of {list(R.KINDS)}", file=sys.stderr)
+            return 2
+    try:
+        for run, label in zip(args.run, run_labels(args.run)):
+            result = R.robustness_run(run, levels=levels, out=args.out, verbose=not args.quiet, backend=args.backend)
+            print(f"## {label}: robustness ({result['settings']['gallery']})")
+            print(R.format_robustness(result))
     except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

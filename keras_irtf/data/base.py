@@ -72,6 +72,10 @@ class RetrievalDataset:
     name = "base"
     # Recalls averaged into Ms/Mt for the weighted harmonic mean (the dataset's reported Ks).
     whm_ks = (1, 5, 10)
+    # Gallery of the training recall Ms: "targets" (the sampled queries' target images: TIRG's
+    # protocol for MIT-States and Fashion200k) or "split" (every training image, the source
+    # excluded, as for the test split: TIRG's protocol for CSS).
+    train_recall_gallery = "targets"
 
     train: Split
     test: Split

@@ -34,6 +34,7 @@ COLORS = {
 SHAPES = ("rectangle", "circle", "triangle")
 SIZES = ("small", "large")
 CANVAS = 64
+CSS_SAMPLERS = ("reference", "uniform_pairs")
 
 
 def render_2d(objects, size: int = CANVAS) -> np.ndarray:
@@ -118,6 +119,8 @@ class CSSDataset(RetrievalDataset):
         self.image_mode = {}
         self._mods = {}
         self._by_source = {}
+        self._records = {}  # split -> modification record (index into 'mods') of every query
+        self.sampler = "reference"  # training sampler: reference (TIRG) | uniform_pairs
         for split in ("train", "test"):
             raw = data[split]
             n = len(raw["objects_img"])
@@ -130,7 +133,7 @@ class CSSDataset(RetrievalDataset):
             caption_ids, vocab = index_captions(captions)
             arrays = self._load_images(split, raw["objects_img"], images, image_size, verbose)
             mods = raw["mods"]
-            src, txt, tgt = [], [], []
+            src, txt, tgt, rec = [], [], [], []
             by_source = {}
             for m, mod in enumerate(mods):
                 if len(mod["from"]) != len(mod["to"]):
@@ -147,6 +150,7 @@ class CSSDataset(RetrievalDataset):
                     src.append(f)
                     txt.append(mod["to_str"])
                     tgt.append(t)
+                    rec.append(m)
                     by_source.setdefault(int(f), []).append(len(src) - 1)
             queries = Queries(
                 np.array(src, dtype=np.int64),
@@ -156,6 +160,7 @@ class CSSDataset(RetrievalDataset):
             )
             self._mods[split] = queries
             self._by_source[split] = by_source
+            self._records[split] = np.array(rec, dtype=np.int64)
             setattr(
                 self,
                 split,
@@ -210,19 +215,47 @@ class CSSDataset(RetrievalDataset):
         return list(self._mods["train"].texts)
 
     def sample_training_queries(self, n, rng, paired=True):
-        """The reference sampler: a random (mod, pair); then, when `paired`, the same source image
-        with a different modification, so that a batch holds pairs of queries sharing a source."""
+        """Training queries as `self.sampler` says, in pairs sharing a source image when `paired`.
+
+        reference (TIRG's CSSDataset, the default): the first query of a pair draws a
+            modification RECORD uniformly, then one of its (from, to) pairs; the second takes
+            the same source image with a (mod, target) of a DIFFERENT record, uniformly among
+            that image's others (a fresh first query when it has none; TIRG's loop would not end).
+            Records differ in size (a "remove <cell> object" record holds many pairs, an "add
+            <object> to <cell>" record few), so this favours the texts of small records.
+        uniform_pairs: the first query uniformly over all (from, to) pairs (keras_irtf before
+            issue 14); the second as above, a different text on the same source.
+        """
+        if self.sampler not in CSS_SAMPLERS:
+            raise ValueError(f"CSS sampler must be one of {CSS_SAMPLERS}, got {self.sampler!r}")
         mods = self._mods["train"]
         by_source = self._by_source["train"]
+        records = self._records["train"]
+        reference = self.sampler == "reference"
+        if reference:
+            from keras_irtf.data.sampling import Groups
+
+            groups = Groups([list(np.flatnonzero(records == r)) for r in np.unique(records)])
+
+        def first():
+            if reference:
+                g = int(rng.integers(len(groups.counts)))
+                return int(groups.items[groups.offsets[g] + int(rng.integers(groups.counts[g]))])
+            return int(rng.integers(len(mods)))
+
         out = np.empty(n, dtype=np.int64)
         i = 0
         while i < n:
-            q = int(rng.integers(len(mods)))
+            q = first()
             out[i] = q
             i += 1
             if paired and i < n:
-                others = [o for o in by_source[int(mods.source_ids[q])] if mods.texts[o] != mods.texts[q]]
-                out[i] = others[int(rng.integers(len(others)))] if others else int(rng.integers(len(mods)))
+                same = by_source[int(mods.source_ids[q])]
+                if reference:
+                    others = [o for o in same if records[o] != records[q]]
+                else:
+                    others = [o for o in same if mods.texts[o] != mods.texts[q]]
+                out[i] = others[int(rng.integers(len(others)))] if others else first()
                 i += 1
         return mods.subset(out)
 
@@ -236,6 +269,7 @@ class CSSDataset(RetrievalDataset):
             raise ValueError(f"data.max_train_queries must be >= 2, got {n}")
         idx = np.sort(np.random.default_rng(seed + 104729).choice(len(mods), int(n), replace=False))
         kept = mods.subset(idx)
+        self._records["train"] = self._records["train"][idx]
         by_source = {}
         for i, s in enumerate(kept.source_ids):
             by_source.setdefault(int(s), []).append(i)
@@ -243,10 +277,11 @@ class CSSDataset(RetrievalDataset):
         self._by_source["train"] = by_source
         return self
 
+    # Training recall Ms as TIRG's test() computes it on CSS: every training query (TIRG
+    # enumerates them, as for the test split) against EVERY training image, its source excluded.
+    train_recall_gallery = "split"
+
     def train_recall_queries(self, n, seed):
-        """CSS: the reference ranks training modifications; a seeded subset when there are more."""
-        mods = self._mods["train"]
-        if len(mods) <= n:
-            return mods
-        idx = np.sort(np.random.default_rng(seed + 7919).choice(len(mods), n, replace=False))
-        return mods.subset(idx)
+        """Every training query (TIRG's protocol on CSS; `n` and `seed` are not used: the other
+        datasets sample n queries against their targets)."""
+        return self._mods["train"]

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -36,10 +37,17 @@ COLOR_NAMES = tuple(COLORS)
 @dataclasses.dataclass
 class CSSConfig:
     DOMAINS = {"seed": NON_NEGATIVE}
-    CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d")}
+    CHOICES = {"size": ("smoke", "small", "full"), "images": ("auto", "png", "2d"),
+               "sampler": ("reference", "uniform_pairs"), "shift": ("None", "render", "noise")}
     size: str = "small"  # the built-in benchmark's size: smoke | small | full
     seed: int = 0  # generator seed (the dataset itself), independent of the training seed
     images: str = "auto"  # auto (PNGs when images/ has any, each then required; else 2D) | png | 2d
+    # training sampler: reference (TIRG: a modification record uniformly, then one of its pairs)
+    # | uniform_pairs (uniformly over all pairs)
+    sampler: str = "reference"
+    # also evaluate on the test split rendered under a shift training never sees (None | render |
+    # noise; keras_irtf.data.css_shift): metrics.json then has a test_shift block
+    shift: Optional[str] = None
 
 
 ROWS = ("top", "middle", "bottom")
@@ -181,8 +189,11 @@ def generate_split(split: str, n_queries: int, rng, held_out: set):
 
 
 def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_png: bool = True,
-             verbose: bool = True) -> Path:
-    """Write the benchmark to `out` in the published layout (atomically: all or nothing)."""
+             verbose: bool = True, shifts=()) -> Path:
+    """Write the benchmark to `out` in the published layout (atomically: all or nothing).
+
+    shifts: also write the test split under these rendering shifts (keras_irtf.data.css_shift)
+    as `shift_<name>/css_test_<index:06d>.png`."""
     if size not in SIZES_PRESETS:
         raise ValueError(f"unknown CSS size {size!r}; expected one of {sorted(SIZES_PRESETS)}")
     out = Path(out)
@@ -209,6 +220,11 @@ def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_
                     )
                     progress.update()
         np.save(tmp / NPY_NAME, data, allow_pickle=True)
+        if shifts:
+            from keras_irtf.data.css_shift import write_shift_pngs
+
+            for name in shifts:
+                write_shift_pngs(tmp, data["test"]["objects_img"], name, seed)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -241,6 +257,11 @@ class CSSBenchmark(CSSDataset):
         dataset = cls(root, images=settings.images, image_size=image_size, verbose=verbose)
         if cfg.data.max_train_queries:
             dataset.limit_training_queries(cfg.data.max_train_queries, settings.seed)
+        dataset.sampler = settings.sampler
+        if settings.shift:
+            from keras_irtf.data.css_shift import attach_shift
+
+            attach_shift(dataset, settings.shift, settings.seed, verbose=verbose)
         return dataset
 
 
@@ -250,8 +271,11 @@ def main(argv=None):
     parser.add_argument("--size", default=CSSConfig.size, choices=sorted(SIZES_PRESETS))
     parser.add_argument("--seed", type=int, default=CSSConfig.seed)
     parser.add_argument("--no-png", action="store_true", help="write only the .npy (images drawn in 2D)")
+    parser.add_argument("--shift", default="", help="also write the test split under these rendering shifts "
+                        "(comma-separated: render,noise; see keras_irtf.data.css_shift)")
     args = parser.parse_args(argv)
-    path = generate(args.out, args.size, args.seed, write_png=not args.no_png)
+    shifts = [x.strip() for x in args.shift.split(",") if x.strip()]
+    path = generate(args.out, args.size, args.seed, write_png=not args.no_png, shifts=shifts)
     print(f"wrote {path}")
 
 

@@ -2,7 +2,10 @@
 
 Test: every test query (source image + text) against the gallery of ALL test images, the query's
 own source image excluded; a hit when a retrieved image has the target's caption.
-Train: a fixed, seeded sample of training queries against the gallery of their target images.
+Train (Ms), per dataset as TIRG's code does it (`dataset.train_recall_gallery`): CSS, every
+training query against every training image, the source excluded; MIT-States and Fashion200k, a
+fixed, seeded sample of training queries against the gallery of their target images.
+Exact score ties are broken towards the lower gallery index (TIRG: numpy's unstable argsort).
 """
 
 from __future__ import annotations
@@ -67,10 +70,11 @@ def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chun
 def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=(1, 5, 10, 50),
                    batch_size=256, preprocessor=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
                    backend="tf"):
-    """Recall@K of `queries` on one split. Test: gallery = every image of the split, the source
-    excluded. Train: gallery = the queries' target images."""
+    """Recall@K of `queries` on one split. Test (and test_shift): gallery = every image of the
+    split, the source excluded. Train: the same when `dataset.train_recall_gallery == "split"`
+    (CSS), else gallery = the queries' target images."""
     split = getattr(dataset, split_name)
-    if split_name == "test":
+    if split_name != "train" or getattr(dataset, "train_recall_gallery", "targets") == "split":
         gallery_ids = np.arange(split.num_images)
         exclude = queries.source_ids
     else:
@@ -88,7 +92,7 @@ def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=
     if k < max(ks):  # a gallery smaller than K: pad with a caption that never matches
         retrieved = np.pad(retrieved, ((0, 0), (0, max(ks) - k)), constant_values=-1)
     result = M.recall_at_k(retrieved, queries.target_captions, ks)
-    if split_name == "test":
+    if split_name.startswith("test"):
         for name, fn in dataset.extra_recalls().items():
             hits = fn(retrieved, queries)
             for kk in ks:
@@ -109,9 +113,25 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
     train = evaluate_split(model, dataset, vectorizer, "train", dataset.train_recall_queries(train_queries, seed), **kw)
     mt = M.average_recall(test, whm_ks)
     ms = M.average_recall(train, whm_ks)
-    return {
+    out = {
         "test": test,
         "train": train,
         "whm": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
                 "ks": list(whm_ks)},
     }
+    out.update(evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw))
+    return out
+
+
+def evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw) -> dict:
+    """{"test_shift": recalls, "whm_shift": WHM(Ms, Mt_shift)} when the dataset has a shifted
+    test split (CSS with data.dataset.shift), else {}."""
+    shifted = getattr(dataset, "test_shift", None)
+    if shifted is None:
+        return {}
+    result = evaluate_split(model, dataset, vectorizer, "test_shift", shifted.test_queries, **kw)
+    mt = M.average_recall(result, whm_ks)
+    return {"test_shift": result,
+            "whm_shift": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
+                          "ks": list(whm_ks), "shift": getattr(dataset, "shift_name", None)}}
+

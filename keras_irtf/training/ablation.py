@@ -48,11 +48,12 @@ GRID = (
 )
 CELLS = tuple(c[0] for c in GRID)
 SWEEP_VALUES = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
-# weight swept -> (config key, ga.methods, L_S on?)
+# weight swept -> (config key, ga.methods, L_S on?, further overrides)
 SWEEPS = {
-    "eta": ("loss.eta", "", True),
-    "eps": ("ga.adversarial.eps", "adversarial", False),
-    "gamma": ("ga.isotropic.gamma", "isotropic", False),
+    "eta": ("loss.eta", "", True, ()),
+    "eps": ("ga.adversarial.eps", "adversarial", False, ()),
+    "gamma": ("ga.isotropic.gamma", "isotropic", False, ("ga.isotropic.noise_scaling=per_element",)),
+    "gamma_mean": ("ga.isotropic.gamma", "isotropic", False, ("ga.isotropic.noise_scaling=mean",)),  # the authors' 1/size
 }
 
 
@@ -70,10 +71,10 @@ def sweep_cells(weights=tuple(SWEEPS), values=SWEEP_VALUES):
     for w in weights:
         if w not in SWEEPS:
             raise ValueError(f"unknown sweep weight {w!r}; expected one of {list(SWEEPS)}")
-        key, methods, _ = SWEEPS[w]
+        key, methods, _, extra = SWEEPS[w]
         for v in values:
             out.append((f"sweep_{w}_{v:g}", f"{w} = {v:g}", [f"{key}={v}", f"ga.methods={methods}"]
-                        + ([] if w == "eta" else ["loss.eta=0.0"])))
+                        + ([] if w == "eta" else ["loss.eta=0.0"]) + list(extra)))
     return out
 
 
@@ -85,11 +86,15 @@ def _label(name):
 
 
 def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overrides=(), sweep=(),
-                 sweep_values=SWEEP_VALUES, sweep_seed=0, verbose=True, log=print):
+                 sweep_values=SWEEP_VALUES, sweep_seed=0, verbose=True, log=print, robustness=True,
+                 sweep_seeds=None):
     """Train and evaluate the grid (and the optional sweep); returns {cell: [metrics per seed]}.
 
     `overrides` apply to every run (e.g. "train.steps=300"); the L_S weight of the cells that use
-    L_S is the config's loss.eta (1e-3 if the config leaves it at 0)."""
+    L_S is the config's loss.eta (1e-3 if the config leaves it at 0). `robustness`: also write
+    each run's robustness.json (keras_irtf.evaluation.robustness, ABLATION_LEVELS: noise 8/255,
+    FGSM and PGD-10 at 4/255, the input-gradient norms); a finished run without it gets only
+    that. `sweep_seeds`: the seeds of the sweep's runs (default: [sweep_seed])."""
     import keras
 
     from keras_irtf.config import load_config
@@ -104,13 +109,17 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     for seed in seed_list:
         for cell in cells:
             jobs.append((cell, seed, cell_overrides(cell, eta)))
-    for cell, _, ov in sweep_cells(sweep, sweep_values) if sweep else []:
-        jobs.append((cell, sweep_seed, ov))
+    sweep_seed_list = list(sweep_seeds) if sweep_seeds is not None else [sweep_seed]
+    for seed in sweep_seed_list:
+        for cell, _, ov in sweep_cells(sweep, sweep_values) if sweep else []:
+            jobs.append((cell, seed, ov))
 
     dataset = None
     for i, (cell, seed, ov) in enumerate(jobs):
         run = out / cell / f"seed{seed}"
-        if (run / "metrics.json").is_file():
+        need_train = not (run / "metrics.json").is_file()
+        need_robust = robustness and not (run / "robustness.json").is_file()
+        if not need_train and not need_robust:
             continue
         lock = _claim(run)
         if lock is None:
@@ -122,13 +131,33 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
                 dataset = Experiment(cfg, verbose=verbose).dataset
             keras.backend.clear_session()
             start = time.time()
-            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")
-            _, metrics = train(cfg, verbose=0, dataset=dataset)
-            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
-                f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
+            if need_train:
+                log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")
+                _, metrics = train(cfg, verbose=0, dataset=dataset)
+                log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
+                    f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
+            if need_robust:
+                start = time.time()
+                rob = run_robustness(run, cfg, dataset)
+                log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
+                    f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
+                    f"({time.time() - start:.0f} s)")
         finally:
             lock.unlink(missing_ok=True)
     return collect(out, [j[0] for j in jobs])
+
+
+def run_robustness(run, cfg, dataset) -> dict:
+    """The ablation's robustness columns of one finished run -> <run>/robustness.json."""
+    from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
+    from keras_irtf.experiment import Experiment
+    from keras_irtf.utils import write_json
+
+    run = Path(run)
+    exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
+    result = robustness_of(exp, model, levels=ABLATION_LEVELS)
+    write_json(run / "robustness.json", result)
+    return result
 
 
 def _claim(run: Path):
@@ -156,76 +185,162 @@ def _claim(run: Path):
 
 
 def collect(out, cells=None) -> dict:
-    """{cell: [metrics.json of each finished seed]} from an ablation folder."""
+    """{cell: [metrics.json of each finished seed, with its robustness.json as "robustness"]}."""
     out = Path(out)
     names = list(dict.fromkeys(cells)) if cells else sorted(p.name for p in out.iterdir() if p.is_dir())
     results = {}
     for name in names:
         runs = sorted((out / name).glob("seed*/metrics.json"))
         if runs:
-            results[name] = [read_json(p) for p in runs]
+            results[name] = []
+            for p in runs:
+                m = read_json(p)
+                if (p.parent / "robustness.json").is_file():
+                    m["robustness"] = read_json(p.parent / "robustness.json")
+                m.setdefault("seed", int(p.parent.name[4:]))
+                results[name].append(m)
     return results
 
 
-def summarize(runs: list) -> dict:
-    """Means and sample standard deviations (in %) of one cell's runs."""
-    def arr(fn):
-        return np.asarray([fn(m) for m in runs], dtype=np.float64) * 100.0
+NOISE_KEY, ATTACK_KEY = "0.0314", "0.0157"  # 8/255 and 4/255, as robustness.level_key writes them
 
-    s = {"n": len(runs)}
-    for k in ("R@1", "R@5", "R@10"):
-        s[k] = arr(lambda m: m["test"][k])
-    s["Mt"] = arr(lambda m: m["whm"]["Mt"])
-    s["Ms"] = arr(lambda m: m["whm"]["Ms"])
-    s["train R@1"] = arr(lambda m: m["train"]["R@1"])
-    s["WHM"] = arr(lambda m: m["whm"]["value"])
-    s["s/step"] = np.asarray([m["seconds_per_step"] for m in runs], dtype=np.float64)
+
+def _get(m, *path, scale=100.0):
+    for key in path:
+        if not isinstance(m, dict) or key not in m or m[key] is None:
+            return float("nan")
+        m = m[key]
+    return float(m) * scale
+
+
+def _ga_ratio(m):
+    losses = m.get("final_losses", {})
+    if "ga_adversarial" not in losses or not losses.get("retrieval_loss"):
+        return float("nan")
+    return losses["ga_adversarial"] / losses["retrieval_loss"]
+
+
+# column -> (header, value of one run); percentages except the norm, the ratio and s/step
+COLUMNS = {
+    "R@1": ("R@1", lambda m: _get(m, "test", "R@1")),
+    "R@5": ("R@5", lambda m: _get(m, "test", "R@5")),
+    "R@10": ("R@10", lambda m: _get(m, "test", "R@10")),
+    "Mt": ("avg (Mt)", lambda m: _get(m, "whm", "Mt")),
+    "train R@1": ("train R@1", lambda m: _get(m, "train", "R@1")),
+    "Ms": ("train avg (Ms)", lambda m: _get(m, "whm", "Ms")),
+    "WHM": ("WHM", lambda m: _get(m, "whm", "value")),
+    "shift R@1": ("shift R@1", lambda m: _get(m, "test_shift", "R@1")),
+    "noise R@1": ("noise 8/255 R@1", lambda m: _get(m, "robustness", "noise", NOISE_KEY, "R@1")),
+    "fgsm R@1": ("FGSM 4/255 R@1", lambda m: _get(m, "robustness", "fgsm", ATTACK_KEY, "R@1")),
+    "pgd R@1": ("PGD 4/255 R@1", lambda m: _get(m, "robustness", "pgd", ATTACK_KEY, "R@1")),
+    "grad L1": ("‖dL/dx‖₁", lambda m: _get(m, "robustness", "input_grad_l1", scale=1.0)),
+    "GA ratio": ("L_GA^A / L_CE", _ga_ratio),
+    "s/step": ("s/step", lambda m: _get(m, "seconds_per_step", scale=1.0)),
+}
+SIGNIFICANT = {"grad L1": 3, "GA ratio": 2, "s/step": 2}  # significant digits; the others: 1 decimal
+# the columns tested against L_CE (paired by seed)
+TESTED = ("R@1", "WHM", "shift R@1", "noise R@1", "pgd R@1")
+
+
+def summarize(runs: list) -> dict:
+    """Each column's values over a cell's runs, in seed order, and the seeds."""
+    runs = sorted(runs, key=lambda m: m.get("seed", 0))
+    s = {"n": len(runs), "seeds": [m.get("seed") for m in runs]}
+    for name, (_, fn) in COLUMNS.items():
+        s[name] = np.asarray([fn(m) for m in runs], dtype=np.float64)
     return s
 
 
-def _fmt(values, digits=1):
+def _fmt(values, significant=None):
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]  # a run without that column (e.g. no robustness.json yet)
+    if values.size == 0:
+        return "–"
+
+    def f(v):
+        return f"{v:.{significant}g}" if significant else f"{v:.1f}"
+
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+        return f(values[0])
+    return f"{f(values.mean())} ± {f(values.std(ddof=1))}"
 
 
-def ablation_table(results: dict, baseline="ce") -> str:
-    """Markdown: one row per cell; test R@1/5/10 and their average Mt, training average Ms and
-    R@1, WHM (alpha from the runs), seconds per training step; mean ± std over seeds; and the
-    difference of Mt and WHM to the baseline row with a verdict against the seed spread."""
-    head = ("| loss | seeds | R@1 | R@5 | R@10 | avg (Mt) | train R@1 | train avg (Ms) | WHM | "
-            "s/step | ΔMt vs L_CE | ΔWHM vs L_CE |")
-    lines = [head, "|" + "---|" * 12]
-    base = summarize(results[baseline]) if baseline in results else None
+def _shown(results):
+    """The columns with a value in at least one run."""
+    sums = [summarize(runs) for runs in results.values()]
+    return [c for c in COLUMNS if any(not np.isnan(s[c]).all() for s in sums)]
+
+
+def ablation_table(results: dict, baseline="ce", alpha=0.05) -> str:
+    """Markdown: one row per cell, every column mean ± sample standard deviation over seeds;
+    then, for every cell sharing seeds with the baseline (L_CE), the two-sided paired t-test of
+    the tested columns (keras_irtf.evaluation.stats.paired_t_test): mean difference in points,
+    its 95% confidence interval, p, and the verdict at `alpha`."""
+    cols = _shown(results)
+    lines = ["| loss | seeds | " + " | ".join(COLUMNS[c][0] for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
     for name, runs in results.items():
         s = summarize(runs)
-        dmt = dwhm = ""
-        if base is not None and name != baseline:
-            dmt = _delta(s["Mt"], base["Mt"])
-            dwhm = _delta(s["WHM"], base["WHM"])
-        lines.append(
-            f"| {_label(name)} | {s['n']} | {_fmt(s['R@1'])} | {_fmt(s['R@5'])} | {_fmt(s['R@10'])} | "
-            f"{_fmt(s['Mt'])} | {_fmt(s['train R@1'])} | {_fmt(s['Ms'])} | {_fmt(s['WHM'])} | "
-            f"{_fmt(s['s/step'], 3)} | {dmt} | {dwhm} |"
-        )
+        lines.append(f"| {_label(name)} | {s['n']} | " + " | ".join(_fmt(s[c], SIGNIFICANT.get(c)) for c in cols) + " |")
+    tests = paired_tests(results, baseline, alpha)
+    if not tests:
+        return "\n".join(lines)
+    tested = [c for c in TESTED if c in cols]
+    lines += ["", f"Paired t-tests against {_label(baseline)} (runs paired by seed; difference of the means in "
+              f"points, its 95% confidence interval, two-sided p; verdict at p < {alpha}):", "",
+              "| loss | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict |",
+              "|" + "---|" * (len(tested) + 3)]
+    for name, t in tests.items():
+        cells = []
+        for c in tested:
+            r = t[c]
+            if r["n"] == 0:
+                cells.append("–")
+            elif r["n"] < 2 or np.isnan(r["p"]):
+                cells.append(f"{r['mean']:+.1f}")
+            else:
+                cells.append(f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] p={r['p']:.2g}")
+        lines.append(f"| {_label(name)} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} |")
     return "\n".join(lines)
 
 
-def _delta(values, base_values) -> str:
-    """Difference of means, and whether it exceeds the spread: the larger of the two rows'
-    standard deviations (with one seed on either side there is no spread to compare with)."""
-    d = values.mean() - base_values.mean()
-    if len(values) < 2 or len(base_values) < 2:
-        return f"{d:+.1f}"
-    spread = max(values.std(ddof=1), base_values.std(ddof=1))
-    verdict = "no measurable effect" if abs(d) <= spread else ("better" if d > 0 else "worse")
-    return f"{d:+.1f} ({verdict})"
+def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
+    """{cell: {column: paired_t_test(...), "pairs": n, "verdict": text}} against the baseline,
+    runs paired by seed; a cell sharing fewer than 2 seeds with it gets no verdict."""
+    from keras_irtf.evaluation.stats import paired_t_test
+
+    if baseline not in results:
+        return {}
+    base = {m.get("seed"): m for m in results[baseline]}
+    out = {}
+    for name, runs in results.items():
+        if name == baseline:
+            continue
+        pairs = [(m, base[m.get("seed")]) for m in sorted(runs, key=lambda m: m.get("seed", 0))
+                 if m.get("seed") in base]
+        entry = {"pairs": len(pairs)}
+        found = []
+        for c in TESTED:
+            fn = COLUMNS[c][1]
+            a = np.array([fn(m) for m, _ in pairs], np.float64)
+            b = np.array([fn(m) for _, m in pairs], np.float64)
+            ok = ~(np.isnan(a) | np.isnan(b))
+            r = paired_t_test(a[ok], b[ok])
+            entry[c] = r
+            if r["n"] >= 2 and not np.isnan(r["p"]) and r["p"] < alpha:
+                found.append(f"{COLUMNS[c][0]} {'higher' if r['mean'] > 0 else 'lower'}")
+        if len(pairs) < 2:
+            entry["verdict"] = "(one seed: no test)"
+        else:
+            entry["verdict"] = "; ".join(found) if found else "no measurable effect"
+        out[name] = entry
+    return out
 
 
 def seconds(results) -> float:
     return float(sum(m["train_seconds"] for runs in results.values() for m in runs))
 
 
-__all__ = ["CELLS", "GRID", "SWEEPS", "SWEEP_VALUES", "ablation_table", "cell_overrides", "collect",
-           "run_ablation", "summarize", "sweep_cells"]
+__all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "ablation_table", "cell_overrides", "collect",
+           "paired_tests", "run_ablation", "run_robustness", "summarize", "sweep_cells"]
 

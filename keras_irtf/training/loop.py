@@ -161,7 +161,7 @@ def format_results(metrics: dict) -> str:
     ks = [k for k in metrics["test"] if k.startswith("R@")]
     head = "| split | " + " | ".join(ks) + " |"
     rows = [head, "|" + "---|" * (len(ks) + 1)]
-    for split in ("test", "train"):
+    for split in [s for s in ("test", "test_shift", "train") if s in metrics]:
         rows.append(f"| {split} | " + " | ".join(f"{100 * metrics[split][k]:.1f}" for k in ks) + " |")
     w = metrics["whm"]
     rows.append("")

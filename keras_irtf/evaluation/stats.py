@@ -1,0 +1,100 @@
+"""Paired comparisons of runs (numpy only; scipy is not a dependency).
+
+The ablation pairs every cell's run with L_CE's run of the SAME seed (the same data order and,
+for the shared parts, the same initialisation) and tests the mean of the per-seed differences
+with a two-sided paired t-test (Student's t with n - 1 degrees of freedom), giving the p-value
+and the 95% confidence interval of the mean difference.
+
+Student's t distribution function is computed from the regularised incomplete beta function
+(continued fraction, modified Lentz), its quantile by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _betacf(a, b, x, iters=300, eps=3e-16):
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iters + 1):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(ln)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p (bisection; |t| < 1e6)."""
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def paired_t_test(values, baseline, level: float = 0.95) -> dict:
+    """Two-sided paired t-test of mean(values - baseline) = 0 (the two aligned by seed).
+
+    Returns {"n", "mean", "sd", "t", "p", "ci": (low, high)}; with n < 2, or no spread at all,
+    p and the interval are nan (no test possible), or p = 1 for identical pairs."""
+    d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+    n = int(d.size)
+    mean = float(d.mean()) if n else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": float("nan"), "t": float("nan"), "p": float("nan"),
+                "ci": (float("nan"), float("nan"))}
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        p = 1.0 if mean == 0.0 else 0.0
+        return {"n": n, "mean": mean, "sd": 0.0, "t": float("inf") if mean else 0.0, "p": p, "ci": (mean, mean)}
+    se = sd / math.sqrt(n)
+    t = mean / se
+    p = 2.0 * (1.0 - t_cdf(abs(t), n - 1))
+    half = t_quantile(0.5 + level / 2.0, n - 1) * se
+    return {"n": n, "mean": mean, "sd": sd, "t": t, "p": p, "ci": (mean - half, mean + half)}
+
+
+__all__ = ["betainc", "paired_t_test", "t_cdf", "t_quantile"]
