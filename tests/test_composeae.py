@@ -206,7 +206,9 @@ def test_composeae_model_trains_with_ga_and_similarity_loss(css_smoke, smoke_vec
     for name in ("reconstruction_image_loss", "reconstruction_text_loss", "rotational_symmetry_loss",
                  "ga_adversarial", "ga_isotropic", "similarity_loss"):
         assert np.isfinite(first[name]) and first[name] != 0.0, name
-    for _ in range(15):
+    # the reconstruction losses first rise while the retrieval loss falls, then fall (by step
+    # ~25 on this batch; measured 0.23 -> 0.89 at step 5 -> 0.15 at step 25)
+    for _ in range(30):
         last = {k: float(v) for k, v in model.train_step(batch).items()}
     model.reset_metrics()
     after = {k: float(v) for k, v in model.train_step(batch).items()}
