@@ -11,7 +11,8 @@ path: the query's own image is dropped after the search, and equal scores are or
 index (faiss does not promise an order among ties, so a tie group cut by the k-th place is
 searched again with a larger k).
 
-"auto" uses faiss when it can be imported and TensorFlow otherwise.
+"auto" is the backend measured faster on this project's machines: TensorFlow (see
+`resolve_backend`); faiss is there to choose explicitly.
 
 Both backends return, for every query, the k best gallery indices ordered by score descending
 and then by gallery index ascending; a query's `exclude` index is never returned; where fewer
@@ -45,12 +46,18 @@ def _import_faiss():
 
 
 def resolve_backend(backend: str) -> str:
-    """'tf' or 'faiss' for a requested backend ('auto' picks faiss when it is installed)."""
+    """'tf' or 'faiss' for a requested backend.
+
+    'auto' picks TensorFlow, by measurement (benchmarks/retrieval_backends.py, report in
+    docs/retrieval_backends.md): on the project's 2-core machine on 2026-12-01 (load average
+    1.8-4.3) the TF backend was faster than faiss at every gallery size tried (3K: 1.8x, 10K:
+    1.1x, 30K: 1.5x; 8,000 queries, 512-d, k = 50, rounds within 10%), and under heavier load
+    faiss, whose OpenMP threads wait for busy cores, was up to 2.5x slower. faiss was faster only
+    on a machine nearly to itself (2.6x at 30K, docs/eval_scale.md, 2026-11-23): choose
+    backend="faiss" explicitly there."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
-    if backend == "auto":
-        return "faiss" if faiss_available() else "tf"
-    return backend
+    return "tf" if backend == "auto" else backend
 
 
 def _check_inputs(queries, gallery, k, exclude):
