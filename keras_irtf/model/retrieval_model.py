@@ -8,6 +8,13 @@ computes the paper's total loss
 
 in one place (`compute_loss_terms`) so that `model.fit` from a user script and
 `tools/train.py` train the same way. Batches are dicts (see keras_irtf.data.pipeline).
+
+Mixed precision (`precision`, keras_irtf.model.precision): the encoders and the composer compute
+in the policy; the features are cast to float32 before the normalisation, so the embeddings, the
+logits and every loss are float32. Under "mixed_float16" the optimizer is a LossScaleOptimizer
+and train_step differentiates the SCALED loss (the inner tape of GA^A too), unscales the
+gradients before the isotropic noise is added, and counts the steps the optimizer skips because
+the scaled gradients were not finite ("skipped_steps"); the logged losses are unscaled.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from keras_irtf.model import losses as L
+from keras_irtf.model import precision as P
 from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
 
@@ -24,8 +32,10 @@ from keras_irtf.layers.normalization import ScaledL2Normalization
 class ComposedRetrievalModel(keras.Model):
     def __init__(self, image_encoder, text_encoder, composer, normalization=None,
                  gradient_augmentation=None, retrieval_loss="batch_classification", eta=0.0,
-                 similarity_reduction="sum", image_size=None, max_text_length=None, **kwargs):
+                 similarity_reduction="sum", image_size=None, max_text_length=None, precision="float32",
+                 **kwargs):
         super().__init__(**kwargs)
+        self.precision = P.check_precision(precision)
         L.retrieval_loss(retrieval_loss)  # an unknown name fails here, listing the registered ones
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -36,6 +46,10 @@ class ComposedRetrievalModel(keras.Model):
         self.eta = float(eta)
         self.similarity_reduction = similarity_reduction
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_term_names()}
+        if P.uses_loss_scaling(self.precision):
+            # steps whose scaled gradients were not finite: the LossScaleOptimizer skipped them
+            # (and halved its scale); counted per epoch, not a divergence
+            self._trackers["skipped_steps"] = keras.metrics.Sum(name="skipped_steps")
         # Built here when the input sizes are known: Keras' own symbolic build in `fit` passes
         # no shapes for dict inputs and leaves sub-layers to be built inside the traced step.
         self.image_size = image_size
@@ -83,14 +97,19 @@ class ComposedRetrievalModel(keras.Model):
     def compose(self, image_features, text_features, training=False):
         return self.composer([image_features, text_features], training=training)
 
+    def normalize(self, features):
+        """The scaled L2 normalisation, in float32 whatever the precision policy (a float32 norm
+        and scale; the embeddings, logits and losses downstream are float32)."""
+        return self.normalization(tf.cast(features, tf.float32))
+
     def embed_queries(self, images, tokens, training=False):
-        """Normalised query embeddings of (source image, text)."""
+        """Normalised query embeddings of (source image, text), float32."""
         f = self.compose(self.encode_image(images, training), self.encode_text(tokens, training), training)
-        return self.normalization(f)
+        return self.normalize(f)
 
     def embed_images(self, images, training=False):
-        """Normalised embeddings of gallery (target) images."""
-        return self.normalization(self.encode_image(images, training))
+        """Normalised embeddings of gallery (target) images, float32."""
+        return self.normalize(self.encode_image(images, training))
 
     def call(self, inputs, training=False):
         out = {"query": self.embed_queries(inputs["source_image"], inputs["text"], training)}
@@ -117,7 +136,7 @@ class ComposedRetrievalModel(keras.Model):
             nonlocal x
             if name == point:
                 if delta is not None:
-                    h = h + delta
+                    h = h + tf.cast(delta, h.dtype)  # (delta is float32; h may be 16-bit)
                 if tape is not None:
                     tape.watch(h)
                 x = h
@@ -131,7 +150,7 @@ class ComposedRetrievalModel(keras.Model):
 
     def _main_loss(self, f_comp, f_target, target, features, batch, training, terms):
         """L_CE + eta * L_S (+ the composer's own terms), recording each in `terms`."""
-        query = self.normalization(f_comp)
+        query = self.normalize(f_comp)
         main = L.retrieval_loss(self.retrieval_loss)(query, target)
         terms["retrieval_loss"] = main
         if self.eta > 0:
@@ -148,22 +167,37 @@ class ComposedRetrievalModel(keras.Model):
                 main = main + value
         return main
 
-    def compute_loss_terms(self, batch, training=True):
+    def loss_scale(self):
+        """The LossScaleOptimizer's current scale (float32 scalar), or None without loss scaling."""
+        opt = getattr(self, "optimizer", None)
+        if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+            return tf.convert_to_tensor(opt.dynamic_scale if opt.built else opt.initial_scale, tf.float32)
+        return None
+
+    def compute_loss_terms(self, batch, training=True, loss_scale=None):
         """Every loss term of the batch (each divided by the GLOBAL batch); terms["loss"] is the
         differentiable total. In training, the active GA methods act through their hooks
         (keras_irtf.model.gradient_augmentation.GAMethod): `main_loss`, then `loss_terms`; the
-        gradient hooks run in train_step."""
+        gradient hooks run in train_step.
+
+        loss_scale: under mixed_float16 (train_step passes the optimizer's), dL/dx is taken of
+        the SCALED loss, so that small 16-bit gradients do not underflow, then cast to float32
+        and divided by the scale before any GA method sees it: the penalty does not depend on
+        the scale."""
         ga = self.gradient_augmentation
         terms = {}
         f_target = self.encode_image(batch["target_image"], training)
-        target = self.normalization(f_target)
+        target = self.normalize(f_target)
         grad_x = None
         if ga.needs_input_gradient and training:
             # inner tape: dL/dx (recorded by the caller's outer tape -> double backprop)
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 f_comp, x, feats = self._query_branch(batch, training, tape=inner)
                 main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
-            grad_x = inner.gradient(main, x)
+                scaled = main if loss_scale is None else main * loss_scale
+            grad_x = tf.cast(inner.gradient(scaled, x), tf.float32)
+            if loss_scale is not None:
+                grad_x = grad_x / loss_scale
         else:
             f_comp, _, feats = self._query_branch(batch, training)
             main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
@@ -187,14 +221,32 @@ class ComposedRetrievalModel(keras.Model):
     def train_step(self, data):
         batch = data[0] if isinstance(data, (tuple, list)) else data
         variables = self.trainable_variables
+        scale = self.loss_scale()  # None unless mixed_float16 (LossScaleOptimizer)
         with tf.GradientTape() as tape:
-            terms = self.compute_loss_terms(batch, training=True)
-        grads = tape.gradient(terms["loss"], variables)
+            terms = self.compute_loss_terms(batch, training=True, loss_scale=scale)
+            loss = terms["loss"] if scale is None else terms["loss"] * scale
+        grads = tape.gradient(loss, variables)
+        if scale is not None:
+            # unscale here, so that the gradient hooks (the isotropic noise) act on the true
+            # gradients: the noise must not be multiplied by the loss scale
+            finite = self.optimizer.check_finite(grads)
+            grads = [None if g is None else g / scale for g in grads]
         for method in self.gradient_augmentation.active:
             grads, logged = method.transform_gradients(grads, variables)
             for name, value in logged.items():  # e.g. L_GA^I = sum_v noise_v . v
                 terms[name] = value
                 terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
+        if scale is not None:
+            # the LossScaleOptimizer divides by its scale, skips the update when a gradient is not
+            # finite and adapts the scale: hand it scaled gradients again (the scale is a power of
+            # two, so g * s / s is exactly g and the noise reaches the variables unscaled)
+            grads = [None if g is None else g * scale for g in grads]
+            replicas, _ = L.replica_info()
+            skipped = 1.0 - tf.cast(finite, tf.float32)
+            ctx = tf.distribute.get_replica_context()
+            if replicas > 1:  # the optimizer skips when any replica overflowed
+                skipped = tf.minimum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, skipped), 1.0)
+            terms["skipped_steps"] = skipped
         self.optimizer.apply(grads, variables)
         return self._record(terms)
 
@@ -206,7 +258,10 @@ class ComposedRetrievalModel(keras.Model):
         # terms are per-replica shares of a global mean; the trackers average over replicas
         replicas, _ = L.replica_info()
         for name, tracker in self._trackers.items():
-            if name in terms:
+            if name == "skipped_steps":
+                if name in terms:  # a count, equal on every replica; the tracker sums the replicas
+                    tracker.update_state(terms[name] / replicas)
+            elif name in terms:
                 tracker.update_state(tf.cast(terms[name], tf.float32) * replicas)
         return {name: t.result() for name, t in self._trackers.items()}
 
@@ -237,6 +292,7 @@ class ComposedRetrievalModel(keras.Model):
             similarity_reduction=self.similarity_reduction,
             image_size=self.image_size,
             max_text_length=self.max_text_length,
+            precision=self.precision,
         )
         return config
 
@@ -244,6 +300,9 @@ class ComposedRetrievalModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         de = keras.saving.deserialize_keras_object
-        for key in ("image_encoder", "text_encoder", "composer", "normalization", "gradient_augmentation"):
-            config[key] = de(config[key])
+        # the parts' sub-layers take the global policy when they are created: rebuild them under
+        # the run's (the normalisation and GA store their own float32 policy)
+        with P.policy_scope(config.get("precision", "float32")):
+            for key in ("image_encoder", "text_encoder", "composer", "normalization", "gradient_augmentation"):
+                config[key] = de(config[key])
         return cls(**config)
