@@ -227,9 +227,12 @@ class ComposedRetrievalModel(keras.Model):
             loss = terms["loss"] if scale is None else terms["loss"] * scale
         grads = tape.gradient(loss, variables)
         if scale is not None:
+            # a step is skipped when its scaled gradients are not finite, or its scaled loss: an
+            # overflow in GA^A's inner (scaled) gradient leaves dL/dx and so the penalty undefined
+            # even where the outer gradients happen to stay finite
+            finite = tf.logical_and(self.optimizer.check_finite(grads), tf.reduce_all(tf.math.is_finite(loss)))
             # unscale here, so that the gradient hooks (the isotropic noise) act on the true
             # gradients: the noise must not be multiplied by the loss scale
-            finite = self.optimizer.check_finite(grads)
             grads = [None if g is None else g / scale for g in grads]
         for method in self.gradient_augmentation.active:
             grads, logged = method.transform_gradients(grads, variables)
@@ -239,8 +242,10 @@ class ComposedRetrievalModel(keras.Model):
         if scale is not None:
             # the LossScaleOptimizer divides by its scale, skips the update when a gradient is not
             # finite and adapts the scale: hand it scaled gradients again (the scale is a power of
-            # two, so g * s / s is exactly g and the noise reaches the variables unscaled)
-            grads = [None if g is None else g * scale for g in grads]
+            # two, so g * s / s is exactly g and the noise reaches the variables unscaled); a step to
+            # skip gets NaN gradients, so that the optimizer skips it as it skips an overflow
+            nan = tf.constant(float("nan"), tf.float32)
+            grads = [None if g is None else tf.where(finite, g * scale, tf.cast(nan, g.dtype)) for g in grads]
             replicas, _ = L.replica_info()
             skipped = 1.0 - tf.cast(finite, tf.float32)
             ctx = tf.distribute.get_replica_context()
@@ -257,12 +262,24 @@ class ComposedRetrievalModel(keras.Model):
     def _record(self, terms):
         # terms are per-replica shares of a global mean; the trackers average over replicas
         replicas, _ = L.replica_info()
+        weight = None
+        if "skipped_steps" in terms:
+            # the logged terms average the APPLIED steps: a step skipped for an overflow of the
+            # scaled gradients (its GA^A penalty may be NaN) is only counted, so that
+            # StopOnNonFiniteLoss does not take it for a divergence; a non-finite unscaled
+            # retrieval loss is a real divergence and is recorded as it is
+            diverged = tf.logical_not(tf.reduce_all(tf.math.is_finite(terms["retrieval_loss"])))
+            weight = tf.where(tf.logical_or(terms["skipped_steps"] < 0.5, diverged), 1.0, 0.0)
         for name, tracker in self._trackers.items():
-            if name == "skipped_steps":
-                if name in terms:  # a count, equal on every replica; the tracker sums the replicas
-                    tracker.update_state(terms[name] / replicas)
-            elif name in terms:
+            if name not in terms:
+                continue
+            if name == "skipped_steps":  # a count, equal on every replica; the tracker sums the replicas
+                tracker.update_state(terms[name] / replicas)
+            elif weight is None:
                 tracker.update_state(tf.cast(terms[name], tf.float32) * replicas)
+            else:
+                value = tf.cast(terms[name], tf.float32) * replicas
+                tracker.update_state(tf.where(weight > 0, value, 0.0), sample_weight=weight)
         return {name: t.result() for name, t in self._trackers.items()}
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
