@@ -277,3 +277,35 @@ def test_two_replicas_train_under_the_policy(precision, css_smoke_root):
     assert r["max_weight_diff"] < 0.5 * r["buggy_weight_diff"], r  # the replica bug stays visible
     if precision == "mixed_float16":
         assert single["skipped_steps"] == mirrored["skipped_steps"] < 3
+
+
+@pytest.fixture(scope="module")
+def tiny_hub_bert(tmp_path_factory, css_smoke):
+    from keras_irtf.data.text_cache import texts_of_run
+    from keras_irtf.testing.tiny_bert import make_tiny_hub_bert
+
+    return make_tiny_hub_bert(tmp_path_factory.mktemp("hub_bert"), texts_of_run(css_smoke), hidden_size=24)
+
+
+@pytest.mark.parametrize("precision", ("mixed_bfloat16", "mixed_float16"))
+def test_frozen_bert_text_cache_under_the_policy(precision, css_smoke, tiny_hub_bert):
+    """A frozen BERT encoder read through the text-embedding cache: the cache is filled once
+    (float32 rows), training with GA^A + GA^I reads it under the policy."""
+    from keras_irtf.data.pipeline import training_dataset
+    from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
+
+    pre, enc = tiny_hub_bert
+    cfg = tiny_config(None, "model.text_encoder=bert_hub", f"model.text_encoder.preprocess={pre}",
+                      f"model.text_encoder.encoder={enc}", "model.text_encoder.dim=24",
+                      "model.text_encoder.seq_length=32", f"train.precision={precision}", *GA[:2],
+                      "train.batch_size=8")
+    model = build_model(cfg, 0)
+    vectorizer = prepare_text_input(model.text_encoder, texts_of_run(css_smoke), True)
+    model.compile(optimizer=make_optimizer(cfg, model))
+    runs = model.text_encoder.encoder_runs
+    ds = training_dataset(css_smoke, vectorizer, 8, 3, 0, cfg.data.image_size)
+    history = model.fit(ds, epochs=1, steps_per_epoch=3, verbose=0)
+    assert model.text_encoder.encoder_runs == runs  # training read the cache, never ran BERT
+    assert all(np.isfinite(v[-1]) for v in history.history.values()), history.history
+    assert model.text_encoder.cache.table.dtype == tf.float32
+    assert model.composer.dtype_policy.name == precision
