@@ -35,8 +35,6 @@ import contextlib
 import keras
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-# the float32 parts above, by the name the model gives them
-FLOAT32_LAYERS = ("normalization", "gradient_augmentation")
 
 
 def check_precision(precision: str) -> str:
@@ -68,8 +66,3 @@ def wrap_optimizer(optimizer, precision: str):
     if uses_loss_scaling(precision) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def inner_optimizer(optimizer):
-    """The optimizer that updates the variables (the LossScaleOptimizer's inner one)."""
-    return getattr(optimizer, "inner_optimizer", optimizer)

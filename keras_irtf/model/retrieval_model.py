@@ -14,7 +14,8 @@ in the policy; the features are cast to float32 before the normalisation, so the
 logits and every loss are float32. Under "mixed_float16" the optimizer is a LossScaleOptimizer
 and train_step differentiates the SCALED loss (the inner tape of GA^A too), unscales the
 gradients before the isotropic noise is added, and counts the steps the optimizer skips because
-the scaled gradients were not finite ("skipped_steps"); the logged losses are unscaled.
+the scaled gradients were not finite ("skipped_steps"); the logged losses are unscaled and
+average the applied steps.
 """
 
 from __future__ import annotations
