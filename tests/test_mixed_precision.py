@@ -255,9 +255,11 @@ def test_evaluation_embeddings_are_float32_and_recorded(css_smoke_root, tmp_path
 @pytest.mark.parametrize("precision", ("mixed_bfloat16", "mixed_float16"))
 def test_two_replicas_train_under_the_policy(precision, css_smoke_root):
     """TIRG with GA^A + GA^I + L_S under MirroredStrategy on 2 logical CPUs and the policy
-    (tests/distributed_model_check.py in its own process): the same weights as one device, to
-    a tenth of a step's movement (16-bit rounding differs a little with the split batch), the
-    same logged terms, and under mixed_float16 the same skipped steps."""
+    (tests/distributed_model_check.py in its own process): after three steps the same weights as
+    one device, to a quarter of the weights' movement and of the distance the replica bug of the
+    negative control puts between them (16-bit rounding differs with the split batch: measured
+    under bfloat16, 8 mantissa bits, 0.0086 against a movement of 0.063 and the control's 0.12),
+    the same logged terms, and under mixed_float16 the same skipped steps."""
     import json
     import os
     import subprocess
@@ -273,8 +275,8 @@ def test_two_replicas_train_under_the_policy(precision, css_smoke_root):
     single, mirrored = r["single_logs"], r["mirrored_logs"]
     assert r["replicas"] == 2 and r["moved"] > 1e-3, r
     assert set(single) == set(mirrored) and all(np.isfinite(v) for v in [*single.values(), *mirrored.values()])
-    assert r["max_weight_diff"] < 0.1 * r["moved"], r
-    assert r["max_weight_diff"] < 0.5 * r["buggy_weight_diff"], r  # the replica bug stays visible
+    assert r["max_weight_diff"] < 0.25 * r["moved"], r
+    assert r["max_weight_diff"] < 0.25 * r["buggy_weight_diff"], r  # the replica bug stays visible
     if precision == "mixed_float16":
         assert single["skipped_steps"] == mirrored["skipped_steps"] < 3
 
