@@ -216,9 +216,9 @@ class _AutoencoderComposer(Composer):
         """Unweighted (L_rec_img, L_rec_text): per-example mean squared error over the feature,
         averaged over the GLOBAL batch (= torch's mse_loss on one device)."""
         from keras_irtf.model.losses import average_over_global_batch
+        from keras_irtf.model.precision import at_least_float32 as f32  # float32 losses under a mixed policy
 
         rec_img, rec_text = self.decode(theta, training=training)
-        f32 = lambda t: ops.cast(t, "float32")  # losses in float32 under a mixed precision policy
         l_img = average_over_global_batch(ops.mean(ops.square(f32(rec_img) - f32(f_img)), axis=-1))
         l_text = average_over_global_batch(ops.mean(ops.square(f32(rec_text) - f32(f_text)), axis=-1))
         return l_img, l_text

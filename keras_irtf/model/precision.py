@@ -61,6 +61,15 @@ def policy_scope(precision: str):
         keras.config.set_dtype_policy(previous)
 
 
+def at_least_float32(x):
+    """A 16-bit float tensor cast to float32; float32 and float64 tensors as they are (the
+    finite-difference tests run whole models in float64)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
+
+
 def wrap_optimizer(optimizer, precision: str):
     """`optimizer` wrapped in Keras' LossScaleOptimizer when the precision needs loss scaling."""
     if uses_loss_scaling(precision) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):

@@ -101,7 +101,7 @@ class ComposedRetrievalModel(keras.Model):
     def normalize(self, features):
         """The scaled L2 normalisation, in float32 whatever the precision policy (a float32 norm
         and scale; the embeddings, logits and losses downstream are float32)."""
-        return self.normalization(tf.cast(features, tf.float32))
+        return self.normalization(P.at_least_float32(features))
 
     def embed_queries(self, images, tokens, training=False):
         """Normalised query embeddings of (source image, text), float32."""
@@ -196,9 +196,9 @@ class ComposedRetrievalModel(keras.Model):
                 f_comp, x, feats = self._query_branch(batch, training, tape=inner)
                 main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
                 scaled = main if loss_scale is None else main * loss_scale
-            grad_x = tf.cast(inner.gradient(scaled, x), tf.float32)
+            grad_x = P.at_least_float32(inner.gradient(scaled, x))
             if loss_scale is not None:
-                grad_x = grad_x / loss_scale
+                grad_x = grad_x / tf.cast(loss_scale, grad_x.dtype)
         else:
             f_comp, _, feats = self._query_branch(batch, training)
             main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
