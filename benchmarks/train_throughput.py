@@ -236,6 +236,7 @@ def run_precision_case(case, ga, precisions, args, tmp):
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"[{NAME}]   not measured: exit {proc.returncode}: {tail[0][:300]}", flush=True)
         return {"case": case, "ga": ga, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
     r = json.loads(lines[-1])
     base = r["policies"].get("float32")

@@ -87,7 +87,7 @@ def test_smoke_training_with_ga_and_ls(precision, css_smoke, smoke_vectorizer):
 @pytest.mark.parametrize("precision", ("mixed_bfloat16", "mixed_float16"))
 @pytest.mark.parametrize("extra", [("ga.methods=fgsm,l1",), ("ga.methods=l2",),
                                    ("model.composer=composeae", "model.composer.composeae.dropout=0.0"),
-                                   ("ga.point=image_feature",)])
+                                   ("ga.point=image_feature",), ("model.image_encoder=resnet18", "data.image_size=32")])
 def test_other_methods_and_composeae(precision, extra, css_smoke, smoke_vectorizer):
     cfg = _cfg(precision, *extra)
     model = build_model(cfg, smoke_vectorizer.vocab_size)
@@ -98,6 +98,10 @@ def test_other_methods_and_composeae(precision, extra, css_smoke, smoke_vectoriz
     assert names <= set(logs), (names, logs)
     if "composeae" in extra[0]:
         assert {"reconstruction_image_loss", "rotational_symmetry_loss"} <= set(logs)
+    # every sub-layer in the policy, those created in build() too (ResNet's shortcut, ComposeAE's
+    # text decoder)
+    for part in (model.image_encoder, model.text_encoder, model.composer):
+        assert {layer.dtype_policy.name for layer in _layers(part)} == {precision}, part.name
 
 
 def _twin(cfg_a, model_a, cfg_b, vocab):

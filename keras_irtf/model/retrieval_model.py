@@ -56,7 +56,10 @@ class ComposedRetrievalModel(keras.Model):
         self.image_size = image_size
         self.max_text_length = max_text_length
         if image_size and max_text_length:
-            self.build(self.input_shapes())
+            # under the run's policy: parts that create sub-layers in build() (ResNet's shortcut,
+            # ComposeAE's text decoder) give them the global policy of that moment
+            with P.policy_scope(self.precision):
+                self.build(self.input_shapes())
 
     def input_shapes(self):
         s, n = int(self.image_size), int(self.max_text_length)
