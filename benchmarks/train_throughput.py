@@ -363,6 +363,14 @@ def main(argv=None):
                        + (f", {on['examples_per_s']:.1f} with XLA ({speed})" if "examples_per_s" in on else f" ({speed})")
                        + f"; {100 * off['pipeline_wait_share']:.0f}% of step time waiting on input")
     params = {case: r.get("params") for (case, _), r in results.items() if r.get("params")}
+    if results:
+        intro = (f"Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, plain cross-entropy over the\n"
+                 f"batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). Parameters:\n"
+                 f"{', '.join(f'{c} {n:,}' for c, n in params.items()) or 'n/a'}. Timed steps: {args.steps_small} "
+                 f"(small CNN),\n{args.steps_resnet} (ResNet-18), after {args.warmup} warm-up steps.")
+    else:
+        intro = (f"Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, cross-entropy over the batch\n"
+                 f"(+ GA where the GA column says so).")
     main_md = (f"{chr(10).join(rows)}\n\n{chr(10).join(ratio_rows)}\n" if results else
                "(--skip-main: the XLA and input-pipeline tables were not measured in this run)\n")
     precision_md = ""
@@ -370,7 +378,8 @@ def main(argv=None):
         precision_md = f"""
 ## Mixed precision and gradient augmentation
 
-`train.precision` policies, batch held in memory (compute only), no XLA. For each configuration and
+`train.precision` policies, one batch held in memory (compute only: the ResNet-18 224x224 rows
+too, without the JPEG pipeline of the table above), no XLA. For each configuration and
 GA setting one process holds a model per policy and alternates {args.precision_rounds} timing rounds
 over them ({'/'.join(str(args.steps_for[c]) for c in cases)} timed steps per policy for
 {'/'.join(cases)}, after {args.warmup} warm-up steps), so "vs float32" compares steps/s measured
@@ -391,10 +400,7 @@ not cheaper).
 
 Command: `{C.command_line()}`
 
-Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, plain cross-entropy over the
-batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). Parameters:
-{', '.join(f'{c} {n:,}' for c, n in params.items()) or 'n/a'}. Timed steps: {args.steps_small} (small CNN),
-{args.steps_resnet} (ResNet-18), after {args.warmup} warm-up steps.
+{intro}
 
 ## Results
 
