@@ -27,10 +27,8 @@ def _batch(css_smoke, smoke_vectorizer, cfg, n=8):
 
 
 def _layers(layer):
-    out = [layer]
-    for sub in layer._flatten_layers(include_self=False, recursive=True):
-        out.append(sub)
-    return out
+    """The layer and every sub-layer under it."""
+    return [layer, *layer._flatten_layers(include_self=False, recursive=True)]
 
 
 def test_precision_is_a_validated_config_key():
@@ -104,10 +102,11 @@ def test_other_methods_and_composeae(precision, extra, css_smoke, smoke_vectoriz
         assert {layer.dtype_policy.name for layer in _layers(part)} == {precision}, part.name
 
 
-def _twin(cfg_a, model_a, cfg_b, vocab):
-    model_b = build_model(cfg_b, vocab)
-    model_b.set_weights(model_a.get_weights())
-    return model_b
+def _twin(model, cfg, vocab):
+    """The model of `cfg` with `model`'s weights."""
+    twin = build_model(cfg, vocab)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def test_adversarial_penalty_does_not_depend_on_the_loss_scale(css_smoke, smoke_vectorizer):
@@ -122,7 +121,7 @@ def test_adversarial_penalty_does_not_depend_on_the_loss_scale(css_smoke, smoke_
     assert got32 == pytest.approx(want, rel=1e-5)
 
     half_cfg = _cfg("mixed_float16", "ga.methods=adversarial")
-    half = _twin(ref_cfg, ref, half_cfg, smoke_vectorizer.vocab_size)
+    half = _twin(ref, half_cfg, smoke_vectorizer.vocab_size)
     values = {s: float(half.compute_loss_terms(batch, training=True, loss_scale=tf.constant(s))["ga_adversarial"])
               for s in (2.0**4, 2.0**10, 2.0**15)}
     assert want > 0
