@@ -3,9 +3,14 @@
 
     python benchmarks/train_throughput.py            # both models, 20 / 4 timed steps
     python benchmarks/train_throughput.py --quick    # fewer steps
+    python benchmarks/train_throughput.py --skip-main --precisions float32,mixed_bfloat16 \
+        --ga none,adversarial+isotropic --cases small_cnn_64,resnet18_64,resnet18_224
+                                                     # the mixed-precision table only
+    (mixed_float16 is accepted too, but on a CPU it ran at 0.02x float32: time it on GPUs.)
 
-Two configurations, batch 32, TIRG composer with the LSTM text encoder, SGD with momentum:
+Configurations (--cases), batch 32, TIRG composer with the LSTM text encoder, SGD with momentum:
 - small CNN at 64x64 on the built-in CSS set (images held in memory, as the CSS loader does);
+- ResNet-18 at 64x64 on the same in-memory images (for the precision table; not a default case);
 - ResNet-18 at 224x224 (TIRG's encoder for MIT-States and Fashion200k) fed by the file pipeline
   those datasets use: JPEG files on disk decoded and resized to 224 inside tf.data (the CSS
   scenes are written as 300x300 JPEGs for this).
@@ -19,12 +24,19 @@ For each configuration and for jit_compile off / on (XLA), in a fresh subprocess
 - the pipeline alone (iterating the tf.data pipeline without training), in batches per second.
 Step times are measured between the ends of consecutive steps after warm-up steps (graph tracing
 and XLA compilation are not timed); real-pipeline and in-memory timings alternate in rounds.
+
+Precision (--precisions) and GA (--ga: "none", or methods joined by "+") dimensions: for each
+configuration and GA setting ONE subprocess builds a model per train.precision policy (the
+assembler gives each its own policy; nothing global) and alternates in-memory timing rounds over
+them, so that the steps/s ratio to float32 is measured under the same load. No XLA; the input
+pipeline does not depend on the precision. --skip-main leaves out the table above (XLA, pipeline).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,6 +54,12 @@ CASES = {
     "small_cnn_64": dict(
         label="small CNN, 64x64, CSS (in-memory images)",
         overrides=["model.image_encoder=small_cnn", "data.image_size=64"],
+        files=False,
+    ),
+    "resnet18_64": dict(
+        label="ResNet-18, 64x64, CSS (in-memory images)",
+        overrides=["model.image_encoder=resnet18", "data.image_size=64", "model.text_encoder.word_embed_dim=512",
+                   "model.text_encoder.hidden_dim=512"],
         files=False,
     ),
     "resnet18_224": dict(
@@ -150,6 +168,105 @@ def worker(args):
     print(json.dumps(result))
 
 
+def precision_worker(args):
+    """One configuration and GA setting, a model per precision policy, timed in alternating
+    rounds on one batch held in memory."""
+    C.quiet_tensorflow()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_irtf.config import load_config, repo_configs_dir
+    from keras_irtf.data.css import CSSDataset
+    from keras_irtf.data.css_generator import generate
+    from keras_irtf.experiment import Experiment
+
+    case = CASES[args.worker]
+    tmp = Path(args.tmp)
+    root = tmp / "css"
+    if not root.exists():
+        generate(root, size="smoke", seed=0, verbose=False)
+    ga = "none" if args.ga_methods == "none" else args.ga_methods.replace("+", ",")
+    dataset = None
+    models, batch = {}, None
+    for precision in args.precision_set.split(","):
+        cfg = load_config([repo_configs_dir() / "css.yaml"],
+                          case["overrides"] + [f"data.root={root}", f"train.batch_size={BATCH}",
+                                               f"train.precision={precision}", f"ga.methods={ga}"])
+        keras.utils.set_random_seed(0)
+        if dataset is None:
+            dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)
+        exp = Experiment(cfg, dataset=dataset, verbose=False)
+        models[precision] = exp.create_model()
+        if batch is None:
+            batch = exp.sample_batch()
+    memory = tf.data.Dataset.from_tensors(batch).repeat()
+
+    def step_intervals(model, steps):
+        timer = StepTimer()
+        model.fit(memory, epochs=1, steps_per_epoch=steps + 1, verbose=0, callbacks=[timer])
+        return list(np.diff(timer.ends))
+
+    for model in models.values():  # warm-up: tracing, not timed
+        step_intervals(model, args.warmup)
+    times = {p: [] for p in models}
+    loads = []
+    rounds = max(1, min(args.rounds, args.steps))
+    for r in range(rounds):
+        n = args.steps // rounds + (1 if r < args.steps % rounds else 0)
+        for p, model in models.items():
+            times[p] += step_intervals(model, n)
+        loads.append(os.getloadavg()[0])
+    result = {"case": args.worker, "ga": args.ga_methods, "timed_steps": args.steps, "rounds": rounds,
+              "load_average": [round(x, 2) for x in loads], "policies": {}}
+    for p, ts in times.items():
+        skipped = models[p].get_metrics_result().get("skipped_steps")
+        result["policies"][p] = {"step_s_memory": float(np.mean(ts)), "examples_per_s_memory": BATCH / float(np.mean(ts)),
+                                 "skipped_steps_last_round": None if skipped is None else float(skipped)}
+    print(json.dumps(result))
+
+
+def run_precision_case(case, ga, precisions, args, tmp):
+    steps = args.steps_for[case]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--precision-set", ",".join(precisions),
+           "--ga-methods", ga, "--steps", str(steps), "--warmup", str(args.warmup),
+           "--rounds", str(args.precision_rounds), "--tmp", tmp]
+    print(f"[{NAME}] {case}, GA {ga}, {'/'.join(precisions)}: {steps} timed steps each in "
+          f"{args.precision_rounds} alternating rounds ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"[{NAME}]   not measured: exit {proc.returncode}: {tail[0][:300]}", flush=True)
+        return {"case": case, "ga": ga, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    r = json.loads(lines[-1])
+    base = r["policies"].get("float32")
+    for p, v in r["policies"].items():
+        ratio = f", {v['examples_per_s_memory'] / base['examples_per_s_memory']:.2f}x float32" if base else ""
+        print(f"[{NAME}]   {p}: {v['examples_per_s_memory']:.1f} examples/s{ratio}", flush=True)
+    print(f"[{NAME}]   load average {r['load_average']}", flush=True)
+    return r
+
+
+def _precision_rows(results, cases, gas, precisions):
+    rows = ["| configuration | GA | precision | examples/s (batch in memory) | step (s) | vs float32 | load average (per round) |",
+            "|---|---|---|---|---|---|---|"]
+    for case in cases:
+        for ga in gas:
+            r = results.get((case, ga), {})
+            label = CASES[case]["label"]
+            if "error" in r:
+                rows.append(f"| {label} | {ga} | all | not measured: {r['error']} | | | |")
+                continue
+            base = r["policies"].get("float32")
+            for p in precisions:
+                v = r["policies"][p]
+                ratio = f"{v['examples_per_s_memory'] / base['examples_per_s_memory']:.2f}x" if base else "n/a"
+                rows.append(f"| {label} | {ga} | {p} | {v['examples_per_s_memory']:.1f} | {v['step_s_memory']:.3f} | "
+                            f"{ratio} | {', '.join(str(x) for x in r['load_average'])} |")
+    return rows
+
+
 def run_case(case, xla, args, tmp):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--xla", str(xla),
            "--steps", str(args.steps_for[case]), "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--tmp", tmp]
@@ -171,33 +288,56 @@ def run_case(case, xla, args, tmp):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer timed steps (8 small CNN, 2 ResNet-18)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {list(CASES)}")
+    p.add_argument("--cases", default="small_cnn_64,resnet18_224", help=f"comma-separated subset of {list(CASES)}")
     p.add_argument("--steps-small", type=int, default=20)
     p.add_argument("--steps-resnet", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternations of real-pipeline and in-memory timing")
     p.add_argument("--no-xla", action="store_true", help="skip the jit_compile=True runs")
+    p.add_argument("--precisions", default="float32",
+                   help="comma-separated train.precision policies for the precision table (float32 first)")
+    p.add_argument("--ga", default="none", help="comma-separated GA settings for the precision table: none, or "
+                                                "methods joined by + (adversarial+isotropic)")
+    p.add_argument("--precision-rounds", type=int, default=2, help="alternations over the policies")
+    p.add_argument("--skip-main", action="store_true", help="only the precision table (no XLA / pipeline table)")
     p.add_argument("--out", help="report path (default docs/train_throughput.md)")
     p.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--xla", type=lambda s: s == "True", default=False, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--precision-set", help=argparse.SUPPRESS)
+    p.add_argument("--ga-methods", default="none", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker and args.precision_set:
+        return precision_worker(args)
     if args.worker:
         return worker(args)
     if args.quick:
         args.steps_small, args.steps_resnet = min(args.steps_small, 8), min(args.steps_resnet, 2)
-    args.steps_for = {"small_cnn_64": args.steps_small, "resnet18_224": args.steps_resnet}
+    args.steps_for = {"small_cnn_64": args.steps_small, "resnet18_64": args.steps_small,
+                      "resnet18_224": args.steps_resnet}
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    gas = [x.strip() for x in args.ga.split(",") if x.strip()]
+    known = ("float32", "mixed_bfloat16", "mixed_float16")  # train.precision's choices
+    if any(x not in known for x in precisions):
+        p.error(f"--precisions: expected a subset of {list(known)}")
+    if "float32" in precisions:
+        precisions = ["float32"] + [x for x in precisions if x != "float32"]
+    study = len(precisions) > 1 or gas != ["none"]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"--cases: unknown {unknown}; expected a subset of {list(CASES)}")
 
-    results = {}
+    results, study_results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            for xla in ([False] if args.no_xla else [False, True]):
-                results[(case, xla)] = run_case(case, xla, args, tmp)
+            if not args.skip_main and case != "resnet18_64":
+                for xla in ([False] if args.no_xla else [False, True]):
+                    results[(case, xla)] = run_case(case, xla, args, tmp)
+            if study:
+                for ga in gas:
+                    study_results[(case, ga)] = run_precision_case(case, ga, precisions, args, tmp)
 
     rows = ["| configuration | XLA | examples/s (real pipeline) | step (s) | examples/s (batch in memory) | "
             "step in memory (s) | waiting on input | pipeline alone (batches/s) |",
@@ -224,21 +364,48 @@ def main(argv=None):
                        + (f", {on['examples_per_s']:.1f} with XLA ({speed})" if "examples_per_s" in on else f" ({speed})")
                        + f"; {100 * off['pipeline_wait_share']:.0f}% of step time waiting on input")
     params = {case: r.get("params") for (case, _), r in results.items() if r.get("params")}
+    if results:
+        intro = (f"Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, plain cross-entropy over the\n"
+                 f"batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). Parameters:\n"
+                 f"{', '.join(f'{c} {n:,}' for c, n in params.items()) or 'n/a'}. Timed steps: {args.steps_small} "
+                 f"(small CNN),\n{args.steps_resnet} (ResNet-18), after {args.warmup} warm-up steps.")
+    else:
+        intro = (f"Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, cross-entropy over the batch\n"
+                 f"(+ GA where the GA column says so).")
+    main_md = (f"{chr(10).join(rows)}\n\n{chr(10).join(ratio_rows)}\n" if results else
+               "(--skip-main: the XLA and input-pipeline tables were not measured in this run)\n")
+    precision_md = ""
+    if study:
+        precision_md = f"""
+## Mixed precision and gradient augmentation
+
+`train.precision` policies, one batch held in memory (compute only: the ResNet-18 224x224 rows
+too, without the JPEG pipeline of the table above), no XLA. For each configuration and
+GA setting one process holds a model per policy and alternates {args.precision_rounds} timing rounds
+over them ({'/'.join(str(args.steps_for[c]) for c in cases)} timed steps per policy for
+{'/'.join(cases)}, after {args.warmup} warm-up steps), so "vs float32" compares steps/s measured
+under the same load; the 1-minute load average after each round is listed (the machine is shared:
+absolute figures move with it, the ratios much less). GA^A+GA^I: `ga.methods=adversarial,isotropic`
+with their defaults. mixed_float16 includes dynamic loss scaling (an overflowing step is skipped,
+not cheaper).
+
+{chr(10).join(_precision_rows(study_results, cases, gas, precisions))}
+"""
+        for (case, ga), r in study_results.items():
+            base = r.get("policies", {}).get("float32")
+            for p, v in r.get("policies", {}).items():
+                if base and p != "float32":
+                    summary.append(f"{case}, GA {ga}: {p} {v['examples_per_s_memory'] / base['examples_per_s_memory']:.2f}x "
+                                   f"float32 (load {r['load_average']})")
     body = f"""# Training throughput: TIRG steps on this CPU
 
 Command: `{C.command_line()}`
 
-Batch {BATCH}; TIRG composer, LSTM text encoder, SGD with momentum, plain cross-entropy over the
-batch (no gradient augmentation: benchmarks/ga_overhead.py measures its cost). Parameters:
-{', '.join(f'{c} {n:,}' for c, n in params.items()) or 'n/a'}. Timed steps: {args.steps_small} (small CNN),
-{args.steps_resnet} (ResNet-18), after {args.warmup} warm-up steps.
+{intro}
 
 ## Results
 
-{chr(10).join(rows)}
-
-{chr(10).join(ratio_rows)}
-
+{main_md}{precision_md}
 ## Method
 
 - Each configuration and XLA setting runs in a fresh subprocess (`model.fit`, `jit_compile` as

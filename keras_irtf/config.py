@@ -234,6 +234,9 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>][_<preset>]_s<seed>
     preset: Optional[str] = None  # the preset applied (tools/train.py --preset): part of the default run name
     jit_compile: bool = False
+    # float32 | mixed_bfloat16 | mixed_float16: the Keras dtype policy of the encoders and the
+    # composer (keras_irtf.model.precision); mixed_float16 trains with dynamic loss scaling
+    precision: str = "float32"
     backup_every_steps: int = 200
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
     strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
@@ -507,6 +510,7 @@ _CHOICES = {
     ("ga", "mode"): ("paper", "reference"),
     ("optim", "optimizer"): ("sgd", "adam"),
     ("train", "strategy"): ("auto", "one_device", "mirrored", "multi_worker"),
+    ("train", "precision"): ("float32", "mixed_bfloat16", "mixed_float16"),
     ("eval", "backend"): ("tf", "faiss", "auto"),
 }
 

@@ -129,9 +129,15 @@ class Experiment:
     # ---- model and optimizer -------------------------------------------------------------------
     def build_model(self, vocab_size: Optional[int] = None):
         """The ComposedRetrievalModel of the config, built (not compiled). `vocab_size`: the
-        token encoder's vocabulary (default: the vectoriser's)."""
+        token encoder's vocabulary (default: the vectoriser's).
+
+        train.precision is applied here and nowhere else: the encoders and the composer are
+        built under that Keras dtype policy (set and restored around building, so it does not
+        leak into other runs of the process); the normalisation and the GA layer are float32
+        (see keras_irtf.model.precision for every part kept in float32)."""
         from keras_irtf.layers.normalization import ScaledL2Normalization
         from keras_irtf.model.gradient_augmentation import GradientAugmentation
+        from keras_irtf.model.precision import policy_scope
         from keras_irtf.model.retrieval_model import ComposedRetrievalModel
 
         cfg, m = self.cfg, self.cfg.model
@@ -139,27 +145,33 @@ class Experiment:
             tokens = self.text_input_kind == "tokens" and self.vectorizer is not None
             vocab_size = self.vectorizer.vocab_size if tokens else 0
         context = {"vocab_size": int(vocab_size)}
-        image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
-        text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
-        composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
+        precision = cfg.train.precision
+        with policy_scope(precision):
+            image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
+            text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
+            composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
         ga = GradientAugmentation(
             methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
             settings={name: dataclasses.asdict(s) for name in cfg.ga_methods
                       if (s := cfg.ga.settings(name)) is not None},
-            name="gradient_augmentation",
+            name="gradient_augmentation", dtype="float32",
         )
         return ComposedRetrievalModel(
             image_encoder, text_encoder, composer,
-            normalization=ScaledL2Normalization(m.initial_scale, name="normalization"),
+            normalization=ScaledL2Normalization(m.initial_scale, name="normalization", dtype="float32"),
             gradient_augmentation=ga, retrieval_loss=cfg.loss.kind, eta=cfg.loss.eta,
             similarity_reduction=cfg.loss.similarity_reduction, image_size=self.preprocessor.size,
-            max_text_length=m.max_text_length, name=f"{m.method}_retrieval",
+            max_text_length=m.max_text_length, precision=precision, name=f"{m.method}_retrieval",
         )
 
     def make_optimizer(self, model=None):
         """The optimizer of `cfg.optim`; given the model, its pretrained layers (the encoders'
-        `pretrained_variables()`) train at `optim.backbone_lr_multiplier` times the rate."""
+        `pretrained_variables()`) train at `optim.backbone_lr_multiplier` times the rate.
+        Under train.precision=mixed_float16 it is wrapped in Keras' LossScaleOptimizer (dynamic
+        loss scaling; the model's train_step scales the loss)."""
         import keras
+
+        from keras_irtf.model.precision import wrap_optimizer
 
         o = self.cfg.optim
         lr = o.learning_rate
@@ -179,7 +191,7 @@ class Experiment:
             groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier)
             if groups:
                 optimizer = with_learning_rate_multipliers(optimizer, groups)
-        return optimizer
+        return wrap_optimizer(optimizer, self.cfg.train.precision)
 
     def compile(self, model):
         """Compile `model` with the configured optimizer (multipliers included) and build the

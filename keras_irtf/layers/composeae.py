@@ -216,10 +216,11 @@ class _AutoencoderComposer(Composer):
         """Unweighted (L_rec_img, L_rec_text): per-example mean squared error over the feature,
         averaged over the GLOBAL batch (= torch's mse_loss on one device)."""
         from keras_irtf.model.losses import average_over_global_batch
+        from keras_irtf.model.precision import at_least_float32 as f32  # float32 losses under a mixed policy
 
         rec_img, rec_text = self.decode(theta, training=training)
-        l_img = average_over_global_batch(ops.mean(ops.square(rec_img - f_img), axis=-1))
-        l_text = average_over_global_batch(ops.mean(ops.square(rec_text - f_text), axis=-1))
+        l_img = average_over_global_batch(ops.mean(ops.square(f32(rec_img) - f32(f_img)), axis=-1))
+        l_text = average_over_global_batch(ops.mean(ops.square(f32(rec_text) - f32(f_text)), axis=-1))
         return l_img, l_text
 
     def auxiliary_losses(self, model, batch, features, composed, target_features, query, target, training=False):
@@ -285,6 +286,9 @@ class ComposeAEComposer(_AutoencoderComposer):
         self.conv_mapping.build((b, d, 5))
         self._build_decoders(b, txt_shape[-1])
 
+    def call(self, inputs, training=False, conjugate=1.0):
+        return self.compose(inputs[0], inputs[1], conjugate=conjugate, training=training)
+
     def compose(self, f_img, f_text, conjugate=1.0, training=False):
         """theta for (image feature, text feature); conjugate = -1 rotates the other way."""
         concat, _, _, _, _ = self.projection_linear([f_img, f_text], conjugate=conjugate, training=training)
@@ -304,7 +308,9 @@ class ComposeAEComposer(_AutoencoderComposer):
         base loss."""
         from keras_irtf.model.losses import retrieval_loss
 
-        back = model.normalization(self.compose(target_features, f_text, conjugate=-1.0, training=training))
+        # through __call__ (not compose): under a mixed precision policy Keras casts the inputs
+        # and the variables to the compute dtype only there
+        back = model.normalization(self([target_features, f_text], conjugate=-1.0, training=training))
         return retrieval_loss(model.retrieval_loss)(back, model.normalization(source_features))
 
     def auxiliary_losses(self, model, batch, features, composed, target_features, query, target, training=False):

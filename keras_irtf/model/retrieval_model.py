@@ -8,6 +8,14 @@ computes the paper's total loss
 
 in one place (`compute_loss_terms`) so that `model.fit` from a user script and
 `tools/train.py` train the same way. Batches are dicts (see keras_irtf.data.pipeline).
+
+Mixed precision (`precision`, keras_irtf.model.precision): the encoders and the composer compute
+in the policy; the features are cast to float32 before the normalisation, so the embeddings, the
+logits and every loss are float32. Under "mixed_float16" the optimizer is a LossScaleOptimizer
+and train_step differentiates the SCALED loss (the inner tape of GA^A too), unscales the
+gradients before the isotropic noise is added, and counts the steps the optimizer skips because
+the scaled gradients were not finite ("skipped_steps"); the logged losses are unscaled and
+average the applied steps.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from keras_irtf.model import losses as L
+from keras_irtf.model import precision as P
 from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
 
@@ -24,8 +33,10 @@ from keras_irtf.layers.normalization import ScaledL2Normalization
 class ComposedRetrievalModel(keras.Model):
     def __init__(self, image_encoder, text_encoder, composer, normalization=None,
                  gradient_augmentation=None, retrieval_loss="batch_classification", eta=0.0,
-                 similarity_reduction="sum", image_size=None, max_text_length=None, **kwargs):
+                 similarity_reduction="sum", image_size=None, max_text_length=None, precision="float32",
+                 **kwargs):
         super().__init__(**kwargs)
+        self.precision = P.check_precision(precision)
         L.retrieval_loss(retrieval_loss)  # an unknown name fails here, listing the registered ones
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -36,12 +47,19 @@ class ComposedRetrievalModel(keras.Model):
         self.eta = float(eta)
         self.similarity_reduction = similarity_reduction
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self.loss_term_names()}
+        if P.uses_loss_scaling(self.precision):
+            # steps whose scaled gradients were not finite: the LossScaleOptimizer skipped them
+            # (and halved its scale); counted per epoch, not a divergence
+            self._trackers["skipped_steps"] = keras.metrics.Sum(name="skipped_steps")
         # Built here when the input sizes are known: Keras' own symbolic build in `fit` passes
         # no shapes for dict inputs and leaves sub-layers to be built inside the traced step.
         self.image_size = image_size
         self.max_text_length = max_text_length
         if image_size and max_text_length:
-            self.build(self.input_shapes())
+            # under the run's policy: parts that create sub-layers in build() (ResNet's shortcut,
+            # ComposeAE's text decoder) give them the global policy of that moment
+            with P.policy_scope(self.precision):
+                self.build(self.input_shapes())
 
     def input_shapes(self):
         s, n = int(self.image_size), int(self.max_text_length)
@@ -83,14 +101,19 @@ class ComposedRetrievalModel(keras.Model):
     def compose(self, image_features, text_features, training=False):
         return self.composer([image_features, text_features], training=training)
 
+    def normalize(self, features):
+        """The scaled L2 normalisation, in float32 whatever the precision policy (a float32 norm
+        and scale; the embeddings, logits and losses downstream are float32)."""
+        return self.normalization(P.at_least_float32(features))
+
     def embed_queries(self, images, tokens, training=False):
-        """Normalised query embeddings of (source image, text)."""
+        """Normalised query embeddings of (source image, text), float32."""
         f = self.compose(self.encode_image(images, training), self.encode_text(tokens, training), training)
-        return self.normalization(f)
+        return self.normalize(f)
 
     def embed_images(self, images, training=False):
-        """Normalised embeddings of gallery (target) images."""
-        return self.normalization(self.encode_image(images, training))
+        """Normalised embeddings of gallery (target) images, float32."""
+        return self.normalize(self.encode_image(images, training))
 
     def call(self, inputs, training=False):
         out = {"query": self.embed_queries(inputs["source_image"], inputs["text"], training)}
@@ -117,7 +140,7 @@ class ComposedRetrievalModel(keras.Model):
             nonlocal x
             if name == point:
                 if delta is not None:
-                    h = h + delta
+                    h = h + tf.cast(delta, h.dtype)  # (delta is float32; h may be 16-bit)
                 if tape is not None:
                     tape.watch(h)
                 x = h
@@ -131,7 +154,7 @@ class ComposedRetrievalModel(keras.Model):
 
     def _main_loss(self, f_comp, f_target, target, features, batch, training, terms):
         """L_CE + eta * L_S (+ the composer's own terms), recording each in `terms`."""
-        query = self.normalization(f_comp)
+        query = self.normalize(f_comp)
         main = L.retrieval_loss(self.retrieval_loss)(query, target)
         terms["retrieval_loss"] = main
         if self.eta > 0:
@@ -148,22 +171,37 @@ class ComposedRetrievalModel(keras.Model):
                 main = main + value
         return main
 
-    def compute_loss_terms(self, batch, training=True):
+    def loss_scale(self):
+        """The LossScaleOptimizer's current scale (float32 scalar), or None without loss scaling."""
+        opt = getattr(self, "optimizer", None)
+        if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+            return tf.convert_to_tensor(opt.dynamic_scale if opt.built else opt.initial_scale, tf.float32)
+        return None
+
+    def compute_loss_terms(self, batch, training=True, loss_scale=None):
         """Every loss term of the batch (each divided by the GLOBAL batch); terms["loss"] is the
         differentiable total. In training, the active GA methods act through their hooks
         (keras_irtf.model.gradient_augmentation.GAMethod): `main_loss`, then `loss_terms`; the
-        gradient hooks run in train_step."""
+        gradient hooks run in train_step.
+
+        loss_scale: under mixed_float16 (train_step passes the optimizer's), dL/dx is taken of
+        the SCALED loss, so that small 16-bit gradients do not underflow, then cast to float32
+        and divided by the scale before any GA method sees it: the penalty does not depend on
+        the scale."""
         ga = self.gradient_augmentation
         terms = {}
         f_target = self.encode_image(batch["target_image"], training)
-        target = self.normalization(f_target)
+        target = self.normalize(f_target)
         grad_x = None
         if ga.needs_input_gradient and training:
             # inner tape: dL/dx (recorded by the caller's outer tape -> double backprop)
             with tf.GradientTape(watch_accessed_variables=False) as inner:
                 f_comp, x, feats = self._query_branch(batch, training, tape=inner)
                 main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
-            grad_x = inner.gradient(main, x)
+                scaled = main if loss_scale is None else main * loss_scale
+            grad_x = P.at_least_float32(inner.gradient(scaled, x))
+            if loss_scale is not None:
+                grad_x = grad_x / tf.cast(loss_scale, grad_x.dtype)
         else:
             f_comp, _, feats = self._query_branch(batch, training)
             main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
@@ -187,14 +225,37 @@ class ComposedRetrievalModel(keras.Model):
     def train_step(self, data):
         batch = data[0] if isinstance(data, (tuple, list)) else data
         variables = self.trainable_variables
+        scale = self.loss_scale()  # None unless mixed_float16 (LossScaleOptimizer)
         with tf.GradientTape() as tape:
-            terms = self.compute_loss_terms(batch, training=True)
-        grads = tape.gradient(terms["loss"], variables)
+            terms = self.compute_loss_terms(batch, training=True, loss_scale=scale)
+            loss = terms["loss"] if scale is None else terms["loss"] * scale
+        grads = tape.gradient(loss, variables)
+        if scale is not None:
+            # a step is skipped when its scaled gradients are not finite, or its scaled loss: an
+            # overflow in GA^A's inner (scaled) gradient leaves dL/dx and so the penalty undefined
+            # even where the outer gradients happen to stay finite
+            finite = tf.logical_and(self.optimizer.check_finite(grads), tf.reduce_all(tf.math.is_finite(loss)))
+            # unscale here, so that the gradient hooks (the isotropic noise) act on the true
+            # gradients: the noise must not be multiplied by the loss scale
+            grads = [None if g is None else g / scale for g in grads]
         for method in self.gradient_augmentation.active:
             grads, logged = method.transform_gradients(grads, variables)
             for name, value in logged.items():  # e.g. L_GA^I = sum_v noise_v . v
                 terms[name] = value
                 terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
+        if scale is not None:
+            # the LossScaleOptimizer divides by its scale, skips the update when a gradient is not
+            # finite and adapts the scale: hand it scaled gradients again (the scale is a power of
+            # two, so g * s / s is exactly g and the noise reaches the variables unscaled); a step to
+            # skip gets NaN gradients, so that the optimizer skips it as it skips an overflow
+            nan = tf.constant(float("nan"), tf.float32)
+            grads = [None if g is None else tf.where(finite, g * scale, tf.cast(nan, g.dtype)) for g in grads]
+            replicas, _ = L.replica_info()
+            skipped = 1.0 - tf.cast(finite, tf.float32)
+            ctx = tf.distribute.get_replica_context()
+            if replicas > 1:  # the optimizer skips when any replica overflowed
+                skipped = tf.minimum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, skipped), 1.0)
+            terms["skipped_steps"] = skipped
         self.optimizer.apply(grads, variables)
         return self._record(terms)
 
@@ -205,9 +266,24 @@ class ComposedRetrievalModel(keras.Model):
     def _record(self, terms):
         # terms are per-replica shares of a global mean; the trackers average over replicas
         replicas, _ = L.replica_info()
+        weight = None
+        if "skipped_steps" in terms:
+            # the logged terms average the APPLIED steps: a step skipped for an overflow of the
+            # scaled gradients (its GA^A penalty may be NaN) is only counted, so that
+            # StopOnNonFiniteLoss does not take it for a divergence; a non-finite unscaled
+            # retrieval loss is a real divergence and is recorded as it is
+            diverged = tf.logical_not(tf.reduce_all(tf.math.is_finite(terms["retrieval_loss"])))
+            weight = tf.where(tf.logical_or(terms["skipped_steps"] < 0.5, diverged), 1.0, 0.0)
         for name, tracker in self._trackers.items():
-            if name in terms:
+            if name not in terms:
+                continue
+            if name == "skipped_steps":  # a count, equal on every replica; the tracker sums the replicas
+                tracker.update_state(terms[name] / replicas)
+            elif weight is None:
                 tracker.update_state(tf.cast(terms[name], tf.float32) * replicas)
+            else:
+                value = tf.cast(terms[name], tf.float32) * replicas
+                tracker.update_state(tf.where(weight > 0, value, 0.0), sample_weight=weight)
         return {name: t.result() for name, t in self._trackers.items()}
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
@@ -237,6 +313,7 @@ class ComposedRetrievalModel(keras.Model):
             similarity_reduction=self.similarity_reduction,
             image_size=self.image_size,
             max_text_length=self.max_text_length,
+            precision=self.precision,
         )
         return config
 
@@ -244,6 +321,9 @@ class ComposedRetrievalModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         de = keras.saving.deserialize_keras_object
-        for key in ("image_encoder", "text_encoder", "composer", "normalization", "gradient_augmentation"):
-            config[key] = de(config[key])
+        # the parts' sub-layers take the global policy when they are created: rebuild them under
+        # the run's (the normalisation and GA store their own float32 policy)
+        with P.policy_scope(config.get("precision", "float32")):
+            for key in ("image_encoder", "text_encoder", "composer", "normalization", "gradient_augmentation"):
+                config[key] = de(config[key])
         return cls(**config)

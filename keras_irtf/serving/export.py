@@ -217,15 +217,17 @@ def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
             message="image_bytes and text must have the same number of entries (one text per query image)",
         )
         with tf.control_dependencies([check]):
-            return empty_batch_guard(image_bytes, dim, lambda: model.embed_queries(
-                images_from_bytes(image_bytes, image_prep, max_pixels), text_prep.transform(text), training=False))
+            # float32 whatever the run's precision policy: the signatures do not change with it
+            return empty_batch_guard(image_bytes, dim, lambda: tf.cast(model.embed_queries(
+                images_from_bytes(image_bytes, image_prep, max_pixels), text_prep.transform(text), training=False),
+                tf.float32))
 
     def serving_default(image_bytes, text):
         return {"embedding": query_embedding(image_bytes, text)}
 
     def embed_image(image_bytes):
-        return {"embedding": empty_batch_guard(image_bytes, dim, lambda: model.embed_images(
-            images_from_bytes(image_bytes, image_prep, max_pixels), training=False))}
+        return {"embedding": empty_batch_guard(image_bytes, dim, lambda: tf.cast(model.embed_images(
+            images_from_bytes(image_bytes, image_prep, max_pixels), training=False), tf.float32))}
 
     archive.add_endpoint("serving_default", serving_default,
                          input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
@@ -379,6 +381,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         "image_size": image_prep.size,
         "max_pixels": max_pixels,  # images over this many pixels are refused before decoding (0 = no limit)
         "embedding_dim": int(cfg.model.embed_dim),
+        # the policy the encoders compute in; the endpoints return float32 embeddings whatever it is
+        "precision": getattr(model, "precision", "float32"),
         "endpoints": endpoints,
         "gallery": None if gallery is None else {"root": str(Path(gallery).resolve()), "size": len(gallery_paths)},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -121,6 +121,7 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         "resumed_from_step": start or None,
         "final_losses": {k: float(v[-1]) for k, v in (history.history if history else {}).items()},
         "seed": cfg.train.seed,
+        "precision": cfg.train.precision,
     }
     if hasattr(model.text_encoder, "encoder_runs"):  # frozen BERT: how often it really ran
         metrics["bert_encoder_runs"] = model.text_encoder.encoder_runs
