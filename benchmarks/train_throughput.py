@@ -332,7 +332,7 @@ def main(argv=None):
     results, study_results = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            if not args.skip_main and case != "resnet18_64":
+            if not args.skip_main:
                 for xla in ([False] if args.no_xla else [False, True]):
                     results[(case, xla)] = run_case(case, xla, args, tmp)
             if study:
