@@ -1,7 +1,7 @@
 """Distributed training fails fast instead of hanging (issue #15 item 12): devices that do not exist
 are refused with the list of those that do; a multi-worker collective that fails (timeout, lost
-peer) is reported with a clear, resumable message. (Not yet covered: a worker that never joins;
-see the note in README's "Safety and failure behaviour".)"""
+peer) is reported with a clear, resumable message; a worker whose peers never connect gives up
+after train.collective_timeout_seconds instead of waiting forever."""
 
 import os
 import subprocess
@@ -51,3 +51,20 @@ def test_collective_failure_message_is_clear_and_resumable(tmp_path):
     assert "train.collective_timeout_seconds=20.0" in message
     assert "the last backup is at step 12; restart every worker with the same command" in message
     assert collective_failure_message(ValueError("x"), 20.0, run) is None
+
+
+def test_a_worker_whose_peers_never_connect_gives_up(css_smoke_root, tmp_path):
+    """Worker 0 of a two-worker cluster started alone: creating the strategy waits for the other
+    worker outside any collective; the watchdog ends it after the timeout (faulthandler's exit
+    status 1), having said beforehand that it would."""
+    from keras_irtf.training.distribute import localhost_tf_configs
+
+    start = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", "css", "--preset", "smoke",
+                        "--data-root", str(css_smoke_root), "--out", str(tmp_path / "alone"), "--quiet",
+                        "--strategy", "multi_worker", "--set", "train.collective_timeout_seconds=15"],
+                       capture_output=True, text=True, timeout=240,
+                       env=_env(TF_CONFIG=localhost_tf_configs(2)[0]))
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "if they have not all connected within 15 s (train.collective_timeout_seconds)" in r.stderr
+    assert time.time() - start < 200

@@ -480,9 +480,9 @@ def main(argv=None):
         f"{passed} of {len(rows)} probes behave as expected ({time.time() - started:.0f} s on "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}).",
         "",
-        "Not probed: a multi-worker run where one worker never joins (the chief still waits in",
-        "TensorFlow's start-up; see README, 'Safety and failure behaviour'). Symlinks out of the dataset",
-        "root are covered by tests/test_hardening_files.py.",
+        "Not probed here: a multi-worker run where one worker never joins (it gives up after",
+        "train.collective_timeout_seconds; tests/test_distribute_failures.py). Symlinks out of the",
+        "dataset root are covered by tests/test_hardening_files.py.",
         "",
         "| input or fault | expected | observed | result |",
         "|---|---|---|---|",

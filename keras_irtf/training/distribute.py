@@ -137,7 +137,11 @@ def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=N
         patch_keras_multi_worker()
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=float(collective_timeout_seconds) if collective_timeout_seconds else None)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        # Creating the strategy waits for every worker of the cluster to connect, outside any
+        # collective (so the timeout above does not apply): a worker that never starts would
+        # leave this one waiting forever. A watchdog ends the process after the same timeout.
+        with _join_watchdog(collective_timeout_seconds):
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if name == "mirrored" or (name == "auto" and len(tf.config.list_physical_devices("GPU")) > 1):
         if parsed and parsed[0] == "cpu":
             names = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -150,6 +154,40 @@ def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=N
     if name in ("auto", "one_device"):
         return tf.distribute.get_strategy()
     raise ConfigError(f"train.strategy={name!r}: expected auto, one_device, mirrored or multi_worker")
+
+
+class _join_watchdog:
+    """End the process when the block it guards has not finished within `seconds`. The wait for
+    the cluster happens in C++ and holds the interpreter, so no Python thread or signal handler
+    can run meanwhile: the watchdog is faulthandler's C-level timer, which exits the process
+    (status 1) on its own. The message is printed before the wait, as it cannot be printed after.
+    None or 0: no watchdog."""
+
+    def __init__(self, seconds):
+        self.seconds = float(seconds or 0)
+        self.sink = None
+
+    def __enter__(self):
+        if self.seconds > 0:
+            import faulthandler
+            import sys
+
+            workers = tf_config().get("cluster", {}).get("worker", [])
+            print(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
+                  f"if they have not all connected within {self.seconds:.0f} s (train.collective_timeout_seconds) "
+                  f"this process stops: start the same command on every worker, each with its own task index",
+                  file=sys.stderr, flush=True)
+            self.sink = open(os.devnull, "w")  # the thread dump faulthandler writes on expiry
+            faulthandler.dump_traceback_later(self.seconds, exit=True, file=self.sink)
+        return self
+
+    def __exit__(self, *exc):
+        if self.sink is not None:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()
+            self.sink.close()
+        return False
 
 
 def check_batch(global_batch: int, strategy):
