@@ -103,25 +103,37 @@ class StepTimer:
         return _Timer()
 
 
+def _case_config(args):
+    """(CSS smoke root, generated once in the worker's temporary folder; a function of extra
+    overrides -> the case's config at batch BATCH): what both workers start from."""
+    from keras_irtf.config import load_config, repo_configs_dir
+    from keras_irtf.data.css_generator import generate
+
+    case = CASES[args.worker]
+    root = Path(args.tmp) / "css"
+    if not root.exists():
+        generate(root, size="smoke", seed=0, verbose=False)
+
+    def config_for(*extra):
+        return load_config([repo_configs_dir() / "css.yaml"],
+                           case["overrides"] + [f"data.root={root}", f"train.batch_size={BATCH}", *extra])
+
+    return root, config_for
+
+
 def worker(args):
     C.quiet_tensorflow()
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.data.css import CSSDataset
-    from keras_irtf.data.css_generator import generate
     from keras_irtf.experiment import Experiment
 
     case = CASES[args.worker]
     tmp = Path(args.tmp)
-    root = tmp / "css"
-    if not root.exists():
-        generate(root, size="smoke", seed=0, verbose=False)
-    cfg = load_config([repo_configs_dir() / "css.yaml"],
-                      case["overrides"] + [f"data.root={root}", f"train.batch_size={BATCH}",
-                                           f"train.jit_compile={args.xla}"])
+    root, config_for = _case_config(args)
+    cfg = config_for(f"train.jit_compile={args.xla}")
     keras.utils.set_random_seed(0)
     dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)
     if case["files"]:
@@ -176,23 +188,15 @@ def precision_worker(args):
     import numpy as np
     import tensorflow as tf
 
-    from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.data.css import CSSDataset
-    from keras_irtf.data.css_generator import generate
     from keras_irtf.experiment import Experiment
 
-    case = CASES[args.worker]
-    tmp = Path(args.tmp)
-    root = tmp / "css"
-    if not root.exists():
-        generate(root, size="smoke", seed=0, verbose=False)
+    root, config_for = _case_config(args)
     ga = "none" if args.ga_methods == "none" else args.ga_methods.replace("+", ",")
     dataset = None
     models, batch = {}, None
     for precision in args.precision_set.split(","):
-        cfg = load_config([repo_configs_dir() / "css.yaml"],
-                          case["overrides"] + [f"data.root={root}", f"train.batch_size={BATCH}",
-                                               f"train.precision={precision}", f"ga.methods={ga}"])
+        cfg = config_for(f"train.precision={precision}", f"ga.methods={ga}")
         keras.utils.set_random_seed(0)
         if dataset is None:
             dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)

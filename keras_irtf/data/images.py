@@ -37,7 +37,9 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
     ds = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(512).prefetch(2)
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    progress = _progress(len(paths), desc) if verbose else None
+    from keras_irtf.utils import Progress
+
+    progress = Progress(len(paths), desc, unit="image") if verbose else None
     i = 0
     it = iter(ds)
     while i < len(paths):
@@ -65,9 +67,3 @@ def normalize_images(images):
 
     x = tf.cast(images, tf.float32) / 255.0
     return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
-
-
-def _progress(total, desc):
-    from keras_irtf.utils import Progress
-
-    return Progress(total, desc)
