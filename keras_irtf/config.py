@@ -158,6 +158,10 @@ class DataConfig:
     max_train_queries: Optional[int] = None
     on_bad_image: str = "error"  # error | skip (count and skip unreadable images)
     file_cache: Optional[str] = None  # folder for a tf.data file cache of decoded images
+    # Features of frozen image encoders that allow it (CLIP / SigLIP, `cache: true`): stored under
+    # this folder (default: <cache_dir>/features), keyed by the encoder's weights, its
+    # preprocessing and each image file, and reused by later runs (keras_irtf.data.feature_cache)
+    feature_cache: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -168,7 +172,15 @@ class ModelConfig:
     text_encoder: OneOf = _one_of("text_encoder", "lstm")
     embed_dim: int = 512
     max_text_length: int = 16
+    # The scaled L2 normalisation's s (the batch classification's logits are s^2 * cosine):
+    # TIRG learns it from 4; CLIP4Cir's Combiner fixes the logit scale at 100 (s = 10, learn_scale
+    # false).
     initial_scale: float = 4.0
+    learn_scale: bool = True
+    # Which pretrained vision-language towers (CLIP / SigLIP encoders) train: none | text | image
+    # | both. A fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate and
+    # is never served from the frozen-feature cache.
+    finetune: str = "none"
 
     @property
     def method(self) -> str:
@@ -220,7 +232,8 @@ class OptimConfig:
     weight_decay: float = 1e-6
     decay_steps: tuple = ()  # steps at which the learning rate is multiplied by decay_factor
     decay_factor: float = 0.1
-    backbone_lr_multiplier: float = 0.1  # pretrained image backbone layers
+    backbone_lr_multiplier: float = 0.1  # pretrained image backbone layers (ResNet-18)
+    finetune_lr_multiplier: float = 0.1  # fine-tuned CLIP / SigLIP towers (model.finetune)
     clipnorm: Optional[float] = None
 
 
@@ -506,6 +519,7 @@ def _apply_file(cfg: Config, path: Path, seen: set):
 _CHOICES = {
     ("data", "on_bad_image"): ("error", "skip"),
     ("loss", "similarity_reduction"): ("sum", "mean"),
+    ("model", "finetune"): ("none", "text", "image", "both"),
     ("ga", "point"): ("input", "image_feature", "text_feature", "composed"),
     ("ga", "mode"): ("paper", "reference"),
     ("optim", "optimizer"): ("sgd", "adam"),
@@ -587,6 +601,7 @@ NUMERIC_DOMAINS = {
     ("optim", "weight_decay"): _NON_NEGATIVE,
     ("optim", "decay_factor"): _POSITIVE,
     ("optim", "backbone_lr_multiplier"): _NON_NEGATIVE,
+    ("optim", "finetune_lr_multiplier"): _NON_NEGATIVE,
     ("optim", "clipnorm"): _POSITIVE,
     ("train", "steps_per_epoch"): (1, True, None, False),
     ("train", "seed"): _NON_NEGATIVE,

@@ -50,6 +50,8 @@ class Experiment:
         # text cache's row ids or the strings themselves (string encoders); set by
         # build_text_input / attach_text_input
         self.vectorizer = None
+        # the frozen-feature cache's stand-in for the preprocessor (attach_image_input), or None
+        self.image_input = None
 
     # ---- the registered parts ------------------------------------------------------------------
     @property
@@ -121,10 +123,85 @@ class Experiment:
         from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
 
         use_cache = bool(getattr(self.cfg.model.text_encoder.settings, "cache", False))
+        if not _frozen(model.text_encoder):  # a fine-tuned tower: its features change every step
+            use_cache = False
         show = self.verbose if verbose is None else verbose
+        store = None
+        if use_cache and getattr(model.text_encoder, "persistent_cache", False):
+            from keras_irtf.data.feature_cache import TextFeatureStore
+
+            store = TextFeatureStore(self.feature_cache_dir, model.text_encoder)
         self.vectorizer = prepare_text_input(model.text_encoder, texts_of_run(self.dataset), use_cache,
-                                             verbose=show)
+                                             verbose=show, store=store)
         return self.vectorizer
+
+    # ---- the frozen-feature cache ----------------------------------------------------------------
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Where frozen features are stored across runs: data.feature_cache, else
+        <data.cache_dir>/features."""
+        from keras_irtf.config import default_cache_dir
+
+        return Path(self.cfg.data.feature_cache) if self.cfg.data.feature_cache else default_cache_dir(self.cfg) / "features"
+
+    def uses_feature_cache(self, model=None) -> bool:
+        """True when the image encoder can serve cached features (it has `attach_cache` and
+        `encode_images`), its settings allow it (`cache: true`) and it is frozen
+        (model.finetune is not image/both)."""
+        cls = self.image_encoder_class
+        if not (hasattr(cls, "attach_cache") and hasattr(cls, "encode_images")):
+            return False
+        if not getattr(self.cfg.model.image_encoder.settings, "cache", False):
+            return False
+        if self.cfg.model.finetune in ("image", "both"):
+            return False
+        return model is None or _frozen(model.image_encoder)
+
+    def check_feature_cache(self):
+        """ConfigError when the config asks for what cached features cannot give: gradients at
+        the input pixels (GA^A / FGSM at ga.point=input)."""
+        from keras_irtf.config import ConfigError
+        from keras_irtf.registry import GA_METHODS
+
+        if not self.uses_feature_cache() or self.cfg.ga.point != "input":
+            return
+        pixel = [m for m in self.cfg.ga_methods if getattr(GA_METHODS.get(m).obj, "needs_input_gradient", False)]
+        if pixel:
+            t = self.cfg.model.image_encoder.type
+            raise ConfigError(
+                f"ga.methods={','.join(pixel)} at ga.point=input needs the gradient with respect to the input "
+                f"pixels, but the frozen {t!r} image encoder is served from the frozen-feature cache (features, "
+                f"not pixels, enter the model). Set ga.point=image_feature (GA^A on the frozen image feature: "
+                f"the usual choice here), text_feature or composed; or model.image_encoder.{t}.cache=false to "
+                f"run the frozen tower on pixels in every step (much slower)."
+            )
+
+    def attach_image_input(self, model, verbose: Optional[bool] = None):
+        """With a frozen, cacheable image encoder: embed every image of the dataset's splits once
+        (reading what the on-disk store already holds), attach the table to the encoder and feed
+        the pipelines cache rows instead of pixels. Otherwise nothing."""
+        if not self.uses_feature_cache(model):
+            self.image_input = None
+            return None
+        from keras_irtf.data.feature_cache import CachedFeatureInput, ImageFeatureCache
+
+        self.check_feature_cache()
+        show = self.verbose if verbose is None else verbose
+        cache = ImageFeatureCache(model.image_encoder, self.preprocessor, self.feature_cache_dir,
+                                  batch_size=self.cfg.eval.batch_size, verbose=show)
+        data = self.dataset
+        splits = {name: getattr(data, name, None) for name in ("train", "test", "test_shift")}
+        splits.update(getattr(data, "extra_splits", lambda: {})())
+        cache.add_splits(splits)
+        model.image_encoder.attach_cache(cache)
+        self.image_input = CachedFeatureInput(cache)
+        return self.image_input
+
+    @property
+    def pipeline_input(self):
+        """What the pipelines and the evaluation turn image ids into: the frozen-feature cache's
+        rows when attached, else pixels through the encoder's preprocessor."""
+        return self.image_input if self.image_input is not None else self.preprocessor
 
     # ---- model and optimizer -------------------------------------------------------------------
     def build_model(self, vocab_size: Optional[int] = None):
@@ -149,6 +226,11 @@ class Experiment:
         with policy_scope(precision):
             image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
             text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
+            # the composed query lives in the image-feature space (the targets are image features):
+            # a composer is built to the image encoder's width (model.embed_dim for the built-in
+            # encoders, the projection width of a pretrained CLIP / SigLIP tower)
+            context["image_dim"] = int(getattr(image_encoder, "output_dim", m.embed_dim))
+            context["text_dim"] = int(getattr(text_encoder, "output_dim", m.embed_dim))
             composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
         ga = GradientAugmentation(
             methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
@@ -158,7 +240,8 @@ class Experiment:
         )
         return ComposedRetrievalModel(
             image_encoder, text_encoder, composer,
-            normalization=ScaledL2Normalization(m.initial_scale, name="normalization", dtype="float32"),
+            normalization=ScaledL2Normalization(m.initial_scale, learn_scale=m.learn_scale, name="normalization",
+                                                dtype="float32"),
             gradient_augmentation=ga, retrieval_loss=cfg.loss.kind, eta=cfg.loss.eta,
             similarity_reduction=cfg.loss.similarity_reduction, image_size=self.preprocessor.size,
             max_text_length=m.max_text_length, precision=precision, name=f"{m.method}_retrieval",
@@ -166,7 +249,8 @@ class Experiment:
 
     def make_optimizer(self, model=None):
         """The optimizer of `cfg.optim`; given the model, its pretrained layers (the encoders'
-        `pretrained_variables()`) train at `optim.backbone_lr_multiplier` times the rate.
+        `pretrained_variables()`) train at `optim.backbone_lr_multiplier` times the rate (fine-tuned
+        CLIP / SigLIP towers at `optim.finetune_lr_multiplier`).
         Under train.precision=mixed_float16 it is wrapped in Keras' LossScaleOptimizer (dynamic
         loss scaling; the model's train_step scales the loss)."""
         import keras
@@ -188,7 +272,7 @@ class Experiment:
         if model is not None:
             from keras_irtf.model.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
 
-            groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier)
+            groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier, o.finetune_lr_multiplier)
             if groups:
                 optimizer = with_learning_rate_multipliers(optimizer, groups)
         return wrap_optimizer(optimizer, self.cfg.train.precision)
@@ -206,11 +290,13 @@ class Experiment:
         import contextlib
 
         vocab_size = self.build_text_input(vocabulary=vocabulary, save_to=vocab_out)
+        self.check_feature_cache()
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model = self.build_model(vocab_size)
             if compile:
                 self.compile(model)
         self.attach_text_input(model)
+        self.attach_image_input(model)
         return model
 
     # ---- pipelines -----------------------------------------------------------------------------
@@ -224,7 +310,7 @@ class Experiment:
         c = self.cfg.train
         return training_dataset(
             self.dataset, self._text_input(), int(batch_size or c.batch_size), int(steps or c.steps),
-            c.seed if seed is None else int(seed), self.preprocessor, c.pairs_per_source,
+            c.seed if seed is None else int(seed), self.pipeline_input, c.pairs_per_source,
             start_step=start_step, shard=shard,
         )
 
@@ -241,7 +327,7 @@ class Experiment:
         bs = int(batch_size or self.cfg.train.batch_size)
         if len(split.test_queries) < bs:
             raise ValueError(f"the test split has {len(split.test_queries)} queries, fewer than one batch of {bs}")
-        return queries_dataset(split, split.test_queries, self._text_input(), bs, self.preprocessor,
+        return queries_dataset(split, split.test_queries, self._text_input(), bs, self.pipeline_input,
                                drop_remainder=True, with_target=True)
 
     def gallery_dataset(self, split: str = "test", batch_size: Optional[int] = None):
@@ -252,7 +338,7 @@ class Experiment:
 
         s = getattr(self.dataset, split)
         return images_dataset(s, np.arange(s.num_images), int(batch_size or self.cfg.eval.batch_size),
-                              self.preprocessor)
+                              self.pipeline_input)
 
     def _text_input(self):
         if self.vectorizer is None:
@@ -273,7 +359,7 @@ class Experiment:
         return evaluate(
             model, self.dataset, self._text_input(), ks=e.ks, whm_ks=e.whm_ks or self.dataset.whm_ks,
             alpha=e.alpha, train_queries=self.cfg.data.train_recall_queries, seed=self.cfg.train.seed,
-            batch_size=e.batch_size, preprocessor=self.preprocessor, query_chunk=e.query_chunk,
+            batch_size=e.batch_size, preprocessor=self.pipeline_input, query_chunk=e.query_chunk,
             gallery_chunk=e.gallery_chunk, verbose=self.verbose if verbose is None else verbose,
             backend=backend or e.backend,
         )
@@ -314,7 +400,13 @@ class Experiment:
         model = load_model(run / "model.keras")
         if load_data:
             exp.attach_text_input(model)
+            exp.attach_image_input(model)
         return exp, model
+
+
+def _frozen(layer) -> bool:
+    """A layer none of whose variables train."""
+    return not layer.trainable or not layer.trainable_variables
 
 
 # ---- the same, as functions of a config (for scripts and tests that need one object) ----------

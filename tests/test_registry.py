@@ -23,7 +23,8 @@ def _tool(name, *args, timeout=600):
 def test_registries_list_the_builtins_and_choices_come_from_them():
     from keras_irtf import registry
 
-    assert registry.COMPOSERS.names() == ["composeae", "composeae_real", "concat", "image_only", "text_only", "tirg"]
+    assert registry.COMPOSERS.names() == ["combiner", "composeae", "composeae_real", "concat", "image_only", "sum",
+                                         "text_only", "tirg"]
     assert registry.IMAGE_ENCODERS.names() == ["resnet18", "small_cnn"]
     assert registry.TEXT_ENCODERS.names() == ["bert_hub", "bert_keras_hub", "lstm"]
     assert registry.DATASETS.names() == ["css", "fashion200k", "mitstates"]

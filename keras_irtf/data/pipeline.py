@@ -8,7 +8,9 @@ same batches, and a resumed run can skip to its step.
 
 Images are normalised by the image encoder's preprocessor (keras_irtf.layers.preprocessing;
 the assembler passes it, a plain int S stands for the built-in ImageNet preprocessing at S).
-A split's images come from one of three places:
+With a frozen-feature cache (keras_irtf.data.feature_cache; the assembler passes a
+CachedFeatureInput in place of the preprocessor) the image entries are int64 rows of the cache
+instead, and no image is read. Otherwise a split's images come from one of three places:
 - memory (`split.images` is a numpy array: CSS): gathered from a constant;
 - a file cache (`split.images` is a CachedImages over a memory-mapped file, see
   keras_irtf.data.image_files): gathered from the mapped file;
@@ -28,10 +30,24 @@ from keras_irtf.layers.preprocessing import ImagePreprocessor
 
 
 def as_preprocessor(preprocessor) -> ImagePreprocessor:
-    """An ImagePreprocessor, or an int S meaning the built-in encoders' preprocessing at S x S."""
-    if isinstance(preprocessor, ImagePreprocessor):
+    """An ImagePreprocessor, or an int S meaning the built-in encoders' preprocessing at S x S
+    (a CachedFeatureInput is passed through: images become feature-cache rows)."""
+    if isinstance(preprocessor, ImagePreprocessor) or _cached(preprocessor):
         return preprocessor
     return ImagePreprocessor(int(preprocessor))
+
+
+def _cached(prep) -> bool:
+    """A keras_irtf.data.feature_cache.CachedFeatureInput (it maps split image ids to cache rows)."""
+    return bool(getattr(prep, "serves_cached_features", False))
+
+
+def _row_loader(split: Split, prep):
+    """ids [B] -> int64 rows [B] of the frozen-feature cache (no image is read)."""
+    import tensorflow as tf
+
+    rows = tf.constant(prep.rows(split), tf.int64)
+    return lambda ids: tf.gather(rows, ids)
 
 
 def _in_memory(split: Split) -> bool:
@@ -73,6 +89,8 @@ def image_loader(split: Split, preprocessor):
     from keras_irtf.data.image_files import decode_and_resize
 
     prep = as_preprocessor(preprocessor)
+    if _cached(prep):
+        return _row_loader(split, prep)
     image_size = prep.size
     table = _image_table(split)
     if table is not None:
@@ -156,7 +174,7 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
         "target_id": queries.target_ids.astype(np.int64),
         "target_caption": queries.target_captions.astype(np.int64),
     }
-    if _streams_from_disk(split):
+    if _streams_from_disk(split) and not _cached(prep):
         keys = ["source_id", "target_id"] if with_target else ["source_id"]
         ds = tf.data.Dataset.from_tensor_slices(tensors)
         ds = _disk_elements(split, ds, keys, prep.size, skip_unreadable)
@@ -212,7 +230,8 @@ def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int
                          skip_unreadable=True)
     # streamed with on_bad_image=skip, the query stream repeats (dropped queries are made up from
     # its start), so the run still gets exactly its number of full batches
-    return ds.take(steps - start_step) if _streams_from_disk(split) and split.on_bad_image == "skip" else ds
+    streamed = _streams_from_disk(split) and not _cached(as_preprocessor(preprocessor))
+    return ds.take(steps - start_step) if streamed and split.on_bad_image == "skip" else ds
 
 
 def images_dataset(split: Split, ids, batch_size: int, preprocessor):
@@ -221,7 +240,7 @@ def images_dataset(split: Split, ids, batch_size: int, preprocessor):
 
     prep = as_preprocessor(preprocessor)
     ids = np.asarray(ids, dtype=np.int64)
-    if _streams_from_disk(split):
+    if _streams_from_disk(split) and not _cached(prep):
         ds = tf.data.Dataset.from_tensor_slices({"id": ids})
         ds = _disk_elements(split, ds, ["id"], prep.size, skip_unreadable=False).batch(batch_size)
         return ds.map(lambda b: prep.normalize(b["id_image"]), num_parallel_calls=tf.data.AUTOTUNE,

@@ -24,8 +24,12 @@ import tensorflow as tf
 class TextEmbeddingCache:
     """Distinct text -> row of a [N, D] table of embeddings computed by `encoder` (run once each)."""
 
-    def __init__(self, encoder, batch_size: int = 256, verbose: bool = False):
+    def __init__(self, encoder, batch_size: int = 256, verbose: bool = False, store=None):
         self.encoder = encoder
+        # an on-disk keras_irtf.data.feature_cache.TextFeatureStore: texts it holds are read, not
+        # encoded, and new ones are added to it (reused by later runs)
+        self.store = store
+        self.texts_from_store = 0
         self.batch_size = int(batch_size)
         self.verbose = verbose
         self.texts: list = []
@@ -51,19 +55,29 @@ class TextEmbeddingCache:
         new = [t for t in dict.fromkeys(str(t) for t in texts) if t not in self._index]
         if not new:
             return 0
-        progress = Progress(len(new), "embedding texts (BERT)", enabled=self.verbose)
-        chunks = []
-        for start in range(0, len(new), self.batch_size):
-            batch = new[start : start + self.batch_size]
-            chunks.append(self._encode(tf.constant(batch)).numpy())
+        stored = None
+        if self.store is not None:
+            have, found = self.store.lookup(new)
+            stored = dict(zip((t for t, h in zip(new, have) if h), found))
+            self.texts_from_store += len(stored)
+        to_encode = [t for t in new if not stored or t not in stored]
+        progress = Progress(len(to_encode), f"embedding texts ({type(self.encoder).__name__})", enabled=self.verbose)
+        encoded = {}
+        for start in range(0, len(to_encode), self.batch_size):
+            batch = to_encode[start : start + self.batch_size]
+            for t, row in zip(batch, self._encode(tf.constant(batch)).numpy()):
+                encoded[t] = row
             self.encoder_batches += 1
             progress.update(len(batch))
+        if self.store is not None and to_encode:
+            self.store.append(to_encode, np.stack([encoded[t] for t in to_encode]))
+        chunks = [np.stack([encoded[t] if t in encoded else stored[t] for t in new]).astype(np.float32)]
         for t in new:
             self._index[t] = len(self.texts)
             self.texts.append(t)
         self._rows = np.concatenate([self._rows] + chunks).astype(np.float32)
         self.table.assign(self._rows)
-        self.texts_encoded += len(new)
+        self.texts_encoded += len(to_encode)
         return len(new)
 
     def ids(self, texts) -> np.ndarray:
@@ -133,15 +147,17 @@ def texts_of_run(dataset) -> list:
     return list(dict.fromkeys(str(t) for t in texts))
 
 
-def prepare_text_input(text_encoder, texts, use_cache: bool = True, batch_size: int = 256, verbose: bool = False):
+def prepare_text_input(text_encoder, texts, use_cache: bool = True, batch_size: int = 256, verbose: bool = False,
+                       store=None):
     """The pipelines' vectorizer for a frozen BERT text encoder.
 
     use_cache: embed `texts` once now, attach the cache to the encoder and return a vectorizer
-    of row ids; otherwise return `raw_texts` (BERT runs inside every step).
+    of row ids; otherwise return `raw_texts` (BERT runs inside every step). `store`: an on-disk
+    TextFeatureStore (keras_irtf.data.feature_cache) read before encoding and added to.
     """
     if not use_cache:
         return raw_texts
-    cache = TextEmbeddingCache(text_encoder, batch_size=batch_size, verbose=verbose)
+    cache = TextEmbeddingCache(text_encoder, batch_size=batch_size, verbose=verbose, store=store)
     cache.add(texts)
     text_encoder.attach_cache(cache)
     return cache.vectorizer()

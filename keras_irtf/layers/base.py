@@ -13,7 +13,8 @@ override it when the constructor needs something else.
   from a vocabulary built over the training texts; `vocab_size` is passed to from_settings) or
   "strings" (raw text, e.g. a frozen BERT with its own tokenizer; the assembler embeds each
   distinct text once when the encoder is frozen and its settings have `cache: true`).
-- Composer: [f_img, f_text] -> the composed query feature [B, output_dim]. Optional extra loss
+- Composer: [f_img, f_text] -> the composed query feature [B, output_dim], output_dim being the
+  image encoder's feature width (context `image_dim`; `text_dim` too). Optional extra loss
   terms: `auxiliary_loss_names` and `auxiliary_losses(...)` (see ComposeAE).
 """
 
@@ -48,8 +49,12 @@ class ImageEncoder(keras.layers.Layer):
 
         return ImagePreprocessor(cfg.data.image_size)
 
+    # the optim key whose multiplier pretrained_variables() train at
+    lr_multiplier_key = "backbone_lr_multiplier"
+
     def pretrained_variables(self) -> list:
-        """Variables that come from pretrained weights (trained at optim.backbone_lr_multiplier)."""
+        """Variables that come from pretrained weights (trained at the optim multiplier named by
+        `lr_multiplier_key`)."""
         return []
 
 
@@ -74,8 +79,10 @@ class Composer(keras.layers.Layer):
         self.output_dim = int(output_dim)
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
-        return cls(output_dim=cfg.model.embed_dim, name="composer", **_settings_kwargs(settings))
+    def from_settings(cls, settings, cfg, image_dim=None, **context):
+        """`image_dim`: the image encoder's feature width (the assembler passes it; the composed
+        query must live in the image-feature space the targets are embedded in)."""
+        return cls(output_dim=image_dim or cfg.model.embed_dim, name="composer", **_settings_kwargs(settings))
 
     def compute_output_shape(self, input_shapes):
         return (input_shapes[0][0], self.output_dim)

@@ -60,13 +60,19 @@ def with_learning_rate_multipliers(optimizer, groups):
     return out
 
 
-def pretrained_learning_rate_groups(model, multiplier: float):
+def pretrained_learning_rate_groups(model, multiplier, finetune_multiplier=None):
     """[(pretrained variables, multiplier)] for a model whose encoders hold pretrained layers
-    (each encoder lists them through `pretrained_variables()`)."""
-    if multiplier == 1.0:
-        return []
-    variables = []
+    (each encoder lists them through `pretrained_variables()`). An encoder whose class sets
+    `lr_multiplier_key = "finetune_lr_multiplier"` (the CLIP / SigLIP towers) gets
+    `finetune_multiplier` (default: `multiplier`); the others get `multiplier`."""
+    by_multiplier = {}
     for part in (getattr(model, "image_encoder", None), getattr(model, "text_encoder", None)):
-        if part is not None and hasattr(part, "pretrained_variables"):
-            variables += [v for v in part.pretrained_variables() if v.trainable]
-    return [(variables, multiplier)] if variables else []
+        if part is None or not hasattr(part, "pretrained_variables"):
+            continue
+        m = multiplier
+        if getattr(part, "lr_multiplier_key", "backbone_lr_multiplier") == "finetune_lr_multiplier":
+            m = multiplier if finetune_multiplier is None else finetune_multiplier
+        if float(m) == 1.0:
+            continue
+        by_multiplier.setdefault(float(m), []).extend(v for v in part.pretrained_variables() if v.trainable)
+    return [(variables, m) for m, variables in by_multiplier.items() if variables]
