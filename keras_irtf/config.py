@@ -181,6 +181,9 @@ class ModelConfig:
     # | both. A fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate and
     # is never served from the frozen-feature cache.
     finetune: str = "none"
+    # The local keras-hub preset folder of the CLIP / SigLIP towers (both encoders read it unless
+    # their own `preset` key is set; tools/train.py --clip-preset DIR)
+    clip_preset: Optional[str] = None
 
     @property
     def method(self) -> str:

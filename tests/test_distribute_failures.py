@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,3 +70,74 @@ def test_a_worker_whose_peers_never_connect_gives_up(css_smoke_root, tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     assert "if they have not all connected within 15 s (train.collective_timeout_seconds)" in r.stderr
     assert time.time() - start < 200
+
+
+def _worker_args(css_root, out, steps, *extra):
+    return [sys.executable, str(ROOT / "tools" / "train.py"), "--dataset", "css", "--preset", "smoke",
+            "--data-root", str(css_root), "--out", str(out), "--quiet", "--strategy", "multi_worker",
+            "--steps", str(steps), "--set", f"train.steps_per_epoch={steps}", "--set", "train.backup_every_steps=5",
+            *extra]
+
+
+def _wait_for_backup(run, step, procs, deadline):
+    import json
+
+    state = Path(run) / "backup" / "state.json"
+    while time.time() < deadline:
+        if state.is_file():
+            try:
+                if json.loads(state.read_text())["step"] >= step:
+                    return
+            except (ValueError, KeyError):
+                pass  # being replaced
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a worker ended before the first backup: "
+                                 + " | ".join((p.communicate()[1] or "")[-1500:] for p in procs))
+        time.sleep(0.5)
+    raise AssertionError(f"no backup at step >= {step} before the deadline")
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_training_fails_its_peer_clearly_and_the_run_resumes(css_smoke_root, tmp_path):
+    """Two workers train; worker 1 is killed after the first backups. Worker 0's next collective
+    cannot complete: it must end (not hang) within train.collective_timeout_seconds, naming the
+    failure and the backup to resume from; both workers restarted with the same command resume
+    from that backup and finish."""
+    import signal
+
+    from keras_irtf.training.distribute import localhost_tf_configs
+
+    run = tmp_path / "mw"
+    steps, timeout = 400, 20
+    configs = localhost_tf_configs(2)
+    args = _worker_args(css_smoke_root, run, steps, "--set", f"train.collective_timeout_seconds={timeout}")
+    procs = [subprocess.Popen(args, env=_env(TF_CONFIG=c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in configs]
+    try:
+        _wait_for_backup(run, 5, procs, time.time() + 600)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        out, err = procs[0].communicate(timeout=timeout + 240)
+        waited = time.time() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode not in (0, None), err[-3000:]
+    assert waited < timeout + 200, waited  # ended by itself: no hang
+    assert "collective operation failed" in err and "restart every worker with the same command" in err, err[-3000:]
+    import json
+
+    backup_step = json.loads((run / "backup" / "state.json").read_text())["step"]
+    assert f"the last backup is at step {backup_step}" in err
+    assert not (run / "metrics.json").exists()
+
+    # restart both workers with a shorter run: they resume from the backup and finish
+    args = _worker_args(css_smoke_root, run, backup_step + 5, "--set", f"train.collective_timeout_seconds={timeout}")
+    procs = [subprocess.Popen(args, env=_env(TF_CONFIG=c), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in localhost_tf_configs(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == backup_step and metrics["steps"] == backup_step + 5

@@ -7,6 +7,7 @@
     python tools/train.py --config configs/css.yaml --set train.steps=500 --out runs/try
     python tools/train.py --dataset mitstates --data-root DIR --image-weights PRESET_DIR
     python tools/train.py --dataset fashion200k --data-root DIR --image-weights PRESET_DIR
+    python tools/train.py --dataset fashioniq --data-root DIR --clip-preset CLIP_PRESET_DIR   # Combiner
     python tools/train.py --import my_composer --method my_composer   # a composer of your own
 
 Config layers, later wins: the dataclass defaults, configs/<dataset>.yaml (or --config), the
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--image-weights", metavar="PRESET_DIR",
                    help="local keras-hub preset folder (e.g. resnet_18_imagenet) for a pretrained ResNet-18; "
                         "implies --image-encoder resnet18")
+    p.add_argument("--clip-preset", metavar="PRESET_DIR",
+                   help="local keras-hub CLIP or SigLIP preset folder for the clip / siglip encoders (model.clip_preset)")
     p.add_argument("--css-images", choices=["auto", "png", "2d"], help="CSS: read PNGs or draw scenes in 2D")
     p.add_argument("--out", help="run folder (default runs/<dataset>_<method>[_ga][_<preset>]_s<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the run folder")
@@ -89,6 +92,8 @@ def resolve_config(args):
         if not args.image_encoder:
             overrides.append("model.image_encoder=resnet18")
         overrides.append(f"model.image_encoder.weights={args.image_weights}")
+    if args.clip_preset:
+        overrides.append(f"model.clip_preset={args.clip_preset}")
     if args.css_images:
         overrides.append(f"data.dataset.images={args.css_images}")
     if args.out:

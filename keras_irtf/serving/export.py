@@ -380,7 +380,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         "text_preprocessing": text_prep.name,
         "image_size": image_prep.size,
         "max_pixels": max_pixels,  # images over this many pixels are refused before decoding (0 = no limit)
-        "embedding_dim": int(cfg.model.embed_dim),
+        # the image encoder's width (model.embed_dim, or a CLIP / SigLIP projection's)
+        "embedding_dim": int(getattr(model.image_encoder, "output_dim", cfg.model.embed_dim)),
         # the policy the encoders compute in; the endpoints return float32 embeddings whatever it is
         "precision": getattr(model, "precision", "float32"),
         "endpoints": endpoints,

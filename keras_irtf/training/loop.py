@@ -127,6 +127,13 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         metrics["bert_encoder_runs"] = model.text_encoder.encoder_runs
         cache = model.text_encoder.cache
         metrics["text_cache_size"] = len(cache) if cache is not None else 0
+        if cache is not None and getattr(cache, "store", None) is not None:
+            metrics["text_cache_from_store"] = cache.texts_from_store
+    if exp.image_input is not None:  # the frozen-feature cache: how many images the tower really ran on
+        c = exp.image_input.cache
+        metrics["feature_cache"] = {"images": int(len(c._table)), "images_encoded": c.images_encoded,
+                                    "images_from_store": c.images_from_store,
+                                    "folder": str(c.store.folder) if c.store is not None else None}
     write_json(run / "metrics.json", metrics)
     _write_eval_summary(run, metrics)
     shutil.rmtree(run / "backup", ignore_errors=True)  # the run is complete: model.keras holds it
