@@ -115,11 +115,14 @@ class TestProtocol:
         {name: float}, called once with every query and every embedded image (CIRR's
         Recall_subset). Its keys are added to the split's results as they are.
     extra_image_ids: split image ids extra_metrics needs beyond the groups' galleries.
+    derived: fn(results) -> {name: float}: summaries of the results computed so far (CIRR's
+        headline (R@5 + R_subset@1) / 2), added last.
     """
 
     groups: list
     extra_metrics: Optional[Callable] = None
     extra_image_ids: Optional[np.ndarray] = None
+    derived: Optional[Callable] = None
 
     def image_ids(self) -> np.ndarray:
         """Every image id to embed, sorted, each once."""
@@ -212,6 +215,8 @@ def recalls_from_embeddings(query_emb, image_ids, image_emb, queries: Queries, c
             result.update({f"{name}_{key}": value for key, value in recalls.items()})
     if protocol.extra_metrics is not None:
         result.update({k: float(v) for k, v in protocol.extra_metrics(query_emb, image_ids, image_emb, queries).items()})
+    if protocol.derived is not None:
+        result.update({k: float(v) for k, v in protocol.derived(dict(result)).items()})
     return result
 
 
