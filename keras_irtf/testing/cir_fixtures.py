@@ -156,3 +156,26 @@ def write_triplets(root, train_images: int = 8, test_images: int = 6, distractor
         truth["gallery"] = [r["source"] for r in truth["test"]] + extra
         (root / "gallery.txt").write_text("".join(p + "\n" for p in truth["gallery"]))
     return truth
+
+
+# ---- hand-made embeddings (protocol tests) ----------------------------------------------------------
+def ranking_embeddings(orders, num_images: int):
+    """(image_emb [N, N], query_emb [Q, N]) whose scores rank, for query q, the image ids of
+    `orders[q]` first, in that order, then every other image by ascending id (image embeddings
+    are one-hot, so a query's scores are its own entries: distinct integers N, N-1, ..., 1)."""
+    image_emb = np.eye(num_images, dtype=np.float32)
+    query_emb = np.zeros((len(orders), num_images), np.float32)
+    for q, order in enumerate(orders):
+        order = [int(i) for i in order]
+        full = order + [i for i in range(num_images) if i not in order]
+        query_emb[q, full] = np.arange(num_images, 0, -1, dtype=np.float32)
+    return image_emb, query_emb
+
+
+def patch_embeddings(monkeypatch, image_emb, query_emb):
+    """Make keras_irtf.evaluation.protocol embed images and queries with the given arrays
+    (image id -> row of image_emb; the queries, in order -> query_emb) instead of a model."""
+    from keras_irtf.evaluation import protocol
+
+    monkeypatch.setattr(protocol, "embed_gallery", lambda model, split, ids, *a, **k: image_emb[np.asarray(ids)])
+    monkeypatch.setattr(protocol, "embed_query_set", lambda model, split, queries, *a, **k: query_emb[: len(queries)])
