@@ -20,6 +20,7 @@ FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
 _COLOURS = ("is darker.", "is red ", "is lighter, ", "is blue?", "is green.", "is white", "is black.", "is pink ")
 _DETAILS = ("has longer sleeves.", " has a collar", "is shorter?", "has stripes.", "is plain", "has a print, ")
 _EDITS = ("make it a dog", "add a person", "show two of them", "remove the background", "zoom in", "make it red")
+_TEST1_EDITS = ("make it night", "add a ball", "show it from above", "change the colour to green")
 
 
 def _write_json(path: Path, data):
@@ -80,15 +81,16 @@ def _cirr_split(image_root: Path, rng, prefix: str, count: int, folder) -> dict:
     return out
 
 
-def _cirr_queries(names, set_size: int, first_pairid: int, with_target: bool, first_set: int):
+def _cirr_queries(names, set_size: int, with_target: bool):
     """A query per image: reference i, target the next image of its img_set (cyclic)."""
     queries = []
+    edits = _EDITS if with_target else _TEST1_EDITS
     for i, reference in enumerate(names):
         start = (i // set_size) * set_size
         members = names[start : start + set_size]
         target = members[(i - start + 1) % len(members)]
-        q = {"pairid": first_pairid + i, "reference": reference, "caption": _EDITS[i % len(_EDITS)],
-             "img_set": {"id": first_set + i // set_size, "members": members}}
+        q = {"pairid": i, "reference": reference, "caption": edits[i % len(edits)],
+             "img_set": {"id": i // set_size, "members": members}}
         if with_target:
             q["target_hard"] = target
             q["target_soft"] = {target: 1.0}
@@ -104,7 +106,8 @@ def write_cirr(root, arrangement: str = "cirr", train_images: int = 12, val_imag
     Images: train "train-<k>-<k%2>-img<k%2>" under ./train/<k%3>/, val "dev-..." under ./dev/,
     test1 "test1-..." under ./test1/ (PNGs). img_sets are consecutive runs of `set_size` images of
     a split; every image is the reference of one query whose target is the next image of its set
-    (cyclic), pairids numbered from 0 per split. test1 queries have no target.
+    (cyclic), pairids numbered from 0 per split. test1 queries have no target, and captions of
+    their own (not among the training ones).
 
     Returns {"arrangement", "meta_dir", "image_root", "train" | "val" | "test1": {"names": [...],
     "paths": {name: rel}, "queries": [the written entries]}}.
@@ -121,7 +124,7 @@ def write_cirr(root, arrangement: str = "cirr", train_images: int = 12, val_imag
     for split, (prefix, count, folder) in layout.items():
         paths = _cirr_split(images, rng, prefix, count, folder)
         names = list(paths)
-        queries = _cirr_queries(names, set_size, 0, split != "test1", 0)
+        queries = _cirr_queries(names, set_size, split != "test1")
         _write_json(meta / "captions" / f"cap.rc2.{split}.json", queries)
         _write_json(meta / "image_splits" / f"split.rc2.{split}.json", paths)
         truth[split] = {"names": names, "paths": paths, "queries": queries}
