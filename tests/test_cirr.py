@@ -15,7 +15,7 @@ from keras_irtf.config import load_config, to_yaml
 from keras_irtf.data.base import DatasetError
 from keras_irtf.data.cirr import CIRRConfig, CIRRDataset, detect_arrangement
 from keras_irtf.data.safe_files import UnsafeFileError
-from keras_irtf.testing.cir_fixtures import patch_embeddings, ranking_embeddings, write_cirr
+from keras_irtf.testing.cir_fixtures import patch_embeddings, ranking_embeddings, tiny_run_overrides, write_cirr
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,11 +254,7 @@ def test_train_evaluate_and_submit_end_to_end(tmp_path):
     from keras_irtf.experiment import Experiment
 
     truth = write_cirr(tmp_path / "c4c", arrangement="clip4cir")
-    cfg = load_config([], [
-        "data.dataset=cirr", f"data.root={tmp_path / 'c4c'}", "data.image_size=32", "train.steps=3",
-        "train.batch_size=4", "data.train_recall_queries=16", "eval.batch_size=8", "model.embed_dim=32",
-        "model.text_encoder.word_embed_dim=16", "model.text_encoder.hidden_dim=32",
-        "model.image_encoder.filters=[8,8,16,16]", "optim.decay_steps=[]"])
+    cfg = load_config([], tiny_run_overrides("cirr", tmp_path / "c4c"))
     exp = Experiment(cfg, verbose=False)
     model = exp.create_model()
     model.fit(exp.train_dataset(), epochs=1, steps_per_epoch=3, verbose=0)

@@ -14,7 +14,7 @@ from keras_irtf.data.base import DatasetError
 from keras_irtf.data.fashioniq import (FashionIQConfig, FashionIQDataset, average_of_reported, caption_variants,
                                        join_captions)
 from keras_irtf.data.safe_files import UnsafeFileError
-from keras_irtf.testing.cir_fixtures import patch_embeddings, ranking_embeddings, write_fashioniq
+from keras_irtf.testing.cir_fixtures import patch_embeddings, ranking_embeddings, tiny_run_overrides, write_fashioniq
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +188,7 @@ def test_other_image_extensions(tmp_path):
 def test_train_and_evaluate_end_to_end(fiq_root):
     from keras_irtf.experiment import Experiment
 
-    cfg = load_config([], [
-        "data.dataset=fashioniq", f"data.root={fiq_root}", "data.image_size=32", "train.steps=3",
-        "train.batch_size=4", "data.train_recall_queries=16", "eval.batch_size=8", "model.embed_dim=32",
-        "model.text_encoder.word_embed_dim=16", "model.text_encoder.hidden_dim=32",
-        "model.image_encoder.filters=[8,8,16,16]", "optim.decay_steps=[]"])
+    cfg = load_config([], tiny_run_overrides("fashioniq", fiq_root))
     exp = Experiment(cfg, verbose=False)
     model = exp.create_model()
     history = model.fit(exp.train_dataset(), epochs=1, steps_per_epoch=3, verbose=0)

@@ -182,3 +182,14 @@ def patch_embeddings(monkeypatch, image_emb, query_emb):
 
     monkeypatch.setattr(protocol, "embed_gallery", lambda model, split, ids, *a, **k: image_emb[np.asarray(ids)])
     monkeypatch.setattr(protocol, "embed_query_set", lambda model, split, queries, *a, **k: query_emb[: len(queries)])
+
+
+def tiny_run_overrides(dataset: str, root) -> list:
+    """Config overrides for a few-second training run of the default model (small_cnn + lstm +
+    tirg) on one of these fixtures: 32 px images, a small model, 3 steps of 4 queries."""
+    return [
+        f"data.dataset={dataset}", f"data.root={root}", "data.image_size=32", "train.steps=3", "train.batch_size=4",
+        "train.steps_per_epoch=3", "data.train_recall_queries=16", "eval.batch_size=8", "model.embed_dim=32",
+        "model.text_encoder.word_embed_dim=16", "model.text_encoder.hidden_dim=32",
+        "model.image_encoder.filters=[8,8,16,16]", "optim.decay_steps=[]",
+    ]
