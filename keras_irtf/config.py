@@ -144,8 +144,8 @@ def _one_of(kind: str, type: str):
 
 @dataclasses.dataclass
 class DataConfig:
-    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | ...) and its own keys,
-    # e.g. data.dataset.size for the built-in CSS.
+    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | fashioniq | cirr | triplets |
+    # ...) and its own keys, e.g. data.dataset.size for the built-in CSS.
     dataset: OneOf = _one_of("dataset", "css")
     # Folder of the dataset in its official layout. For CSS, None means: generate the built-in
     # benchmark (data.dataset.size) into `cache_dir` (once) and read it from there.

@@ -202,3 +202,27 @@ def test_train_and_evaluate_end_to_end(fiq_root):
     assert test["R@10"] == 1.0 and test["dress_R@50"] == 1.0 and test["avg_R@10_R@50"] == 1.0
     assert test["R@1"] == pytest.approx(np.mean([test[f"{c}_R@1"] for c in ("dress", "shirt", "toptee")]))
     assert metrics["whm"]["ks"] == [10, 50] and set(metrics["train"]) == {"R@1", "R@5", "R@10", "R@50"}
+
+
+def test_protocol_hooks_as_a_pure_function():
+    from keras_irtf.data.base import Queries
+    from keras_irtf.evaluation.protocol import QueryGroup, TestProtocol, rank_within, recalls_from_embeddings
+
+    # five images, each its own caption; group "a": queries 0, 1 against images 0-2, the source
+    # kept; group "b": query 2 against images 3-4, the source excluded
+    queries = Queries(np.array([0, 1, 3]), np.array(["x", "y", "z"], object), np.array([2, 2, 4]), np.array([2, 2, 4]))
+    query_emb = np.array([[5, 0, 4, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 5, 1]], np.float32)
+    protocol = TestProtocol(
+        [QueryGroup("a", np.array([0, 1]), np.array([0, 1, 2]), exclude_source=False),
+         QueryGroup("b", np.array([2]), np.array([3, 4]), exclude_source=True)],
+        extra_metrics=lambda q, ids, emb, qs: {"embedded": len(ids), "queries": len(qs)},
+        derived=lambda r: {"sum": r["R@1"] + r["R@2"]})
+    assert protocol.image_ids().tolist() == [0, 1, 2, 3, 4]
+    r = recalls_from_embeddings(query_emb, np.arange(5), np.eye(5, dtype=np.float32), queries, np.arange(5),
+                                protocol, ks=(1, 2), verbose=False)
+    # a: query 0 ranks its own source first (kept): rank 2; query 1: rank 1. b: the source (3) out: rank 1
+    assert r == {"R@1": 0.75, "R@2": 1.0, "a_R@1": 0.5, "a_R@2": 1.0, "b_R@1": 1.0, "b_R@2": 1.0,
+                 "embedded": 5.0, "queries": 3.0, "sum": 1.75}
+    ranked = rank_within(query_emb[:2], np.arange(5), np.eye(5, dtype=np.float32),
+                         np.array([[0, 1, 2], [2, -1, 1]]), np.array([0, 1]))
+    assert ranked.tolist() == [[2, 1, -1], [2, -1, -1]]
