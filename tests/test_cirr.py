@@ -275,3 +275,8 @@ def test_train_evaluate_and_submit_end_to_end(tmp_path):
         top, best3 = recall[str(q["pairid"])], subset[str(q["pairid"])]
         assert len(top) == 5 and q["reference"] not in top and set(top) < set(truth["test1"]["names"])
         assert len(best3) == 3 and q["reference"] not in best3 and set(best3) < set(q["img_set"]["members"])
+    # the same from the saved run, through tools/evaluate.py --submission
+    exp.save_run(model, tmp_path / "run", metrics)
+    assert _evaluate_tool().main(["--run", str(tmp_path / "run"), "--submission", str(tmp_path / "tool"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "tool" / "recall_submission.json").read_text()) == recall
+    assert json.loads((tmp_path / "tool" / "recall_subset_submission.json").read_text()) == subset
