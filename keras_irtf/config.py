@@ -144,8 +144,8 @@ def _one_of(kind: str, type: str):
 
 @dataclasses.dataclass
 class DataConfig:
-    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | ...) and its own keys,
-    # e.g. data.dataset.size for the built-in CSS.
+    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | fashioniq | cirr | triplets |
+    # ...) and its own keys, e.g. data.dataset.size for the built-in CSS.
     dataset: OneOf = _one_of("dataset", "css")
     # Folder of the dataset in its official layout. For CSS, None means: generate the built-in
     # benchmark (data.dataset.size) into `cache_dir` (once) and read it from there.
@@ -518,7 +518,8 @@ def _apply_file(cfg: Config, path: Path, seen: set):
 
 
 # Choices of the plain keys. The registered kinds' keys declare theirs in their settings
-# dataclass (a class attribute CHOICES = {key: (...)}), and may add a validate(self) method.
+# dataclass (a class attribute CHOICES = {key: (...)}; a tuple key's every item), and may add a
+# validate(self) method.
 _CHOICES = {
     ("data", "on_bad_image"): ("error", "skip"),
     ("loss", "similarity_reduction"): ("sum", "mean"),
@@ -543,9 +544,13 @@ def _check_settings(settings, key: str):
         elif value is not None:
             _check_number(f"{key}.{name}", value, domain)
     for name, choices in getattr(settings, "CHOICES", {}).items():
-        value = str(getattr(settings, name))
-        if value not in choices:
-            raise ConfigError(f"{key}.{name}={value!r}: expected one of {list(choices)}")
+        value = getattr(settings, name)
+        if isinstance(value, (list, tuple)):  # a tuple key: every item is one of the choices
+            for i, item in enumerate(value):
+                if str(item) not in choices:
+                    raise ConfigError(f"{key}.{name}[{i}]={item!r}: expected items among {list(choices)}")
+        elif str(value) not in choices:
+            raise ConfigError(f"{key}.{name}={str(value)!r}: expected one of {list(choices)}")
     check = getattr(settings, "validate", None)
     if check is not None:
         try:

@@ -165,6 +165,9 @@ _BUILTIN_MODULES = (
     "keras_irtf.data.css_generator",
     "keras_irtf.data.mitstates",
     "keras_irtf.data.fashion200k",
+    "keras_irtf.data.fashioniq",
+    "keras_irtf.data.cirr",
+    "keras_irtf.data.triplets",
 )
 _loaded = False
 _loading = False

@@ -7,12 +7,16 @@ a fixed seeded sample, and the weighted harmonic mean WHM; optionally draw WHM a
     python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png   # + whm.json, whm.csv
     python tools/evaluate.py --run runs/a --run runs/b --whm-plot whm.png --reuse-metrics
     python tools/evaluate.py --run runs/css_tirg_s0 --robustness          # -> robustness.json
+    python tools/evaluate.py --run runs/cirr_tirg_s0 --submission out/    # CIRR test-server files
 
 Reads runs/<name>/config.yaml, vocab.txt and model.keras; rewrites metrics.json (or --out, with
 one run) with the new recalls, keeping the training fields (steps, train_seconds) it already had.
 --whm-plot draws WHM = (1 + alpha) Ms Mt / (alpha Mt + Ms) for alpha in [0, 2], one curve per
 run, and writes the numbers beside the PNG (same name, .json and .csv). --reuse-metrics plots
 from each run's existing metrics.json instead of evaluating again (WHM depends on Ms and Mt only).
+--submission DIR (a CIRR run): rank CIRR's test1 queries and write the two files its evaluation
+server takes (recall_submission.json, recall_subset_submission.json) into DIR, instead of
+evaluating.
 """
 
 import argparse
@@ -45,8 +49,14 @@ def main(argv=None):
                    help="instead: perturbed test queries (noise, JPEG, FGSM, PGD, text) -> <run>/robustness.json")
     p.add_argument("--robustness-kinds", help="with --robustness: a comma-separated subset of "
                    "noise,jpeg,fgsm,pgd,text (default all)")
+    p.add_argument("--submission", metavar="DIR",
+                   help="instead: a CIRR run's test1 rankings in the evaluation server's two JSON files, into DIR")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.submission:
+        if len(args.run) > 1:
+            p.error("--submission writes one run's files: give a single --run")
+        return submission_main(args)
     if args.robustness:
         return robustness_main(args)
     if args.out and len(args.run) > 1:
@@ -107,6 +117,30 @@ def robustness_main(args):
             result = R.robustness_run(run, levels=levels, out=args.out, verbose=not args.quiet, backend=args.backend)
             print(f"## {label}: robustness ({result['settings']['gallery']})")
             print(R.format_robustness(result))
+    except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def submission_main(args):
+    """--submission DIR: keras_irtf.evaluation.cirr_submission on a CIRR run."""
+    from keras_irtf.config import ConfigError, load_config
+    from keras_irtf.data.base import DatasetError
+
+    try:
+        config = Path(args.run[0]) / "config.yaml"
+        if config.is_file():  # refuse another dataset before loading anything
+            dataset = load_config([config]).data.dataset.type
+            if dataset != "cirr":
+                raise DatasetError(f"--submission writes CIRR's test-server files; {args.run[0]} was trained on "
+                                   f"{dataset!r} (data.dataset=cirr runs only)")
+        from keras_irtf.evaluation.cirr_submission import write_submission
+        from keras_irtf.experiment import Experiment
+
+        exp, model = Experiment.from_run(args.run[0], verbose=not args.quiet)
+        written = write_submission(exp, model, args.submission, backend=args.backend)
+        print(f"wrote {written['recall']} and {written['recall_subset']}")
     except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

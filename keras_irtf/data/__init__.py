@@ -1,7 +1,7 @@
 """Datasets in their official layouts, the built-in CSS generator, and the tf.data pipelines.
 
 Datasets are registered by name (keras_irtf.registry.register_dataset): css, mitstates,
-fashion200k, and any a user's module adds.
+fashion200k, fashioniq, cirr, triplets, and any a user's module adds.
 """
 
 from __future__ import annotations

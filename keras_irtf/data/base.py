@@ -106,8 +106,21 @@ class RetrievalDataset:
         return self.sample_training_queries(n, np.random.default_rng(seed + 7919), paired=False)
 
     def extra_recalls(self) -> dict:
-        """name -> function(retrieved caption ids [Q, K], target caption ids [Q]) -> hit matrix."""
+        """name -> function(retrieved caption ids [Q, K], queries) -> hit matrix [Q, K] (test
+        splits evaluated as one gallery; reported as "<name>_R@K")."""
         return {}
+
+    def test_protocol(self, split_name: str, queries: Queries):
+        """The evaluation of a test split when it is not the TIRG default (every query against
+        every image of the split, the source excluded): a
+        keras_irtf.evaluation.protocol.TestProtocol (query groups with their own galleries,
+        extra metrics), or None for the default."""
+        return None
+
+    def extra_texts(self) -> list:
+        """Texts the model may be asked to embed beyond the training and test queries' (CIRR's
+        test1 captions for the submission): a frozen text encoder's cache includes them."""
+        return []
 
 
 def image_loader_from_arrays(images: np.ndarray) -> Callable:

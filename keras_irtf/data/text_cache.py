@@ -139,11 +139,15 @@ def raw_texts(texts):
 
 def texts_of_run(dataset) -> list:
     """Every text a training run feeds the model: training texts (training queries and the
-    training-recall sample draw from them) and the test queries' texts."""
+    training-recall sample draw from them), the test queries' texts, and the dataset's
+    `extra_texts()` (e.g. CIRR's test1 captions, embedded for the test-server submission)."""
     texts = list(dataset.training_texts())
     test = getattr(dataset, "test", None)
     if test is not None and getattr(test, "test_queries", None) is not None:
         texts += [str(t) for t in test.test_queries.texts]
+    extra = getattr(dataset, "extra_texts", None)
+    if extra is not None:
+        texts += [str(t) for t in extra()]
     return list(dict.fromkeys(str(t) for t in texts))
 
 

@@ -6,9 +6,25 @@ Train (Ms), per dataset as TIRG's code does it (`dataset.train_recall_gallery`):
 training query against every training image, the source excluded; MIT-States and Fashion200k, a
 fixed, seeded sample of training queries against the gallery of their target images.
 Exact score ties are broken towards the lower gallery index (TIRG: numpy's unstable argsort).
+
+A dataset whose published protocol differs says so with `test_protocol(split_name, queries)`,
+returning a TestProtocol (None keeps the default above):
+- groups of queries, each ranked against its own gallery, with or without the source removed
+  (FashionIQ: each category's queries against that category's images, nothing removed; the
+  results are "<category>_R@K" and "R@K" = their mean);
+- an explicit gallery (a single group whose gallery is a subset: a triplets folder's
+  gallery.txt);
+- extra metrics computed from the query and image embeddings (CIRR's Recall_subset@K, ranked
+  within each query's own image set).
+The ranking itself is `recalls_from_embeddings`, a function of embeddings only, so protocols are
+tested with hand-made embeddings. metrics.json's `test` block stays a flat dict of floats: the
+WHM reads its "R@K" keys.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -67,37 +83,180 @@ def rank(query_emb, gallery_emb, k, exclude=None, query_chunk=1024, gallery_chun
     return out
 
 
+# ---- what a dataset's test protocol is ---------------------------------------------------------
+@dataclasses.dataclass
+class QueryGroup:
+    """Some of a split's queries, ranked against their own gallery.
+
+    name: "" for a protocol of one group (its recalls are the split's "R@K"); otherwise the
+        prefix of the group's keys ("dress" -> "dress_R@10") and the group joins the averages.
+    query_idx: rows of the split's Queries that belong to the group.
+    gallery_ids: image ids of the split that are the group's gallery, in gallery order (exact
+        score ties go to the earlier one).
+    exclude_source: whether a query's own source image is removed from the gallery (when it is
+        in it at all).
+    """
+
+    name: str
+    query_idx: np.ndarray
+    gallery_ids: np.ndarray
+    exclude_source: bool = True
+
+
+@dataclasses.dataclass
+class TestProtocol:
+    """How a dataset's test queries are evaluated (`RetrievalDataset.test_protocol`).
+
+    groups: the query groups; each query may be in at most one. A single unnamed group is the
+        TIRG protocol's shape (every query against one gallery); named groups (FashionIQ's
+        categories) report "<name>_R@K" each and "R@K" = the unweighted mean over the groups
+        (every group counts the same, as the FashionIQ papers average over categories).
+    extra_metrics: fn(query_emb [Q, D], image_ids [N] sorted, image_emb [N, D], queries) ->
+        {name: float}, called once with every query and every embedded image (CIRR's
+        Recall_subset). Its keys are added to the split's results as they are.
+    extra_image_ids: split image ids extra_metrics needs beyond the groups' galleries.
+    derived: fn(results) -> {name: float}: summaries of the results computed so far (CIRR's
+        headline (R@5 + R_subset@1) / 2), added last.
+    """
+
+    groups: list
+    extra_metrics: Optional[Callable] = None
+    extra_image_ids: Optional[np.ndarray] = None
+    derived: Optional[Callable] = None
+
+    def image_ids(self) -> np.ndarray:
+        """Every image id to embed, sorted, each once."""
+        parts = [np.asarray(g.gallery_ids, np.int64) for g in self.groups]
+        if self.extra_image_ids is not None:
+            parts.append(np.asarray(self.extra_image_ids, np.int64))
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
+def default_protocol(dataset, split_name: str, queries: Queries) -> TestProtocol:
+    """The TIRG protocol as one group. Test (and test_shift): gallery = every image of the split,
+    the source excluded. Train: the same when `dataset.train_recall_gallery == "split"` (CSS),
+    else gallery = the queries' target images, nothing excluded."""
+    split = getattr(dataset, split_name)
+    everything = np.arange(len(queries))
+    if split_name != "train" or getattr(dataset, "train_recall_gallery", "targets") == "split":
+        return TestProtocol([QueryGroup("", everything, np.arange(split.num_images), True)])
+    return TestProtocol([QueryGroup("", everything, np.unique(queries.target_ids), False)])
+
+
+def split_protocol(dataset, split_name: str, queries: Queries) -> TestProtocol:
+    """The dataset's own protocol for a test split (`dataset.test_protocol(split_name, queries)`,
+    None = the default), else the default; training recall always follows the default."""
+    hook = getattr(dataset, "test_protocol", None)
+    if split_name.startswith("test") and hook is not None:
+        protocol = hook(split_name, queries)
+        if protocol is not None:
+            return protocol
+    return default_protocol(dataset, split_name, queries)
+
+
+def retrieved_captions(query_emb, gallery_emb, gallery_caption_ids, k, exclude=None, query_chunk=1024,
+                       gallery_chunk=8192, verbose=True, backend="tf"):
+    """Caption ids [Q, k] of each query's top-k gallery images (-1: no eligible image, never a
+    hit); `exclude`: one gallery position (or -1) per query."""
+    gallery_caption_ids = np.asarray(gallery_caption_ids, np.int64)
+    kk = min(int(k), len(gallery_caption_ids))
+    if kk == 0 or len(query_emb) == 0:
+        return np.full((len(query_emb), int(k)), -1, np.int64)
+    _, top = rank(query_emb, gallery_emb, kk, exclude, query_chunk, gallery_chunk, verbose, backend)
+    # an index of -1 marks "no eligible item" (a gallery of k items, one excluded): never a hit
+    retrieved = np.where(top >= 0, gallery_caption_ids[np.maximum(top, 0)], -1)
+    if kk < k:  # a gallery smaller than K: pad with a caption that never matches
+        retrieved = np.pad(retrieved, ((0, 0), (0, int(k) - kk)), constant_values=-1)
+    return retrieved
+
+
+def recalls_from_embeddings(query_emb, image_ids, image_emb, queries: Queries, caption_ids, protocol: TestProtocol,
+                            ks=(1, 5, 10, 50), extra_recalls=None, query_chunk=1024, gallery_chunk=8192,
+                            verbose=True, backend="tf") -> dict:
+    """The split's results from embeddings, no model involved (tests pass hand-made ones).
+
+    query_emb: [Q] rows, one per query of `queries`; image_ids: sorted image ids of the split
+    with their embeddings `image_emb` (at least protocol.image_ids()); caption_ids: the split's
+    caption id per image (a hit is a retrieved image with the target's caption).
+    extra_recalls: the dataset's extra_recalls() (applied to an unnamed group: "<name>_R@K").
+    """
+    image_ids = np.asarray(image_ids, np.int64)
+    caption_ids = np.asarray(caption_ids, np.int64)
+    kmax = max(ks)
+    result, named = {}, []
+    for group in protocol.groups:
+        gallery_ids = np.asarray(group.gallery_ids, np.int64)
+        rows = np.searchsorted(image_ids, gallery_ids)
+        if len(gallery_ids) and (rows.max() >= len(image_ids) or not np.array_equal(image_ids[rows], gallery_ids)):
+            raise ValueError(f"group {group.name!r}: some gallery images have no embedding")
+        sub = queries.subset(np.asarray(group.query_idx, np.int64))
+        exclude = None
+        if group.exclude_source:
+            # exclusion is by gallery position: the source's position in this gallery, or -1
+            position = np.full(len(caption_ids), -1, np.int64)
+            position[gallery_ids] = np.arange(len(gallery_ids))
+            exclude = position[sub.source_ids]
+        retrieved = retrieved_captions(
+            np.asarray(query_emb)[np.asarray(group.query_idx, np.int64)], np.asarray(image_emb)[rows],
+            caption_ids[gallery_ids], kmax, exclude, query_chunk, gallery_chunk, verbose, backend)
+        recalls = M.recall_at_k(retrieved, sub.target_captions, ks)
+        for name, fn in (extra_recalls or {}).items() if not group.name else ():
+            hits = fn(retrieved, sub)
+            for kk in ks:
+                recalls[f"{name}_R@{kk}"] = float(np.mean(hits[:, :kk].any(1)))
+        if group.name:
+            named.append((group.name, recalls))
+        else:
+            result.update(recalls)
+    if named:
+        for key in named[0][1]:
+            result[key] = float(np.mean([r[key] for _, r in named]))
+        for name, recalls in named:
+            result.update({f"{name}_{key}": value for key, value in recalls.items()})
+    if protocol.extra_metrics is not None:
+        result.update({k: float(v) for k, v in protocol.extra_metrics(query_emb, image_ids, image_emb, queries).items()})
+    if protocol.derived is not None:
+        result.update({k: float(v) for k, v in protocol.derived(dict(result)).items()})
+    return result
+
+
+def rank_within(query_emb, image_ids, image_emb, candidates, exclude=None) -> np.ndarray:
+    """Each query's own candidate images ranked by score: [Q, M] image ids, best first, -1 for
+    padding and for the excluded image (moved to the end). Ties go to the earlier candidate.
+
+    candidates: [Q, M] image ids (-1 = no candidate), each with an embedding in
+    (image_ids sorted, image_emb); exclude: [Q] an image id to leave out per query (or -1).
+    Used for CIRR's Recall_subset (ranking within the query's img_set) and its submission."""
+    candidates = np.asarray(candidates, np.int64)
+    image_ids = np.asarray(image_ids, np.int64)
+    valid = candidates >= 0
+    if exclude is not None:
+        valid &= candidates != np.asarray(exclude, np.int64)[:, None]
+    rows = np.searchsorted(image_ids, np.maximum(candidates, 0))
+    rows = np.minimum(rows, max(len(image_ids) - 1, 0))
+    if (valid & (image_ids[rows] != candidates)).any():
+        raise ValueError("rank_within: some candidate images have no embedding")
+    scores = np.einsum("qd,qmd->qm", np.asarray(query_emb, np.float32), np.asarray(image_emb, np.float32)[rows])
+    scores = np.where(valid, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(candidates, order, axis=1)
+    return np.where(np.take_along_axis(valid, order, axis=1), ranked, -1)
+
+
 def evaluate_split(model, dataset, vectorizer, split_name, queries: Queries, ks=(1, 5, 10, 50),
                    batch_size=256, preprocessor=64, query_chunk=1024, gallery_chunk=8192, verbose=True,
                    backend="tf"):
-    """Recall@K of `queries` on one split. Test (and test_shift): gallery = every image of the
-    split, the source excluded. Train: the same when `dataset.train_recall_gallery == "split"`
-    (CSS), else gallery = the queries' target images."""
+    """Recall@K of `queries` on one split, under the split's protocol (`split_protocol`: the
+    dataset's `test_protocol` for test splits, else the TIRG default). Every image any group
+    needs is embedded once, every query once."""
     split = getattr(dataset, split_name)
-    if split_name != "train" or getattr(dataset, "train_recall_gallery", "targets") == "split":
-        gallery_ids = np.arange(split.num_images)
-        exclude = queries.source_ids
-    else:
-        gallery_ids = np.unique(queries.target_ids)
-        exclude = None
-    g = embed_gallery(model, split, gallery_ids, batch_size, preprocessor, verbose, f"{split_name} gallery")
+    protocol = split_protocol(dataset, split_name, queries)
+    image_ids = protocol.image_ids()
+    g = embed_gallery(model, split, image_ids, batch_size, preprocessor, verbose, f"{split_name} gallery")
     q = embed_query_set(model, split, queries, vectorizer, batch_size, preprocessor, verbose, f"{split_name} queries")
-    if exclude is not None:
-        # exclusion is by gallery position; the test gallery is every image, in id order
-        exclude = np.asarray(exclude, np.int64)
-    k = min(max(ks), len(gallery_ids))
-    _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, verbose, backend)
-    # an index of -1 marks "no eligible item" (a gallery of k items, one excluded): never a hit
-    retrieved = np.where(top >= 0, split.caption_ids[gallery_ids[np.maximum(top, 0)]], -1)
-    if k < max(ks):  # a gallery smaller than K: pad with a caption that never matches
-        retrieved = np.pad(retrieved, ((0, 0), (0, max(ks) - k)), constant_values=-1)
-    result = M.recall_at_k(retrieved, queries.target_captions, ks)
-    if split_name.startswith("test"):
-        for name, fn in dataset.extra_recalls().items():
-            hits = fn(retrieved, queries)
-            for kk in ks:
-                result[f"{name}_R@{kk}"] = float(np.mean(hits[:, :kk].any(1)))
-    return result
+    extra = dataset.extra_recalls() if split_name.startswith("test") else None
+    return recalls_from_embeddings(q, image_ids, g, queries, split.caption_ids, protocol, ks, extra, query_chunk,
+                                   gallery_chunk, verbose, backend)
 
 
 def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0.5,

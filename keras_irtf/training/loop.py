@@ -171,6 +171,10 @@ def format_results(metrics: dict) -> str:
     rows = [head, "|" + "---|" * (len(ks) + 1)]
     for split in [s for s in ("test", "test_shift", "train") if s in metrics]:
         rows.append(f"| {split} | " + " | ".join(f"{100 * metrics[split][k]:.1f}" for k in ks) + " |")
+    other = [k for k in metrics["test"] if not k.startswith("R@")]
+    if other:  # per-group recalls (FashionIQ's categories), CIRR's subset recall, headlines
+        rows.append("")
+        rows.append("test: " + ", ".join(f"{k} {100 * metrics['test'][k]:.1f}" for k in other))
     w = metrics["whm"]
     rows.append("")
     rows.append(f"Mt = {100 * w['Mt']:.1f}, Ms = {100 * w['Ms']:.1f}, WHM(alpha={w['alpha']}) = {100 * w['value']:.1f}")
