@@ -226,3 +226,23 @@ def test_protocol_hooks_as_a_pure_function():
     ranked = rank_within(query_emb[:2], np.arange(5), np.eye(5, dtype=np.float32),
                          np.array([[0, 1, 2], [2, -1, 1]]), np.array([0, 1]))
     assert ranked.tolist() == [[2, 1, -1], [2, -1, -1]]
+
+
+def test_robustness_follows_the_per_category_protocol(tmp_path):
+    """The robustness evaluation ranks FashionIQ queries within their category, as the clean one."""
+    from keras_irtf.config import load_config
+    from keras_irtf.evaluation.robustness import evaluate_robustness
+    from keras_irtf.experiment import Experiment
+    from keras_irtf.testing.cir_fixtures import tiny_run_overrides, write_fashioniq
+
+    write_fashioniq(tmp_path / "fiq")
+    exp = Experiment(load_config([], tiny_run_overrides("fashioniq", tmp_path / "fiq")), verbose=False)
+    model = exp.create_model()
+    clean = exp.evaluate(model, verbose=False)["test"]
+    r = evaluate_robustness(model, exp.dataset, exp._text_input(), levels={"noise": [2 / 255]},
+                            preprocessor=exp.preprocessor, input_grad=False, verbose=False)
+    for key in ("R@1", "dress_R@1", "shirt_R@5", "toptee_R@10"):
+        assert r["clean"][key] == pytest.approx(clean[key])
+    (noisy,) = r["noise"].values()
+    assert "dress_R@1" in noisy and set(noisy) == set(r["clean"])
+    assert "protocol" in r["settings"]["gallery"]

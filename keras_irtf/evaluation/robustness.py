@@ -1,8 +1,9 @@
 """Robustness of a trained model: the TIRG test protocol with the QUERY perturbed.
 
 Every test query is ranked against every clean test image (its own source excluded, a hit when a
-retrieved image has the target's caption: the clean protocol of keras_irtf.evaluation.protocol),
-but its source image or its text is perturbed first:
+retrieved image has the target's caption: the clean protocol of keras_irtf.evaluation.protocol;
+a dataset with a protocol of its own, e.g. FashionIQ's per-category galleries, is ranked by
+that), but its source image or its text is perturbed first:
 
     noise   Gaussian pixel noise of standard deviation sigma (pixels in [0, 1], before the
             model's ImageNet normalisation), clipped to [0, 1]; sigma in {2, 4, 8, 16} / 255
@@ -197,6 +198,7 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
     split = getattr(dataset, split_name)
     queries = split.test_queries
     exclude = np.asarray(queries.source_ids, np.int64)
+    protocol = dataset.test_protocol(split_name, queries) if hasattr(dataset, "test_protocol") else None
     preprocessor = as_preprocessor(preprocessor)
     gallery = embed_gallery(model, split, np.arange(split.num_images), batch_size, preprocessor, verbose,
                             f"{split_name} gallery")
@@ -267,7 +269,15 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
                 u = (fgsm if kind == "fgsm" else pgd)(u, text, source, target, tf.constant(float(level)), s)
             out.append(embed(u, text).numpy())
             progress.update(attack_cost.get(kind, 1))
-        recalls = _recalls(np.concatenate(out), gallery, split, qs, ks, exclude, query_chunk, gallery_chunk, backend)
+        if protocol is None:
+            recalls = _recalls(np.concatenate(out), gallery, split, qs, ks, exclude, query_chunk, gallery_chunk,
+                               backend)
+        else:  # the dataset's own test protocol (FashionIQ's per-category galleries, CIRR's subsets)
+            from keras_irtf.evaluation.protocol import recalls_from_embeddings
+
+            recalls = recalls_from_embeddings(np.concatenate(out), np.arange(split.num_images), gallery, qs,
+                                              split.caption_ids, protocol, ks, query_chunk=query_chunk,
+                                              gallery_chunk=gallery_chunk, verbose=False, backend=backend)
         if kind == "clean":
             result["clean"] = recalls
         else:
@@ -287,7 +297,8 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
         result["input_grad_l2"] = float(np.mean(np.concatenate(l2)))
     progress.close()
     result["settings"] = {
-        "split": split_name, "queries": len(queries), "gallery": GALLERY, "seed": int(seed),
+        "split": split_name, "queries": len(queries), "seed": int(seed),
+        "gallery": GALLERY if protocol is None else "the dataset's test protocol (keras_irtf.evaluation.protocol.TestProtocol)",
         "pixels": "[0, 1], before ImageNet normalisation; noise and attacks clipped to [0, 1]",
         "attack_loss": "softmax cross-entropy of the query against every test image, target = label",
         "pgd_steps": int(pgd_steps), "pgd_step": "eps / 4", "pgd_start": "uniform in the eps-ball",
