@@ -215,6 +215,9 @@ def test_frozen_by_default_and_finetune_makes_the_towers_trainable(family, prese
         assert not part.trainable and part.trainable_weights == [] and part.pretrained_variables() == []
         assert all(g is None for g in _gradients(part, inputs, part.tower.weights))  # stop_gradient
     assert pretrained_learning_rate_groups(frozen, 0.1) == []
+    tower_ids = {id(v) for part in (frozen.image_encoder, frozen.text_encoder) for v in part.weights}
+    assert tower_ids.isdisjoint(id(v) for v in frozen.trainable_variables)  # what the optimizer updates
+    assert len(frozen.trainable_variables) == len(frozen.composer.trainable_weights) + 1  # + the scale
 
     for mode, tuned in (("text", {"text"}), ("image", {"image"}), ("both", {"image", "text"})):
         cfg = config(family, presets[family])
@@ -235,6 +238,9 @@ def test_frozen_by_default_and_finetune_makes_the_towers_trainable(family, prese
                 assert part.pretrained_variables() == [] and part.trainable_weights == []
         (group, multiplier), = pretrained_learning_rate_groups(model, 0.1)
         assert multiplier == 0.1 and len(group) == expected_count
+        trainable = {id(v) for v in model.trainable_variables}
+        assert {id(v) for v in group} <= trainable
+        assert len(trainable) == expected_count + len(model.composer.trainable_weights) + 1
         if "text" in tuned:
             with pytest.raises(ValueError, match="fine-tuned.*model.text_encoder.cache=false"):
                 model.text_encoder.attach_cache(object())

@@ -177,7 +177,10 @@ class _TowerMixin:
 
     def _set_finetune(self, finetune: bool):
         self.finetune = bool(finetune)
-        self.trainable = self.finetune  # propagates to the tower's layers
+        # The setter itself, not `self.trainable = ...`: Keras skips assigning the value an
+        # attribute already has, and FrozenTextEncoder starts frozen, so the towers added since
+        # would stay trainable and land in the model's trainable_variables.
+        keras.layers.Layer.trainable.fset(self, self.finetune)
 
     def pretrained_variables(self) -> list:
         """The tower's variables when it is fine-tuned (trained at the reduced learning rate), []
@@ -230,6 +233,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
         self.output_dim = int(self.projection.units) if self.projection is not None else int(self.tower.hidden_dim)
         self._cache = None
         self._set_finetune(finetune)
+        self.built = True  # the tower and projection come built
 
     @classmethod
     def from_preset(cls, preset, finetune=False, allow_cache=True, key="model.image_encoder.preset", **kwargs):
@@ -373,6 +377,7 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
         self.preset = preset
         self._packer_ready = False
         self._set_finetune(finetune)
+        self.built = True
 
     @classmethod
     def from_preset(cls, preset, sequence_length=0, finetune=False, key="model.text_encoder.preset", **kwargs):

@@ -58,11 +58,12 @@ def _words(text: str) -> list:
     return re.findall(r"[^\W\d_]+|\d|[^\w\s]+|_", str(text).lower())
 
 
-def clip_bpe_vocabulary(texts, num_merges: int = 200):
+def clip_bpe_vocabulary(texts, num_merges: int = 200, vocabulary_size: int = 0):
     """(vocabulary {token: id}, merges ["a b", ...]) of a byte-level BPE learnt on `texts`.
 
     Ids: the 256 byte symbols, the same with CLIP's end-of-word mark `</w>`, the merged tokens,
-    then `<|startoftext|>` and `<|endoftext|>` (the largest id)."""
+    unused filler tokens up to `vocabulary_size` (if larger), then `<|startoftext|>` and
+    `<|endoftext|>` (the largest id)."""
     symbols = _byte_symbols()
     vocab = {}
     for s in symbols + [s + "</w>" for s in symbols]:
@@ -101,6 +102,8 @@ def clip_bpe_vocabulary(texts, num_merges: int = 200):
     if not merges:  # keras-hub cannot build its merge table from an empty list
         merges.append(f"{symbols[ord('a')]} {symbols[ord('b')]}</w>")
         vocab.setdefault(symbols[ord("a")] + symbols[ord("b")] + "</w>", len(vocab))
+    for i in range(int(vocabulary_size) - 2 - len(vocab)):  # never produced by the merges
+        vocab[f"<|unused{i}|>"] = len(vocab)
     vocab[START_TOKEN] = len(vocab)
     vocab[END_TOKEN] = len(vocab)
     return vocab, merges
@@ -108,13 +111,13 @@ def clip_bpe_vocabulary(texts, num_merges: int = 200):
 
 def _clip_preset(folder, texts, seed, *, patch, image_size, vision_width, vision_layers, vision_heads,
                  vision_mlp, text_width, text_layers, text_heads, text_mlp, context, projection,
-                 num_merges):
+                 num_merges, vocabulary_size=0):
     import keras
     import keras_hub
 
     folder = Path(folder)
     keras.utils.set_random_seed(int(seed))
-    vocab, merges = clip_bpe_vocabulary(texts, num_merges)
+    vocab, merges = clip_bpe_vocabulary(texts, num_merges, vocabulary_size)
     tokenizer = keras_hub.models.CLIPTokenizer(vocabulary=vocab, merges=merges)
     converter = keras_hub.layers.CLIPImageConverter(
         image_size=(image_size, image_size),
@@ -151,16 +154,17 @@ def make_tiny_clip_preset(folder, texts=(), seed: int = 0, width: int = 32, laye
 
 VIT_SIZES = {
     # ViT-B/16 CLIP (OpenAI's clip-vit-base-patch16): 224 px, 16 px patches
+    # (149,620,934 parameters, as keras-hub's clip_vit_base_patch16 preset)
     "vit_b16": dict(patch=16, image_size=224, vision_width=768, vision_layers=12, vision_heads=12,
                     vision_mlp=3072, text_width=512, text_layers=12, text_heads=8, text_mlp=2048,
-                    context=77, projection=512),
+                    context=77, projection=512, vocabulary_size=49408),
 }
 
 
 def make_random_clip_preset(folder, size: str = "vit_b16", seed: int = 0, texts=(), num_merges: int = 2000) -> str:
-    """A randomly initialised CLIP preset with the shapes of `size` (VIT_SIZES; the vocabulary is
-    a small BPE one, so the token embedding is smaller than the real 49,408 x 512). About 150M
-    parameters for vit_b16: for speed benchmarks only. Returns the folder (str)."""
+    """A randomly initialised CLIP preset with the shapes of `size` (VIT_SIZES): ViT-B/16's towers
+    and its 49,408-token embedding (a small BPE vocabulary padded with unused tokens), ~150M
+    parameters and a 600 MB weights file: for speed benchmarks only. Returns the folder (str)."""
     if size not in VIT_SIZES:
         raise ValueError(f"size={size!r}: one of {sorted(VIT_SIZES)}")
     return _clip_preset(folder, texts, seed, num_merges=num_merges, **VIT_SIZES[size])
