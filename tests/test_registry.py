@@ -25,8 +25,8 @@ def test_registries_list_the_builtins_and_choices_come_from_them():
 
     assert registry.COMPOSERS.names() == ["combiner", "composeae", "composeae_real", "concat", "image_only", "sum",
                                          "text_only", "tirg"]
-    assert registry.IMAGE_ENCODERS.names() == ["resnet18", "small_cnn"]
-    assert registry.TEXT_ENCODERS.names() == ["bert_hub", "bert_keras_hub", "lstm"]
+    assert registry.IMAGE_ENCODERS.names() == ["clip", "resnet18", "siglip", "small_cnn"]
+    assert registry.TEXT_ENCODERS.names() == ["bert_hub", "bert_keras_hub", "clip", "lstm", "siglip"]
     assert registry.DATASETS.names() == ["cirr", "css", "fashion200k", "fashioniq", "mitstates", "triplets"]
     assert registry.RETRIEVAL_LOSSES.names() == ["batch_classification", "soft_triplet"]
     assert registry.GA_METHODS.names() == ["adversarial", "fgsm", "isotropic", "l1", "l2"]

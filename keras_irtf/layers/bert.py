@@ -122,7 +122,8 @@ class FrozenTextEncoder(TextEncoder):
         ctx = tf.distribute.get_replica_context()
         if ctx is None or ctx.num_replicas_in_sync == 1:  # a plain variable: not per replica
             self._encoder_runs.assign_add(1)
-        return tf.stop_gradient(out)
+        # frozen: no gradient reaches the encoder (a subclass that fine-tunes sets trainable)
+        return out if self.trainable else tf.stop_gradient(out)
 
     def _encode(self, texts):
         raise NotImplementedError

@@ -1,0 +1,456 @@
+"""CLIP and SigLIP image and text encoders, read from LOCAL keras-hub preset folders.
+
+    --set model.image_encoder=clip --set model.image_encoder.preset=/presets/clip_vit_base_patch16
+    --set model.text_encoder=clip            # shares the image encoder's preset folder
+
+A preset folder is what `save_to_preset(DIR)` writes (config.json + model.weights.h5 for the
+backbone, tokenizer.json + assets/, preprocessor.json, image_converter.json). keras_irtf never
+downloads: a bare preset name ("clip_vit_base_patch16"), a URL or a kaggle:// / hf:// handle is
+refused with instructions. keras-hub is imported only when an encoder is built.
+
+Each layer keeps one tower of the backbone, so the weights are not held twice:
+
+- image encoders (`clip`, `siglip`): the vision tower + its pooling + its projection; the
+  output is exactly `backbone.get_vision_embeddings(images)`. Inputs are images already through
+  `preprocessor()` (an ImagePreprocessor with the tower's input side and the mean/std that the
+  preset's image converter implies), float32 [B, S, S, 3]; or integer ids [B] into an attached
+  feature cache (`attach_cache(cache)`, `cache.gather(ids) -> [B, D]`). `encode_images` always
+  runs the tower.
+- text encoders (`clip`, `siglip`, input_kind "strings"): the preset's own preprocessing and
+  tokenizer (CLIP: lower case, byte-level BPE between <|startoftext|> and <|endoftext|>, pooled at
+  the end-of-text token; SigLIP: canonicalised text, SentencePiece, pooled at the last token),
+  inside the graph (tf.function, exported SavedModels), then the text tower + pooling +
+  projection: exactly `backbone.get_text_embeddings(token_ids)`. Integer inputs are row ids of
+  an attached TextEmbeddingCache, as for the frozen BERT encoders (keras_irtf.layers.bert).
+
+Frozen by default. `model.finetune` (none | text | image | both) makes the named towers
+trainable: their variables are `pretrained_variables()` (trained at optim.backbone_lr_multiplier
+times the rate) and their outputs carry gradients; a frozen tower's output is under
+tf.stop_gradient and it lists no trainable variable.
+
+A saved `.keras` model holds the towers' weights and the tokenizer's vocabulary (Keras assets):
+it reloads without the preset folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from keras_irtf.config import NON_NEGATIVE, ConfigError
+from keras_irtf.layers.base import ImageEncoder
+from keras_irtf.layers.bert import FrozenTextEncoder, _is_url
+from keras_irtf.registry import register_image_encoder, register_text_encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What differs between CLIP and SigLIP presets."""
+
+    name: str  # the registered name: "clip" | "siglip"
+    backbone: str  # keras_hub.models class names
+    preprocessor: str
+    example: str  # a preset name, for the how-to
+    kaggle: str  # its Kaggle handle
+    mean: tuple  # the statistics its image converter uses ([0, 1] pixel units)
+    std: tuple
+
+
+CLIP = Family("clip", "CLIPBackbone", "CLIPPreprocessor", "clip_vit_base_patch16",
+              "keras/clip/keras/clip_vit_base_patch16", (0.48145466, 0.4578275, 0.40821073),
+              (0.26862954, 0.26130258, 0.27577711))
+SIGLIP = Family("siglip", "SigLIPBackbone", "SigLIPPreprocessor", "siglip_base_patch16_224",
+                "keras/siglip/keras/siglip_base_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+FAMILIES = {f.name: f for f in (CLIP, SIGLIP)}
+FINETUNE_CHOICES = ("none", "text", "image", "both")
+
+
+def preset_help(family: Family, key: str) -> str:
+    return (
+        "keras_irtf never downloads models. Make a local keras-hub preset folder once, on a machine with "
+        f"network: `import keras_hub; b = keras_hub.models.{family.backbone}.from_preset('{family.example}'); "
+        f"p = keras_hub.models.{family.preprocessor}.from_preset('{family.example}'); "
+        "b.save_to_preset(DIR); p.save_to_preset(DIR)` (the preprocessor writes the tokenizer and the image "
+        f"converter too), or download the Kaggle model {family.kaggle} and extract it into DIR. Copy DIR "
+        f"here and pass its path: --set {key}=DIR"
+    )
+
+
+def resolve_preset(preset, key: str, family: Family) -> str:
+    """The absolute path of a local `family` preset folder, or ConfigError saying how to make one."""
+    help_text = preset_help(family, key)
+    if not preset:
+        raise ConfigError(f"{key} is not set: it must be the path of a local keras-hub preset folder. {help_text}")
+    text = str(preset)
+    if _is_url(text) or text.lower().startswith(("kaggle:", "hf:")):
+        raise ConfigError(f"{key}={text!r} is a URL or a hub handle, not a local folder. {help_text}")
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        bare = not any(c in text for c in "/\\") and not text.startswith((".", "~"))
+        if bare:
+            raise ConfigError(
+                f"{key}={text!r} is a bare preset name and no such folder exists: keras-hub would download it. "
+                f"Pass a folder path (./{text} for a folder here). {help_text}")
+        raise ConfigError(f"{key}={text!r}: folder {path.resolve()} does not exist. {help_text}")
+    missing = [n for n in ("config.json", "model.weights.h5") if not (path / n).is_file()]
+    if missing:
+        raise ConfigError(f"{key}={text!r}: {path.resolve()} is not a keras-hub preset folder (no "
+                          f"{', '.join(missing)}). {help_text}")
+    found = _read_json(path / "config.json").get("class_name")
+    if found != family.backbone:
+        raise ConfigError(f"{key}={text!r}: the preset holds a {found}, not a {family.backbone} "
+                          f"(model.*_encoder={family.name}). {help_text}")
+    return str(path.resolve())
+
+
+def _read_json(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _per_channel(value, default: float) -> list:
+    if value is None:
+        return [default] * 3
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
+
+
+def preset_image_statistics(folder, family: Family):
+    """(side, mean, std, note): the vision tower's input side (config.json) and the per-channel
+    mean/std in [0, 1] pixel units that the preset's image converter implies (it computes
+    u * scale + offset on 0..255 pixels u, i.e. (u / 255 - mean) / std with std = 1 / (255 scale)
+    and mean = -offset * std); the family's statistics when the folder has no image converter."""
+    folder = Path(folder)
+    vision = _read_json(folder / "config.json")["config"]["vision_encoder"]["config"]
+    side = int(vision["image_shape"][0])
+    converter = folder / "image_converter.json"
+    if not converter.is_file():
+        return side, family.mean, family.std, "no image_converter.json: the family's statistics"
+    config = _read_json(converter)["config"]
+    scale, offset = _per_channel(config.get("scale"), 1.0), _per_channel(config.get("offset"), 0.0)
+    std = tuple(round(1.0 / (255.0 * s), 8) for s in scale)
+    mean = tuple(round(-o / (255.0 * s), 8) for o, s in zip(offset, scale))
+    return side, mean, std, ""
+
+
+def finetune_mode(cfg) -> str:
+    mode = str(getattr(cfg.model, "finetune", "none") or "none").lower()
+    if mode not in FINETUNE_CHOICES:
+        raise ConfigError(f"model.finetune={mode!r}: one of {', '.join(FINETUNE_CHOICES)}")
+    return mode
+
+
+def _import_keras_hub():
+    try:
+        import keras_hub
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the clip / siglip encoders need keras-hub, an optional dependency of keras_irtf: "
+                          "pip install 'keras_irtf[hub]' (keras-hub==0.32.*)") from e
+    return keras_hub
+
+
+def _deserialize(obj):
+    """A keras-hub layer, or its serialised config (when a saved model is reloaded)."""
+    if isinstance(obj, dict):
+        _import_keras_hub()  # registers the keras-hub classes
+        return keras.saving.deserialize_keras_object(obj)
+    return obj
+
+
+def _serialize(obj):
+    return keras.saving.serialize_keras_object(obj) if obj is not None else None
+
+
+def load_backbone(folder: str):
+    """The preset's backbone, under the current Keras dtype policy (the run's precision)."""
+    keras_hub = _import_keras_hub()
+    return keras_hub.models.Backbone.from_preset(folder, dtype=keras.config.dtype_policy().name)
+
+
+class _TowerMixin:
+    """Trainability shared by the image and text towers."""
+
+    def _set_finetune(self, finetune: bool):
+        self.finetune = bool(finetune)
+        # The setter itself, not `self.trainable = ...`: Keras skips assigning the value an
+        # attribute already has, and FrozenTextEncoder starts frozen, so the towers added since
+        # would stay trainable and land in the model's trainable_variables.
+        keras.layers.Layer.trainable.fset(self, self.finetune)
+
+    def pretrained_variables(self) -> list:
+        """The tower's variables when it is fine-tuned (trained at the reduced learning rate), []
+        when frozen."""
+        return list(self.trainable_variables) if self.finetune else []
+
+    def _tower_config(self) -> dict:
+        return dict(tower=_serialize(self.tower), pooler=_serialize(self.pooler),
+                    projection=_serialize(self.projection), preset=self.preset, finetune=self.finetune)
+
+
+# ---- image encoders -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PresetImageConfig:
+    """Settings of the `clip` and `siglip` image encoders."""
+
+    preset: Optional[str] = None  # local keras-hub preset folder (written by save_to_preset)
+    cache: bool = True  # whether a frozen-feature cache may serve this encoder's features
+
+
+@register_image_encoder("clip", config=PresetImageConfig)
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class CLIPImageEncoder(_TowerMixin, ImageEncoder):
+    """The vision tower of a keras-hub CLIP preset: images -> `get_vision_embeddings(images)`.
+
+    Args:
+        tower: the backbone's vision encoder (a keras-hub Backbone, or its config when reloading).
+        pooler, projection: the backbone's vision pooler and projection (None where the tower
+            already ends with them, as SigLIP's does).
+        preset: the folder it came from (for reference: a reloaded model takes its weights from the
+            .keras file).
+        finetune: trainable (its output then carries gradients); frozen otherwise.
+        allow_cache: whether a frozen-feature cache may serve its features (settings `cache`).
+    """
+
+    family = CLIP
+
+    def __init__(self, tower, pooler=None, projection=None, preset=None, finetune=False, allow_cache=True,
+                 **kwargs):
+        kwargs.pop("trainable", None)
+        super().__init__(**kwargs)
+        self.tower = _deserialize(tower)
+        self.pooler = _deserialize(pooler)
+        self.projection = _deserialize(projection)
+        self.preset = preset
+        self.allow_cache = bool(allow_cache)
+        self.side = int(self.tower.image_shape[0])
+        self.output_dim = int(self.projection.units) if self.projection is not None else int(self.tower.hidden_dim)
+        self._cache = None
+        self._set_finetune(finetune)
+        self.built = True  # the tower and projection come built
+
+    @classmethod
+    def from_preset(cls, preset, finetune=False, allow_cache=True, key="model.image_encoder.preset", **kwargs):
+        folder = resolve_preset(preset, key, cls.family)
+        backbone = load_backbone(folder)
+        return cls(backbone.vision_encoder, getattr(backbone, "vision_pooler", None),
+                   getattr(backbone, "vision_projection", None), preset=folder, finetune=finetune,
+                   allow_cache=allow_cache, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings, cfg, **context):
+        finetune = finetune_mode(cfg) in ("image", "both")
+        return cls.from_preset(settings.preset, finetune=finetune, allow_cache=settings.cache, name="image_encoder")
+
+    @classmethod
+    def preprocessor(cls, settings, cfg):
+        """The preset's preprocessing: its tower's input side (data.image_size does not apply) and
+        the mean/std its image converter implies; resize + centre crop as for every encoder."""
+        from keras_irtf.layers.preprocessing import ImagePreprocessor
+
+        folder = resolve_preset(settings.preset, "model.image_encoder.preset", cls.family)
+        side, mean, std, note = preset_image_statistics(folder, cls.family)
+        name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
+        return ImagePreprocessor(side, mean, std, name=name)
+
+    # ---- the cache --------------------------------------------------------------------------
+    def attach_cache(self, cache):
+        """Read integer inputs [B] as row ids of `cache` (`cache.gather(ids) -> [B, D]`)."""
+        if cache is not None and self.finetune:
+            raise ValueError(f"{self.name} is fine-tuned (model.finetune=image|both): its features change "
+                             "during training, so no feature cache may serve them")
+        self._cache = cache
+
+    @property
+    def cache(self):
+        return self._cache
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a frozen-feature cache may serve this encoder (frozen, and settings cache: true)."""
+        return self.allow_cache and not self.finetune
+
+    # ---- computation ------------------------------------------------------------------------
+    def _embed(self, images, training=False):
+        x = self.tower({"images": images}, training=training)
+        if self.pooler is not None:
+            x = self.pooler(x)
+        if self.projection is not None:
+            x = self.projection(x)
+        return x
+
+    def encode_images(self, images, training=False):
+        """Preprocessed images float [B, S, S, 3] -> float32 [B, output_dim] (runs the tower)."""
+        out = tf.cast(self._embed(images, training=bool(training) and self.finetune), tf.float32)
+        return out if self.finetune else tf.stop_gradient(out)
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    def call(self, images, training=False):
+        images = tf.convert_to_tensor(images)
+        if images.dtype.is_integer and images.shape.rank is not None and images.shape.rank <= 2:
+            if self._cache is None:
+                raise ValueError(f"{self.name} got integer ids but has no feature cache attached: pass "
+                                 "preprocessed images, or attach_cache(cache) first")
+            return tf.cast(self._cache.gather(tf.reshape(images, [-1])), tf.float32)
+        if not images.dtype.is_floating:
+            raise TypeError(f"{self.name}: expected preprocessed float images [B, S, S, 3] or integer cache "
+                            f"ids [B], got {images.dtype} {images.shape}")
+        return self.encode_images(images, training)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("trainable", None)
+        config.update(self._tower_config(), allow_cache=self.allow_cache)
+        return config
+
+
+@register_image_encoder("siglip", config=PresetImageConfig)
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class SigLIPImageEncoder(CLIPImageEncoder):
+    """The vision tower of a keras-hub SigLIP preset (its attention-pooling head included)."""
+
+    family = SIGLIP
+
+
+# ---- text encoders ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PresetTextConfig:
+    """Settings of the `clip` and `siglip` text encoders."""
+
+    DOMAINS = {"sequence_length": NON_NEGATIVE}
+    # local keras-hub preset folder; None = the image encoder's, when it is of the same family
+    preset: Optional[str] = None
+    sequence_length: int = 0  # tokens per text; 0 = the preset preprocessor's
+    cache: bool = True  # embed each distinct text once per run (frozen encoder only)
+
+
+def _force_graph_tokenization(*layers):
+    # keras-hub 0.32 tokenises eager calls with the Python `tokenizers` library and traced calls
+    # with TensorFlow ops, and the two disagree (CLIP: digits). The TF path is what runs inside
+    # tf.function and exported SavedModels, so eager calls take it too.
+    for layer in layers:
+        if layer is not None and hasattr(layer, "_allow_python_workflow"):
+            layer._allow_python_workflow = False
+
+
+@register_text_encoder("clip", config=PresetTextConfig)
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
+    """The text tower of a keras-hub CLIP preset: strings -> `get_text_embeddings(token_ids)` of
+    the preset preprocessor's token ids.
+
+    Args:
+        tower: the backbone's text encoder (or its config when reloading).
+        preprocessor: the preset's CLIPPreprocessor (its tokenizer's vocabulary is saved as Keras
+            assets in the .keras file).
+        pooler, projection: the backbone's text pooler and projection (None for SigLIP).
+        preset: the folder it came from (for reference).
+        finetune: trainable (no stop_gradient, no cache); frozen otherwise.
+    """
+
+    family = CLIP
+
+    def __init__(self, tower, preprocessor, pooler=None, projection=None, preset=None, finetune=False,
+                 output_dim=None, seq_length=None, **kwargs):
+        tower, projection = _deserialize(tower), _deserialize(projection)
+        width = int(projection.units) if projection is not None else int(tower.projection_dim)
+        preprocessor = _deserialize(preprocessor)
+        super().__init__(output_dim=width, seq_length=preprocessor.sequence_length, **kwargs)
+        self.tower = tower
+        self.pooler = _deserialize(pooler)
+        self.projection = projection
+        self.preprocessor = preprocessor
+        _force_graph_tokenization(preprocessor, preprocessor.tokenizer)
+        self.preset = preset
+        self._packer_ready = False
+        self._set_finetune(finetune)
+        self.built = True
+
+    @classmethod
+    def from_preset(cls, preset, sequence_length=0, finetune=False, key="model.text_encoder.preset", **kwargs):
+        folder = resolve_preset(preset, key, cls.family)
+        keras_hub = _import_keras_hub()
+        backbone = load_backbone(folder)
+        tower = backbone.text_encoder
+        if sequence_length and int(sequence_length) > int(tower.max_sequence_length):
+            raise ConfigError(f"model.text_encoder.sequence_length={sequence_length}: the preset's text tower "
+                              f"takes at most {tower.max_sequence_length} tokens")
+        extra = {"sequence_length": int(sequence_length)} if sequence_length else {}
+        if not (Path(folder) / "tokenizer.json").is_file():
+            raise ConfigError(f"{key}={preset!r}: {folder} has no tokenizer.json (the backbone alone was saved). "
+                              + preset_help(cls.family, key))
+        preprocessor_cls = getattr(keras_hub.models, cls.family.preprocessor)
+        # the text side needs no image converter
+        preprocessor = preprocessor_cls.from_preset(folder, image_converter=None, **extra)
+        return cls(tower, preprocessor, getattr(backbone, "text_pooler", None),
+                   getattr(backbone, "text_projection", None), preset=folder, finetune=finetune, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings, cfg, **context):
+        preset, key = settings.preset, "model.text_encoder.preset"
+        if not preset:
+            image = cfg.model.image_encoder
+            if image.type == cls.family.name and getattr(image.settings, "preset", None):
+                preset, key = image.settings.preset, "model.image_encoder.preset"
+            else:
+                raise ConfigError(
+                    f"model.text_encoder.preset is not set: set it to a local {cls.family.name} preset folder "
+                    f"(it defaults to model.image_encoder.preset only when model.image_encoder={cls.family.name}). "
+                    + preset_help(cls.family, "model.text_encoder.preset"))
+        finetune = finetune_mode(cfg) in ("text", "both")
+        return cls.from_preset(preset, settings.sequence_length, finetune=finetune, key=key, name="text_encoder")
+
+    def attach_cache(self, cache):
+        if cache is not None and self.finetune:
+            raise ValueError(f"{self.name} is fine-tuned (model.finetune=text|both): its embeddings change during "
+                             "training, so they cannot be cached; set model.text_encoder.cache=false")
+        super().attach_cache(cache)
+
+    @property
+    def cacheable(self) -> bool:
+        return not self.finetune
+
+    def token_ids(self, texts):
+        """tf.string [B] -> int32 [B, sequence_length]: the preset preprocessor's token ids."""
+        pre = self.preprocessor
+        if not self._packer_ready:
+            # built now, not when deserialised: the packer reads the tokenizer's special-token
+            # ids, which exist only once the vocabulary (a Keras asset) has been loaded
+            pre.build(None)
+            _force_graph_tokenization(getattr(pre, "packer", None))
+            self._packer_ready = True
+        return pre({"prompts": texts, "images": None})["token_ids"]
+
+    def _encode(self, texts):
+        ids = self.token_ids(texts)
+        x = self.tower({"token_ids": ids}, training=False)
+        if self.pooler is not None:
+            x = self.pooler(x, ids)
+        if self.projection is not None:
+            x = self.projection(x)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._tower_config(), preprocessor=_serialize(self.preprocessor))
+        return config
+
+
+@register_text_encoder("siglip", config=PresetTextConfig)
+@keras.saving.register_keras_serializable(package="keras_irtf")
+class SigLIPTextEncoder(CLIPTextEncoder):
+    """The text tower of a keras-hub SigLIP preset (its head included)."""
+
+    family = SIGLIP
