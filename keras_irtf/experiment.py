@@ -77,11 +77,18 @@ class Experiment:
         return self._preprocessor
 
     def check(self):
-        """Fail fast, before any heavy work: the dataset's files and the local folders the
-        encoders read (DatasetError / ConfigError; the image size is checked with the config)."""
+        """Fail fast, before any heavy work: the dataset's files, the local folders the encoders
+        read (an encoder class may define `check(settings, cfg)`), and what the frozen-feature
+        cache cannot serve (DatasetError / ConfigError; the image size is checked with the config)."""
         from keras_irtf.data import check_dataset
 
         check_dataset(self.cfg)
+        m = self.cfg.model
+        for one_of, cls in ((m.image_encoder, self.image_encoder_class), (m.text_encoder, self.text_encoder_class)):
+            check = getattr(cls, "check", None)  # e.g. a CLIP preset folder that is not there
+            if check is not None:
+                check(one_of.settings, self.cfg)
+        self.check_feature_cache()
         weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
         if weights:
             from keras_irtf.layers.pretrained import resolve_preset_dir

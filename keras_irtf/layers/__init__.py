@@ -7,8 +7,10 @@ keras_irtf.registry, which is how a config names them.
 
 from keras_irtf.layers.base import Composer, ImageEncoder, TextEncoder
 from keras_irtf.layers.bert import HubBertEncoder, KerasHubBertEncoder
+from keras_irtf.layers.clip import CLIPImageEncoder, CLIPTextEncoder, SigLIPImageEncoder, SigLIPTextEncoder
 from keras_irtf.layers.composeae import ComposeAEComposer, RealSpaceConcatAEComposer
-from keras_irtf.layers.composers import ConcatComposer, ImageOnlyComposer, TextOnlyComposer, TIRGComposer
+from keras_irtf.layers.composers import (CombinerComposer, ConcatComposer, ImageOnlyComposer, SumComposer,
+                                         TextOnlyComposer, TIRGComposer)
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization, SyncBatchNormalization
 from keras_irtf.layers.preprocessing import ImagePreprocessor
@@ -16,6 +18,9 @@ from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
 
 __all__ = [
+    "CLIPImageEncoder",
+    "CLIPTextEncoder",
+    "CombinerComposer",
     "ComposeAEComposer",
     "Composer",
     "ConcatComposer",
@@ -29,7 +34,10 @@ __all__ = [
     "RealSpaceConcatAEComposer",
     "ResNet18Encoder",
     "ScaledL2Normalization",
+    "SigLIPImageEncoder",
+    "SigLIPTextEncoder",
     "SmallCNNEncoder",
+    "SumComposer",
     "SyncBatchNormalization",
     "TIRGComposer",
     "TextEncoder",

@@ -2,6 +2,7 @@
 
     --set model.image_encoder=clip --set model.image_encoder.preset=/presets/clip_vit_base_patch16
     --set model.text_encoder=clip            # shares the image encoder's preset folder
+    --set model.clip_preset=/presets/clip_vit_base_patch16   # or: one folder for both encoders
 
 A preset folder is what `save_to_preset(DIR)` writes (config.json + model.weights.h5 for the
 backbone, tokenizer.json + assets/, preprocessor.json, image_converter.json). keras_irtf never
@@ -24,7 +25,7 @@ Each layer keeps one tower of the backbone, so the weights are not held twice:
   an attached TextEmbeddingCache, as for the frozen BERT encoders (keras_irtf.layers.bert).
 
 Frozen by default. `model.finetune` (none | text | image | both) makes the named towers
-trainable: their variables are `pretrained_variables()` (trained at optim.backbone_lr_multiplier
+trainable: their variables are `pretrained_variables()` (trained at optim.finetune_lr_multiplier
 times the rate) and their outputs carry gradients; a frozen tower's output is under
 tf.stop_gradient and it lists no trainable variable.
 
@@ -46,6 +47,10 @@ from keras_irtf.config import NON_NEGATIVE, ConfigError
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.bert import FrozenTextEncoder, _is_url
 from keras_irtf.registry import register_image_encoder, register_text_encoder
+
+# where an image encoder's preset folder is configured (named in error messages); model.clip_preset
+# (tools/train.py --clip-preset) gives one folder to both encoders
+PRESET_KEYS = "model.image_encoder.preset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,8 @@ def resolve_preset(preset, key: str, family: Family) -> str:
     """The absolute path of a local `family` preset folder, or ConfigError saying how to make one."""
     help_text = preset_help(family, key)
     if not preset:
-        raise ConfigError(f"{key} is not set: it must be the path of a local keras-hub preset folder. {help_text}")
+        raise ConfigError(f"{key} is not set: it must be the path of a local keras-hub preset folder (or set "
+                          f"model.clip_preset / tools/train.py --clip-preset for both encoders). {help_text}")
     text = str(preset)
     if _is_url(text) or text.lower().startswith(("kaggle:", "hf:")):
         raise ConfigError(f"{key}={text!r} is a URL or a hub handle, not a local folder. {help_text}")
@@ -171,8 +177,16 @@ def load_backbone(folder: str):
     return keras_hub.models.Backbone.from_preset(folder, dtype=keras.config.dtype_policy().name)
 
 
+def _configured_preset(settings, cfg):
+    """The encoder's own `preset` key, else model.clip_preset (tools/train.py --clip-preset)."""
+    return getattr(settings, "preset", None) or getattr(cfg.model, "clip_preset", None)
+
+
 class _TowerMixin:
     """Trainability shared by the image and text towers."""
+
+    # a fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate
+    lr_multiplier_key = "finetune_lr_multiplier"
 
     def _set_finetune(self, finetune: bool):
         self.finetune = bool(finetune)
@@ -245,7 +259,13 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     @classmethod
     def from_settings(cls, settings, cfg, **context):
         finetune = finetune_mode(cfg) in ("image", "both")
-        return cls.from_preset(settings.preset, finetune=finetune, allow_cache=settings.cache, name="image_encoder")
+        return cls.from_preset(_configured_preset(settings, cfg), finetune=finetune, allow_cache=settings.cache,
+                               key=PRESET_KEYS, name="image_encoder")
+
+    @classmethod
+    def check(cls, settings, cfg):
+        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong."""
+        resolve_preset(_configured_preset(settings, cfg), PRESET_KEYS, cls.family)
 
     @classmethod
     def preprocessor(cls, settings, cfg):
@@ -253,7 +273,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
         the mean/std its image converter implies; resize + centre crop as for every encoder."""
         from keras_irtf.layers.preprocessing import ImagePreprocessor
 
-        folder = resolve_preset(settings.preset, "model.image_encoder.preset", cls.family)
+        folder = resolve_preset(_configured_preset(settings, cfg), PRESET_KEYS, cls.family)
         side, mean, std, note = preset_image_statistics(folder, cls.family)
         name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
         return ImagePreprocessor(side, mean, std, name=name)
@@ -397,20 +417,36 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
         return cls(tower, preprocessor, getattr(backbone, "text_pooler", None),
                    getattr(backbone, "text_projection", None), preset=folder, finetune=finetune, **kwargs)
 
+    # a frozen tower's text embeddings may be stored on disk across runs (keras_irtf.data.feature_cache)
+    persistent_cache = True
+
+    @classmethod
+    def _preset_of(cls, settings, cfg):
+        """(folder, the key it came from): model.text_encoder.preset, else model.clip_preset, else
+        the image encoder's preset when it is of the same family."""
+        if settings.preset:
+            return settings.preset, "model.text_encoder.preset"
+        if getattr(cfg.model, "clip_preset", None):
+            return cfg.model.clip_preset, "model.clip_preset"
+        image = cfg.model.image_encoder
+        if image.type == cls.family.name and getattr(image.settings, "preset", None):
+            return image.settings.preset, "model.image_encoder.preset"
+        raise ConfigError(
+            f"model.text_encoder.preset is not set: set it (or model.clip_preset, tools/train.py --clip-preset) "
+            f"to a local {cls.family.name} preset folder (it defaults to model.image_encoder.preset only when "
+            f"model.image_encoder={cls.family.name}). " + preset_help(cls.family, "model.text_encoder.preset"))
+
     @classmethod
     def from_settings(cls, settings, cfg, **context):
-        preset, key = settings.preset, "model.text_encoder.preset"
-        if not preset:
-            image = cfg.model.image_encoder
-            if image.type == cls.family.name and getattr(image.settings, "preset", None):
-                preset, key = image.settings.preset, "model.image_encoder.preset"
-            else:
-                raise ConfigError(
-                    f"model.text_encoder.preset is not set: set it to a local {cls.family.name} preset folder "
-                    f"(it defaults to model.image_encoder.preset only when model.image_encoder={cls.family.name}). "
-                    + preset_help(cls.family, "model.text_encoder.preset"))
+        preset, key = cls._preset_of(settings, cfg)
         finetune = finetune_mode(cfg) in ("text", "both")
         return cls.from_preset(preset, settings.sequence_length, finetune=finetune, key=key, name="text_encoder")
+
+    @classmethod
+    def check(cls, settings, cfg):
+        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong."""
+        preset, key = cls._preset_of(settings, cfg)
+        resolve_preset(preset, key, cls.family)
 
     def attach_cache(self, cache):
         if cache is not None and self.finetune:
