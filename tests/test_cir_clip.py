@@ -93,6 +93,20 @@ def test_the_feature_store_is_reused_by_a_later_run(work):
     assert second["text_cache_from_store"] == second["text_cache_size"]
 
 
+@pytest.mark.parametrize("point", ["text_feature", "composed"])
+def test_ga_at_the_other_points_on_cached_features(work, point):
+    """GA^A's penalty at the text feature and at the composed feature, with GA^I and L_S."""
+    from keras_irtf.experiment import Experiment
+
+    cfg = _cfg(work, "triplets", "fashioniq_combiner", "ga.methods=adversarial,isotropic", f"ga.point={point}",
+               "loss.eta=0.001")
+    exp = Experiment(cfg, verbose=False)
+    model = exp.create_model()
+    history = model.fit(exp.train_dataset(steps=2), epochs=1, steps_per_epoch=2, verbose=0).history
+    assert history["ga_adversarial"][-1] > 0 and history["similarity_loss"][-1] > 0
+    assert np.isfinite(history["loss"]).all()
+
+
 def test_pixel_ga_on_cached_clip_features_is_refused(work):
     from keras_irtf.experiment import Experiment
 
