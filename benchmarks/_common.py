@@ -124,3 +124,14 @@ def fmt(x, digits=1):
     if isinstance(x, float):
         return f"{x:,.{digits}f}"
     return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def render_only(name: str, out, write_report, summary_lines) -> int:
+    """--render-only: rewrite a benchmark's report from the .json of an earlier run (no measurement)."""
+    import json
+
+    path = Path(out) if out else DOCS / f"{name}.md"
+    results = json.loads(path.with_suffix(".json").read_text())
+    write_report(path, results)
+    print_summary(name, summary_lines(results))
+    return 0

@@ -183,11 +183,7 @@ def big_backbone(folder: Path, texts, layers: int) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     if args.render_only:
-        path = Path(args.out) if args.out else C.DOCS / f"{NAME}.md"
-        results = json.loads(path.with_suffix(".json").read_text())
-        write_report(path, results)
-        C.print_summary(NAME, summary_lines(results))
-        return 0
+        return C.render_only(NAME, args.out, write_report, summary_lines)
     from keras_irtf.data.text_cache import texts_of_run
     from keras_irtf.experiment import Experiment
     from keras_irtf.testing.tiny_bert import make_tiny_hub_bert

@@ -150,11 +150,7 @@ def time_preset(label, cfg, dataset, args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     if args.render_only:
-        path = Path(args.out) if args.out else C.DOCS / f"{NAME}.md"
-        results = json.loads(path.with_suffix(".json").read_text())
-        write_report(path, results)
-        C.print_summary(NAME, summary_lines(results))
-        return 0
+        return C.render_only(NAME, args.out, write_report, summary_lines)
     from keras_irtf.config import load_config, repo_configs_dir
     from keras_irtf.experiment import Experiment
     from keras_irtf.testing import tiny_clip
