@@ -227,8 +227,7 @@ def write_report(out, results) -> Path:
                      f"batch).")
     if "machine" in results:
         lines += ["", results["machine"]]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return C.write_doc(NAME, "\n".join(lines), path)
 
 
 if __name__ == "__main__":

@@ -197,9 +197,8 @@ class Experiment:
         cache = ImageFeatureCache(model.image_encoder, self.preprocessor, self.feature_cache_dir,
                                   batch_size=self.cfg.eval.batch_size, verbose=show)
         data = self.dataset
-        splits = {name: getattr(data, name, None) for name in ("train", "test", "test_shift")}
-        splits.update(getattr(data, "extra_splits", lambda: {})())
-        cache.add_splits(splits)
+        # (CIRR's test1, read only for a submission, is embedded on pixels by the submission writer)
+        cache.add_splits({name: getattr(data, name, None) for name in ("train", "test", "test_shift")})
         model.image_encoder.attach_cache(cache)
         self.image_input = CachedFeatureInput(cache)
         return self.image_input
