@@ -171,3 +171,17 @@ def test_a_clip_run_reloads_and_exports_for_serving(work, tmp_path):
     gallery_emb = model.embed_images(pixels_of(names))
     best = np.argsort(-(expected.numpy() @ gallery_emb.numpy().T), axis=1)[:, 0]
     assert [Path(p.decode()).name for p in r["paths"].numpy()[:, 0]] == [names[i] for i in best]
+
+
+def test_a_bare_clip_preset_name_stops_before_any_work(work):
+    """--clip-preset NAME (model.clip_preset) is refused by the start-up check, naming that key."""
+    from keras_irtf.experiment import Experiment
+
+    cfg = load_config([repo_configs_dir() / "triplets.yaml"],
+                      [f"data.root={work['triplets']}", "model.clip_preset=clip_vit_base_patch16"])
+    with pytest.raises(ConfigError, match=r"model.clip_preset='clip_vit_base_patch16' is a bare preset name.*"
+                                          r"save_to_preset"):
+        Experiment(cfg, verbose=False).check()
+    cfg = load_config([repo_configs_dir() / "triplets.yaml"], [f"data.root={work['triplets']}"])
+    with pytest.raises(ConfigError, match=r"model.image_encoder.preset is not set.*--clip-preset"):
+        Experiment(cfg, verbose=False).check()

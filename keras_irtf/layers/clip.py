@@ -178,8 +178,11 @@ def load_backbone(folder: str):
 
 
 def _configured_preset(settings, cfg):
-    """The encoder's own `preset` key, else model.clip_preset (tools/train.py --clip-preset)."""
-    return getattr(settings, "preset", None) or getattr(cfg.model, "clip_preset", None)
+    """(folder, the key it came from): the image encoder's own `preset` key, else
+    model.clip_preset (tools/train.py --clip-preset)."""
+    if getattr(settings, "preset", None) or not getattr(cfg.model, "clip_preset", None):
+        return getattr(settings, "preset", None), PRESET_KEYS
+    return cfg.model.clip_preset, "model.clip_preset"
 
 
 class _TowerMixin:
@@ -259,13 +262,13 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     @classmethod
     def from_settings(cls, settings, cfg, **context):
         finetune = finetune_mode(cfg) in ("image", "both")
-        return cls.from_preset(_configured_preset(settings, cfg), finetune=finetune, allow_cache=settings.cache,
-                               key=PRESET_KEYS, name="image_encoder")
+        preset, key = _configured_preset(settings, cfg)
+        return cls.from_preset(preset, finetune=finetune, allow_cache=settings.cache, key=key, name="image_encoder")
 
     @classmethod
     def check(cls, settings, cfg):
         """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong."""
-        resolve_preset(_configured_preset(settings, cfg), PRESET_KEYS, cls.family)
+        resolve_preset(*_configured_preset(settings, cfg), cls.family)
 
     @classmethod
     def preprocessor(cls, settings, cfg):
@@ -273,7 +276,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
         the mean/std its image converter implies; resize + centre crop as for every encoder."""
         from keras_irtf.layers.preprocessing import ImagePreprocessor
 
-        folder = resolve_preset(_configured_preset(settings, cfg), PRESET_KEYS, cls.family)
+        folder = resolve_preset(*_configured_preset(settings, cfg), cls.family)
         side, mean, std, note = preset_image_statistics(folder, cls.family)
         name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
         return ImagePreprocessor(side, mean, std, name=name)
