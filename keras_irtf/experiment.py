@@ -137,7 +137,8 @@ class Experiment:
         if use_cache and getattr(model.text_encoder, "persistent_cache", False):
             from keras_irtf.data.feature_cache import TextFeatureStore
 
-            store = TextFeatureStore(self.feature_cache_dir, model.text_encoder)
+            extra = getattr(model.text_encoder, "fingerprint_extra", dict)()  # e.g. the tokenizer's vocabulary
+            store = TextFeatureStore(self.feature_cache_dir, model.text_encoder, extra)
         self.vectorizer = prepare_text_input(model.text_encoder, texts_of_run(self.dataset), use_cache,
                                              verbose=show, store=store)
         return self.vectorizer
@@ -387,10 +388,15 @@ class Experiment:
         return run
 
     @classmethod
-    def from_run(cls, run_dir, overrides=(), verbose: bool = True, load_data: bool = True, dataset=None):
+    def from_run(cls, run_dir, overrides=(), verbose: bool = True, load_data: bool = True, dataset=None,
+                 image_cache: bool = True):
         """(Experiment, model) of a run folder: its config (plus `overrides`), its vocabulary and
-        its model; with `load_data`, the dataset and the text input too (ready to evaluate).
-        `dataset`: an already loaded dataset of the run's config (saves reloading it)."""
+        its model; with `load_data`, the dataset and the text input too (ready to evaluate), and
+        the frozen-feature cache unless `image_cache=False` (callers that feed pixels anyway:
+        the robustness evaluation, the CIRR submission). `dataset`: an already loaded dataset of
+        the run's config (saves reloading it). The image preprocessing is the one the model
+        recorded when it was built, when its encoder records one (a CLIP / SigLIP preset's: the
+        preset folder is then not needed)."""
         run = Path(run_dir)
         for name in RUN_FILES:
             if not (run / name).is_file():
@@ -404,9 +410,13 @@ class Experiment:
                                         f"the run's vocabulary (written by training)")
             exp.build_text_input(vocabulary=vocab)
         model = load_model(run / "model.keras")
+        own = getattr(model.image_encoder, "own_preprocessor", None)
+        if own is not None and own() is not None:
+            exp._preprocessor = own()
         if load_data:
             exp.attach_text_input(model)
-            exp.attach_image_input(model)
+            if image_cache:
+                exp.attach_image_input(model)
         return exp, model
 
 

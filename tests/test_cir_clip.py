@@ -107,6 +107,22 @@ def test_ga_at_the_other_points_on_cached_features(work, point):
     assert np.isfinite(history["loss"]).all()
 
 
+def test_pixel_ga_on_a_frozen_uncached_clip_tower(work):
+    """cache: false runs the frozen tower on pixels in every step: GA^A at the input pixels works
+    (the gradient reaches the pixels through the frozen tower), and no tower variable trains."""
+    from keras_irtf.experiment import Experiment
+
+    cfg = _cfg(work, "triplets", "fashioniq_combiner", "ga.methods=adversarial", "ga.point=input",
+               "model.image_encoder.cache=false", "ga.adversarial.eps=0.1")
+    exp = Experiment(cfg, verbose=False)
+    model = exp.create_model()
+    assert exp.image_input is None and not model.image_encoder.trainable_variables
+    tower = [w.numpy().copy() for w in model.image_encoder.weights]
+    history = model.fit(exp.train_dataset(steps=2), epochs=1, steps_per_epoch=2, verbose=0).history
+    assert history["ga_adversarial"][-1] > 0
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(tower, model.image_encoder.weights))
+
+
 def test_pixel_ga_on_cached_clip_features_is_refused(work):
     from keras_irtf.experiment import Experiment
 
@@ -144,13 +160,20 @@ def test_a_clip_run_reloads_and_exports_for_serving(work, tmp_path):
     from keras_irtf.serving.export import export_run, read_export_info
 
     run, metrics = _train(_cfg(work, "triplets", "fashioniq_combiner_ga", run="export_me"))
-    # the .keras round trip: the reloaded model scores exactly as the trained one
-    again = evaluate_run(run, out=tmp_path / "again.json", verbose=False)
+    # the run folder is self-contained: the preset folder is not needed to evaluate or export it
+    preset = Path(work["clip"])
+    moved = preset.with_name(preset.name + "_away")
+    preset.rename(moved)
+    try:
+        # the .keras round trip: the reloaded model scores exactly as the trained one
+        again = evaluate_run(run, out=tmp_path / "again.json", verbose=False)
+        exp, model = Experiment.from_run(run, verbose=False, load_data=False)
+        gallery = work["triplets"] / "images" / "test"
+        path = export_run(run, out_root=tmp_path / "exported", gallery=gallery, verbose=False)
+    finally:
+        moved.rename(preset)
     assert again["test"] == metrics["test"]
-    exp, model = Experiment.from_run(run, verbose=False, load_data=False)
-
-    gallery = work["triplets"] / "images" / "test"
-    path = export_run(run, out_root=tmp_path / "exported", gallery=gallery, verbose=False)
+    assert exp.preprocessor.describe() == model.image_encoder.own_preprocessor().describe()
     info = read_export_info(path)
     assert info["image_encoder"] == "clip" and info["embedding_dim"] == model.image_encoder.output_dim
     served = tf.saved_model.load(str(path))

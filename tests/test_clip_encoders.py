@@ -1,6 +1,7 @@
 """CLIP and SigLIP encoders (keras_irtf.layers.clip) on tiny random keras-hub presets."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -213,7 +214,15 @@ def test_frozen_by_default_and_finetune_makes_the_towers_trainable(family, prese
     frozen = Experiment(cfg, verbose=False).build_model()
     for part, inputs in ((frozen.image_encoder, images(2)), (frozen.text_encoder, tf.constant(TEXTS[:2]))):
         assert not part.trainable and part.trainable_weights == [] and part.pretrained_variables() == []
-        assert all(g is None for g in _gradients(part, inputs, part.tower.weights))  # stop_gradient
+    assert all(g is None for g in _gradients(frozen.text_encoder, tf.constant(TEXTS[:2]),
+                                             frozen.text_encoder.tower.weights))  # stop_gradient
+    # a frozen image tower still passes the gradient to its input pixels (GA^A at ga.point=input
+    # with cache: false, the robustness attacks), though none of its variables trains
+    pixels = tf.constant(images(2))
+    with tf.GradientTape() as tape:
+        tape.watch(pixels)
+        out = tf.reduce_sum(tf.square(frozen.image_encoder(pixels)))
+    assert float(tf.reduce_sum(tf.abs(tape.gradient(out, pixels)))) > 0
     assert pretrained_learning_rate_groups(frozen, 0.1) == []
     tower_ids = {id(v) for part in (frozen.image_encoder, frozen.text_encoder) for v in part.weights}
     assert tower_ids.isdisjoint(id(v) for v in frozen.trainable_variables)  # what the optimizer updates
@@ -301,3 +310,23 @@ def test_keras_round_trip_and_export(family, presets, tmp_path):
     want = model.embed_queries(pixels, tf.constant(TEXTS[1:3])).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not np.allclose(got[0], got[1])
+
+
+def test_a_damaged_preset_folder_is_named(presets, tmp_path):
+    import shutil
+
+    from keras_irtf.layers.clip import CLIPImageEncoder
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(presets["clip"], folder)
+    (folder / "image_converter.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"image_converter.json: cannot be read as JSON.*save_to_preset"):
+        CLIPImageEncoder._preset_preprocessor(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    del config["config"]["vision_encoder"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config.json: no 'config.vision_encoder'"):
+        CLIPImageEncoder._preset_preprocessor(str(folder))
+    with pytest.raises(ConfigError, match=r"damaged.*could not load the preset's backbone|could not load"):
+        CLIPImageEncoder.from_preset(str(folder))
+

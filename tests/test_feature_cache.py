@@ -119,3 +119,55 @@ def test_image_keys_follow_the_file(tmp_path):
     b.write_bytes(b"yy")  # a replaced file is a new key; the other keeps its own
     k2 = image_keys(split)
     assert k2[0] == k1[0] and k2[1] != k1[1]
+
+
+def test_store_writes_a_repeated_key_once_and_reads_past_a_torn_row(tmp_path):
+    s = FeatureStore(tmp_path, "fp", dim=2)
+    # identical images (CSS has byte-identical scenes) give the same key twice in one append
+    assert s.append(["a", "a", "b"], np.array([[1, 1], [9, 9], [2, 2]], np.float32)) == 2
+    assert s.append(["c"], np.array([[3, 3]], np.float32)) == 1
+    fresh = FeatureStore(tmp_path, "fp", dim=2)
+    np.testing.assert_array_equal(fresh.read(fresh.lookup(["a", "b", "c"])), [[1, 1], [2, 2], [3, 3]])
+    # another run appending (or a killed one) leaves half a row: readers still read whole rows
+    with open(s.rows_path, "ab") as f:
+        f.write(b"\x00\x00")
+    fresh = FeatureStore(tmp_path, "fp", dim=2)
+    np.testing.assert_array_equal(fresh.read(fresh.lookup(["c", "a"])), [[3, 3], [1, 1]])
+    assert fresh.append(["d"], np.array([[4, 4]], np.float32)) == 1
+    again = FeatureStore(tmp_path, "fp", dim=2)
+    np.testing.assert_array_equal(again.read(again.lookup(["a", "b", "c", "d"])), [[1, 1], [2, 2], [3, 3], [4, 4]])
+
+
+def test_an_interrupted_fill_keeps_what_it_encoded(css_smoke_root, css_smoke, tmp_path, monkeypatch):
+    """The fill stores rows as it goes: a fill killed after two batches leaves them in the store,
+    and the next run encodes only the rest."""
+    import keras_irtf.data.pipeline as pipeline
+    from keras_irtf.data.feature_cache import ImageFeatureCache
+
+    exp = _exp(css_smoke_root, tmp_path, dataset=css_smoke)
+    model = exp.build_model(exp.build_text_input())
+    real = pipeline.images_dataset
+
+    def two_batches_then_killed(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(pipeline, "images_dataset", two_batches_then_killed)
+    cache = ImageFeatureCache(model.image_encoder, exp.preprocessor, tmp_path, batch_size=8, verbose=False)
+    cache.flush_every = 4
+    with pytest.raises(KeyboardInterrupt):
+        cache.add_splits({"train": css_smoke.train})
+    keys = image_keys(css_smoke.train)
+    first = set(keys[:16])  # the two batches (identical scenes share a key)
+    assert len(cache.store) == len(first)
+    monkeypatch.setattr(pipeline, "images_dataset", real)
+    again = ImageFeatureCache(model.image_encoder, exp.preprocessor, tmp_path, batch_size=8, verbose=False)
+    again.add_splits({"train": css_smoke.train})
+    reused = sum(k in first for k in keys)
+    assert again.images_from_store == reused >= 16 and again.images_encoded == len(keys) - reused
+    full = ImageFeatureCache(model.image_encoder, exp.preprocessor, None, batch_size=8, verbose=False)
+    full.add_splits({"train": css_smoke.train})
+    np.testing.assert_allclose(again._table, full._table, rtol=1e-6, atol=1e-6)
+

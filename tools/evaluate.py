@@ -138,7 +138,8 @@ def submission_main(args):
         from keras_irtf.evaluation.cirr_submission import write_submission
         from keras_irtf.experiment import Experiment
 
-        exp, model = Experiment.from_run(args.run[0], verbose=not args.quiet)
+        # test1 is embedded on pixels: the frozen-feature cache of train/val is not needed
+        exp, model = Experiment.from_run(args.run[0], verbose=not args.quiet, image_cache=False)
         written = write_submission(exp, model, args.submission, backend=args.backend)
         print(f"wrote {written['recall']} and {written['recall_subset']}")
     except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:

@@ -130,25 +130,32 @@ class FeatureStore:
         self.keys_path = self.folder / "keys.txt"
         self.rows_path = self.folder / "features.f32"
         self._index = None
+        self._rows = 0
 
     @property
     def row_bytes(self) -> int:
         return 4 * self.dim
 
-    def _load_index(self) -> dict:
-        keys = []
+    def _load(self):
+        """(key -> row, committed rows): the rows that have both their bytes and a complete key
+        line (a torn last line or a torn last row, left by an interrupted append, does not
+        count); a key listed twice keeps its first row."""
+        lines = []
         if self.keys_path.is_file():
             text = self.keys_path.read_text()
-            lines = text.split("\n")
-            keys = [k for k in (lines if text.endswith("\n") else lines[:-1]) if k]  # a torn last line
+            lines = text.split("\n")[:-1]  # the part after the last newline is torn (or empty)
         rows = self.rows_path.stat().st_size // self.row_bytes if self.rows_path.is_file() else 0
-        keys = keys[:rows]
-        return {k: i for i, k in enumerate(keys)}
+        lines = lines[:rows]
+        index = {}
+        for i, k in enumerate(lines):
+            if k:
+                index.setdefault(k, i)
+        return index, len(lines)
 
     @property
     def index(self) -> dict:
         if self._index is None:
-            self._index = self._load_index()
+            self._index, self._rows = self._load()
         return self._index
 
     def __len__(self):
@@ -160,33 +167,44 @@ class FeatureStore:
         return np.array([index.get(k, -1) for k in keys], np.int64)
 
     def read(self, rows) -> np.ndarray:
+        """Features of committed rows (whatever another run is appending meanwhile)."""
         rows = np.asarray(rows, np.int64)
         if not len(rows):
             return np.zeros((0, self.dim), np.float32)
-        data = np.memmap(self.rows_path, dtype=np.float32, mode="r").reshape(-1, self.dim)
+        count = self.rows_path.stat().st_size // self.row_bytes  # whole rows only: one may be half-written
+        if rows.max() >= count:
+            raise ValueError(f"{self.rows_path}: row {int(rows.max())} asked, the file holds {count}; the "
+                             f"feature store is damaged: delete {self.folder} to rebuild it")
+        data = np.memmap(self.rows_path, dtype=np.float32, mode="r", shape=(count, self.dim))
         return np.array(data[rows])
 
     def append(self, keys, features):
-        """Add rows (keys already present are skipped). Interrupted, it leaves the store valid."""
+        """Add rows (keys already present, or repeated in `keys`, are written once). Interrupted,
+        it leaves the store valid."""
         features = np.asarray(features, np.float32).reshape(len(keys), self.dim)
         self.folder.mkdir(parents=True, exist_ok=True)
         with _Lock(self.folder / "lock"):
-            self._index = self._load_index()  # another run may have appended meanwhile
-            new = [i for i, k in enumerate(keys) if k not in self._index]
+            self._index, n = self._load()  # another run may have appended meanwhile
+            first = {}
+            for i, k in enumerate(keys):
+                if k not in self._index:
+                    first.setdefault(k, i)
+            new = list(first.values())
             if not new:
+                self._rows = n
                 return 0
             meta = self.folder / "meta.json"
             if not meta.is_file():
                 meta.write_text(json.dumps({"format": STORE_FORMAT, "dim": self.dim, **self.describe},
                                            indent=1, default=str) + "\n")
-            n = len(self._index)
             with open(self.rows_path, "ab") as f:
                 f.truncate(n * self.row_bytes)  # drop rows an interrupted append left without keys
                 f.write(np.ascontiguousarray(features[new]).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
             text = self.keys_path.read_text() if self.keys_path.is_file() else ""
-            committed = "".join(f"{k}\n" for k in self._index)  # drops a torn line and keys without rows
+            lines = text.split("\n")[:-1][:n]
+            committed = "".join(f"{k}\n" for k in lines)  # drops a torn line and keys without rows
             with open(self.keys_path, "a" if text == committed else "w") as f:
                 if text != committed:
                     f.write(committed)
@@ -195,6 +213,7 @@ class FeatureStore:
                 os.fsync(f.fileno())
             for j, i in enumerate(new):
                 self._index[keys[i]] = n + j
+            self._rows = n + len(new)
         return len(new)
 
 
@@ -226,7 +245,11 @@ class ImageFeatureCache:
         self.images_encoded = 0  # images this cache ran through the tower
         self.images_from_store = 0
 
-    def _encode(self, split, ids, name):
+    flush_every = 1024  # images between two appends to the store while filling
+
+    def _encode(self, split, ids, name, keys):
+        """Run the tower on the split's images `ids`; every `flush_every` images the new rows go
+        to the store, so an interrupted fill (hours for a large dataset) keeps what it did."""
         import tensorflow as tf
 
         from keras_irtf.data.pipeline import images_dataset
@@ -234,13 +257,26 @@ class ImageFeatureCache:
 
         encode = tf.function(self.encoder.encode_images, reduce_retracing=True)
         progress = Progress(len(ids), f"caching {name} image features", enabled=self.verbose, unit="image")
-        out = []
+        out, pending, stored, done = [], [], 0, 0
+
+        def flush():
+            nonlocal pending, stored
+            if self.store is not None and pending:
+                self.store.append([keys[i] for i in ids[stored:done]], np.concatenate(pending))
+            pending, stored = [], done
+
         for images in images_dataset(split, ids, self.batch_size, self.preprocessor):
             out.append(np.asarray(encode(images), np.float32))
+            pending.append(out[-1])
+            done += len(out[-1])
             progress.update(len(out[-1]))
+            if done - stored >= self.flush_every:
+                flush()
+        flush()
         progress.close()
+        features = np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
         self.images_encoded += len(ids)
-        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+        return features
 
     def add_splits(self, splits: dict):
         """Features of every image of each split (name -> Split), encoded once."""
@@ -260,9 +296,7 @@ class ImageFeatureCache:
                 self.images_from_store += int(have.sum())
             missing = np.flatnonzero(~have)
             if len(missing):
-                features[missing] = self._encode(split, missing, name)
-                if self.store is not None:
-                    self.store.append([keys[i] for i in missing], features[missing])
+                features[missing] = self._encode(split, missing, name, keys)
             if self.verbose:
                 print(f"feature cache: {name} split, {len(keys)} image(s): {int(have.sum())} from "
                       f"{self.store.folder if self.store is not None else 'memory'}, {len(missing)} encoded",

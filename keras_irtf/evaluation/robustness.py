@@ -336,7 +336,7 @@ def robustness_run(run, levels=None, out=None, verbose=True, backend=None, input
 
     from keras_irtf.experiment import Experiment
 
-    exp, model = Experiment.from_run(run, verbose=verbose)
+    exp, model = Experiment.from_run(run, verbose=verbose, image_cache=False)  # perturbs pixels: no feature cache
     result = robustness_of(exp, model, levels=levels, backend=backend, input_grad=input_grad, verbose=verbose)
     write_json(Path(out) if out else Path(run) / "robustness.json", result)
     return result

@@ -26,8 +26,9 @@ Each layer keeps one tower of the backbone, so the weights are not held twice:
 
 Frozen by default. `model.finetune` (none | text | image | both) makes the named towers
 trainable: their variables are `pretrained_variables()` (trained at optim.finetune_lr_multiplier
-times the rate) and their outputs carry gradients; a frozen tower's output is under
-tf.stop_gradient and it lists no trainable variable.
+times the rate); a frozen tower lists no trainable variable (the gradient with respect to its
+input pixels still flows: GA^A at the input, the robustness attacks), and a frozen text tower's
+output is under tf.stop_gradient.
 
 A saved `.keras` model holds the towers' weights and the tokenizer's vocabulary (Keras assets):
 it reloads without the preset folder.
@@ -115,8 +116,26 @@ def resolve_preset(preset, key: str, family: Family) -> str:
 
 
 def _read_json(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A preset's JSON file; a damaged one is a ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as JSON ({e}); the preset folder is damaged: write it "
+                          f"again with save_to_preset (README, 'CLIP and SigLIP encoders')") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}; the preset folder is damaged")
+    return data
+
+
+def _entry(data: dict, path, *keys):
+    """data[k0][k1]..., or a ConfigError naming the file and the missing key."""
+    for i, k in enumerate(keys):
+        if not isinstance(data, dict) or k not in data:
+            raise ConfigError(f"{path}: no {'.'.join(keys[: i + 1])!r}: not the keras-hub preset layout the "
+                              f"clip / siglip encoders read (a backbone's config.json written by save_to_preset)")
+        data = data[k]
+    return data
 
 
 def _per_channel(value, default: float) -> list:
@@ -131,12 +150,12 @@ def preset_image_statistics(folder, family: Family):
     u * scale + offset on 0..255 pixels u, i.e. (u / 255 - mean) / std with std = 1 / (255 scale)
     and mean = -offset * std); the family's statistics when the folder has no image converter."""
     folder = Path(folder)
-    vision = _read_json(folder / "config.json")["config"]["vision_encoder"]["config"]
-    side = int(vision["image_shape"][0])
+    path = folder / "config.json"
+    side = int(_entry(_read_json(path), path, "config", "vision_encoder", "config", "image_shape")[0])
     converter = folder / "image_converter.json"
     if not converter.is_file():
         return side, family.mean, family.std, "no image_converter.json: the family's statistics"
-    config = _read_json(converter)["config"]
+    config = _entry(_read_json(converter), converter, "config")
     scale, offset = _per_channel(config.get("scale"), 1.0), _per_channel(config.get("offset"), 0.0)
     std = tuple(round(1.0 / (255.0 * s), 8) for s in scale)
     mean = tuple(round(-o / (255.0 * s), 8) for o, s in zip(offset, scale))
@@ -174,7 +193,12 @@ def _serialize(obj):
 def load_backbone(folder: str):
     """The preset's backbone, under the current Keras dtype policy (the run's precision)."""
     keras_hub = _import_keras_hub()
-    return keras_hub.models.Backbone.from_preset(folder, dtype=keras.config.dtype_policy().name)
+    try:
+        return keras_hub.models.Backbone.from_preset(folder, dtype=keras.config.dtype_policy().name)
+    except (KeyError, ValueError, TypeError, OSError) as e:  # a damaged or partial preset folder
+        raise ConfigError(f"{folder}: keras-hub could not load the preset's backbone ({type(e).__name__}: {e}); "
+                          f"the folder is damaged or incomplete: write it again with save_to_preset "
+                          f"(README, 'CLIP and SigLIP encoders')") from None
 
 
 def _configured_preset(settings, cfg):
@@ -237,9 +261,12 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     family = CLIP
 
     def __init__(self, tower, pooler=None, projection=None, preset=None, finetune=False, allow_cache=True,
-                 **kwargs):
+                 image_preprocessing=None, **kwargs):
         kwargs.pop("trainable", None)
         super().__init__(**kwargs)
+        # the preset's preprocessing ({"size", "mean", "std", "name"}), kept in the config so that a
+        # reloaded model preprocesses without the preset folder (own_preprocessor)
+        self.image_preprocessing = dict(image_preprocessing) if image_preprocessing else None
         self.tower = _deserialize(tower)
         self.pooler = _deserialize(pooler)
         self.projection = _deserialize(projection)
@@ -255,9 +282,26 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     def from_preset(cls, preset, finetune=False, allow_cache=True, key="model.image_encoder.preset", **kwargs):
         folder = resolve_preset(preset, key, cls.family)
         backbone = load_backbone(folder)
+        prep = cls._preset_preprocessor(folder).describe()
         return cls(backbone.vision_encoder, getattr(backbone, "vision_pooler", None),
                    getattr(backbone, "vision_projection", None), preset=folder, finetune=finetune,
-                   allow_cache=allow_cache, **kwargs)
+                   allow_cache=allow_cache, image_preprocessing=prep, **kwargs)
+
+    @classmethod
+    def _preset_preprocessor(cls, folder):
+        from keras_irtf.layers.preprocessing import ImagePreprocessor
+
+        side, mean, std, note = preset_image_statistics(folder, cls.family)
+        name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
+        return ImagePreprocessor(side, mean, std, name=name)
+
+    def own_preprocessor(self):
+        """The preprocessing recorded when the encoder was built from its preset (None if not
+        recorded): what a reloaded model uses, with or without the preset folder."""
+        from keras_irtf.layers.preprocessing import ImagePreprocessor
+
+        p = self.image_preprocessing
+        return None if not p else ImagePreprocessor(p["size"], p["mean"], p["std"], name=p.get("name", "clip"))
 
     @classmethod
     def from_settings(cls, settings, cfg, **context):
@@ -274,12 +318,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     def preprocessor(cls, settings, cfg):
         """The preset's preprocessing: its tower's input side (data.image_size does not apply) and
         the mean/std its image converter implies; resize + centre crop as for every encoder."""
-        from keras_irtf.layers.preprocessing import ImagePreprocessor
-
-        folder = resolve_preset(*_configured_preset(settings, cfg), cls.family)
-        side, mean, std, note = preset_image_statistics(folder, cls.family)
-        name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
-        return ImagePreprocessor(side, mean, std, name=name)
+        return cls._preset_preprocessor(resolve_preset(*_configured_preset(settings, cfg), cls.family))
 
     # ---- the cache --------------------------------------------------------------------------
     def attach_cache(self, cache):
@@ -309,8 +348,10 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
 
     def encode_images(self, images, training=False):
         """Preprocessed images float [B, S, S, 3] -> float32 [B, output_dim] (runs the tower)."""
-        out = tf.cast(self._embed(images, training=bool(training) and self.finetune), tf.float32)
-        return out if self.finetune else tf.stop_gradient(out)
+        # no stop_gradient when frozen: the tower's variables are not trainable, so no gradient
+        # reaches them, but dL/d(pixels) must flow (GA^A at ga.point=input with cache: false, the
+        # robustness evaluation's FGSM / PGD attacks and its input-gradient norms)
+        return tf.cast(self._embed(images, training=bool(training) and self.finetune), tf.float32)
 
     def build(self, input_shape=None):
         self.built = True
@@ -333,7 +374,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     def get_config(self):
         config = super().get_config()
         config.pop("trainable", None)
-        config.update(self._tower_config(), allow_cache=self.allow_cache)
+        config.update(self._tower_config(), allow_cache=self.allow_cache, image_preprocessing=self.image_preprocessing)
         return config
 
 
@@ -422,6 +463,19 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
 
     # a frozen tower's text embeddings may be stored on disk across runs (keras_irtf.data.feature_cache)
     persistent_cache = True
+
+    def fingerprint_extra(self) -> dict:
+        """What the stored text features depend on beyond the weights and the config: the
+        tokenizer's vocabulary (and BPE merges), which are Keras assets, not config."""
+        import hashlib
+
+        tok = self.preprocessor.tokenizer
+        digest = hashlib.sha1()
+        for token in tok.get_vocabulary():
+            digest.update(str(token).encode("utf-8") + b"\n")
+        for merge in getattr(tok, "merges", None) or ():
+            digest.update(b"merge:" + str(merge).encode("utf-8") + b"\n")
+        return {"vocabulary": digest.hexdigest(), "sequence_length": int(self.preprocessor.sequence_length)}
 
     @classmethod
     def _preset_of(cls, settings, cfg):

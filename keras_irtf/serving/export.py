@@ -355,7 +355,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
     from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS
 
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
-    image_prep = image_preprocessing_for(cfg, run_dir)
+    own = getattr(model.image_encoder, "own_preprocessor", None)  # recorded in the model (CLIP / SigLIP)
+    image_prep = (own() if own is not None else None) or image_preprocessing_for(cfg, run_dir)
     text_prep = text_preprocessing_for(cfg, run_dir)
     out = Path(out)
     version = next_version(out) if version is None else int(version)
