@@ -3,7 +3,8 @@
 A frozen CLIP / SigLIP tower gives an image the same feature in every step of every run, and it
 is by far the most expensive part of a step (ViT-B/16: ~17 GFLOPs an image, against under 0.1
 GFLOP a query for a reference-size Combiner on 512-d features). So when the image encoder is
-frozen and its settings allow it (`cache: true`), the assembler (keras_irtf.experiment.Experiment.attach_image_input)
+frozen and its settings allow it (`cache: true`), the assembler
+(keras_irtf.experiment.Experiment.attach_image_input)
 
 1. computes a fingerprint of the encoder: its class, its configuration, every weight's bytes and
    the preprocessing it is fed (`encoder_fingerprint`): two runs with the same preset and
