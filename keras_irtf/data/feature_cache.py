@@ -240,11 +240,11 @@ class ImageFeatureCache:
                         "preset": getattr(encoder, "preset", None)}
             self.store = FeatureStore(store_root, self.fingerprint, self.dim, describe)
         self._rows = {}  # id(split) -> np.int64 rows
-        self._splits = {}  # id(split) -> name (for messages)
         self._table = np.zeros((0, self.dim), np.float32)
         self.table = None
         self.images_encoded = 0  # images this cache ran through the tower
         self.images_from_store = 0
+        self._encode_fn = None
 
     flush_every = 1024  # images between two appends to the store while filling
 
@@ -256,7 +256,9 @@ class ImageFeatureCache:
         from keras_irtf.data.pipeline import images_dataset
         from keras_irtf.utils import Progress
 
-        encode = tf.function(self.encoder.encode_images, reduce_retracing=True)
+        if self._encode_fn is None:  # traced once for every split
+            self._encode_fn = tf.function(self.encoder.encode_images, reduce_retracing=True)
+        encode = self._encode_fn
         progress = Progress(len(ids), f"caching {name} image features", enabled=self.verbose, unit="image")
         out, pending, stored, done = [], [], 0, 0
 
@@ -303,7 +305,6 @@ class ImageFeatureCache:
                       f"{self.store.folder if self.store is not None else 'memory'}, {len(missing)} encoded",
                       flush=True)
             self._rows[id(split)] = np.arange(n, n + len(keys), dtype=np.int64)
-            self._splits[id(split)] = name
             chunks.append(features)
             n += len(keys)
         self._table = np.concatenate(chunks).astype(np.float32)
@@ -320,9 +321,6 @@ class ImageFeatureCache:
                            f"add them with ImageFeatureCache.add_splits first")
         return self._rows[id(split)]
 
-    def features(self, split, ids) -> np.ndarray:
-        return self._table[self.rows(split)[np.asarray(ids, np.int64)]]
-
     def gather(self, ids):
         """Graph-friendly: int row ids [B] -> float32 [B, D]."""
         import tensorflow as tf
@@ -338,15 +336,10 @@ class CachedFeatureInput:
 
     def __init__(self, cache: ImageFeatureCache):
         self.cache = cache
-        self.preprocessor = cache.preprocessor
         self.size = cache.preprocessor.size
 
     def rows(self, split) -> np.ndarray:
         return self.cache.rows(split)
-
-    def describe(self) -> dict:
-        return {"name": "cached_features", "fingerprint": self.cache.fingerprint,
-                "preprocessing": self.preprocessor.describe()}
 
 
 # ---- texts -------------------------------------------------------------------------------------
