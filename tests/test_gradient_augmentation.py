@@ -358,6 +358,35 @@ def test_fused_normals_repeat_under_a_seed():
     assert np.abs(a - seq(6)).min() > 0
 
 
+def test_fused_normals_scales_multiply_the_same_draw():
+    """A common scale (folded into the Box-Muller radius) and per-shape scales (applied to each
+    output) give scale times the unit draw of the same seed, shape by shape, also for the shape
+    that straddles the cosine and sine halves."""
+    from keras_irtf.model.gradient_augmentation import fused_standard_normals
+
+    shapes = [(6, 5), (7,), (2, 2)]  # 41 elements: half = 21 falls inside (7,)
+
+    def draw(scales):
+        return [t.numpy() for t in fused_standard_normals(shapes, keras.random.SeedGenerator(4), scales=scales)]
+
+    unit = draw(None)
+    for scales in ([0.25, 0.25, 0.25], [2.0, 1e-3, 30.0]):
+        for t, u, s in zip(draw(scales), unit, scales):
+            np.testing.assert_allclose(t, s * u, rtol=1e-6, atol=0)
+    # the layout: cosine members first, then the sine members of the same pairs
+    flat = np.concatenate([u.ravel() for u in unit])
+    half = (flat.size + 1) // 2
+    u = tf.random.stateless_uniform((2, half), seed=_seed_of(keras.random.SeedGenerator(4)), dtype=tf.float32).numpy()
+    radius, angle = np.sqrt(-2.0 * np.log1p(-u[0].astype(np.float64))), 2.0 * np.pi * u[1].astype(np.float64)
+    expected = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: flat.size]
+    np.testing.assert_allclose(flat, expected, rtol=1e-4, atol=1e-5)
+
+
+def _seed_of(gen):
+    seed = tf.cast(gen.next(), tf.int64)
+    return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+
+
 # ---- baselines ----------------------------------------------------------------------------------
 def test_fgsm_loss_is_the_mean_of_clean_and_adversarial_losses():
     fgsm_eps = 0.05
