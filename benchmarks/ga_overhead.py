@@ -41,6 +41,7 @@ VARIANTS = (
 )
 HOOK = "(profile) GA^I gradient hook alone"
 PREVIOUS_HOOK = "(profile) same hook, the draw of 2e1cda9 (concatenated halves, tensordot)"
+UNIFORMS = "(profile) the uniform numbers alone (one per weight; the floor of the draw)"
 OLD_NOISE = "(profile) same hook, one keras.random.normal per variable (before issue 14)"
 TARGETS = {
     "+GA^I": 1.05,
@@ -152,6 +153,8 @@ def main(argv=None):
     # profile of GA^I: its gradient hook alone (draw, scale, add to the gradients, the logged
     # L_GA^I), on fixed synthetic gradients of the model's shapes
     ga_model = build_model(base, args.vocab)
+    import keras
+
     from keras_irtf.model.gradient_augmentation import GradientAugmentation
 
     variables = ga_model.trainable_variables
@@ -170,6 +173,15 @@ def main(argv=None):
         PREVIOUS_HOOK: hook_step(_previous_isotropic_noise(1e-3)),
         OLD_NOISE: hook_step(_per_variable_isotropic_noise(1e-3)),
     }
+    # the floor of any exact draw: the uniform numbers alone (one per normal, TensorFlow's Philox)
+    total = sum(int(np.prod(v.shape)) for v in variables)
+    floor_gen = keras.random.SeedGenerator(0)
+
+    def uniforms():
+        seed = tf.cast(tf.math.floormod(tf.cast(floor_gen.next(), tf.int64), tf.int32.max - 1), tf.int32)
+        return tf.reduce_sum(tf.random.stateless_uniform((total,), seed=seed)[:1])
+
+    hooks[UNIFORMS] = tf.function(uniforms)
     for name, fn in hooks.items():
         for _ in range(args.warmup):
             fn().numpy()
@@ -234,8 +246,11 @@ this machine during the run (load average in the machine table).
   folded into the radius; the logged value is a multiply-and-sum. The rows "{PREVIOUS_HOOK}"
   ({med[PREVIOUS_HOOK] / med[HOOK]:.2f}x the time of the current hook) and "{OLD_NOISE}"
   ({med[OLD_NOISE] / med[HOOK]:.2f}x) time the former versions of the same hook in the same process.
-  What is left is mostly the uniform draw itself (TensorFlow's Philox generator) and the
-  logarithm, square root, sine and cosine of the transform.
+  What is left is the uniform draw itself (TensorFlow's Philox generator; the row "{UNIFORMS}":
+  {ratio[UNIFORMS]:.2f}x of a baseline step, {med[UNIFORMS] / med[HOOK]:.0%} of the hook) and the logarithm, square
+  root, sine and cosine of the transform. Any exact draw needs those uniform numbers, so GA^I
+  cannot cost less than {1 + ratio[UNIFORMS]:.2f}x at this batch and model, short of a cheaper
+  generator than TensorFlow provides.
 - The target for GA^A+GA^I at the input (<= 1.5x) is below the cost of GA^A alone
   ({ratio["+GA^A (x = input)"]:.2f}x; the paper's 1.73x): double backpropagation through the image
   encoder is the method itself, and no change to the noise can bring the sum under it. A cheaper
