@@ -242,8 +242,9 @@ this machine during the run (load average in the machine table).
   {ratio["+GA^I"] - 1:.2f}x and adds {ratio["+GA^A+GA^I (x = input)"] - ratio["+GA^A (x = input)"]:.2f}x on top of GA^A at the input.
   The cost is fixed per step, so its share falls with a larger batch or a heavier model. The draw
   is one Box-Muller transform of one uniform draw for all variables (the same N(0, I) as one
-  normal draw per variable), each variable a slice of the cosine or the sine half, the scale
-  folded into the radius; the logged value is a multiply-and-sum. The rows "{PREVIOUS_HOOK}"
+  normal draw per variable), each variable a slice of the cosine or the sine half, a scale common
+  to all variables (per_element) folded into the radius, a per-variable one (mean, timed here)
+  applied to each slice; the logged value is a multiply-and-sum. The rows "{PREVIOUS_HOOK}"
   ({med[PREVIOUS_HOOK] / med[HOOK]:.2f}x the time of the current hook) and "{OLD_NOISE}"
   ({med[OLD_NOISE] / med[HOOK]:.2f}x) time the former versions of the same hook in the same process.
   What is left is the uniform draw itself (TensorFlow's Philox generator; the row "{UNIFORMS}":

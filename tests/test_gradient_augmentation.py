@@ -360,17 +360,17 @@ def test_fused_normals_repeat_under_a_seed():
 
 def test_fused_normals_scales_multiply_the_same_draw():
     """A common scale (folded into the Box-Muller radius) and per-shape scales (applied to each
-    output) give scale times the unit draw of the same seed, shape by shape, also for the shape
-    that straddles the cosine and sine halves."""
+    output) give scale times the unit draw of the same seed, shape by shape: a shape inside the
+    cosine half, one that straddles the two halves, two inside the sine half."""
     from keras_irtf.model.gradient_augmentation import fused_standard_normals
 
-    shapes = [(6, 5), (7,), (2, 2)]  # 41 elements: half = 21 falls inside (7,)
+    shapes = [(3,), (6, 5), (7,), (2, 2)]  # 44 elements: half = 22 falls inside (6, 5)
 
     def draw(scales):
         return [t.numpy() for t in fused_standard_normals(shapes, keras.random.SeedGenerator(4), scales=scales)]
 
     unit = draw(None)
-    for scales in ([0.25, 0.25, 0.25], [2.0, 1e-3, 30.0]):
+    for scales in ([0.25] * 4, [2.0, 1e-3, 30.0, 0.5]):
         for t, u, s in zip(draw(scales), unit, scales):
             np.testing.assert_allclose(t, s * u, rtol=1e-6, atol=0)
     # the layout: cosine members first, then the sine members of the same pairs
