@@ -77,6 +77,8 @@ def _previous_isotropic_noise(gamma):
     import numpy as np
     import tensorflow as tf
 
+    from keras_irtf.model.gradient_augmentation import stateless_seed
+
     gen = keras.random.SeedGenerator(0)
 
     def noise(variables):
@@ -84,8 +86,7 @@ def _previous_isotropic_noise(gamma):
         sizes = [int(np.prod(sh)) for sh in shapes]
         total = sum(sizes)
         half = (total + 1) // 2
-        seed = tf.cast(tf.math.floormod(tf.cast(gen.next(), tf.int64), tf.int32.max - 1), tf.int32)
-        u = tf.random.stateless_uniform((2, half), seed=seed, dtype=tf.float32)
+        u = tf.random.stateless_uniform((2, half), seed=stateless_seed(gen), dtype=tf.float32)
         radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))
         angle = (2.0 * np.pi) * u[1]
         normals = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:total]
@@ -151,13 +152,14 @@ def main(argv=None):
                 fn(batch)["loss"].numpy()
             tf.profiler.experimental.stop()
     # profile of GA^I: its gradient hook alone (draw, scale, add to the gradients, the logged
-    # L_GA^I), on fixed synthetic gradients of the model's shapes
-    ga_model = build_model(base, args.vocab)
+    # L_GA^I), on fixed synthetic gradients of the model's shapes (every variant's model has the
+    # same variables: the last one built is used)
     import keras
 
-    from keras_irtf.model.gradient_augmentation import GradientAugmentation
+    from keras_irtf.model.gradient_augmentation import GradientAugmentation, stateless_seed
 
-    variables = ga_model.trainable_variables
+    variables = model.trainable_variables
+    params = sum(int(np.prod(v.shape)) for v in variables)
     grads = [tf.random.normal(v.shape) for v in variables]
 
     def hook_step(ga_noise):
@@ -174,12 +176,10 @@ def main(argv=None):
         OLD_NOISE: hook_step(_per_variable_isotropic_noise(1e-3)),
     }
     # the floor of any exact draw: the uniform numbers alone (one per normal, TensorFlow's Philox)
-    total = sum(int(np.prod(v.shape)) for v in variables)
     floor_gen = keras.random.SeedGenerator(0)
 
     def uniforms():
-        seed = tf.cast(tf.math.floormod(tf.cast(floor_gen.next(), tf.int64), tf.int32.max - 1), tf.int32)
-        return tf.reduce_sum(tf.random.stateless_uniform((total,), seed=seed)[:1])
+        return tf.reduce_sum(tf.random.stateless_uniform((params,), seed=stateless_seed(floor_gen))[:1])
 
     hooks[UNIFORMS] = tf.function(uniforms)
     for name, fn in hooks.items():
@@ -197,7 +197,6 @@ def main(argv=None):
     med = {name: float(np.median(t)) for name, t in times.items()}
     base_t = med["TIRG"]
     ratio = {name: med[name] / base_t for name in med}
-    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     rows = [
         "| variant | s/step (median round) | min .. max over rounds | ratio to TIRG | target | met |",
         "|---|---|---|---|---|---|",

@@ -362,7 +362,7 @@ def test_fused_normals_scales_multiply_the_same_draw():
     """A common scale (folded into the Box-Muller radius) and per-shape scales (applied to each
     output) give scale times the unit draw of the same seed, shape by shape: a shape inside the
     cosine half, one that straddles the two halves, two inside the sine half."""
-    from keras_irtf.model.gradient_augmentation import fused_standard_normals
+    from keras_irtf.model.gradient_augmentation import fused_standard_normals, stateless_seed
 
     shapes = [(3,), (6, 5), (7,), (2, 2)]  # 44 elements: half = 22 falls inside (6, 5)
 
@@ -376,15 +376,10 @@ def test_fused_normals_scales_multiply_the_same_draw():
     # the layout: cosine members first, then the sine members of the same pairs
     flat = np.concatenate([u.ravel() for u in unit])
     half = (flat.size + 1) // 2
-    u = tf.random.stateless_uniform((2, half), seed=_seed_of(keras.random.SeedGenerator(4)), dtype=tf.float32).numpy()
+    u = tf.random.stateless_uniform((2, half), seed=stateless_seed(keras.random.SeedGenerator(4)), dtype=tf.float32).numpy()
     radius, angle = np.sqrt(-2.0 * np.log1p(-u[0].astype(np.float64))), 2.0 * np.pi * u[1].astype(np.float64)
     expected = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[: flat.size]
     np.testing.assert_allclose(flat, expected, rtol=1e-4, atol=1e-5)
-
-
-def _seed_of(gen):
-    seed = tf.cast(gen.next(), tf.int64)
-    return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
 
 
 # ---- baselines ----------------------------------------------------------------------------------

@@ -230,6 +230,13 @@ _LEGACY_KEYS = {"eps": ("adversarial", "eps"), "attack_norm": ("adversarial", "a
                 "fgsm_eps": ("fgsm", "eps"), "l1": ("l1", "weight"), "l2": ("l2", "weight")}
 
 
+def stateless_seed(seed_generator):
+    """The generator's next seed as the int32 pair that tf.random.stateless_* ops take (the
+    generator moves on, as for keras.random.normal(seed=generator))."""
+    seed = tf.cast(seed_generator.next(), tf.int64)
+    return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+
+
 def fused_standard_normals(shapes, seed_generator, scales=None):
     """Independent N(0, scale_k^2) float32 tensors of the given shapes, from ONE seed of the
     generator (scales: one float per shape, default 1).
@@ -254,9 +261,7 @@ def fused_standard_normals(shapes, seed_generator, scales=None):
     if total == 0:
         return [tf.zeros(s, tf.float32) for s in shapes]
     half = (total + 1) // 2
-    seed = seed_generator.next()  # what keras.random.normal(seed=generator) draws too
-    seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), tf.int32.max - 1), tf.int32)
-    u = tf.random.stateless_uniform((2, half), seed=seed, dtype=tf.float32)
+    u = tf.random.stateless_uniform((2, half), seed=stateless_seed(seed_generator), dtype=tf.float32)
     radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))
     common = len(set(scales)) == 1
     if common and scales[0] != 1.0:
