@@ -116,7 +116,7 @@ def main(argv=None):
     try:
         return measure(args, tmp, load_before)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # owned: made by mkdtemp above
 
 
 def measure(args, tmp: Path, load_before: str) -> int:

@@ -110,8 +110,7 @@ def main(argv=None):
     results["pipeline from JPEGs, images/s"] = timed_images(streamed.train_dataset(steps=nb + 1, seed=0), 2 * B, nb)
     print(results, flush=True)
 
-    cache_dir = work / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir = Path(tempfile.mkdtemp(dir=work, prefix="file_cache_"))  # new and empty: a cold cache
     t = time.perf_counter()
     cached = Experiment(cfg, dataset=MITStatesDataset(root, image_size=S, file_cache=cache_dir, verbose=False),
                         verbose=False)
@@ -212,8 +211,10 @@ def main(argv=None):
         f"model.fit steps/s relative to a constant batch: {step['constant batch'] / step['from JPEGs']:.2f} from the "
         f"JPEGs, {step['constant batch'] / step['from file cache']:.2f} from the file cache",
     ])
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.workdir:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # owned: made by mkdtemp above
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # owned: made by mkdtemp (no --workdir)
     return 0
 
 

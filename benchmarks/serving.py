@@ -176,7 +176,7 @@ def main(argv=None):
     C.print_summary(NAME, summary)
     import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # owned: made by mkdtemp in this run
     return 0
 
 

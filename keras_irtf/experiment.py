@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from keras_irtf.config import Config, load_config, to_yaml
+from keras_irtf.training.run_folder import check_model_file, read_manifest, record_run_files, verify_run_files
 
 RUN_FILES = ("config.yaml", "model.keras")  # what every run folder holds (+ vocab.txt for token encoders)
 
@@ -379,12 +380,16 @@ class Experiment:
 
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
+        written = ["config.yaml", "model.keras"]
         atomic_write_text(run / "config.yaml", to_yaml(self.cfg))
         if self.text_input_kind == "tokens" and self.vectorizer is not None:
             self.vectorizer.save(run / "vocab.txt")
+            written.append("vocab.txt")
         save_model(model, run / "model.keras")
         if metrics is not None:
             write_json(run / "metrics.json", metrics)
+            written.append("metrics.json")
+        record_run_files(run, *written)
         return run
 
     @classmethod
@@ -401,6 +406,7 @@ class Experiment:
         for name in RUN_FILES:
             if not (run / name).is_file():
                 raise FileNotFoundError(f"{run / name} not found: --run must be a run folder written by tools/train.py")
+        verify_run_files(run, ("config.yaml", "vocab.txt", "model.keras"), verbose=verbose)
         cfg = load_config([run / "config.yaml"], list(overrides))
         exp = cls(cfg, dataset=dataset, verbose=verbose)
         if exp.text_input_kind == "tokens":
@@ -460,7 +466,6 @@ def load_model(path):
     import keras
 
     from keras_irtf.registry import load_builtins
-    from keras_irtf.training.run_folder import check_model_file
 
     load_builtins()
     import keras_irtf.model.optimizers  # noqa: F401  (registers the optimizer classes)
@@ -483,6 +488,8 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, override
     previous = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
     metrics = {**previous, "dataset": exp.cfg.data.dataset.type, "method": exp.cfg.model.method, **result}
     write_json(Path(out) if out else run / "metrics.json", metrics)
+    if not out and read_manifest(run):  # keep the manifest true to the folder (one without stays without)
+        record_run_files(run, "metrics.json")
     return metrics
 
 

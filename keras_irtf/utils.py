@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -61,7 +62,7 @@ def atomic_write_text(path, text: str):
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            os.unlink(tmp)  # owned: the mkstemp file this write created
         raise
 
 
@@ -72,3 +73,12 @@ def write_json(path, data):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

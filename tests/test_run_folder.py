@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
+from keras_irtf.safety import mark_owned
+from keras_irtf.training.run_folder import record_run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +30,7 @@ def _train_cli(*args, timeout=120):
 def _fake_backup(run, step=5):
     """A backup that latest_backup() accepts (its files exist; their content is not read here)."""
     backup = run / "backup"
-    backup.mkdir(parents=True, exist_ok=True)
+    mark_owned(backup, "training backup")  # as TrainingBackup creates it
     (backup / "w.weights.h5").write_bytes(b"x")
     (backup / "r.rng.npz").write_bytes(b"x")
     (backup / "state.json").write_text(json.dumps({"step": step, "weights": "w.weights.h5", "rng": "r.rng.npz",
@@ -47,7 +49,8 @@ def test_finished_run_is_refused_without_overwrite(css_smoke_root, tmp_path):
     run.mkdir()
     (run / "model.keras").write_bytes(b"old model")
     (run / "metrics.json").write_text('{"old": true}')
-    (run / "logs").mkdir()
+    mark_owned(run / "logs", "run logs")
+    record_run_files(run, "model.keras", "metrics.json")  # as training does: --overwrite may then remove them
     r, seconds = _train_cli("--preset", "smoke", "--data-root", str(css_smoke_root), "--out", str(run), "--quiet")
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"{run} holds a finished run (model.keras, metrics.json" in r.stderr and "--overwrite" in r.stderr

@@ -15,7 +15,9 @@ preset (configs/presets/<name>.yaml), the flags below, then every --set section.
 """
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -109,11 +111,21 @@ def resolve_config(args):
     return load_config(paths, overrides + list(args.set))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a container stop), raised where Ctrl-C would be."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     args = parse_args(argv)
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)  # stop like Ctrl-C: one line, the backup kept
     cfg = None
     try:
         cfg = resolve_config(args)
@@ -126,7 +138,7 @@ def main(argv=None):
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the backup makes it resumable
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback; the backup makes it resumable
         from keras_irtf.training.run_folder import interrupted_message
 
         run = None
@@ -134,14 +146,28 @@ def main(argv=None):
             from keras_irtf.training.loop import run_dir_for
 
             run = run_dir_for(cfg)
+        if isinstance(e, Terminated):
+            print(f"\n{interrupted_message(run, 'stopped by SIGTERM')}", file=sys.stderr)
+            return 143
         print(f"\n{interrupted_message(run)}", file=sys.stderr)
         return 130
     except Exception as e:
-        from keras_irtf.training.backup import TrainingDiverged
+        from keras_irtf.training.backup import BackupWriteError, TrainingDiverged, describe_os_error
 
         if isinstance(e, TrainingDiverged):
             print(f"error: {e}", file=sys.stderr)
             return 3
+        if isinstance(e, BackupWriteError):
+            print(f"error: {e}", file=sys.stderr)
+            return 5
+        if isinstance(e, OSError) and cfg is not None:  # e.g. a full disk while saving the model
+            from keras_irtf.training.loop import run_dir_for
+            from keras_irtf.training.run_folder import interrupted_message
+
+            where = getattr(e, "filename", None) or run_dir_for(cfg)
+            print(f"error: writing {where} failed ({describe_os_error(e)}); "
+                  f"{interrupted_message(run_dir_for(cfg), 'stopped')}", file=sys.stderr)
+            return 5
         from keras_irtf.training.distribute import collective_failure_message
         from keras_irtf.training.loop import run_dir_for
 

@@ -18,9 +18,10 @@ data.root, or the generated benchmark when no root is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
-import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +30,11 @@ import numpy as np
 from keras_irtf.data.css import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, CSSDataset, render_2d
 from keras_irtf.config import NON_NEGATIVE
 from keras_irtf.registry import register_dataset
+from keras_irtf.safety import NotOwnedError, mark_owned, prepare_output_folder, remove_owned, replace_folder
 from keras_irtf.utils import Progress
 
 COLOR_NAMES = tuple(COLORS)
+OWNED_KIND = "CSS benchmark"  # the kind named in a generated folder's ownership marker
 
 
 @dataclasses.dataclass
@@ -189,14 +192,20 @@ def generate_split(split: str, n_queries: int, rng, held_out: set):
 
 
 def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_png: bool = True,
-             verbose: bool = True, shifts=()) -> Path:
+             verbose: bool = True, shifts=(), overwrite: bool = False) -> Path:
     """Write the benchmark to `out` in the published layout (atomically: all or nothing).
+
+    `out` must be missing, empty, or (with `overwrite`) a CSS benchmark this generator wrote
+    (its `.keras_irtf.json` marker says so); a folder holding anything else is refused with
+    NotOwnedError before any work, and never deleted.
 
     shifts: also write the test split under these rendering shifts (keras_irtf.data.css_shift)
     as `shift_<name>/css_test_<index:06d>.png`."""
     if size not in SIZES_PRESETS:
         raise ValueError(f"unknown CSS size {size!r}; expected one of {sorted(SIZES_PRESETS)}")
     out = Path(out)
+    prepare_output_folder(out, OWNED_KIND, hint="choose a new or empty folder for the generated benchmark",
+                          replace=overwrite, replace_flag="--overwrite")
     rng = np.random.default_rng(seed)
     held_out = held_out_combos(seed)
     data = {
@@ -204,9 +213,9 @@ def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_
         for split in ("train", "test")
     }
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_owned(tmp, OWNED_KIND)  # left by a crashed run of a process with this pid
     (tmp / "images").mkdir(parents=True)
+    mark_owned(tmp, OWNED_KIND, size=size, seed=int(seed))
     try:
         if write_png:
             from PIL import Image
@@ -225,11 +234,10 @@ def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_
 
             for name in shifts:
                 write_shift_pngs(tmp, data["test"]["objects_img"], name, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out, OWNED_KIND)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError, NotOwnedError):
+            remove_owned(tmp, OWNED_KIND)
         raise
     return out
 
@@ -238,7 +246,7 @@ def ensure_generated(cache_dir, size: str, seed: int, verbose: bool = True) -> P
     """The generated benchmark's folder, generating it on first use."""
     out = Path(cache_dir) / f"css_{size}_s{seed}"
     if not (out / NPY_NAME).is_file():
-        generate(out, size=size, seed=seed, verbose=verbose)
+        generate(out, size=size, seed=seed, verbose=verbose, overwrite=True)  # replaces only a generated set
     return out
 
 
@@ -273,11 +281,19 @@ def main(argv=None):
     parser.add_argument("--no-png", action="store_true", help="write only the .npy (images drawn in 2D)")
     parser.add_argument("--shift", default="", help="also write the test split under these rendering shifts "
                         "(comma-separated: render,noise; see keras_irtf.data.css_shift)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a benchmark this generator wrote earlier in --out (never other files)")
     args = parser.parse_args(argv)
     shifts = [x.strip() for x in args.shift.split(",") if x.strip()]
-    path = generate(args.out, args.size, args.seed, write_png=not args.no_png, shifts=shifts)
+    try:
+        path = generate(args.out, args.size, args.seed, write_png=not args.no_png, shifts=shifts,
+                        overwrite=args.overwrite)
+    except NotOwnedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

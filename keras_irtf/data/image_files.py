@@ -26,8 +26,10 @@ import numpy as np
 
 from keras_irtf.data.base import DatasetError
 from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
+from keras_irtf.safety import mark_owned, not_owned_error, owned_kind
 from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, image_dimensions
 
+OWNED_KIND = "image file cache"
 CACHE_FORMAT = 1  # bump when the preprocessing changes: old caches are then not reused
 
 _JPEG = b"\xff\xd8\xff"
@@ -171,8 +173,20 @@ class ImageFileCache:
     def row_bytes(self) -> int:
         return self.size * self.size * 3
 
+    def _claim_folder(self):
+        """Create the cache folder with its ownership marker; an existing one must be ours (its
+        marker, or only the cache's own files), since opening it may truncate images.u8."""
+        if owned_kind(self.folder) == OWNED_KIND:
+            return
+        if self.folder.exists() or self.folder.is_symlink():
+            own = {"images.u8", "state.npy", "meta.json"}
+            names = {p.name for p in self.folder.iterdir()} if self.folder.is_dir() and not self.folder.is_symlink() else {"?"}
+            if not names <= own:
+                raise not_owned_error(self.folder, OWNED_KIND, "move it away or choose another data.file_cache folder")
+        mark_owned(self.folder, OWNED_KIND)
+
     def _open(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._claim_folder()
         n = len(self.paths)
         shape = (n, self.size, self.size, 3)
         if not self.data_path.is_file() or self.data_path.stat().st_size != n * self.row_bytes:

@@ -20,6 +20,7 @@ import pickle
 from pathlib import Path
 
 from keras_irtf.data.base import DatasetError
+from keras_irtf.safety import is_under
 
 
 class UnsafeFileError(DatasetError):
@@ -88,9 +89,8 @@ def contained_path(root, listed, where: str, policy: str = "error"):
     Symlinks are followed: a link inside the root that points outside it is refused too."""
     root_real = os.path.realpath(root)
     listed = str(listed)
-    path = os.path.join(root_real, listed)
-    real = os.path.realpath(path)
-    if os.path.isabs(listed) or not (real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)):
+    real = os.path.realpath(os.path.join(root_real, listed))
+    if os.path.isabs(listed) or not is_under(real, root_real):
         if policy == "skip":
             return None
         raise UnsafeFileError(

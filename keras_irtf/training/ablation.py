@@ -143,7 +143,7 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
                     f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
                     f"({time.time() - start:.0f} s)")
         finally:
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # owned: the lock _claim created for this process
     return collect(out, [j[0] for j in jobs])
 
 
@@ -174,7 +174,7 @@ def _claim(run: Path):
                 os.kill(pid, 0)
                 return None  # alive
             except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
+                lock.unlink(missing_ok=True)  # owned: a stale claim lock (its process is gone)
                 continue
             except PermissionError:
                 return None

@@ -11,6 +11,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -19,11 +20,27 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_irtf.utils import read_json, write_json
+from keras_irtf.training.run_folder import BackupError, ensure_backup_dir, latest_backup
+from keras_irtf.utils import write_json
+
+__all__ = ["BackupError", "BackupWriteError", "describe_os_error", "StopOnNonFiniteLoss", "TrainingBackup", "TrainingDiverged", "latest_backup",
+           "restore_backup", "rng_variables", "unsound_state"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class BackupWriteError(RuntimeError):
+    """A backup could not be written (a full disk, a read-only folder); the last one is kept."""
+
+
+def describe_os_error(e: BaseException) -> str:
+    """'disk full' for ENOSPC / EDQUOT (h5py hides errno in its message), else the error's text."""
+    text = str(e)
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text:
+        return "disk full: no space left on the device"
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 # A model variable beyond this magnitude has exploded (weights are O(1)-O(100); a batch-norm
@@ -121,22 +138,33 @@ class TrainingBackup(keras.callbacks.Callback):
                 kept = f"step {self.last_good_step}" if self.last_good_step is not None else "none"
                 print(f"warning: step {step}: {reason}; not backed up (last good backup: {kept})", flush=True)
             return
-        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        ensure_backup_dir(self.backup_dir)
         name = f"step-{step:09d}.weights.h5"
-        tmp = self.backup_dir / f".{name}.partial.weights.h5"
-        self.model.save_weights(tmp)
-        os.replace(tmp, self.backup_dir / name)
-        # save_weights leaves out the random generators' states: keep them beside the weights
         rng_name = f"step-{step:09d}.rng.npz"
-        with open(self.backup_dir / f".{rng_name}.partial", "wb") as f:
-            np.savez(f, **{f"v{i}": v.numpy() for i, v in enumerate(rng_variables(self.model))})
-        os.replace(self.backup_dir / f".{rng_name}.partial", self.backup_dir / rng_name)
-        write_json(self.backup_dir / "state.json",
-                   {"step": step, "weights": name, "rng": rng_name, "train_seconds": self.seconds()})
+        partials = (self.backup_dir / f".{name}.partial.weights.h5", self.backup_dir / f".{rng_name}.partial")
+        try:
+            self.model.save_weights(partials[0])
+            os.replace(partials[0], self.backup_dir / name)
+            # save_weights leaves out the random generators' states: keep them beside the weights
+            with open(partials[1], "wb") as f:
+                np.savez(f, **{f"v{i}": v.numpy() for i, v in enumerate(rng_variables(self.model))})
+            os.replace(partials[1], self.backup_dir / rng_name)
+            write_json(self.backup_dir / "state.json",
+                       {"step": step, "weights": name, "rng": rng_name, "train_seconds": self.seconds()})
+        except OSError as e:
+            # state.json is written last: it still names the previous backup, so this step's files are unused
+            for path in (*partials, self.backup_dir / name, self.backup_dir / rng_name):
+                path.unlink(missing_ok=True)  # owned: a file of this step that this save was writing
+            kept = f"step {self.last_good_step}" if self.last_good_step is not None else "none yet"
+            raise BackupWriteError(
+                f"could not write the backup of step {step} to {self.backup_dir} ({describe_os_error(e)}); "
+                f"training stopped and the last complete backup ({kept}) is kept. Free space (or fix the "
+                f"folder) and run the same command to resume"
+            ) from None
         self.last_good_step = step
         for old in list(self.backup_dir.glob("step-*.weights.h5")) + list(self.backup_dir.glob("step-*.rng.npz")):
             if old.name not in (name, rng_name):
-                old.unlink()
+                old.unlink()  # owned: an older step file in the backup folder this run marked as its own
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_steps > 0 and self._step() % self.every_steps == 0:
@@ -158,29 +186,26 @@ def rng_variables(model):
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
-def latest_backup(backup_dir):
-    """The last complete backup's state ({"step", "weights", "rng", "train_seconds"}), or None."""
-    state = Path(backup_dir) / "state.json"
-    if not state.is_file():
-        return None
-    info = read_json(state)
-    for key in ("weights", "rng"):
-        if not (Path(backup_dir) / info.get(key, "-")).is_file():
-            return None
-        info[key] = Path(backup_dir) / info[key]
-    return info
-
-
 def restore_backup(model, info):
-    """Load a backup into a built, compiled model (its optimizer built)."""
-    model.load_weights(info["weights"])
+    """Load a backup into a built, compiled model (its optimizer built). A damaged weights or
+    random-state file raises BackupError naming it (with --fresh as the way out)."""
+    fresh = "pass --fresh to discard the backup and start over"
+    try:
+        model.load_weights(info["weights"])
+    except Exception as e:  # h5py raises OSError / KeyError / ValueError for a cut file
+        raise BackupError(f"backup file {info['weights']} is damaged and cannot be loaded ({type(e).__name__}: "
+                          f"{str(e)[:200]}); it was probably cut short by a crash or a full disk; {fresh}") from None
     variables = rng_variables(model)
-    with np.load(info["rng"]) as saved:
+    try:
+        saved = np.load(info["rng"])
+    except Exception as e:
+        raise BackupError(f"backup file {info['rng']} is damaged and cannot be loaded ({type(e).__name__}: "
+                          f"{str(e)[:200]}); {fresh}") from None
+    with saved:
         if len(saved.files) != len(variables):
-            raise ValueError(
+            raise BackupError(
                 f"backup {info['rng']} holds {len(saved.files)} random-generator states but the model has "
-                f"{len(variables)}: it was written by a different model; delete {Path(info['rng']).parent} "
-                f"to start over"
+                f"{len(variables)}: it was written by a different model; {fresh}"
             )
         for i, v in enumerate(variables):
             v.assign(saved[f"v{i}"])

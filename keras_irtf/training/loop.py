@@ -12,14 +12,15 @@ A run folder holds: config.yaml (resolved), vocab.txt, model.keras, metrics.json
 
 from __future__ import annotations
 
-import math
 import os
-import shutil
 from pathlib import Path
 
 import keras
 
 from keras_irtf.config import Config, default_run_name, to_yaml
+from keras_irtf.safety import remove_owned
+from keras_irtf.training.run_folder import (BACKUP_KIND, LOGS_KIND, BackupError, ensure_owned_dir, latest_backup,
+                                            record_run_files, run_folder_guard)
 from keras_irtf.utils import atomic_write_text, write_json
 
 
@@ -39,15 +40,13 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: 
     locked while training; a folder holding a finished run is refused unless `overwrite`, and a
     backup written with another config unless `fresh` discards it (training/run_folder.py).
     """
-    from keras_irtf.training.run_folder import run_folder_guard
-
     with run_folder_guard(run_dir_for(cfg), cfg, overwrite=overwrite, fresh=fresh, verbose=bool(verbose)):
         return _train(cfg, verbose, callbacks, dataset)
 
 
 def _train(cfg: Config, verbose: int, callbacks, dataset):
     from keras_irtf.experiment import Experiment, save_model
-    from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, latest_backup, restore_backup
+    from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, restore_backup
     from keras_irtf.training.callbacks import TrainingScalars
     from keras_irtf.training.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
 
@@ -60,16 +59,26 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     if chief:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / "config.yaml", to_yaml(cfg))
+        record_run_files(run, "config.yaml")
     keras.utils.set_random_seed(cfg.train.seed)
 
     exp = Experiment(cfg, dataset=dataset, verbose=bool(verbose) and chief)
     model = exp.create_model(strategy, vocab_out=run / "vocab.txt" if chief else None)
+    if chief and (run / "vocab.txt").is_file() and exp.text_input_kind == "tokens":
+        record_run_files(run, "vocab.txt")
 
-    spe = min(cfg.train.steps_per_epoch, cfg.train.steps)
-    total = math.ceil(cfg.train.steps / spe) * spe
+    # exactly train.steps steps, in epochs of train.steps_per_epoch (the last one may be shorter)
+    total = cfg.train.steps
+    spe = min(cfg.train.steps_per_epoch, total)
     start, prior_seconds = 0, 0.0
     resume = latest_backup(run / "backup")
     if resume is not None:
+        if int(resume["step"]) > total:
+            raise BackupError(
+                f"the backup in {run / 'backup'} is at step {int(resume['step'])}, beyond train.steps={total}: "
+                f"resuming it would keep weights trained for more steps than asked. Ask for at least "
+                f"{int(resume['step'])} steps (--steps) to resume it, or pass --fresh to discard it and train {total}"
+            )
         start, prior_seconds = restore_backup(model, resume), resume["train_seconds"]
         if verbose and chief:
             print(f"resuming {run} from its backup at step {start} of {total}", flush=True)
@@ -84,19 +93,16 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     cbs = [StopOnNonFiniteLoss(backup), backup]
     every = cfg.train.log_every_steps
     if chief:
+        ensure_owned_dir(run / "logs", LOGS_KIND)
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every))
     # on every worker: its reads of the trackers are collectives under multi-worker training
     cbs.append(TrainingScalars(run / "logs" / "train", every_n_steps=every, write=chief))
     cbs += list(callbacks)
     fit_kw = dict(callbacks=cbs, verbose=verbose if chief else 0, shuffle=False)
     history = None
-    # a run resumed mid-epoch first completes that epoch, then continues epoch by epoch
-    partial = (spe - start % spe) % spe
-    if partial:
-        history = model.fit(batches(start, start + partial), epochs=1, steps_per_epoch=partial, **fit_kw)
-    if start + partial < total:
-        history = model.fit(batches(start + partial, total), initial_epoch=(start + partial) // spe,
-                            epochs=total // spe, steps_per_epoch=spe, **fit_kw)
+    for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
+        history = model.fit(batches(first, last), initial_epoch=epoch, epochs=epoch + (last - first) // steps_per_epoch,
+                            steps_per_epoch=steps_per_epoch, **fit_kw)
     train_seconds = backup.seconds()
     if multi_worker:
         # every worker prints a digest of its final weights: in lock-step they are bit-identical
@@ -106,6 +112,7 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         return run, None
 
     save_model(model, run / "model.keras")
+    record_run_files(run, "model.keras")
     result = exp.evaluate(model, verbose=bool(verbose))
     metrics = {
         "dataset": cfg.data.dataset.type,
@@ -135,9 +142,31 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
                                     "images_from_store": c.images_from_store,
                                     "folder": str(c.store.folder) if c.store is not None else None}
     write_json(run / "metrics.json", metrics)
+    record_run_files(run, "metrics.json")
     _write_eval_summary(run, metrics)
-    shutil.rmtree(run / "backup", ignore_errors=True)  # the run is complete: model.keras holds it
+    remove_owned(run / "backup", BACKUP_KIND)  # the run is complete: model.keras holds it
     return run, metrics
+
+
+def fit_segments(start: int, total: int, steps_per_epoch: int):
+    """The `model.fit` calls that train steps start .. total-1 in epochs of `steps_per_epoch`:
+    [(first step, end step, initial epoch, steps per epoch of that call)]. A run resumed
+    mid-epoch first completes that epoch; whole epochs then run in one call; a last epoch
+    shorter than the others (total not a multiple) runs on its own, so exactly `total` steps
+    are trained."""
+    spe = int(steps_per_epoch)
+    segments, step = [], int(start)
+    head = min(-(-step // spe) * spe, total)  # the first epoch boundary at or after start
+    if step < head:
+        segments.append((step, head, step // spe, head - step))
+        step = head
+    body = total // spe * spe
+    if step < body:
+        segments.append((step, body, step // spe, spe))
+        step = body
+    if step < total:
+        segments.append((step, total, step // spe, total - step))
+    return segments
 
 
 def weights_digest(model) -> str:

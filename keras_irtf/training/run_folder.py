@@ -2,9 +2,16 @@
 
 `train()` enters `run_folder_guard(run, cfg)` before it writes anything:
 
-- a folder that holds a finished run (model.keras or metrics.json, and no backup/ to resume) is
+- a folder that holds a finished run (model.keras or metrics.json, and no backup to resume) is
   refused unless `overwrite=True` (tools/train.py --overwrite), which removes that run's files
-  first (so its TensorBoard logs do not mix with the new run's);
+  first (so its TensorBoard logs do not mix with the new run's). It removes only what the run
+  can be proven to have written: files listed with their sha256 in the run's manifest
+  (run_manifest.json) and unchanged since, and the logs/ and backup/ folders carrying their
+  ownership marker (keras_irtf.safety). A file or folder of these names that keras_irtf did
+  not write stops the command, naming it; nothing is deleted;
+- the same manifest is checked when a run is loaded (`verify_run_files`): a file changed or
+  damaged since training (a vocab.txt missing a line silently lowers recall) is reported, not
+  used;
 - an exclusive lock file `<run>/.lock` (created with O_EXCL, holding the owner's pid, start time
   and host) stops a second training into the same folder at once. A lock whose process is gone
   (same host, pid not running, or running but started later: a reused pid) is stale and taken over;
@@ -20,18 +27,22 @@ import fnmatch
 import hashlib
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 
 from keras_irtf.config import ConfigError
+from keras_irtf.safety import is_empty_folder, mark_owned, not_owned_error, owned_kind, remove_owned
+from keras_irtf.utils import file_sha256, read_json, write_json
 
 LOCK_NAME = ".lock"
 FINGERPRINT_NAME = "config_fingerprint.json"  # in <run>/backup/
+MANIFEST_NAME = "run_manifest.json"  # sha256 of every file the run wrote
 # What a finished run consists of (what --overwrite removes); anything else in the folder stays.
 RUN_FILES = ("model.keras", "metrics.json", "config.yaml", "vocab.txt")
-RUN_FOLDERS = ("logs", "backup")
+# The run's folders and the kind their ownership marker names.
+BACKUP_KIND, LOGS_KIND = "training backup", "run logs"
+RUN_FOLDERS = {"logs": LOGS_KIND, "backup": BACKUP_KIND}
 
 # Keys that may differ between a backup and the run that resumes it: the length of the run (to
 # extend it), how often it logs and backs up, where it is written, the hardware it runs on, and
@@ -57,19 +68,119 @@ class RunFolderError(ConfigError):
     """A run folder that cannot be used as asked (finished run, locked, other experiment)."""
 
 
+class BackupError(RunFolderError):
+    """A backup that cannot be resumed: incomplete, damaged, or beyond the steps asked."""
+
+
+def latest_backup(backup_dir):
+    """The last complete backup's state ({"step", "weights", "rng", "train_seconds"}), or None
+    when there is none (no folder, or no state.json yet). A state.json whose files are missing
+    or unreadable raises BackupError: resuming quietly from step 0 would discard the run."""
+    backup_dir = Path(backup_dir)
+    state = backup_dir / "state.json"
+    if not state.is_file():
+        return None
+    fresh = "pass --fresh to discard the backup and start over"
+    try:
+        info = read_json(state)
+        step = int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BackupError(f"{state} is damaged ({type(e).__name__}: {e}), so the backup cannot be resumed; "
+                          f"{fresh}") from None
+    if step < 0:
+        raise BackupError(f"{state} names step {step}; {fresh}")
+    for key in ("weights", "rng"):
+        name = info.get(key)
+        if not isinstance(name, str) or not (backup_dir / name).is_file():
+            raise BackupError(
+                f"the backup in {backup_dir} is incomplete: state.json names {key} file {name!r}, which is "
+                f"missing, so step {step} cannot be restored exactly; {fresh}"
+            )
+        info[key] = backup_dir / name
+    return info
+
+
 # ---- finished runs and --overwrite ------------------------------------------------------------
 def finished_run_files(run) -> list:
-    """The result files of a finished run in `run` ([] when none, or when a backup/ shows that
-    the run is still to be resumed)."""
+    """The result files of a finished run in `run` ([] when none, or when a complete backup
+    shows that the run is still to be resumed; an empty or broken backup/ does not count)."""
     run = Path(run)
-    if (run / "backup").is_dir():
+    try:
+        resumable = latest_backup(run / "backup") is not None
+    except BackupError:
+        resumable = False
+    if resumable:
         return []
     return [name for name in ("model.keras", "metrics.json") if (run / name).exists()]
 
 
+# ---- the run's manifest: which files it wrote, with their checksums ---------------------------
+def read_manifest(run) -> dict:
+    """{file name: {"sha256", "bytes"}} of the files the run recorded ({} without a manifest)."""
+    path = Path(run) / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as e:
+        raise DamagedRunFile(f"{path} is damaged ({e}); it lists the run's files with their checksums. "
+                             f"Train the run again, or delete {path} to load the run unchecked") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if record.get("written_by") != "keras_irtf" or not isinstance(files, dict):
+        raise DamagedRunFile(f"{path} is not a keras_irtf run manifest (expected 'written_by' and 'files')")
+    return files
+
+
+def record_run_files(run, *names):
+    """Add (or refresh) `names` in the run's manifest with their current sha256 and size: call
+    after writing each of them."""
+    run = Path(run)
+    files = read_manifest(run)
+    for name in names:
+        path = run / name
+        files[name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    write_json(run / MANIFEST_NAME, {"written_by": "keras_irtf", "files": dict(sorted(files.items()))})
+
+
+def proven_run_file(run, name, files=None) -> bool:
+    """True when `run/name` is listed in the manifest and unchanged since it was recorded."""
+    files = read_manifest(run) if files is None else files
+    path = Path(run) / name
+    entry = files.get(name)
+    return bool(entry) and path.is_file() and not path.is_symlink() and file_sha256(path) == entry.get("sha256")
+
+
+def verify_run_files(run, names, verbose: bool = True):
+    """Check `names` in run folder `run` against the manifest's checksums; raise DamagedRunFile
+    naming the first file that differs. A run without a manifest (written by hand, or by a
+    keras_irtf that did not record one) loads unchecked, with a warning."""
+    run = Path(run)
+    files = read_manifest(run)
+    if not files:
+        if verbose:
+            print(f"warning: {run} has no {MANIFEST_NAME}: its files are loaded without checking their "
+                  f"checksums", flush=True)
+        return
+    for name in names:
+        path = run / name
+        entry = files.get(name)
+        if entry is None or not path.is_file():
+            continue  # not written by this run (e.g. no vocabulary for a frozen text encoder)
+        digest = file_sha256(path)
+        if digest != entry.get("sha256"):
+            raise DamagedRunFile(
+                f"{path} differs from the file training wrote (sha256 {digest[:12]}..., {path.stat().st_size} "
+                f"bytes; recorded {str(entry.get('sha256'))[:12]}..., {entry.get('bytes')} bytes in "
+                f"{run / MANIFEST_NAME}): it was changed or damaged since, and a model read with it would "
+                f"not be the model that was trained. Restore the file, or train the run again"
+            )
+
+
 def check_not_finished(run, overwrite: bool = False, verbose: bool = True):
     """Refuse to train into a folder holding a finished run unless `overwrite`; with it, remove
-    that run's files (RUN_FILES, RUN_FOLDERS) first."""
+    that run's files (RUN_FILES the manifest proves, RUN_FOLDERS with their marker) first,
+    after checking all of them (a file keras_irtf cannot prove it wrote stops the command
+    before anything is removed)."""
     run = Path(run)
     found = finished_run_files(run)
     if not found:
@@ -81,10 +192,21 @@ def check_not_finished(run, overwrite: bool = False, verbose: bool = True):
             f"it. Choose another folder with --out, or pass --overwrite to replace it (tools/evaluate.py "
             f"--run {run} re-evaluates it without training)."
         )
+    files = read_manifest(run)
+    hint = "move it away or choose another --out; --overwrite replaces only what a keras_irtf run wrote"
     for name in RUN_FILES:
-        (run / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(run / name, ignore_errors=True)
+        path = run / name
+        if (path.exists() or path.is_symlink()) and not proven_run_file(run, name, files):
+            raise not_owned_error(path, "run file", hint + f" (it is not listed unchanged in {MANIFEST_NAME})")
+    for name, kind in RUN_FOLDERS.items():
+        path = run / name
+        if (path.exists() or path.is_symlink()) and not is_empty_folder(path) and owned_kind(path) != kind:
+            raise not_owned_error(path, kind, hint)
+    for name in RUN_FILES:
+        (run / name).unlink(missing_ok=True)  # owned: its checksum in the run's manifest was checked above
+    for name, kind in RUN_FOLDERS.items():
+        remove_owned(run / name, kind, hint)
+    (run / MANIFEST_NAME).unlink(missing_ok=True)  # owned: it lists only the files just removed
     if verbose:
         print(f"--overwrite: removed the finished run in {run}", flush=True)
 
@@ -146,7 +268,7 @@ class RunLock:
                     ) from None
                 # stale (its process is gone) or unreadable (a crash while it was written): take it over
                 with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
+                    self.path.unlink()  # owned: a lock file of a training that no longer runs
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.owner, f)
@@ -169,7 +291,7 @@ class RunLock:
     def release(self):
         if self.held:
             if (self._read() or {}).get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+                self.path.unlink(missing_ok=True)  # owned: the lock holds this process's pid
             self.held = False
 
 
@@ -198,15 +320,12 @@ def config_fingerprint(cfg) -> dict:
 
 
 def write_fingerprint(backup_dir, cfg):
-    from keras_irtf.utils import write_json
-
+    ensure_backup_dir(backup_dir)
     write_json(Path(backup_dir) / FINGERPRINT_NAME, config_fingerprint(cfg))
 
 
 def check_fingerprint(backup_dir, cfg, verbose: bool = True):
     """Stop when the backup in `backup_dir` was written by a run of another config."""
-    from keras_irtf.utils import read_json
-
     path = Path(backup_dir) / FINGERPRINT_NAME
     if not path.is_file():
         if verbose:
@@ -244,20 +363,18 @@ def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, ver
     """Lock `run`, refuse a finished run (unless `overwrite`), discard (`fresh`) or check the
     backup's config, and store this config's fingerprint for a fresh start. The lock is held
     until the block exits."""
-    from keras_irtf.training.backup import latest_backup
-
     run = Path(run)
     if not is_chief_process(cfg):
         yield run
         return
+    check_run_folder_path(run)
     lock = RunLock(run).acquire()
     try:
         check_not_finished(run, overwrite, verbose)
         backup_dir = run / "backup"
-        if fresh and backup_dir.exists():
-            shutil.rmtree(backup_dir)
-            if verbose:
-                print(f"--fresh: discarded the backup in {backup_dir}", flush=True)
+        check_run_subfolders(run)
+        if fresh and remove_owned(backup_dir, BACKUP_KIND, "move it away or choose another --out") and verbose:
+            print(f"--fresh: discarded the backup in {backup_dir}", flush=True)
         if latest_backup(backup_dir) is not None:
             check_fingerprint(backup_dir, cfg, verbose)
         else:
@@ -267,9 +384,49 @@ def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, ver
         lock.release()
 
 
+def check_run_folder_path(run):
+    """--out must name a folder (or nothing yet): a file there is refused before any work."""
+    run = Path(run)
+    for parent in [run, *run.parents]:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise RunFolderError(f"{parent} is a file, so the run folder {run} cannot be created there; "
+                                     f"choose another --out (train.out)")
+            return
+
+
+def check_run_subfolders(run):
+    """The run's logs/ and backup/ must be missing, empty or ours: a run writes into them and
+    later removes them, which it must never do to a user's folder of the same name."""
+    for name, kind in RUN_FOLDERS.items():
+        path = Path(run) / name
+        if (path.exists() or path.is_symlink()) and not is_empty_folder(path) and owned_kind(path) != kind:
+            raise not_owned_error(path, kind, f"this run would write its {kind} there; move it away or "
+                                              f"choose another --out")
+
+
+def ensure_owned_dir(folder, kind):
+    """Create `folder` (with its ownership marker) unless it is already one of ours."""
+    folder = Path(folder)
+    if owned_kind(folder) == kind:
+        return folder
+    if (folder.exists() or folder.is_symlink()) and not is_empty_folder(folder):
+        raise not_owned_error(folder, kind, "move it away or choose another --out")
+    mark_owned(folder, kind)
+    return folder
+
+
+def ensure_backup_dir(backup_dir):
+    return ensure_owned_dir(backup_dir, BACKUP_KIND)
+
+
 # ---- model files ------------------------------------------------------------------------------
 class DamagedModelFile(RunFolderError):
     """A model.keras that is empty, truncated or otherwise not a readable Keras archive."""
+
+
+class DamagedRunFile(RunFolderError):
+    """A run folder's file that differs from what training wrote (its manifest's checksum)."""
 
 
 def check_model_file(path):
@@ -298,11 +455,12 @@ def check_model_file(path):
         raise DamagedModelFile(f"{path} is damaged: no config.json inside (holds {names[:5]}); {advice}")
 
 
-def interrupted_message(run) -> str:
-    """The one line tools/train.py prints on Ctrl-C: the step a re-run resumes from."""
-    from keras_irtf.training.backup import latest_backup
-
-    info = latest_backup(Path(run) / "backup") if run is not None else None
+def interrupted_message(run, how: str = "interrupted") -> str:
+    """The one line tools/train.py prints on Ctrl-C or SIGTERM: the step a re-run resumes from."""
+    try:
+        info = latest_backup(Path(run) / "backup") if run is not None else None
+    except BackupError:
+        info = None
     if info is None:
-        return f"interrupted before the first backup of {run}; run the same command to start again"
-    return f"interrupted at step {int(info['step'])} (the last backup in {run}); run the same command to resume"
+        return f"{how} before the first backup of {run}; run the same command to start again"
+    return f"{how} at step {int(info['step'])} (the last backup in {run}); run the same command to resume"
