@@ -290,9 +290,12 @@ def test_sigterm_stops_with_the_resume_line(css_smoke_root, tmp_path):
                              str(css_smoke_root), "--out", str(run), "--steps", "400", "--set",
                              "train.backup_every_steps=5", "--quiet"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    state, deadline = run / "backup" / "state.json", time.time() + 300
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 5):
+    state, deadline = run / "backup" / "state.json", time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 5:  # written atomically
+            break
         time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]  # still training
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]

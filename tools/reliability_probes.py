@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Run every bad-input and fault probe of issue #15 and write the table to docs/reliability.md.
+"""Run every bad-input and fault probe and write the table to docs/reliability.md.
 
     python tools/reliability_probes.py                 # all probes (a few minutes on 2 cores)
-    python tools/reliability_probes.py --skip-slow     # without the two trainings (kill -9, Ctrl-C)
+    python tools/reliability_probes.py --skip-slow     # without the probes that train
     python tools/reliability_probes.py --out -         # print the table instead of writing it
 
 Each probe builds its small input in a temporary folder (the CSS smoke set, a tiny Fashion200k,
@@ -196,7 +196,7 @@ def _(ctx):
 
     root = ctx.tmp / "css_missing"
     shutil.copytree(ctx.css, root)
-    (root / "images" / "css_train_000000.png").unlink()
+    (root / "images" / "css_train_000000.png").unlink()  # owned: the probe's own generated set
     msg = raises(lambda: CSSDataset(root, verbose=False), DatasetError)
     return msg, bool(msg and "css_train_000000.png" in msg)
 
@@ -332,7 +332,7 @@ def _(ctx):
 
 
 # ---- distribution ---------------------------------------------------------------------------------
-@probe("`--strategy mirrored --devices /gpu:0,/gpu:1` without GPUs", "stops at once with the available devices (it used to hang)")
+@probe("`--strategy mirrored --devices /gpu:0,/gpu:1` without GPUs", "stops at once with the available devices (no hang)")
 def _(ctx):
     r = cli("train", "--dataset", "css", "--preset", "smoke", "--data-root", ctx.css, "--out", ctx.tmp / "gpu",
             "--quiet", "--strategy", "mirrored", "--devices", "/gpu:0,/gpu:1", timeout=180)
@@ -448,10 +448,161 @@ def _(ctx):
     return f"exit {proc.returncode}: {last_line(err)[:200]}", proc.returncode == 130 and "Traceback" not in err
 
 
+# ---- what the project deletes, replaces and records -----------------------------------------------
+@probe("CSS generator `--out DIR` where DIR holds a user's file (thesis.tex), and `--out .`",
+       "exit 2 naming the folder; nothing deleted")
+def _(ctx):
+    d = ctx.tmp / "user_folder"
+    d.mkdir()
+    (d / "thesis.tex").write_text("x")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="-1")
+    gen = [sys.executable, "-m", "keras_irtf.data.css_generator", "--size", "smoke", "--no-png"]
+    r1 = subprocess.run([*gen, "--out", str(d)], capture_output=True, text=True, timeout=300, env=env)
+    r2 = subprocess.run([*gen, "--out", "."], cwd=d, capture_output=True, text=True, timeout=300, env=env)
+    kept = (d / "thesis.tex").is_file() and sorted(p.name for p in d.iterdir()) == ["thesis.tex"]
+    ok = kept and all(r.returncode == 2 and "Traceback" not in r.stderr for r in (r1, r2))
+    return f"exit {r1.returncode}: {last_line(r1.stderr)[:200]} | `--out .` exit {r2.returncode}; thesis.tex kept: {kept}", ok
+
+
+@probe("`tools/train.py --out u` where u/backup/ (or u/logs/) holds a user's file", "exit 2 naming the folder; the file kept")
+def _(ctx):
+    run = ctx.tmp / "user_backup"
+    (run / "backup").mkdir(parents=True)
+    (run / "backup" / "t.tex").write_text("x")
+    r = cli("train", *_train_args(ctx, run, 5))
+    kept = (run / "backup" / "t.tex").is_file() and len(list((run / "backup").iterdir())) == 1
+    return (f"exit {r.returncode}: {last_line(r.stderr)[:200]}; t.tex kept: {kept}",
+            r.returncode == 2 and kept and "did not write" in r.stderr)
+
+
+@probe("finished run with an empty `backup/` folder, trained again without `--overwrite`", "refused as a finished run")
+def _(ctx):
+    from keras_irtf.training.run_folder import RunFolderError, check_not_finished, record_run_files
+
+    run = ctx.tmp / "finished_empty_backup"
+    (run / "backup").mkdir(parents=True)
+    (run / "model.keras").write_bytes(b"model")
+    (run / "metrics.json").write_text("{}")
+    record_run_files(run, "model.keras", "metrics.json")
+    msg = raises(lambda: check_not_finished(run, overwrite=False, verbose=False), RunFolderError)
+    return msg[:200] if msg else "not refused", bool(msg and "finished run" in msg) and (run / "model.keras").is_file()
+
+
+@probe("`--overwrite` where model.keras is not the file the run wrote (not in its manifest)", "exit 2 naming the file; nothing removed")
+def _(ctx):
+    from keras_irtf.safety import NotOwnedError
+    from keras_irtf.training.run_folder import check_not_finished, record_run_files
+
+    run = ctx.tmp / "overwrite_unproven"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    record_run_files(run, "metrics.json")
+    (run / "model.keras").write_bytes(b"a model the user put here")
+    msg = raises(lambda: check_not_finished(run, overwrite=True, verbose=False), NotOwnedError)
+    kept = (run / "model.keras").is_file() and (run / "metrics.json").is_file()
+    return f"{(msg or 'removed')[:220]}; both files kept: {kept}", bool(msg) and kept
+
+
+@probe("`tools/train.py --out FILE/run` (a file in the path)", "exit 2 naming the file")
+def _(ctx):
+    f = ctx.tmp / "a_file"
+    f.write_text("x")
+    r = cli("train", *_train_args(ctx, f / "run", 5))
+    return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", r.returncode == 2 and "is a file" in r.stderr
+
+
+@probe("run folder whose vocab.txt lost a line after training (evaluate, export)", "refused naming the file and its checksum")
+def _(ctx):
+    from keras_irtf import api
+    from keras_irtf.data.text import TextVectorizer
+
+    cfg = ctx.cfg("data.image_size=32")
+    vectorizer = TextVectorizer.from_texts(["add a red cube", "make it blue", "remove the circle"],
+                                           cfg.model.max_text_length)
+    run = ctx.tmp / "vocab_edited"
+    bench = api.Benchmark(cfg, verbose=False)
+    bench.vectorizer = vectorizer
+    api.save_run(api.create_model(cfg, vectorizer, compile=False), cfg, bench, run)
+    lines = (run / "vocab.txt").read_text().splitlines(keepends=True)
+    (run / "vocab.txt").write_text("".join(lines[:2] + lines[3:]))
+    r1 = cli("export", "--run", run, "--out", ctx.tmp / "exp_vocab", "--quiet")
+    r2 = cli("evaluate", "--run", run, "--quiet")
+    ok = all(r.returncode == 2 and "vocab.txt differs" in r.stderr for r in (r1, r2))
+    return f"export exit {r1.returncode}: {last_line(r1.stderr)[:200]} | evaluate exit {r2.returncode}", ok
+
+
+# ---- training records what it trained (slow: real trainings) -----------------------------------------
+@probe("`--steps 50` with `train.steps_per_epoch=12`", "exactly 50 steps trained and recorded (config.yaml, metrics.json, the optimizer)", slow=True)
+def _(ctx):
+    import yaml
+
+    from keras_irtf.experiment import load_model
+
+    run = ctx.tmp / "steps50"
+    r = cli("train", *_train_args(ctx, run, 50))
+    if r.returncode != 0:
+        return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", False
+    recorded = (json.loads((run / "metrics.json").read_text())["steps"],
+                yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"],
+                int(load_model(run / "model.keras").optimizer.iterations.numpy()))
+    return f"metrics.json / config.yaml / optimizer steps: {recorded}", recorded == (50, 50, 50)
+
+
+@probe("backup at step N resumed with `--steps` < N; backup missing its rng.npz; truncated backup weights",
+       "each stops (exit 2) naming the backup and `--fresh`; nothing recorded", slow=True)
+def _(ctx):
+    run = ctx.tmp / "backups"
+    proc = _start_and_wait(ctx, run, 400, 20)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((run / "backup" / "state.json").read_text())["step"]
+    observed, ok = [], True
+    r = cli("train", *_train_args(ctx, run, 10))
+    observed.append(f"--steps 10 over step {step}: exit {r.returncode}: {last_line(r.stderr)[:160]}")
+    ok &= r.returncode == 2 and "beyond train.steps=10" in r.stderr and not (run / "metrics.json").exists()
+    for damage in ("truncate", "remove rng"):
+        copy = ctx.tmp / f"backups_{damage.replace(' ', '_')}"
+        shutil.copytree(run, copy)
+        if damage == "truncate":
+            w = next((copy / "backup").glob("step-*.weights.h5"))
+            w.write_bytes(w.read_bytes()[:3000])
+        else:
+            next((copy / "backup").glob("step-*.rng.npz")).unlink()  # owned: the probe's copy of its own run
+        r = cli("train", *_train_args(ctx, copy, 400))
+        observed.append(f"{damage}: exit {r.returncode}: {last_line(r.stderr)[:160]}")
+        ok &= r.returncode == 2 and "--fresh" in r.stderr and "Traceback" not in r.stderr
+    return " | ".join(observed), ok
+
+
+@probe("disk full while training (a 1 MiB tmpfs as the run folder)", "stops with one line; no partial backup file; exit 5", slow=True)
+def _(ctx):
+    mount = ctx.tmp / "tiny_fs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        return "not run: this machine does not let the probe mount a tmpfs (tests/test_hardening_owned.py simulates ENOSPC)", False
+    try:
+        r = cli("train", *_train_args(ctx, mount / "run", 400))
+        partial = [p.name for p in (mount / "run" / "backup").glob(".*partial*")] if (mount / "run" / "backup").is_dir() else []
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+    ok = r.returncode == 5 and "disk full" in r.stderr and "Traceback" not in r.stderr and not partial
+    return f"exit {r.returncode}: {last_line(r.stderr)[:240]}; partial files left: {partial}", ok
+
+
+@probe("SIGTERM during training", "one line 'stopped by SIGTERM at step N ...; run the same command to resume', exit 143", slow=True)
+def _(ctx):
+    run = ctx.tmp / "sigterm"
+    proc = _start_and_wait(ctx, run, 400, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return (f"exit {proc.returncode}: {last_line(err)[:200]}",
+            proc.returncode == 143 and "Traceback" not in err and last_line(err).startswith("stopped by SIGTERM"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"), help="Markdown file ('-' = stdout)")
-    p.add_argument("--skip-slow", action="store_true", help="leave out the probes that train (kill -9, Ctrl-C)")
+    p.add_argument("--skip-slow", action="store_true", help="leave out the probes that train (kill -9, Ctrl-C, SIGTERM, a full disk, step counts)")
     args = p.parse_args(argv)
     rows = []
     started = time.time()
@@ -476,7 +627,7 @@ def main(argv=None):
     lines = [
         "# Reliability: bad inputs and faults",
         "",
-        "Generated by `python tools/reliability_probes.py` (issue #15); re-run it to refresh this page.",
+        "Generated by `python tools/reliability_probes.py`; re-run it to refresh this page.",
         f"{passed} of {len(rows)} probes behave as expected ({time.time() - started:.0f} s on "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}).",
         "",
