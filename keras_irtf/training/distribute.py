@@ -21,6 +21,7 @@ import json
 import os
 
 from keras_irtf.config import ConfigError
+from keras_irtf.training.run_folder import BackupError, latest_backup
 
 PATCHED_KERAS = ("3.15",)  # Keras minor versions the multi-worker patch was checked against
 
@@ -254,11 +255,17 @@ def collective_failure_message(error, timeout_seconds, run=None):
     its peer, else None."""
     if type(error).__name__ not in COLLECTIVE_ERRORS:
         return None
-    from keras_irtf.training.backup import latest_backup
-
-    info = latest_backup(os.path.join(str(run), "backup")) if run is not None else None
+    try:
+        info = latest_backup(os.path.join(str(run), "backup")) if run is not None else None
+    except BackupError:
+        info = None
     resume = (f"the last backup is at step {int(info['step'])}; restart every worker with the same command to "
               f"resume from it" if info else "no backup was written yet; restart every worker to start again")
     return (f"a multi-worker collective operation failed ({type(error).__name__}): a worker is stuck, gone or "
             f"unreachable, or did not join within train.collective_timeout_seconds={timeout_seconds}. {resume}. "
             f"({str(error).strip().splitlines()[0][:300] if str(error).strip() else ''})")
+
+
+def is_chief_process(cfg) -> bool:
+    """Only the chief of a multi-worker run writes (and so locks) the run folder."""
+    return cfg.train.strategy != "multi_worker" or worker_info()[2]

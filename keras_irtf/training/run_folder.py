@@ -349,22 +349,15 @@ def check_fingerprint(backup_dir, cfg, verbose: bool = True):
 
 
 # ---- all of it, around a training ------------------------------------------------------------
-def is_chief_process(cfg) -> bool:
-    """Only the chief of a multi-worker run writes (and so locks) the run folder."""
-    if cfg.train.strategy != "multi_worker":
-        return True
-    from keras_irtf.training.distribute import worker_info
-
-    return worker_info()[2]
-
-
 @contextlib.contextmanager
-def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, verbose: bool = True):
+def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, verbose: bool = True,
+                     chief: bool = True):
     """Lock `run`, refuse a finished run (unless `overwrite`), discard (`fresh`) or check the
     backup's config, and store this config's fingerprint for a fresh start. The lock is held
-    until the block exits."""
+    until the block exits. `chief=False` (a multi-worker run's other workers, which never
+    write the run folder) skips all of it."""
     run = Path(run)
-    if not is_chief_process(cfg):
+    if not chief:
         yield run
         return
     check_run_folder_path(run)
