@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
+import math
 import os
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be applied."""
+from keras_irtf.registry import ConfigError  # noqa: F401  (raised by this module; defined there for plug-ins)
 
 
 class OneOf:
@@ -62,15 +62,27 @@ class OneOf:
     def update(self, value, where: str, key: str = ""):
         """Apply a YAML/override value: a type name, or a mapping of `type` and settings."""
         if not isinstance(value, dict):
+            if isinstance(value, _Typed):  # --set model.image_encoder=NAME: the name as typed
+                value = value.text
             if value is None or isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where}: {key} expects a {self.registry.kind} name or a mapping with 'type'")
+                kind = self.registry.kind
+                raise ConfigError(f"{where}: {key} expects {'an' if kind[0] in 'aeiou' else 'a'} {kind} name or a "
+                                  f"mapping with 'type'")
             self.type = str(value)
             self.entry()  # an unknown name fails here, listing the registered ones
             return
         value = dict(value)
         if "type" in value:
+            if isinstance(value["type"], dict):
+                raise ConfigError(f"{where}: {key}.type is the {self.registry.kind}'s name, not a mapping; "
+                                  f"its keys go next to it (type: NAME, KEY: VALUE)")
             self.update(value.pop("type"), where, key)
         for name, item in value.items():
+            if name in self.registry and not isinstance(item, dict) and name not in self._fields():
+                raise ConfigError(
+                    f"{where}: {key}.{name} is the section of the {self.registry.kind} {name!r}: a mapping of "
+                    f"its keys {self.registry.get(name).keys or '(none)'}, got {item!r}"
+                )
             if isinstance(item, dict) and name in self.registry:
                 # the explicit form: settings of a named type, selected or not
                 saved, self.type = self.type, name
@@ -79,14 +91,18 @@ class OneOf:
                 finally:
                     self.type = saved
                 continue
+            fields = self._fields()
             settings = self.settings
-            fields = {f.name: f for f in dataclasses.fields(settings)} if settings is not None else {}
             if name not in fields:
                 raise ConfigError(
                     f"{where}: unknown key {key}.{name} for the {self.registry.kind} {self.type!r}; its keys: "
                     f"{sorted(fields) or 'none'}" + _owners_hint(self.registry, name)
                 )
             setattr(settings, name, _coerce(f"{key}", fields[name], item, where))
+
+    def _fields(self) -> dict:
+        settings = self.settings
+        return {f.name: f for f in dataclasses.fields(settings)} if settings is not None else {}
 
     # cfg.model.image_encoder.filters reads (and sets) the selected type's key
     def __getattr__(self, name):
@@ -366,43 +382,115 @@ def _to_plain(value):
     return value
 
 
+class _Typed:
+    """A `--set` value YAML read as a boolean, a number or a date, with the text as typed: a text
+    key takes the text (`--set data.root=yes` is the folder 'yes', `train.out=010` is '010')."""
+
+    __slots__ = ("value", "text")
+
+    def __init__(self, value, text: str):
+        self.value, self.text = value, text
+
+    def __repr__(self):
+        return repr(self.value)
+
+
+def _type_name(field: dataclasses.Field) -> str:
+    """The declared type as written: 'int', 'Optional[str]', 'tuple', ..."""
+    typ = field.type
+    if isinstance(typ, str):
+        return typ
+    if isinstance(typ, type):
+        return typ.__name__
+    return str(typ).replace("typing.", "")
+
+
+def _kind(default, typ: str) -> Optional[str]:
+    """bool | tuple | float | int | str, or None for a type the config does not convert."""
+    if isinstance(default, bool) or "bool" in typ:
+        return "bool"
+    if isinstance(default, tuple) or "tuple" in typ:
+        return "tuple"
+    if isinstance(default, float) or "float" in typ:
+        return "float"
+    if (isinstance(default, int) and not isinstance(default, bool)) or "int" in typ:
+        return "int"
+    if isinstance(default, str) or "str" in typ:
+        return "str"
+    return None
+
+
+_EXPECTED = {"int": "an int (a whole number)", "float": "a float (a number)", "str": "text (str)"}
+
+
+def _a(value) -> str:
+    """'a list', 'an int', ...: what a YAML value is, for an error message."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def _coerce(section: str, field: dataclasses.Field, value, where: str):
     """Convert a YAML/CLI value to the field's declared type, or explain what was expected."""
     default = field.default if field.default is not dataclasses.MISSING else None
-    typ = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    typ = _type_name(field)
     key = f"{section}.{field.name}"
+    text = None
+    if isinstance(value, _Typed):
+        value, text = value.value, value.text
     if value is None:
         if "Optional" in typ:
             return None
         raise ConfigError(f"{where}: {key} cannot be null (expected {typ})")
+    kind = _kind(default, typ)
+    if kind is None:
+        return value
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} is a single value ({typ}), not a section of keys; got {value!r}. "
+                          f"Set it as {key}=VALUE")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        low = str(value).lower() if isinstance(value, (str, int)) else None
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{where}: {key}={value!r}: expected true or false (or 1 / 0)")
+    if kind == "str" and text is not None:
+        return text
+    if isinstance(value, bool) and kind in _EXPECTED:
+        # YAML reads an unquoted true/false/yes/no/on/off as a boolean, which Python would turn
+        # into 1 / 0 (`train.steps: yes` training 1 step) or the text 'True'
+        hint = "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the text ('yes')" \
+            if kind == "str" else ""
+        raise ConfigError(f"{where}: {key}={value!r} is a boolean; expected {_EXPECTED[kind]}{hint}")
+    if isinstance(value, (list, tuple)) and kind in _EXPECTED:
+        raise ConfigError(f"{where}: {key}={value!r} is a list; expected {_EXPECTED[kind]}")
     try:
-        if isinstance(default, bool) or typ == "bool":
+        if kind == "tuple":
             if isinstance(value, str):
-                low = value.lower()
-                if low in ("true", "yes", "1", "on"):
-                    return True
-                if low in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if isinstance(default, tuple) or typ == "tuple":
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-                value = [yaml.safe_load(v) for v in value]
+                items = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+                value = [_yaml_item(v) for v in items]
             if not isinstance(value, (list, tuple)):
                 value = [value]
             return tuple(value)
-        if isinstance(default, float) or "float" in typ:
+        if kind == "float":
             return float(value)
-        if (isinstance(default, int) and not isinstance(default, bool)) or "int" in typ:
+        if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
-        if isinstance(default, str) or "str" in typ:
-            return str(value)
-    except (TypeError, ValueError):
+        return str(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{where}: {key}={value!r} is not a valid {typ}") from None
-    return value
+
+
+def _yaml_item(text: str):
+    """One item of a comma-separated tuple value, read as YAML (the text itself if it is not YAML)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
 
 
 def merge_dict(cfg: Config, updates: dict, where: str = "config") -> Config:
@@ -415,11 +503,16 @@ def merge_dict(cfg: Config, updates: dict, where: str = "config") -> Config:
             raise ConfigError(
                 f"{where}: unknown config section {section!r}; valid sections: {sorted(sections)}"
             )
+        if values is None:  # a section whose keys are all commented out
+            values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys")
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {_a(values)} "
+                              f"({values!r}); write it as {section}: {{key: value}} or one key a line below it")
         sub = getattr(cfg, section)
         fields = {f.name: f for f in dataclasses.fields(sub) if not f.name.startswith("_")}
         for key, value in values.items():
+            if isinstance(sub, GAConfig) and key == "methods" and isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)  # methods: [adversarial, isotropic]
             current = getattr(sub, key, None) if key in fields else None
             if isinstance(current, OneOf):
                 current.update(value, where, f"{section}.{key}")
@@ -450,6 +543,8 @@ def _is_ga_method(name) -> bool:
 
 def _update_settings(settings, value, where, key):
     fields = {f.name: f for f in dataclasses.fields(settings)} if settings is not None else {}
+    if value is None:  # a section whose keys are all commented out
+        value = {}
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: {key} must be a mapping of its keys {sorted(fields) or '(none)'}")
     for name, item in value.items():
@@ -462,6 +557,14 @@ def parse_override(text: str) -> dict:
     """'train.steps=100' -> {'train': {'steps': 100}}; deeper keys nest
     ('model.image_encoder.weights=D' -> {'model': {'image_encoder': {'weights': 'D'}}}).
     The value is read as YAML."""
+    return _parse_override(text, keep_text=False)
+
+
+def _parse_override(text: str, keep_text: bool = True) -> dict:
+    """parse_override; with `keep_text`, a value YAML reads as a boolean, number or date also
+    keeps the text typed, which a text key takes as it is (see _Typed)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"override {text!r}: expected a 'section.key=value' string")
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     path, raw = text.split("=", 1)
@@ -472,20 +575,68 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if keep_text and isinstance(value, (bool, int, float, datetime.date)):
+        value = _Typed(value, raw.strip())
     for part in reversed(parts[1:]):
         value = {part: value}
     return {parts[0]: value}
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key written twice in one mapping (YAML would keep the last
+    silently: `steps: 100` further down overriding `steps: 5000`). Keys merged in with `<<:` may
+    still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is written twice in one mapping (first on line {seen[key] + 1}); "
+                        f"keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return " ".join(str(e).split())
+    context = getattr(e, "context", None)
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context}: {problem}{where}" if context else f"{problem}{where}"
+
+
 def load_yaml(path) -> dict:
+    """A config file's top-level mapping ({} for an empty file)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8-sig") as f:
+            data = yaml.load(f, Loader=_ConfigLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (an invalid byte at offset {e.start}); "
+                          f"save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of sections (data:, model:, train:, ...) at the top level, "
+            f"got {_a(data)}"
+        )
     return data
 
 
@@ -498,22 +649,30 @@ def load_config(paths=(), overrides=(), base: Optional[Config] = None) -> Config
     """Defaults <- each YAML in `paths` (a file may name `base:` files to include) <- overrides."""
     cfg = base.copy() if base is not None else Config()
     for path in paths:
-        _apply_file(cfg, Path(path), seen=set())
+        _apply_file(cfg, Path(path))
     for item in overrides:
-        update = parse_override(item) if isinstance(item, str) else item
+        update = _parse_override(item) if isinstance(item, str) else item
         merge_dict(cfg, update, where=f"--set {item}" if isinstance(item, str) else "override")
     validate(cfg)
     return cfg
 
 
-def _apply_file(cfg: Config, path: Path, seen: set):
-    if path in seen:
-        raise ConfigError(f"config file {path} includes itself")
-    seen.add(path)
+def _apply_file(cfg: Config, path: Path, including: tuple = ()):
+    """Apply a config file after its `base:` files; `including` is the chain of files that
+    include it (a file may be the base of several, but never of itself)."""
+    resolved = path.resolve()
+    if resolved in including:
+        raise ConfigError(f"config file {path} includes itself (through {' -> '.join(p.name for p in including)})")
     data = load_yaml(path)
-    bases = data.pop("base", None) or []
-    for b in [bases] if isinstance(bases, str) else bases:
-        _apply_file(cfg, (path.parent / b).resolve(), seen)
+    bases = data.pop("base", None)
+    if bases is None or bases == "":
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config file {path}: base: expected a file name or a list of file names, got {bases!r}")
+    for b in bases:
+        _apply_file(cfg, (path.parent / b).resolve(), including + (resolved,))
     merge_dict(cfg, data, where=str(path))
 
 
@@ -588,20 +747,39 @@ def validate(cfg: Config):
 
 
 # ---- numeric domains (issue #15 item 10) -------------------------------------------------------
-# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?); None = unbounded. Every
-# float must also be finite. None values of Optional keys are not checked.
-# A domain: (low, low included?, high, high included?); a registered kind's settings dataclass
-# declares its own as a class attribute DOMAINS = {key: domain} (tuples: every item).
+# (section, key) -> (lowest, lowest allowed?, highest, highest allowed?[, why]); None = unbounded.
+# Every float must also be finite, and no number may be a boolean. None values of Optional keys
+# are not checked. `why`, when given, is shown with the limits: the upper bounds of sizes keep a
+# typo (an extra zero) from making numpy or TensorFlow try to allocate terabytes, and are far
+# above anything a real experiment uses.
+# A registered kind's settings dataclass declares its own as a class attribute
+# DOMAINS = {key: domain} (tuples: every item).
 POSITIVE, NON_NEGATIVE = (0, False, None, False), (0, True, None, False)
 FRACTION = (0, True, 1, False)  # [0, 1)
 AT_LEAST_ONE = (1, True, None, False)
 _POSITIVE, _NON_NEGATIVE, _FRACTION = POSITIVE, NON_NEGATIVE, FRACTION
+MAX_IMAGE_SIZE = 4096
+MAX_EMBED_DIM = 16384
+MAX_TEXT_LENGTH = 4096
+MAX_BATCH_SIZE = 65536
+MAX_K = 10000
+MAX_SEED = 2**32 - 1
+# one batch of images as the encoder sees them: batch x side^2 x 3 channels x 4 bytes (float32)
+MAX_IMAGE_BATCH_BYTES = 64 * 2**30
+# one block of similarity scores in retrieval: query_chunk x gallery_chunk float32
+MAX_SCORE_BLOCK = 2**32
 NUMERIC_DOMAINS = {
-    ("data", "image_size"): (1, True, None, False),  # and at least the encoder's minimum (below)
+    # and at least the encoder's minimum (below)
+    ("data", "image_size"): (1, True, MAX_IMAGE_SIZE, True,
+                             f"the side of the square image the encoder reads; one {MAX_IMAGE_SIZE} x "
+                             f"{MAX_IMAGE_SIZE} image is already 192 MiB as float32"),
     ("data", "train_recall_queries"): (1, True, None, False),
     ("data", "max_train_queries"): (2, True, None, False),
-    ("model", "embed_dim"): (1, True, None, False),
-    ("model", "max_text_length"): (1, True, None, False),
+    ("model", "embed_dim"): (1, True, MAX_EMBED_DIM, True,
+                             f"the width of the joint embedding; a {MAX_EMBED_DIM} x {MAX_EMBED_DIM} float32 "
+                             f"weight matrix is already 1 GiB"),
+    ("model", "max_text_length"): (1, True, MAX_TEXT_LENGTH, True,
+                                   "tokens kept per text; BERT reads at most 512, CLIP 77"),
     ("model", "initial_scale"): _POSITIVE,
     ("loss", "eta"): _NON_NEGATIVE,
     ("optim", "learning_rate"): _POSITIVE,
@@ -611,38 +789,43 @@ NUMERIC_DOMAINS = {
     ("optim", "backbone_lr_multiplier"): _NON_NEGATIVE,
     ("optim", "finetune_lr_multiplier"): _NON_NEGATIVE,
     ("optim", "clipnorm"): _POSITIVE,
+    ("train", "batch_size"): (2, True, MAX_BATCH_SIZE, True,
+                              "the batch classification scores every pair of the batch: batch_size^2 "
+                              f"logits, 16 GiB at {MAX_BATCH_SIZE}"),
+    ("train", "steps"): (1, True, None, False),
     ("train", "steps_per_epoch"): (1, True, None, False),
-    ("train", "seed"): _NON_NEGATIVE,
+    ("train", "seed"): (0, True, MAX_SEED, True, "the range of Keras' random seeds"),
     ("train", "backup_every_steps"): _NON_NEGATIVE,  # 0 = only at epoch ends
     ("train", "log_every_steps"): (1, True, None, False),
     ("train", "collective_timeout_seconds"): _POSITIVE,
     ("eval", "alpha"): _NON_NEGATIVE,
-    ("eval", "batch_size"): (1, True, None, False),
+    ("eval", "batch_size"): (1, True, MAX_BATCH_SIZE, True, "images or texts embedded per step"),
     ("eval", "query_chunk"): (1, True, None, False),
     ("eval", "gallery_chunk"): (1, True, None, False),
 }
 # tuple keys whose every item has a domain
 NUMERIC_ITEM_DOMAINS = {
     ("optim", "decay_steps"): (1, True, None, False),
-    ("eval", "ks"): (1, True, None, False),
-    ("eval", "whm_ks"): (1, True, None, False),
+    ("eval", "ks"): (1, True, MAX_K, True, "recall at K keeps K gallery ids and scores per query"),
+    ("eval", "whm_ks"): (1, True, MAX_K, True, "recall at K keeps K gallery ids and scores per query"),
 }
 
 
 def _domain_text(domain) -> str:
-    low, low_in, high, high_in = domain
+    low, low_in, high, high_in = domain[:4]
     parts = []
     if low is not None:
         parts.append(f"{'>=' if low_in else '>'} {low}")
     if high is not None:
         parts.append(f"{'<=' if high_in else '<'} {high}")
-    return "a finite number " + " and ".join(parts)
+    why = f" ({domain[4]})" if len(domain) > 4 and domain[4] else ""
+    return "a finite number " + " and ".join(parts) + why
 
 
 def _check_number(key: str, value, domain):
-    import math
-
-    low, low_in, high, high_in = domain
+    low, low_in, high, high_in = domain[:4]
+    if isinstance(value, bool):  # Python would take True for 1
+        raise ConfigError(f"{key}={value!r} is a boolean; expected {_domain_text(domain)}")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -671,6 +854,23 @@ def validate_numeric_domains(cfg: Config):
     for (section, key), domain in NUMERIC_ITEM_DOMAINS.items():
         for i, item in enumerate(getattr(getattr(cfg, section), key) or ()):
             _check_number(f"{section}.{key}[{i}]", item, domain)
+    side = cfg.data.image_size
+    for section in ("train", "eval"):
+        batch = getattr(cfg, section).batch_size
+        size = batch * side * side * 3 * 4
+        if size > MAX_IMAGE_BATCH_BYTES:
+            raise ConfigError(
+                f"{section}.batch_size={batch} images of data.image_size={side} are {size / 2**30:.1f} GiB per batch "
+                f"(batch x side^2 x 3 channels x 4 bytes of float32); at most {MAX_IMAGE_BATCH_BYTES // 2**30} GiB: "
+                f"lower data.image_size or {section}.batch_size"
+            )
+    block = cfg.eval.query_chunk * cfg.eval.gallery_chunk
+    if block > MAX_SCORE_BLOCK:
+        raise ConfigError(
+            f"eval.query_chunk={cfg.eval.query_chunk} x eval.gallery_chunk={cfg.eval.gallery_chunk} = {block} "
+            f"similarity scores per retrieval step ({block * 4 / 2**30:.1f} GiB of float32); at most "
+            f"{MAX_SCORE_BLOCK} ({MAX_SCORE_BLOCK * 4 // 2**30} GiB): lower either"
+        )
     need = min_image_size(cfg)
     if cfg.data.image_size < need:
         settings = {k: v for k, v in cfg.model.image_encoder.to_dict().items() if k != "type"}

@@ -35,8 +35,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied (keras_irtf.config.ConfigError:
+    defined here, below keras_irtf.config, so that loading a plug-in can raise it too)."""
+
+
 class RegistryError(ValueError):
     """An unknown name or a clashing registration (the message lists what is registered)."""
+
+
+class PluginNameError(RegistryError, ConfigError):
+    """A plug-in module whose name is another module's (standard library, imported, installed)."""
 
 
 @dataclasses.dataclass
@@ -190,31 +199,135 @@ def load_builtins():
 
 def import_modules(names) -> list:
     """Import user modules (dotted names, or paths of .py files) so that their registrations
-    take effect. Returns the modules. A module that cannot be imported raises RegistryError."""
+    take effect. Returns the modules. A module that cannot be imported raises RegistryError; one
+    whose name is already another module's (the standard library's, an imported or an installed
+    one) raises PluginNameError (a RegistryError and a ConfigError) before any of it runs."""
     load_builtins()
     modules = []
     for name in names or ():
         name = str(name)
         try:
             if name.endswith(".py") or "/" in name:
-                path = Path(name).resolve()
-                if not path.is_file():
-                    raise RegistryError(f"--import {name}: no such file")
-                spec = importlib.util.spec_from_file_location(path.stem, path)
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[path.stem] = module
-                spec.loader.exec_module(module)
-            else:
-                module = importlib.import_module(name)
+                modules.append(_import_file(name))
+                continue
+            _check_module_name(name)
+            module = importlib.import_module(name)
         except RegistryError:
             raise
+        except SyntaxError as e:
+            raise RegistryError(f"--import {name}: {e.msg} ({e.filename}, line {e.lineno})") from None
         except ImportError as e:
+            local = Path(*name.split(".")).with_suffix(".py")
+            hint = f" (--import ./{local} for the file in the current folder)" if local.is_file() else ""
             raise RegistryError(
-                f"--import {name}: cannot import it ({e}); give a module on PYTHONPATH (or in the current "
-                f"folder) or a path to a .py file"
+                f"--import {name}: cannot import it ({e}); give a module on PYTHONPATH or a path to a .py "
+                f"file{hint}"
             ) from None
         modules.append(module)
     return modules
+
+
+def _import_file(name: str):
+    """Execute the .py file `name` as the module named after it (its stem)."""
+    path = Path(name).resolve()
+    if not path.is_file():
+        raise RegistryError(f"--import {name}: no such file")
+    stem = path.stem
+    _check_file_name(name, stem, path)
+    spec = importlib.util.spec_from_file_location(stem, path)
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(stem)
+    sys.modules[stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:
+        # a plug-in that fails half-way is not left behind as an importable module
+        if previous is None:
+            sys.modules.pop(stem, None)
+        else:
+            sys.modules[stem] = previous
+        if isinstance(e, SyntaxError):
+            raise RegistryError(f"--import {name}: {e.msg} ({e.filename}, line {e.lineno})") from None
+        raise
+    return module
+
+
+def _stdlib_names() -> frozenset:
+    return frozenset(getattr(sys, "stdlib_module_names", ())) | frozenset(sys.builtin_module_names)
+
+
+def _origin(module) -> Optional[Path]:
+    """The file a loaded module came from (None for a built-in or namespace package)."""
+    spec = getattr(module, "__spec__", None)
+    origin = getattr(module, "__file__", None) or getattr(spec, "origin", None)
+    if not origin or origin in ("built-in", "frozen") or not Path(origin).exists():
+        return None
+    return Path(origin).resolve()
+
+
+def _importable_from(top: str) -> Optional[Path]:
+    """The file `import top` would load if it were not imported yet (sys.modules is not consulted):
+    an installed package, a module on PYTHONPATH. None if nothing of that name is found."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            spec = find_spec(top, None)
+        except Exception:  # a third-party finder may fail on a name it does not know
+            continue
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen", "namespace"):
+            continue  # namespace packages: a regular module of the name wins over them
+        if Path(spec.origin).exists():
+            return Path(spec.origin).resolve()
+    return None
+
+
+def _stdlib_message(arg: str, top: str) -> str:
+    return (f"--import {arg}: {top!r} is the name of a standard-library module; a plug-in of that name would "
+            f"replace Python's own {top} for the whole process (or never be loaded): rename the file "
+            f"(e.g. {top}_plugin.py)")
+
+
+def _check_file_name(arg: str, stem: str, path: Path):
+    """Refuse a plug-in file whose module name (its stem) is another module's."""
+    if stem in _stdlib_names():
+        raise PluginNameError(_stdlib_message(arg, stem))
+    loaded = sys.modules.get(stem)
+    if loaded is not None:
+        origin = _origin(loaded)
+        if origin != path:  # the same file again is the same plug-in
+            raise PluginNameError(
+                f"--import {arg}: {stem!r} is already the name of an imported module "
+                f"({origin if origin else repr(loaded)}); loading {path.name} under that name would replace it for "
+                f"the whole process: rename the file (e.g. {stem}_plugin.py)"
+            )
+        return
+    if stem.isidentifier():
+        origin = _importable_from(stem)
+        if origin is not None and origin != path:
+            raise PluginNameError(
+                f"--import {arg}: {stem!r} is already the name of an installed module ({origin}); loading "
+                f"{path.name} under that name would hide it for the whole process: rename the file "
+                f"(e.g. {stem}_plugin.py)"
+            )
+
+
+def _check_module_name(name: str):
+    """Refuse a dotted plug-in name whose top-level package is the standard library's, or is
+    already imported from another file than the one the name now points to."""
+    top = name.split(".")[0]
+    if top in _stdlib_names():
+        raise PluginNameError(_stdlib_message(name, top))
+    loaded = sys.modules.get(top)
+    if loaded is None:
+        return
+    origin, found = _origin(loaded), _importable_from(top)
+    if origin is not None and found is not None and origin != found:
+        raise PluginNameError(
+            f"--import {name}: {top!r} is already the name of an imported module ({origin}), so {found} would never "
+            f"be loaded: rename your module (e.g. {top}_plugin.py)"
+        )
 
 
 def describe() -> str:
