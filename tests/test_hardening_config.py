@@ -4,6 +4,7 @@ name would replace another module. Each is a one-line ConfigError naming the fil
 never a traceback and never a silently different experiment."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,20 @@ def test_the_train_tool_refuses_a_plugin_named_json(tmp_path):
     assert lines[-1].startswith("error: --import ./json.py: 'json' is the name of a standard-library module")
     assert "Traceback" not in r.stderr and "plug-in ran" not in r.stderr
     json.dumps({})  # this process's json untouched
+
+
+def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_decoding(css_smoke_root):
+    """An image size the config accepts can still be too large for the whole split on this
+    machine: the loader says so (key, bytes, memory) instead of a MemoryError or an OOM kill."""
+    from keras_irtf.data.base import DatasetError
+    from keras_irtf.data.css import CSSDataset
+    from keras_irtf.data.images import check_fits_in_memory
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    side = int((total / 3) ** 0.5) + 1  # one image alone is larger than the machine
+    with pytest.raises(DatasetError, match=rf"1 images at data.image_size={side} take .* GiB in memory"):
+        check_fits_in_memory(1, side, "test")
+    check_fits_in_memory(1000, 64, "test")  # 12 MB: fine
+    big = int((0.9 * total / 3 / 48) ** 0.5)  # 48 images at that size would take 90% of memory
+    with pytest.raises(DatasetError, match=r"CSS train split: \d+ images at data.image_size="):
+        CSSDataset(css_smoke_root, image_size=big, verbose=False)

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from keras_irtf.data.base import DatasetError
 from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+
+
+def check_fits_in_memory(count: int, image_size: int, what: str, fraction: float = 0.8):
+    """Refuse to hold `count` images of image_size^2 x 3 bytes in memory when that exceeds
+    `fraction` of this machine's physical memory: a DatasetError naming data.image_size and the
+    bytes, instead of a MemoryError (or the kernel's OOM killer) after minutes of decoding."""
+    need = int(count) * int(image_size) ** 2 * 3
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        return
+    if need > fraction * total:
+        raise DatasetError(
+            f"{what}: {count} images at data.image_size={image_size} take {need / 2**30:.1f} GiB in memory, more than "
+            f"{fraction:.0%} of this machine's {total / 2**30:.1f} GiB; lower data.image_size"
+        )
 
 
 def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = True) -> np.ndarray:
@@ -15,9 +34,8 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
     """
     import tensorflow as tf
 
-    from keras_irtf.data.base import DatasetError
-
     paths = [str(p) for p in paths]
+    check_fits_in_memory(len(paths), image_size, desc)
     from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
 
     for p in paths:
@@ -34,8 +52,10 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
         img.set_shape([None, None, 3])
         return resize_and_center_crop(img, image_size)
 
+    # batches of at most 512 images or ~256 MiB of float32 pixels, whichever is fewer
+    per_batch = max(1, min(512, 2**28 // (image_size * image_size * 3 * 4)))
     ds = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(512).prefetch(2)
+    ds = ds.batch(per_batch).prefetch(2)
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
     from keras_irtf.utils import Progress
 
@@ -47,7 +67,7 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
             batch = next(it).numpy()
         except tf.errors.InvalidArgumentError:
             # find the culprit to name it (the batch error does not say which file)
-            for p in paths[i : i + 512]:
+            for p in paths[i : i + per_batch]:
                 try:
                     load(tf.constant(p))
                 except tf.errors.InvalidArgumentError:
