@@ -131,6 +131,95 @@ def _(ctx):
     return " / ".join(m or "accepted" for m in msgs), all(m and "expected" in m or m and "below" in m for m in msgs)
 
 
+@probe("`--set train.steps=true`, `steps: yes` in a YAML file, `--set model.image_encoder.stem_stride=true`",
+       "refused naming key, value and expected type (a boolean is not 1); `train.jit_compile=1` still means true")
+def _(ctx):
+    from keras_irtf.config import ConfigError, load_config
+
+    bad = ctx.tmp / "bool_steps.yaml"
+    bad.write_text("train:\n  steps: yes\n")
+    msgs = [raises(lambda o=o: ctx.cfg(o), ConfigError) for o in
+            ("train.steps=true", "model.image_encoder.stem_stride=true", "data.dataset.seed=true")]
+    msgs.append(raises(lambda: load_config([bad]), ConfigError))
+    jit = ctx.cfg("train.jit_compile=1").train.jit_compile
+    r = cli("train", "--preset", "smoke", "--data-root", ctx.css, "--out", ctx.tmp / "bool_steps_run",
+            "--set", "train.steps=true", "--quiet")
+    ok = all(m and "is a boolean; expected" in m for m in msgs) and str(bad) in msgs[-1] and jit is True
+    ok = ok and r.returncode == 2 and "train.steps=True is a boolean; expected an int" in r.stderr
+    return (" / ".join(m or "accepted" for m in msgs[1:]) + f" / jit_compile=1 -> {jit} / "
+            f"tools/train.py exit {r.returncode}: {last_line(r.stderr)[:160]}"), ok
+
+
+@probe("config file whose top level is a list or a number; a section that is not a mapping (`train: 5`)",
+       "error naming the file (and the section), no traceback")
+def _(ctx):
+    from keras_irtf.config import ConfigError, load_config
+
+    out, ok = [], True
+    for name, text, want in (("top_list.yaml", "- train\n- model\n", "expected a mapping of sections"),
+                             ("top_int.yaml", "5\n", "expected a mapping of sections"),
+                             ("section_int.yaml", "train: 5\n", "section 'train' must be a mapping of keys")):
+        path = ctx.tmp / name
+        path.write_text(text)
+        msg = raises(lambda: load_config([path]), ConfigError)
+        out.append(msg or "accepted")
+        ok = ok and bool(msg and str(path) in msg and want in msg)
+    return " / ".join(out), ok
+
+
+@probe("`--set data.image_size=100000` (numpy would ask for 1.75 TiB), `model.embed_dim=1000000`, "
+       "`train.batch_size=4096` with `data.image_size=4096`",
+       "refused at config time, naming the key, the limit and why")
+def _(ctx):
+    from keras_irtf.config import ConfigError
+
+    msgs = [raises(lambda o=o: ctx.cfg(*o), ConfigError) for o in
+            (("data.image_size=100000",), ("model.embed_dim=1000000",), ("train.batch_size=4096", "data.image_size=4096"))]
+    ok = bool(msgs[0] and "data.image_size=100000" in msgs[0] and "<= 4096 (" in msgs[0])
+    ok = ok and bool(msgs[1] and "model.embed_dim=1000000" in msgs[1] and "<= 16384 (" in msgs[1])
+    ok = ok and bool(msgs[2] and "train.batch_size=4096" in msgs[2] and "GiB" in msgs[2])
+    return " / ".join(m or "accepted" for m in msgs), ok
+
+
+@probe("`--import ./json.py` / `--import ./yaml.py` (a plug-in named like a standard-library or installed module)",
+       "refused before any of it runs, saying to rename the file; exit 2")
+def _(ctx):
+    folder = ctx.tmp / "shadowing_plugins"
+    folder.mkdir(exist_ok=True)
+    marker = folder / "plugin_ran"
+    out, ok = [], True
+    for name in ("json", "yaml"):
+        plugin = folder / f"{name}.py"
+        plugin.write_text(f"open({str(marker)!r}, 'w').close()\n")
+        # the unknown key stops a run that got past --import before it does any work
+        r = cli("train", "--import", plugin, "--dataset", "css", "--set", "train.stepz=1", "--quiet")
+        out.append(f"exit {r.returncode}: {last_line(r.stderr)[:200]}")
+        ok = ok and r.returncode == 2 and "rename the file" in r.stderr and "Traceback" not in r.stderr
+    ok = ok and not marker.exists()
+    return " / ".join(out) + f" / plug-in ran: {marker.exists()}", ok
+
+
+@probe("config file that is a folder / not UTF-8 / `base: 5` / a key written twice; `--set train.steps.x=5`",
+       "one-line error naming the file or the key")
+def _(ctx):
+    from keras_irtf.config import ConfigError, load_config
+
+    folder = ctx.tmp / "folder.yaml"
+    folder.mkdir(exist_ok=True)
+    latin = ctx.tmp / "latin1.yaml"
+    latin.write_bytes("data:\n  root: /donn\xe9es\n".encode("latin-1"))
+    base = ctx.tmp / "base5.yaml"
+    base.write_text("base: 5\n")
+    twice = ctx.tmp / "twice.yaml"
+    twice.write_text("train:\n  steps: 5000\n  steps: 100\n")
+    cases = [(lambda: load_config([folder]), str(folder)), (lambda: load_config([latin]), str(latin)),
+             (lambda: load_config([base]), str(base)), (lambda: load_config([twice]), str(twice)),
+             (lambda: ctx.cfg("train.steps.x=5"), "train.steps is a single value")]
+    msgs = [raises(fn, ConfigError) for fn, _ in cases]
+    ok = all(m and want in m and "\n" not in m for m, (_, want) in zip(msgs, cases))
+    return " / ".join(m or "accepted" for m in msgs), ok
+
+
 # ---- data ---------------------------------------------------------------------------------------
 @probe("missing dataset folder (`--dataset fashion200k --data-root /nonexistent`)", "error with the expected layout")
 def _(ctx):
