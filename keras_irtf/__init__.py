@@ -1,13 +1,17 @@
 """keras_irtf: image retrieval with text feedback (composed image retrieval) in TensorFlow/Keras 3.
 
-Public entry points:
-    load_config, Config                 configuration (dataclasses <- YAML <- overrides)
-    load_dataset                        CSS (built-in or published), ...
-    build_model, make_optimizer, train  models and training runs
-    evaluate                            Recall@K, training recall, WHM
-    load_model                          reload a saved .keras model
-    load_benchmark, create_model, save_run   user scripts (keras_irtf.api)
-    export_run                          SavedModel for TF Serving (keras_irtf.serving.export)
+The public API is exactly `keras_irtf.__all__` (TensorFlow is imported on first use):
+
+    Config, ConfigError, load_config     configuration: dataclass defaults <- YAML files <- overrides
+    load_dataset                         a dataset named by a config (CSS built-in or published, ...)
+    Experiment, Benchmark                the assembler: config -> dataset, text input, model, optimizer
+    build_model, make_optimizer          a configured model (built, not compiled) and its optimizer
+    load_benchmark, create_model         user scripts: a dataset with its text input; a compiled model
+    train                                a whole training run (what tools/train.py runs)
+    evaluate                             Recall@K on test and train, and the WHM of the two
+    save_run, save_model, load_model     run folders and .keras files
+    export_run                           a run as a TF Serving SavedModel
+    ComposedRetrievalModel               the Keras model class
 """
 
 __version__ = "0.1.0"
@@ -21,7 +25,7 @@ def __getattr__(name):
         from keras_irtf.training.loop import train
 
         return train
-    if name in ("Experiment", "load_model", "save_model"):
+    if name in ("Experiment", "load_model", "save_model", "build_model", "make_optimizer"):
         from keras_irtf import experiment
 
         return getattr(experiment, name)
@@ -44,6 +48,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'keras_irtf' has no attribute {name!r}")
 
 
-__all__ = ["Config", "ConfigError", "load_config", "load_dataset", "Experiment", "train", "evaluate",
-           "load_model", "save_model", "ComposedRetrievalModel", "Benchmark", "load_benchmark", "create_model",
-           "save_run", "export_run"]
+__all__ = ["Benchmark", "ComposedRetrievalModel", "Config", "ConfigError", "Experiment", "build_model", "create_model",
+           "evaluate", "export_run", "load_benchmark", "load_config", "load_dataset", "load_model", "make_optimizer",
+           "save_model", "save_run", "train"]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
