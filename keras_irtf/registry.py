@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -198,10 +199,16 @@ def load_builtins():
 
 
 def import_modules(names) -> list:
-    """Import user modules (dotted names, or paths of .py files) so that their registrations
-    take effect. Returns the modules. A module that cannot be imported raises RegistryError; one
-    whose name is already another module's (the standard library's, an imported or an installed
-    one) raises PluginNameError (a RegistryError and a ConfigError) before any of it runs."""
+    """Import user modules so that their registrations take effect. Each name is either a path
+    to a .py file (`./myplug.py`, `plugins/myplug.py`) or a module name (`myplug`,
+    `mypkg.composers`) importable from the Python path or, failing that, from the working
+    folder (as `python -m` would find it). Returns the modules.
+
+    Errors say which of the two was tried and why it failed: a module found nowhere (with the
+    places looked in), or an exception raised inside the plug-in while it ran (with its
+    traceback). A module whose name is already another module's (the standard library's, an
+    imported or an installed one) raises PluginNameError (a RegistryError and a ConfigError)
+    before any of it runs."""
     load_builtins()
     modules = []
     for name in names or ():
@@ -211,20 +218,47 @@ def import_modules(names) -> list:
                 modules.append(_import_file(name))
                 continue
             _check_module_name(name)
+            if not _findable(name) and _in_working_folder(name):
+                sys.path.append(str(Path.cwd()))  # after everything else: it shadows nothing
             module = importlib.import_module(name)
         except RegistryError:
             raise
         except SyntaxError as e:
             raise RegistryError(f"--import {name}: {e.msg} ({e.filename}, line {e.lineno})") from None
         except ImportError as e:
-            local = Path(*name.split(".")).with_suffix(".py")
-            hint = f" (--import ./{local} for the file in the current folder)" if local.is_file() else ""
+            if e.name is not None and not (name == e.name or name.startswith(e.name + ".")):
+                raise _failed_inside(name, e) from None  # the plug-in's own import failed
             raise RegistryError(
-                f"--import {name}: cannot import it ({e}); give a module on PYTHONPATH or a path to a .py "
-                f"file{hint}"
+                f"--import {name}: no module {name!r} on the Python path nor as {Path(*name.split('.'))}.py in the "
+                f"working folder {Path.cwd()} ({e}); give a module name importable from there or a path to a .py file"
             ) from None
+        except Exception as e:
+            raise _failed_inside(name, e) from None
         modules.append(module)
     return modules
+
+
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _in_working_folder(name: str) -> bool:
+    local = Path.cwd().joinpath(*name.split("."))
+    return local.with_suffix(".py").is_file() or (local / "__init__.py").is_file()
+
+
+def _failed_inside(name: str, error: BaseException) -> RegistryError:
+    """The plug-in was found but raised while it ran: the error with the plug-in's traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [f for f in frames if "importlib" not in f.filename and not f.filename.endswith("registry.py")]
+    where = "".join(traceback.format_list(own or frames)).rstrip()
+    return RegistryError(
+        f"--import {name}: the plug-in was found but raised {type(error).__name__}: {error} while it was imported; "
+        f"fix the plug-in (its traceback follows)\n{where}"
+    )
 
 
 def _import_file(name: str):
@@ -248,6 +282,8 @@ def _import_file(name: str):
             sys.modules[stem] = previous
         if isinstance(e, SyntaxError):
             raise RegistryError(f"--import {name}: {e.msg} ({e.filename}, line {e.lineno})") from None
+        if isinstance(e, Exception):
+            raise _failed_inside(name, e) from None
         raise
     return module
 

@@ -281,14 +281,13 @@ def test_legitimate_plugins_still_load(tmp_path, monkeypatch):
     assert import_modules([tmp_path / "my_plugin_xyz.py"])[0].VALUE == 42
 
 
-def test_a_module_in_the_current_folder_but_not_on_the_path_gets_the_file_form(tmp_path, monkeypatch):
-    from keras_irtf.registry import RegistryError, import_modules
+def test_a_module_in_the_current_folder_is_found_by_name_and_by_path(tmp_path, monkeypatch):
+    from keras_irtf.registry import import_modules
 
     _plugin(tmp_path, "my_local_plugin_xyz")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RegistryError, match=r"cannot import it .*or a path to a \.py file \(--import "
-                                            r"\./my_local_plugin_xyz\.py for the file in the current folder\)"):
-        import_modules(["my_local_plugin_xyz"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the working folder is appended: undo it after
+    assert import_modules(["my_local_plugin_xyz"])[0].X == 1
     assert import_modules(["./my_local_plugin_xyz.py"])[0].X == 1
 
 

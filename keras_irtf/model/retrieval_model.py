@@ -23,10 +23,42 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_irtf.config import ConfigError
 from keras_irtf.model import losses as L
 from keras_irtf.model import precision as P
 from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
 from keras_irtf.layers.normalization import ScaledL2Normalization
+
+
+_MERGING_LAYERS = (keras.layers.Add, keras.layers.Average, keras.layers.Concatenate, keras.layers.Dot,
+                   keras.layers.Maximum, keras.layers.Minimum, keras.layers.Multiply, keras.layers.Subtract)
+
+
+class UnbuiltSublayerError(ConfigError):
+    """A component whose build() left a weight-holding sub-layer unbuilt."""
+
+
+def _holds_weights_once_built(layer) -> bool:
+    """Layers whose build() creates variables: they override Layer.build (Dense, LSTM, ...);
+    merging layers (Concatenate, Add) override it only to check shapes."""
+    return type(layer).build is not keras.layers.Layer.build and not isinstance(layer, _MERGING_LAYERS)
+
+
+def check_sublayers_built(component):
+    """Raise UnbuiltSublayerError when `component` (an encoder or a composer, built) holds a
+    sub-layer with weights that its build() did not build. Keras would then create that
+    layer's variables inside the first traced training step, after the optimizer was built
+    for the model's variables, and training fails at step 1 with an error far from the cause."""
+    unbuilt = [layer for layer in component._flatten_layers(include_self=False)
+               if not layer.built and _holds_weights_once_built(layer)]
+    if unbuilt:
+        names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unbuilt[:5])
+        raise UnbuiltSublayerError(
+            f"{type(component).__name__} ({component.name}) did not build its sub-layer(s) {names} in build(). "
+            f"A keras_irtf component must create and build every sub-layer that holds weights in its build(input_shape), "
+            f"e.g. self.dense.build(shape), as the README's plug-in section shows; otherwise their weights would be "
+            f"created inside the first training step, which fails"
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_irtf")
@@ -89,6 +121,8 @@ class ComposedRetrievalModel(keras.Model):
             self.composer.build([f_img, f_text])
         if not self.normalization.built:
             self.normalization.build(self.composer.compute_output_shape([f_img, f_text]))
+        for part in (self.image_encoder, self.text_encoder, self.composer):
+            check_sublayers_built(part)
         self.built = True
 
     # ---- embeddings ---------------------------------------------------------------------------
