@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
-from keras_irtf.data.images import check_fits_in_memory
 
 NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
 IMAGE_PATTERN = "css_{split}_{index:06d}.png"
@@ -204,6 +203,9 @@ class CSSDataset(RetrievalDataset):
                     + _layout_help(self.root)
                 )
         self.image_mode[split] = "png" if use_png else "2d"
+        # imported here: the demo reads NPY_NAME from this module without loading keras
+        from keras_irtf.data.images import check_fits_in_memory
+
         check_fits_in_memory(n, image_size, f"CSS {split} split")
         if use_png:
             from keras_irtf.data.images import decode_files

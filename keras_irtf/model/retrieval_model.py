@@ -40,8 +40,17 @@ class UnbuiltSublayerError(ConfigError):
 
 def _holds_weights_once_built(layer) -> bool:
     """Layers whose build() creates variables: they override Layer.build (Dense, LSTM, ...);
-    merging layers (Concatenate, Add) override it only to check shapes."""
+    merging layers (Concatenate, Add) override it only to check shapes; keras-hub's
+    preprocessors and tokenizers override it but hold no trainable weights and stay unbuilt."""
+    if _is_keras_hub_preprocessing(layer):
+        return False
     return type(layer).build is not keras.layers.Layer.build and not isinstance(layer, _MERGING_LAYERS)
+
+
+def _is_keras_hub_preprocessing(layer) -> bool:
+    cls = type(layer)
+    return cls.__module__.startswith("keras_hub.") and any(
+        base.__name__ in ("Preprocessor", "Tokenizer") for base in cls.__mro__)
 
 
 def check_sublayers_built(component):
