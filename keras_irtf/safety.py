@@ -95,13 +95,17 @@ def _listing(folder: Path, limit: int = 3) -> str:
     return f" (holds {shown})" if shown else ""
 
 
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
 def not_owned_error(path, kind: str, hint: str) -> NotOwnedError:
     path = Path(path)
     what = "a file" if path.is_file() or path.is_symlink() and not path.is_dir() else "a folder"
     listing = _listing(path) if path.is_dir() and not path.is_symlink() else ""
     return NotOwnedError(
-        f"{path} is {what} keras_irtf did not write{listing}, so it will not delete or replace it as a "
-        f"{kind}; {hint}"
+        f"{path} is {what} keras_irtf did not write{listing}, so it will not delete or replace it as "
+        f"{_article(kind)} {kind}; {hint}"
     )
 
 

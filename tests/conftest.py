@@ -27,6 +27,25 @@ def tiny_config(root=None, *overrides):
     return load_config([configs / "css.yaml", configs / "presets" / "smoke.yaml"], items + list(overrides))
 
 
+def export_untrained_smoke(tmp, images, out, **export_options):
+    """Export an untrained smoke model (32-px images, a two-caption vocabulary) whose gallery is
+    `images` (PNG bytes) written to tmp/gallery; returns (export path, gallery, model, config)."""
+    from keras_irtf import api
+    from keras_irtf.data.text import TextVectorizer
+    from keras_irtf.serving.export import export_model
+
+    cfg = tiny_config(None, "data.image_size=32")
+    vectorizer = TextVectorizer.from_texts(["add a red cube", "make it blue"], cfg.model.max_text_length)
+    vectorizer.save(tmp / "vocab.txt")
+    gallery = tmp / "gallery"
+    gallery.mkdir()
+    for i, data in enumerate(images):
+        (gallery / f"g{i}.png").write_bytes(data)
+    model = api.create_model(cfg, vectorizer, compile=False)
+    path = export_model(model, cfg, tmp / out, run_dir=tmp, gallery=gallery, verbose=False, **export_options)
+    return path, gallery, model, cfg
+
+
 @pytest.fixture
 def smoke_config(css_smoke_root, tmp_path):
     return tiny_config(css_smoke_root, f"train.out={tmp_path / 'run'}")

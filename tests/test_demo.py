@@ -344,8 +344,8 @@ def test_page_search_api_and_gallery_by_id_only(demo, served, css_smoke_root, ga
 
 
 def test_gallery_entries_stay_inside_the_gallery(exported, css_smoke_root, tmp_path):
-    """A gallery of symbolic links is served (the export followed them too); a list entry leading
-    out of the gallery folder is refused, whatever the list says."""
+    """Symbolic links inside the gallery folder are followed; a list entry or a link leading out
+    of the gallery folder is refused with 404, whatever the list says (its target is never read)."""
     import shutil
 
     from keras_irtf.demo import DemoError
@@ -356,19 +356,26 @@ def test_gallery_entries_stay_inside_the_gallery(exported, css_smoke_root, tmp_p
     links = tmp_path / "links"
     links.mkdir()
     source = Path(css_smoke_root) / "images" / "css_test_000001.png"
-    (links / "a.png").symlink_to(source)
+    shutil.copy(source, links / "a.png")
+    (links / "b.png").symlink_to(links / "a.png")  # inside the folder: followed
+    (links / "c.png").symlink_to(source)  # out of the folder: refused
     (tmp_path / "secret.txt").write_text("not for visitors")
-    (copy / "assets.extra" / "gallery.txt").write_text("a.png\n../secret.txt\n/etc/hostname\nsub/../a.png\n")
+    (copy / "assets.extra" / "gallery.txt").write_text(
+        "a.png\n../secret.txt\n/etc/hostname\nsub/../a.png\nb.png\nc.png\n")
+    (copy / "assets.extra" / "gallery_sha256.txt").unlink()  # an export without checksums
+    info = json.loads((copy / "assets.extra" / "keras_irtf_export.json").read_text())
+    info["gallery"]["size"] = 6
+    (copy / "assets.extra" / "keras_irtf_export.json").write_text(json.dumps(info))
     model = ServedModel(copy, gallery_root=links)
     assert model.info["endpoints"] == ["serving_default", "embed_image", "retrieve"]  # the export's file names
     assert model.gallery_files_present and model.gallery_bytes(0) == source.read_bytes()
-    assert model.gallery_bytes(3) == source.read_bytes()
-    for bad in (1, 2):
+    assert model.gallery_bytes(3) == model.gallery_bytes(4) == source.read_bytes()
+    for bad in (1, 2, 5):
         with pytest.raises(DemoError, match="outside the gallery folder") as e:
             model.gallery_bytes(bad)
         assert e.value.status == 404
-    with pytest.raises(DemoError, match="ids run from 0 to 3"):
-        model.gallery_file(4)
+    with pytest.raises(DemoError, match="ids run from 0 to 5"):
+        model.gallery_file(6)
 
 
 # ---- pieces without a server ------------------------------------------------------------------------

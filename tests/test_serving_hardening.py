@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import export_untrained_smoke
 
 
 def _encode(array, fmt, **kw):
@@ -63,21 +63,9 @@ def test_dimensions_from_headers_python_and_graph():
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory):
     """An untrained smoke model exported with a 1000-pixel limit and a 3-image gallery."""
-    from keras_irtf import api
-    from keras_irtf.data.text import TextVectorizer
-    from keras_irtf.serving.export import export_model
-
-    tmp = tmp_path_factory.mktemp("limits")
-    cfg = tiny_config(None, "data.image_size=32")
-    vectorizer = TextVectorizer.from_texts(["add a red cube", "make it blue"], cfg.model.max_text_length)
-    vectorizer.save(tmp / "vocab.txt")
-    gallery = tmp / "gallery"
-    gallery.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(3):
-        (gallery / f"g{i}.png").write_bytes(_encode(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), "PNG"))
-    model = api.create_model(cfg, vectorizer, compile=False)
-    path = export_model(model, cfg, tmp / "out", run_dir=tmp, gallery=gallery, verbose=False, max_pixels=1000)
+    images = [_encode(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), "PNG") for _ in range(3)]
+    path, gallery, _, _ = export_untrained_smoke(tmp_path_factory.mktemp("limits"), images, "out", max_pixels=1000)
     return path, gallery
 
 

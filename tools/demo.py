@@ -6,6 +6,8 @@
     python tools/demo.py --model exported/css_tirg_s0/1 --gallery data/my_gallery --queries q.jsonl
 
 The export must have been made with --gallery (the `retrieve` endpoint) for the page's search;
+--gallery (or the folder the export recorded) must hold the very images the export embedded
+(checked by sha256 at start, as tools/query.py does), and only files inside it are served;
 the REST API serves every signature either way: POST /v1/models/<name>:predict. The model is
 loaded with tf.saved_model.load only (no keras). Binds to 127.0.0.1 unless --host says otherwise:
 the demo has no authentication, so only bind to another address on a network you trust.
@@ -40,17 +42,22 @@ def main(argv=None):
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from keras_irtf.demo import DemoError, Limits, build_app, serve
+        from keras_irtf.demo import DemoError, Limits, build_app, missing_extra, serve
     except ImportError as e:
-        print(f"error: {e}. The demo needs its extra: pip install -e '.[demo]'", file=sys.stderr)
+        print(f"error: the demo cannot start: {e}", file=sys.stderr)
+        return 2
+    problem = missing_extra()  # before the (slow) model load
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                         max_pixels=int(args.max_megapixels * 1e6),
                         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                         max_instances=args.max_instances)
+        # a damaged export, or a --gallery other than the embedded one, is a one-line error
         app = build_app(args.model, gallery=args.gallery, queries=args.queries, limits=limits, name=args.name)
-    except (DemoError, ValueError, FileNotFoundError) as e:
+    except (DemoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     demo = app.state.demo

@@ -7,7 +7,9 @@
 
 Writes <out>/<name>/<version>/ (TF Serving's layout; default: exported/<run name>/<next free
 integer>). The version folder appears only when complete; an existing version is never
-overwritten unless --force is given. Endpoints: serving_default (image_bytes + text ->
+overwritten unless --force is given, and --force replaces only a version folder keras_irtf
+wrote (it carries the marker file .keras_irtf.json): a folder of anyone else's is refused.
+--name is one plain folder name inside --out. Endpoints: serving_default (image_bytes + text ->
 embedding), embed_image (image_bytes -> embedding) and, with --gallery, retrieve (image_bytes +
 text + k -> top-k gallery ids, paths, scores).
 """
@@ -28,9 +30,11 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="run folder written by tools/train.py")
     p.add_argument("--gallery", help="folder of gallery images (recursive): adds the retrieve endpoint")
     p.add_argument("--version", type=int, help="integer version (default: the next free one)")
-    p.add_argument("--force", action="store_true", help="replace an existing --version")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --version (only a version folder keras_irtf wrote)")
     p.add_argument("--out", default="exported", help="base folder (default: exported)")
-    p.add_argument("--name", help="model name under --out (default: the run folder's name)")
+    p.add_argument("--name", help="model name: one folder name under --out, no '/' or '..' (default: the run "
+                                   "folder's name)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse served images whose header declares more pixels, before decoding them "
                         "(default 40000000; 0 = no limit)")

@@ -38,7 +38,7 @@ def main(argv=None):
     if args.top < 1:
         p.error("--top must be >= 1")
 
-    from keras_irtf.serving.export import ExportError
+    from keras_irtf.serving.export import ExportError, gallery_file
     from keras_irtf.serving.limits import ImageTooLarge
     from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
 
@@ -46,15 +46,19 @@ def main(argv=None):
     targets = []
     for t in args.target:
         t = Path(t)
-        t = t if t.is_file() else gallery / t
+        try:
+            t = t if t.is_file() else gallery_file(gallery, t)  # relative to --gallery: kept inside it
+        except ExportError as e:
+            print(f"error: --target {e}", file=sys.stderr)
+            return 2
         if not t.is_file():
             print(f"error: --target {t} is not a file (give a path, or a path relative to --gallery)", file=sys.stderr)
             return 2
         targets.append(t)
     try:
-        model = ExportedModel(args.model)
+        model = ExportedModel(args.model)  # a damaged export: one "damaged export: <file>" line
         results = search(model, args.image, args.text, gallery, args.top, exclude_query=not args.keep_query)
-    except (ExportError, FileNotFoundError, ImageTooLarge, QueryError) as e:
+    except (ExportError, OSError, ImageTooLarge, QueryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from keras_irtf.serving.export import file_sha256

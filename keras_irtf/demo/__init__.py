@@ -10,12 +10,31 @@ The page lets a person pick a reference image from the export's gallery (or uplo
 the modification, and see the top-k results with rank, score, a ground-truth marker where the
 query is known, and the latency. Beside it, `/v1/models/<name>:predict` answers TF Serving's
 REST predict requests for every signature of the export. The model is loaded with
-`tf.saved_model.load` only: keras is not needed. Needs the `[demo]` extra (FastAPI, uvicorn).
+`tf.saved_model.load` only: keras is not needed. Needs the `[demo]` extra (FastAPI, uvicorn):
+`missing_extra()` says which of its packages is missing, before anything slow is done.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from keras_irtf.demo.limits import DemoError, Limits, check_image
+
+EXTRA_PACKAGES = ("fastapi", "uvicorn")  # setup.cfg's [demo] extra
+INSTALL_HINT = "pip install -e '.[demo]'"
+
+
+def missing_extra():
+    """None when the `[demo]` extra's packages import; else the one-line message naming the
+    missing package and how to install the extra."""
+    for package in EXTRA_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            missing = e.name or package
+            needed = "" if missing == package else f" (needed by {package})"
+            return f"the demo needs the package {missing}{needed}, which is not installed: {INSTALL_HINT}"
+    return None
 
 
 def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
@@ -23,13 +42,19 @@ def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
 
     `gallery`: the folder of the gallery images when it moved since the export; `queries`: a
     queries file or CSS folder for the ground-truth marker (see keras_irtf.demo.ground_truth);
-    `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs.
+    `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs. A gallery
+    folder that does not hold the images the export embedded is refused (DemoError), as is a
+    damaged export (keras_irtf.serving.export.DamagedExport) and a missing `[demo]` extra.
     """
+    problem = missing_extra()
+    if problem is not None:
+        raise DemoError(problem)
     from keras_irtf.demo.app import create_app
     from keras_irtf.demo.ground_truth import find_ground_truth
     from keras_irtf.demo.served import ServedModel
 
     model = ServedModel(model_path, gallery_root=gallery, name=name)
+    model.check_gallery()  # thumbnails must show the images the stored embeddings ranked
     model.warm_up_seconds = model.warm_up()
     return create_app(model, limits or Limits(), find_ground_truth(model, queries))
 
@@ -40,4 +65,4 @@ def serve(app, host="127.0.0.1", port=8080, log_level="info", on_ready=None):
     return _serve(app, host=host, port=port, log_level=log_level, on_ready=on_ready)
 
 
-__all__ = ["DemoError", "Limits", "build_app", "check_image", "serve"]
+__all__ = ["DemoError", "Limits", "build_app", "check_image", "missing_extra", "serve"]

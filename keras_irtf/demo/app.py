@@ -11,9 +11,12 @@
     GET  /v1/models/<name>[/versions/<v>]/metadata   its SignatureDefs
     POST /v1/models/<name>[/versions/<v>]:predict    TF Serving's predict (see tf_serving.py)
 
-Every request body is read up to a size limit and every image is checked against the upload
-and pixel limits (keras_irtf.demo.limits) before TensorFlow sees it. Refusals answer
-`{"error": "..."}` with a 4xx status; nothing a client sends crashes the server.
+Every request body is read up to a size limit and a nesting depth (MAX_JSON_DEPTH), and every
+image is checked against the upload and pixel limits (keras_irtf.demo.limits) before TensorFlow
+sees it; integers are checked against their range before any cast (retrieve's k: 1 to the
+gallery's size). Gallery files are opened only by id and only inside the gallery folder
+(keras_irtf.demo.served). Refusals answer `{"error": "..."}` with a 4xx status; nothing a client
+sends crashes the server.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from keras_irtf.demo.limits import DemoError, Limits, check_image, mb_text
+from keras_irtf.demo.limits import DemoError, Limits, check_image, k_range, mb_text
 from keras_irtf.demo.tf_serving import format_predict_response, parse_predict_request
 
 log = logging.getLogger("keras_irtf.demo")
@@ -44,6 +47,8 @@ _MODEL_URL = re.compile(
     r"^(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?(?P<verb>:predict|/metadata)?$")
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                 ".bmp": "image/bmp"}
+MAX_JSON_DEPTH = 32  # nesting of a request body; the page's and TF Serving's requests use 4 or 5
+_MAX_ID_DIGITS = 18  # ids and versions in URLs: longer digit strings name nothing (and int() refuses 4300+)
 
 
 def json_response(content, status: int = 200):
@@ -66,10 +71,37 @@ async def read_json(request, limit: int):
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    too_deep = DemoError(f"the request body nests lists and objects more than {MAX_JSON_DEPTH} levels deep; this "
+                         f"server reads at most {MAX_JSON_DEPTH}")
     try:
-        return json.loads(b"".join(chunks) or b"null")
+        body = json.loads(b"".join(chunks) or b"null")
+    except RecursionError:  # far deeper than the limit: the parser itself ran out of stack
+        raise too_deep from None
     except ValueError as e:
         raise DemoError(f"the request body is not valid JSON: {e}") from None
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+def json_depth(value) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), counted without
+    recursion, so that no body can exhaust the stack of the code that reads it."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def url_id(text: str, what: str) -> int:
+    """A gallery id from a URL: digits only (no sign, no path), at most _MAX_ID_DIGITS of them;
+    else 404 naming `what`."""
+    if not text.isascii() or not text.isdigit() or len(text) > _MAX_ID_DIGITS:
+        raise DemoError(f"no {what} {text[:40]!r}: ids are the non-negative integers of /api/gallery", status=404)
+    return int(text)
 
 
 def _int_param(value, name: str, low: int, high: int) -> int:
@@ -132,7 +164,8 @@ class Demo:
         m = self.model
         if not m.has_retrieve:
             raise DemoError("this export has no retrieve endpoint: export the run with --gallery DIR", status=409)
-        k = _int_param(body.get("k", 10), "k", 1, min(self.limits.max_k, max(1, m.gallery_size)))
+        low, high, _ = k_range(m.gallery_size, self.limits.max_k)
+        k = _int_param(body.get("k", min(10, high)), "k", low, high)  # before any cast to int32
         image_id = body.get("image_id")
         if image_id is not None:
             image_id = _int_param(image_id, "image_id", 0, m.gallery_size - 1)
@@ -151,7 +184,7 @@ class Demo:
             reference = {"image_id": None, "path": None, "filename": name, "width": width, "height": height,
                          "format": fmt, "bytes": len(data)}
         exclude = bool(body.get("exclude_reference", True)) and image_id is not None
-        want = k + 1 if exclude else k
+        want = min(k + 1, max(1, m.gallery_size)) if exclude else k  # the reference may be among the top k
         t0 = time.perf_counter()
         out = m.retrieve(data, text, want)
         model_ms = (time.perf_counter() - t0) * 1000
@@ -179,6 +212,22 @@ class Demo:
         return {"query": {**reference, "text": text, "k": k, "exclude_reference": exclude},
                 "results": results, "ground_truth": ground,
                 "timing": {"model_ms": round(model_ms, 2), "server_ms": round(server_ms, 2)}}
+
+    def predict_int_bounds(self) -> dict:
+        """The ranges of integer inputs, checked while the predict body is parsed: retrieve's k
+        runs from 1 to the gallery's size (and this server's max_k)."""
+        if not self.model.has_retrieve:
+            return {}
+        return {("retrieve", "k"): k_range(self.model.gallery_size, self.limits.max_k)}
+
+    def check_predict_k(self, name: str, columns: dict, row_format: bool):
+        """retrieve takes one k per query: an integer, not a list."""
+        if name != "retrieve" or "k" not in columns:
+            return
+        for i, value in enumerate(columns["k"]):
+            if isinstance(value, list):
+                where = f"instances[{i}].k" if row_format else f"inputs.k[{i}]"
+                raise DemoError(f"{where}: expected one k per query (an integer), got a list")
 
     def check_predict_images(self, columns: dict, row_format: bool):
         for name, values in columns.items():
@@ -232,19 +281,21 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
             raise DemoError("offset must be >= 0 and limit between 1 and 500")
         return json_response(demo.gallery(q, offset, limit, known))
 
-    @app.get("/api/gallery/{gallery_id:int}/texts")
-    async def gallery_texts(gallery_id: int):
+    @app.get("/api/gallery/{gallery_id}/texts")
+    async def gallery_texts(gallery_id: str):
+        gallery_id = url_id(gallery_id, "gallery image")
         model.gallery_file(gallery_id)  # 404 for an unknown id
         texts = demo.ground_truth.texts_for(gallery_id) if demo.ground_truth is not None else []
         return json_response({"id": gallery_id, "texts": texts})
 
-    @app.get("/gallery/{gallery_id:int}")
-    async def gallery_image(gallery_id: int):
-        path = model.gallery_file(gallery_id)
-        if not path.is_file():
-            raise DemoError(f"gallery image {gallery_id} is missing from {model.gallery_root}", status=404)
-        return FileResponse(path, media_type=_IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
-                            headers={"Cache-Control": "max-age=3600"})
+    @app.get("/gallery/{gallery_id}")
+    async def gallery_image(gallery_id: str):
+        gallery_id = url_id(gallery_id, "gallery image")
+        path = model.gallery_file(gallery_id)  # resolved inside the gallery folder, else 404
+        # the bytes of the very file checked (a link swapped in afterwards is not followed again)
+        data = await run_in_threadpool(model.gallery_bytes, gallery_id)
+        return Response(data, media_type=_IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                        headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/search")
     async def search(request: Request):
@@ -256,8 +307,8 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
         if m is None:
             raise DemoError(f"Malformed request: /v1/models/{rest}", status=404)
         if m["name"] != model.name or m["label"] is not None or (
-                m["version"] is not None and int(m["version"]) != model.version):
-            spec = (f"Specific({m['name']}, {m['version']})" if m["version"] else
+                m["version"] is not None and m["version"].lstrip("0") != str(model.version).lstrip("0")):
+            spec = (f"Specific({m['name']}, {m['version'][:24]})" if m["version"] else
                     f"Label({m['name']}, {m['label']})" if m["label"] else f"Latest({m['name']})")
             raise DemoError(f"Servable not found for request: {spec} (this server has {model.name}, "
                             f"version {model.version})", status=404)
@@ -277,7 +328,9 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
             raise DemoError(f"POST /v1/models/{rest}: this server implements :predict only", status=404)
         start = time.perf_counter()
         body = await read_json(request, demo.limits.max_request_bytes)
-        name, columns, row_format = parse_predict_request(body, model.signatures, demo.limits.max_instances)
+        name, columns, row_format = parse_predict_request(body, model.signatures, demo.limits.max_instances,
+                                                          demo.predict_int_bounds())
+        demo.check_predict_k(name, columns, row_format)
         demo.check_predict_images(columns, row_format)
         t0 = time.perf_counter()
         outputs = await run_in_threadpool(model.call, name, columns)

@@ -46,6 +46,36 @@ class Limits:
         return dataclasses.asdict(self)
 
 
+INT_RANGES = {f"{sign}int{bits}": ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sign == "" else (0, 2**bits - 1))
+              for sign in ("", "u") for bits in (8, 16, 32, 64)}
+
+
+def check_int(value, where: str, low: int, high: int, note: str = "", name: str = "") -> int:
+    """`value` when it is a JSON integer (not a boolean) from `low` to `high`; else DemoError 400
+    naming `where` (and the input `name`) and the range (`note` says where the bounds come from).
+    Called before any cast to a tensor, so that 4294967299 is refused rather than wrapped to 3 by
+    an int32 conversion."""
+    label = f"{where}: {name}" if name else where
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DemoError(f"{where}: expected an integer, got {value!r}")
+    if not low <= value <= high:
+        raise DemoError(f"{label} must be >= {low} and <= {high}{note}, got {value}")
+    return value
+
+
+def k_range(gallery_size: int, max_k: int = 0) -> tuple:
+    """(low, high, note) of a retrieve `k`: from 1 to the gallery's size and to `max_k` (this
+    server's limit, 0 for none)."""
+    high = max(1, min(gallery_size, max_k) if max_k else gallery_size)
+    note = f" (the gallery holds {gallery_size} images" + (f"; this server returns at most {max_k}" if max_k else "") + ")"
+    return 1, high, note
+
+
+def check_k(value, where: str, gallery_size: int, max_k: int = 0) -> int:
+    """A retrieve `k`, checked by check_int against k_range."""
+    return check_int(value, where, *k_range(gallery_size, max_k), name="k")
+
+
 def mb_text(n: int) -> str:
     return f"{n / 1024 / 1024:.3g} MB"
 

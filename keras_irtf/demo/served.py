@@ -1,26 +1,29 @@
 """The exported SavedModel as the demo serves it: loaded with `tf.saved_model.load` alone.
 
 Neither keras nor the rest of keras_irtf's model code is imported, so the demo runs exactly what
-TF Serving runs: the signatures of the version folder, with the gallery stored inside it.
+TF Serving runs: the signatures of the version folder, with the gallery stored inside it. The
+folder is read by keras_irtf.serving.export.open_export (TensorFlow and numpy only), as
+tools/query.py reads it: a damaged export is one "damaged export: <file>" error for both.
+
+Gallery files are opened only by id, each resolved (symbolic links followed) and refused unless
+it lies inside the gallery folder (keras_irtf.safety.resolve_under): a link in the gallery
+pointing elsewhere answers 404, never the file it points to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import logging
 import re
 import time
 from pathlib import Path
 from typing import Optional
 
-from keras_irtf.demo.limits import DemoError
+from keras_irtf.demo.limits import DemoError, check_k
+from keras_irtf.safety import OutsideRootError, resolve_under
+from keras_irtf.serving.export import gallery_difference, open_export
 
-# What the exporter writes beside the SavedModel, in <version>/assets.extra/ (TF Serving's folder
-# for extra files): the export's description and the gallery's paths in id order. The demo reads
-# them as files, like any client of the export, so it imports nothing of the exporter.
-EXPORT_INFO_NAME = "keras_irtf_export.json"
-GALLERY_LIST_NAME = "gallery.txt"
+log = logging.getLogger("keras_irtf.demo")
 
 
 @dataclasses.dataclass
@@ -44,32 +47,23 @@ class ServedModel:
     """
 
     def __init__(self, path, gallery_root=None, name: Optional[str] = None):
-        import tensorflow as tf
-
         self.path = Path(path).resolve()
         if not (self.path / "saved_model.pb").is_file():
             raise DemoError(f"{path} holds no saved_model.pb: pass an export version folder such as "
                             f"exported/<name>/1 (written by tools/export.py)")
-        info_path = self.path / "assets.extra" / EXPORT_INFO_NAME
-        self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         self.name = name or self.path.parent.name
-        self.version = int(self.path.name) if self.path.name.isdigit() else 1
-        if str(self.info.get("text_encoder", "")).startswith("bert"):
-            _register_text_ops()  # BERT exports hold tensorflow-text ops (TF Serving links them too)
+        self.version = int(self.path.name) if self.path.name.isdigit() and len(self.path.name) < 19 else 1
         start = time.perf_counter()
-        try:
-            self.module = tf.saved_model.load(str(self.path))
-        except tf.errors.NotFoundError as e:
-            if "not registered" not in str(e) or not _register_text_ops():
-                raise
-            self.module = tf.saved_model.load(str(self.path))
+        opened = open_export(self.path, require_info=False)  # DamagedExport names a damaged file
         self.load_seconds = time.perf_counter() - start
+        self.info, self.module = opened.info, opened.module
         self.functions = dict(self.module.signatures)
         self.signatures = {name: _signature_info(fn) for name, fn in self.functions.items()}
 
-        gallery_list = self.path / "assets.extra" / GALLERY_LIST_NAME
-        self.gallery_paths = gallery_list.read_text().split("\n")[:-1] if gallery_list.is_file() else []
-        recorded = (self.info.get("gallery") or {}).get("root")
+        self.gallery_paths = opened.gallery_paths or []
+        self.gallery_hashes = opened.gallery_hashes
+        recorded = self.info.get("gallery")
+        recorded = recorded.get("root") if isinstance(recorded, dict) else None
         root = gallery_root or recorded
         self.gallery_root = Path(root).resolve() if root else None
 
@@ -94,25 +88,52 @@ class ServedModel:
 
     def gallery_file(self, gallery_id: int) -> Path:
         """The file of gallery image `gallery_id`: looked up by position in the export's list, so
-        that no request ever names a path. An entry of the list that would lead outside the gallery
-        folder (absolute, or through "..") is refused; symbolic links inside it are followed, as
-        the export followed them when it embedded the gallery."""
+        that no request ever names a path, and resolved with every symbolic link followed. A file
+        that resolves outside the gallery folder (an entry that is absolute or climbs with "..", or
+        a link pointing elsewhere) is refused with 404: its content is never read or served.
+        Links that stay inside the folder are followed."""
         if self.gallery_root is None:
             raise DemoError("this export records no gallery folder: start the demo with --gallery DIR", status=404)
-        if not 0 <= gallery_id < len(self.gallery_paths):
+        if isinstance(gallery_id, bool) or not isinstance(gallery_id, int) or \
+                not 0 <= gallery_id < len(self.gallery_paths):
             raise DemoError(f"no gallery image {gallery_id}: ids run from 0 to {len(self.gallery_paths) - 1}",
                             status=404)
-        path = Path(os.path.normpath(self.gallery_root / self.gallery_paths[gallery_id]))
-        if not path.is_relative_to(self.gallery_root):
-            raise DemoError(f"gallery entry {gallery_id} points outside the gallery folder", status=404)
-        return path
+        entry = self.gallery_paths[gallery_id]
+        try:
+            return resolve_under(self.gallery_root, entry, f"gallery image {gallery_id}")
+        except OutsideRootError as e:
+            log.warning("%s: refused", e)  # where it leads is for the server's log, not for the client
+            raise DemoError(f"gallery image {gallery_id} ({entry!r}) points outside the gallery folder: the demo "
+                            f"serves only the files inside it", status=404) from None
 
     def gallery_bytes(self, gallery_id: int) -> bytes:
+        """The bytes of gallery image `gallery_id` (see gallery_file); 404 when it is missing or
+        cannot be read."""
         path = self.gallery_file(gallery_id)
         if not path.is_file():
             raise DemoError(f"gallery image {path} is missing: start the demo with --gallery DIR pointing at the "
                             f"folder the export was made from", status=404)
-        return path.read_bytes()
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise DemoError(f"gallery image {path} cannot be read ({e.strerror or e})", status=404) from None
+
+    def check_gallery(self):
+        """Refuse (DemoError) a gallery folder that does not hold the very images the export
+        embedded: the page would show other pictures than the ones the stored embeddings ranked.
+        The same check tools/query.py makes (keras_irtf.serving.export.gallery_difference; query
+        embeds such a folder again, the demo serves the stored embeddings only). Nothing is
+        checked when the export has no gallery or the folder is not there (thumbnails then fail
+        with 404, and tools/demo.py warns)."""
+        if not self.has_retrieve or not self.gallery_paths or self.gallery_root is None \
+                or not self.gallery_root.is_dir():
+            return
+        difference = gallery_difference(self.gallery_root, self.gallery_paths, self.gallery_hashes)
+        if difference is not None:
+            raise DemoError(
+                f"the gallery folder {self.gallery_root} does not hold the images the export embedded: {difference}. "
+                f"The page would show other pictures than the ones ranked: pass --gallery the folder given to "
+                f"tools/export.py --gallery, or export again with --gallery {self.gallery_root}")
 
     # ---- calling the signatures ----------------------------------------------------------------
 
@@ -148,10 +169,16 @@ class ServedModel:
         return {name: value.numpy() for name, value in out.items()}
 
     def retrieve(self, image_bytes: bytes, text: str, k: int) -> dict:
-        """One query through the `retrieve` signature: {"ids", "paths", "scores"} of the top k."""
+        """One query through the `retrieve` signature: {"ids", "paths", "scores"} of the top k
+        (k from 1 to the gallery's size, checked before it becomes an int32)."""
         if not self.has_retrieve:
             raise DemoError("this export has no retrieve endpoint: export the run with --gallery DIR", status=404)
-        out = self.call("retrieve", {"image_bytes": [image_bytes], "text": [text.encode("utf-8")], "k": [int(k)]})
+        k = check_k(k, "k", max(1, self.gallery_size))
+        try:
+            text_bytes = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DemoError("text is not valid Unicode (it holds a lone surrogate such as \\ud800)") from None
+        out = self.call("retrieve", {"image_bytes": [image_bytes], "text": [text_bytes], "k": [k]})
         return {"ids": [int(i) for i in out["ids"][0]],
                 "paths": [p.decode("utf-8", "replace") for p in out["paths"][0]],
                 "scores": [float(s) for s in out["scores"][0]]}
@@ -193,15 +220,6 @@ class ServedModel:
                     defs[key] = json_format.MessageToDict(sig, preserving_proto_field_name=True)
         return {"model_spec": {"name": self.name, "signature_name": "", "version": str(self.version)},
                 "metadata": {"signature_def": {"signature_def": defs}}}
-
-
-def _register_text_ops() -> bool:
-    """Register tensorflow-text's ops (a dependency of keras_irtf); False if it is missing."""
-    try:
-        import tensorflow_text  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def model_error_text(message: str) -> str:

@@ -16,6 +16,11 @@ or, for a signature with a single output (serving_default, embed_image), the bar
 Columns -> `{"outputs": {...}}` (or the bare value for a single output). Output strings whose
 name ends in `_bytes` are sent as `{"b64": ...}`, others as text. Errors: `{"error": "..."}`
 with 400 for a bad request, as TF Serving does.
+
+Integers are checked against their input's range before they become tensors: the dtype's range,
+or a narrower one the server gives (retrieve's `k`: 1 to the gallery's size), so that a value
+such as 4294967299 is refused, never wrapped to 3 by an int32 conversion. Text must be valid
+Unicode (a lone surrogate such as "\\ud800" cannot be encoded as UTF-8 and is refused).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import binascii
 
 import numpy as np
 
-from keras_irtf.demo.limits import DemoError
+from keras_irtf.demo.limits import INT_RANGES, DemoError, check_int
 
 
-def _decode_value(value, dtype: str, where: str):
-    """One JSON value of an input -> a Python value of the input's dtype (recursing into lists)."""
+def _decode_value(value, dtype: str, where: str, bounds=None, name: str = ""):
+    """One JSON value of the input `name` -> a Python value of the input's dtype (recursing into
+    lists). `bounds` (low, high, note): the range of an integer input, else its dtype's."""
     if isinstance(value, list):
-        return [_decode_value(v, dtype, where) for v in value]
+        return [_decode_value(v, dtype, f"{where}[{i}]", bounds, name) for i, v in enumerate(value)]
     if dtype == "string":
         if isinstance(value, dict):
             if set(value) != {"b64"} or not isinstance(value["b64"], str):
@@ -41,12 +47,18 @@ def _decode_value(value, dtype: str, where: str):
             except (binascii.Error, ValueError):
                 raise DemoError(f"{where}: the b64 value is not valid base64") from None
         if isinstance(value, str):
-            return value.encode("utf-8")
+            try:
+                return value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DemoError(f"{where}: the text is not valid Unicode (it holds a lone surrogate such as "
+                                f"\\ud800)") from None
         raise DemoError(f'{where}: expected a string or {{"b64": ...}}, got {type(value).__name__}')
     if dtype.startswith(("int", "uint")):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DemoError(f"{where}: expected an integer, got {value!r}")
-        return value
+        low, high = INT_RANGES.get(dtype, (0, -1))
+        note = f" ({dtype})"
+        if bounds is not None:
+            low, high, note = max(low, bounds[0]), min(high, bounds[1]), bounds[2]
+        return check_int(value, where, low, high, note, name)
     if dtype.startswith("float") or dtype in ("half", "bfloat16"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DemoError(f"{where}: expected a number, got {value!r}")
@@ -58,10 +70,13 @@ def _decode_value(value, dtype: str, where: str):
     raise DemoError(f"{where}: inputs of type {dtype} are not supported by this server")
 
 
-def parse_predict_request(body, signatures: dict, max_instances: int):
+def parse_predict_request(body, signatures: dict, max_instances: int, int_bounds=None):
     """(signature name, columns {input name: list over the batch}, row_format) of a predict body.
 
-    `signatures` maps names to keras_irtf.demo.served.SignatureInfo."""
+    `signatures` maps names to keras_irtf.demo.served.SignatureInfo; `int_bounds` maps
+    (signature name, input name) to the (low, high, note) range of an integer input, checked
+    before any cast (keras_irtf.demo.limits.k_range for retrieve's k)."""
+    int_bounds = int_bounds or {}
     if not isinstance(body, dict):
         raise DemoError("the request body must be a JSON object with 'instances' or 'inputs'")
     name = body.get("signature_name", "serving_default")
@@ -93,7 +108,7 @@ def parse_predict_request(body, signatures: dict, max_instances: int):
                 raise DemoError(f"instances[{i}]: signature {name} takes {list(inputs)}"
                                 + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
             for n, t in inputs.items():
-                columns[n].append(_decode_value(row[n], t.dtype, f"instances[{i}].{n}"))
+                columns[n].append(_decode_value(row[n], t.dtype, f"instances[{i}].{n}", int_bounds.get((name, n)), n))
         return name, columns, True
 
     cols = body["inputs"]
@@ -113,7 +128,7 @@ def parse_predict_request(body, signatures: dict, max_instances: int):
             raise DemoError(f"inputs.{n} must be a list (one value per query)")
         if len(value) > max_instances:
             raise DemoError(f"{len(value)} values in inputs.{n}; this server takes up to {max_instances}", status=413)
-        columns[n] = _decode_value(value, t.dtype, f"inputs.{n}")
+        columns[n] = _decode_value(value, t.dtype, f"inputs.{n}", int_bounds.get((name, n)), n)
     return name, columns, False
 
 

@@ -23,29 +23,45 @@ therefore exports without any change here.
 Writing is atomic: the SavedModel goes to a hidden `.partial-*` folder next to the version
 folders (TF Serving ignores non-integer folders) and is renamed to its integer version only when
 complete, so an interrupted export never leaves a half-written version for a server to load.
+Each version folder carries keras_irtf's ownership marker (`.keras_irtf.json`, kind "export
+version"; TF Serving and `tf.saved_model.load` ignore it): `--force` replaces only a version
+folder that holds it, never a folder someone else put there.
+
+Reading an export back (`open_export`, used by tools/query.py and tools/demo.py) checks every
+file it reads and reports a truncated, missing or garbled one as a `DamagedExport` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
+import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
+
+from keras_irtf.safety import (NotOwnedError, OutsideRootError, is_empty_folder, mark_owned, not_owned_error,
+                               owned_kind, remove_owned, replace_folder, resolve_under)
 
 EXPORT_INFO_NAME = "keras_irtf_export.json"  # in <version>/assets.extra/ (TF Serving's extras folder)
 GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
 GALLERY_HASHES_NAME = "gallery_sha256.txt"  # the sha256 of each gallery file's bytes, in id order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
+VERSION_KIND = "export version"  # the ownership marker's kind in every version folder written here
+STAGING_KIND = "export in progress"  # the hidden folder a version is written in
 
 
 class ExportError(ValueError):
     """An export that cannot be made (bad run folder, gallery, version); the message says why."""
+
+
+class DamagedExport(ExportError):
+    """An export version folder holding a file that cannot be read (truncated, missing, garbled)."""
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
@@ -139,8 +155,21 @@ def images_from_bytes(image_bytes, preprocessor, max_pixels=None):
 # ---- the export module ------------------------------------------------------------------------
 
 
+def gallery_file(folder, name) -> Path:
+    """The gallery file `name` (a path relative to the gallery `folder`), every symlink resolved.
+    A name leading out of the folder (absolute, "..", a link to a file elsewhere) raises
+    ExportError naming it: the exporter, tools/query.py and the demo read only files inside the
+    gallery folder (the folder itself may be a link)."""
+    try:
+        return resolve_under(folder, name, "gallery file")
+    except OutsideRootError as e:
+        raise ExportError(f"{e}: only files inside the gallery folder are read; copy the file into it, or give "
+                          f"--gallery the folder that holds the images") from None
+
+
 def list_gallery(folder) -> list:
-    """Image files under `folder` (recursive, sorted), as paths relative to it."""
+    """Image files under `folder` (recursive, sorted), as paths relative to it. A file that is a
+    link out of the folder raises ExportError naming it (see gallery_file)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"gallery folder {folder} does not exist")
@@ -151,6 +180,8 @@ def list_gallery(folder) -> list:
     )
     if not files:
         raise ExportError(f"gallery folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for name in files:
+        gallery_file(folder, name)
     return files
 
 
@@ -161,10 +192,10 @@ def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pix
 
     from keras_irtf.serving.limits import ImageTooLarge, check_image_file
 
-    folder = Path(folder)
+    files = {p: gallery_file(folder, p) for p in paths}
     for p in paths:
         try:
-            check_image_file(folder / p, max_pixels)
+            check_image_file(files[p], max_pixels)
         except ImageTooLarge as e:
             raise ExportError(f"gallery {e}") from None
 
@@ -175,7 +206,7 @@ def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pix
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        raw = [(folder / p).read_bytes() for p in chunk]
+        raw = [files[p].read_bytes() for p in chunk]
         try:
             out.append(embed(tf.constant(raw)).numpy())
         except tf.errors.InvalidArgumentError:
@@ -183,7 +214,7 @@ def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pix
                 try:
                     decode_image(tf.constant(r))
                 except tf.errors.InvalidArgumentError:
-                    raise ExportError(f"gallery image {folder / p} could not be decoded (corrupt or not an image)") from None
+                    raise ExportError(f"gallery image {files[p]} could not be decoded (corrupt or not an image)") from None
             raise
     return np.concatenate(out).astype(np.float32)
 
@@ -290,20 +321,28 @@ def next_version(base) -> int:
 
 
 def check_version_free(base, version: int, force: bool = False):
+    """Refuse a version folder that is in the way: any, without `force`; with `force`, one that
+    keras_irtf did not write (no "export version" marker: NotOwnedError, nothing is touched)."""
     final = Path(base) / str(int(version))
-    if final.exists() and not force:
+    if not (final.exists() or final.is_symlink()) or is_empty_folder(final):
+        return
+    if not force:
         raise ExportError(
             f"{final} already exists: TF Serving versions are immutable once served. Export to the "
             f"next free version (omit --version: {next_version(base)}), or pass --force to replace it."
         )
+    if owned_kind(final) != VERSION_KIND:
+        raise not_owned_error(final, VERSION_KIND, f"move it away, or export to the next free version "
+                                                   f"(omit --version: {next_version(base)})")
 
 
 def write_atomically(base, version: int, write: Callable, force: bool = False) -> Path:
-    """Call `write(tmp_folder)`, then rename the folder to `base/<version>`.
+    """Call `write(tmp_folder)`, then move the folder to `base/<version>`.
 
-    The folder is hidden and non-integer while being written (TF Serving ignores it) and removed
-    if `write` raises, so `base/<version>` exists only complete. An existing version is replaced
-    only with `force=True`.
+    `tmp_folder` does not exist yet; it lies in a hidden, non-integer staging folder (TF Serving
+    ignores it) that is removed whether `write` succeeds or raises, so `base/<version>` exists
+    only complete. The finished folder gets the ownership marker; an existing version is replaced
+    only with `force=True`, and only when it holds that marker (else NotOwnedError).
     """
     base = Path(base)
     version = int(version)
@@ -312,20 +351,33 @@ def write_atomically(base, version: int, write: Callable, force: bool = False) -
     final = base / str(version)
     check_version_free(base, version, force)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".partial-{version}-{os.getpid()}-{time.time_ns()}"
+    staging = base / f".partial-{version}-{os.getpid()}-{time.time_ns()}"
+    mark_owned(staging, STAGING_KIND)
     try:
+        tmp = staging / str(version)
         write(tmp)
-        if final.exists():  # force: swap the old version out, then delete it
-            old = base / f".replaced-{version}-{os.getpid()}-{time.time_ns()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        mark_owned(tmp, VERSION_KIND, version=version)
+        replace_folder(tmp, final, VERSION_KIND)  # a folder of ours in the way is swapped out, then deleted
+    finally:
+        with contextlib.suppress(OSError, NotOwnedError):  # never hide the error of `write`
+            remove_owned(staging, STAGING_KIND)
     return final
+
+
+def check_export_name(name, out_root) -> Path:
+    """`out_root/name` for an export name that is one plain folder name; ExportError naming
+    --name otherwise (a '/', '..', '.', an absolute path, an empty name, a NUL byte, or a link in
+    `out_root` leading out of it)."""
+    text = str(name)
+    if (not text or "\x00" in text or "/" in text or os.sep in text or text in (".", "..")
+            or os.path.isabs(text)):
+        raise ExportError(f"--name {text!r} must be one plain folder name (no '/', '..' or absolute path, not "
+                          f"empty): the export is written to <--out>/<name>/<version>")
+    try:
+        resolve_under(out_root, text, "--name")
+    except OutsideRootError as e:
+        raise ExportError(f"{e}: the export must stay inside --out {out_root}") from None
+    return Path(out_root) / text
 
 
 # ---- the whole export of a run ----------------------------------------------------------------
@@ -399,7 +451,8 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
         if gallery_paths is not None:
             (extra / GALLERY_LIST_NAME).write_text("\n".join(gallery_paths) + "\n")
             # the stored embeddings are only valid for these exact files (serving/query.py checks)
-            (extra / GALLERY_HASHES_NAME).write_text("\n".join(file_sha256(Path(gallery) / p) for p in gallery_paths) + "\n")
+            hashes = (file_sha256(gallery_file(gallery, p)) for p in gallery_paths)
+            (extra / GALLERY_HASHES_NAME).write_text("\n".join(hashes) + "\n")
 
     path = write_atomically(out, version, write, force=force)
     if verbose:
@@ -411,9 +464,9 @@ def export_run(run_dir, out_root="exported", name=None, gallery=None, version=No
                verbose=True, max_pixels=None) -> Path:
     """Export a training run folder to `<out_root>/<name or the run's name>/<version>/`."""
     run_dir = Path(run_dir)
+    out = check_export_name(run_dir.resolve().name if name is None else name, out_root)  # before the slow load
     cfg, model = load_run(run_dir)
-    name = name or run_dir.resolve().name
-    return export_model(model, cfg, Path(out_root) / name, run_dir=run_dir, gallery=gallery, version=version,
+    return export_model(model, cfg, out, run_dir=run_dir, gallery=gallery, version=version,
                         force=force, verbose=verbose, max_pixels=max_pixels)
 
 
@@ -428,8 +481,160 @@ def file_sha256(path) -> str:
 
 
 def read_export_info(version_dir) -> dict:
-    """The export's description (endpoints, image size, gallery) from assets.extra/."""
+    """The export's description (endpoints, image size, gallery) from assets.extra/; DamagedExport
+    naming the file when it is not a JSON object."""
     path = Path(version_dir) / "assets.extra" / EXPORT_INFO_NAME
     if not path.is_file():
         raise ExportError(f"{path} not found: {version_dir} is not a keras_irtf export version folder")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise damaged_export(path, e) from None
+    if not isinstance(info, dict):
+        raise damaged_export(path, f"expected a JSON object, found {type(info).__name__}")
+    return info
+
+
+# ---- reading an export back: tools/query.py and the demo ----------------------------------------
+
+
+def damaged_export(path, problem) -> DamagedExport:
+    """The one-line error for an export file (or folder) that cannot be read: `problem` is a text
+    or the exception (its first line is kept; TensorFlow's go on for many)."""
+    lines = [line.strip() for line in str(problem).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(problem).__name__
+    if reason.startswith(str(path)):  # TensorFlow's "<file>; No such file or directory"
+        reason = reason[len(str(path)):].lstrip(";: ") or reason
+    reason = reason[:300]
+    if isinstance(problem, (IndexError, KeyError, RuntimeError)):  # messages that do not say what failed
+        reason = f"{type(problem).__name__}: {reason}"
+    return DamagedExport(f"damaged export: {path}: {reason}; export the run again (tools/export.py)")
+
+
+def _read_lines(path, what: str) -> Optional[list]:
+    """The lines of an assets.extra list file (None when there is none); DamagedExport when it
+    cannot be read as UTF-8 text."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").split("\n")[:-1]
+    except (OSError, ValueError) as e:
+        raise damaged_export(path, f"cannot read the {what} ({e})") from None
+
+
+def _register_text_ops() -> bool:
+    """Register tensorflow-text's ops (BERT exports hold them; TF Serving links them too)."""
+    try:
+        import tensorflow_text  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_saved_model(path, text_ops: bool = False):
+    """`tf.saved_model.load(path)`; a truncated saved_model.pb, missing or truncated variables, or
+    any other load failure raises DamagedExport naming the file or folder. `text_ops`: register
+    tensorflow-text's ops first (also done, and retried, when the graph names an unknown op)."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(path)
+    pb = path / "saved_model.pb"
+    try:
+        saved = saved_model_pb2.SavedModel()
+        saved.ParseFromString(pb.read_bytes())
+    except (OSError, DecodeError) as e:
+        raise damaged_export(pb, f"not a SavedModel protocol buffer ({e})") from None
+    if not saved.meta_graphs:
+        raise damaged_export(pb, "it holds no MetaGraph (an empty or cut-short file)")
+    if text_ops:
+        _register_text_ops()
+    try:
+        try:
+            return tf.saved_model.load(str(path))
+        except tf.errors.NotFoundError as e:
+            if "not registered" not in str(e) or not _register_text_ops():
+                raise
+            return tf.saved_model.load(str(path))
+    except tf.errors.NotFoundError as e:
+        if "not registered" in str(e):  # not damage: an op library this process lacks
+            raise ExportError(f"{path}: the SavedModel needs an op this TensorFlow does not have "
+                              f"({' '.join(str(e).split())[:200]}); install tensorflow-text") from None
+        raise damaged_export(_damaged_part(path, e), e) from None
+    except (tf.errors.OpError, OSError, ValueError, RuntimeError, IndexError, KeyError, TypeError) as e:
+        raise damaged_export(_damaged_part(path, e), e) from None
+
+
+def _damaged_part(path: Path, error) -> Path:
+    """The file or folder of the export an error of tf.saved_model.load is about: a path inside
+    the export its message names, else variables/ for a checkpoint read, else the folder."""
+    text = str(error)
+    named = re.search(re.escape(str(path)) + r"/[^\s;:'\"]+", text)
+    if named:
+        return Path(named.group(0))
+    if "variables" in text or "checkpoint" in text.lower() or isinstance(error, IndexError):
+        return path / "variables"
+    return path
+
+
+@dataclasses.dataclass
+class OpenedExport:
+    """An export version folder read back: its SavedModel and the files beside it."""
+
+    path: Path
+    info: dict  # keras_irtf_export.json ({} for a SavedModel not written by keras_irtf)
+    module: object  # what tf.saved_model.load returned
+    gallery_paths: Optional[list]  # assets.extra/gallery.txt, in id order (None without a gallery)
+    gallery_hashes: Optional[list]  # assets.extra/gallery_sha256.txt (None: an export without them)
+
+
+def open_export(path, require_info: bool = True) -> OpenedExport:
+    """Load the export version folder `path` for tools/query.py and the demo. Every file is
+    checked as it is read: a damaged one raises DamagedExport ("damaged export: <file>: ...", one
+    line). `require_info=False` also serves a SavedModel without keras_irtf's description."""
+    path = Path(path)
+    if not (path / "saved_model.pb").is_file():
+        raise ExportError(f"{path} holds no saved_model.pb: pass a version folder such as exported/<name>/1")
+    extra = path / "assets.extra"
+    info = read_export_info(path) if require_info or (extra / EXPORT_INFO_NAME).exists() else {}
+    paths = _read_lines(extra / GALLERY_LIST_NAME, "gallery list")
+    hashes = _read_lines(extra / GALLERY_HASHES_NAME, "gallery checksums")
+    recorded = info.get("gallery")
+    if paths is not None and isinstance(recorded, dict) and isinstance(recorded.get("size"), int) \
+            and recorded["size"] != len(paths):
+        raise damaged_export(extra / GALLERY_LIST_NAME, f"it lists {len(paths)} images, the export embedded "
+                                                        f"{recorded['size']} ({EXPORT_INFO_NAME})")
+    if hashes is not None and (paths is None or len(hashes) != len(paths)
+                               or not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)):
+        raise damaged_export(extra / GALLERY_HASHES_NAME, f"expected one sha256 a line for each entry of "
+                                                          f"{GALLERY_LIST_NAME}")
+    module = load_saved_model(path, text_ops=str(info.get("text_encoder", "")).startswith("bert"))
+    return OpenedExport(path, info, module, paths, hashes)
+
+
+def gallery_difference(folder, export_paths, export_hashes, hashes: Optional[dict] = None) -> Optional[str]:
+    """None when `folder` holds, under every path of the export's gallery list, the very file the
+    export embedded (the same sha256): only then do the stored gallery embeddings (`retrieve`)
+    rank the pictures a viewer of the folder sees. Otherwise what differs, for a message.
+    `hashes` maps gallery paths to sha256s already computed. Files are resolved under `folder`:
+    a link out of it is a difference (and is not read)."""
+    if export_paths is None:
+        return "the export has no gallery"
+    if export_hashes is None or len(export_hashes) != len(export_paths):
+        return f"the export records no gallery checksums ({GALLERY_HASHES_NAME}), so its gallery cannot be checked"
+    hashes = hashes or {}
+    for name, want in zip(export_paths, export_hashes):
+        try:
+            path = gallery_file(folder, name)
+        except ExportError:
+            return f"{name} leads outside {folder}"
+        if name not in hashes and not path.is_file():
+            return f"{name} is missing"
+        try:
+            have = hashes[name] if name in hashes else file_sha256(path)
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
+        if have != want:
+            return f"{name} is not the image the export embedded (its sha256 differs)"
+    return None

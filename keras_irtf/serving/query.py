@@ -19,8 +19,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from keras_irtf.serving.export import (GALLERY_HASHES_NAME, GALLERY_LIST_NAME, ExportError, file_sha256, list_gallery,
-                                       read_export_info)
+from keras_irtf.serving.export import (ExportError, file_sha256, gallery_difference, gallery_file, list_gallery,
+                                       open_export)
+
+INT32_MAX = 2**31 - 1  # k reaches the graph as int32
 
 FRAME_COLOR = (20, 170, 40)  # ground truth
 QUERY_COLOR = (40, 90, 220)
@@ -40,22 +42,19 @@ class Result:
 
 
 class ExportedModel:
-    """A SavedModel version folder written by keras_irtf.serving.export, loaded with TensorFlow only."""
+    """A SavedModel version folder written by keras_irtf.serving.export, loaded with TensorFlow only.
+    A damaged export (truncated saved_model.pb, missing variables, garbled description) raises
+    keras_irtf.serving.export.DamagedExport naming the file (keras_irtf.serving.export.open_export)."""
 
     def __init__(self, path):
-        import tensorflow as tf
-
         self.path = Path(path)
-        if not (self.path / "saved_model.pb").is_file():
-            raise ExportError(f"{self.path} holds no saved_model.pb: pass a version folder such as exported/<name>/1")
-        self.info = read_export_info(self.path)
-        self.module = tf.saved_model.load(str(self.path))
+        opened = open_export(self.path)
+        self.info = opened.info
+        self.module = opened.module
         self.signatures = self.module.signatures
-        gallery_list = self.path / "assets.extra" / GALLERY_LIST_NAME
-        self.gallery_paths = gallery_list.read_text().split("\n")[:-1] if gallery_list.is_file() else None
-        hashes = self.path / "assets.extra" / GALLERY_HASHES_NAME
+        self.gallery_paths = opened.gallery_paths
         # without hashes (an older export) the stored embeddings cannot be checked: never used
-        self.gallery_hashes = hashes.read_text().split("\n")[:-1] if hashes.is_file() else None
+        self.gallery_hashes = opened.gallery_hashes
 
     def embed_queries(self, image_bytes: list, texts: list) -> np.ndarray:
         import tensorflow as tf
@@ -77,6 +76,8 @@ class ExportedModel:
 
         if "retrieve" not in self.signatures:
             raise ExportError(f"{self.path} was exported without a gallery: no retrieve endpoint")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= INT32_MAX:
+            raise QueryError(f"k must be an integer from 1 to {INT32_MAX}, got {k!r}")  # before the int32 cast
         out = self.signatures["retrieve"](image_bytes=tf.constant([image_bytes]), text=tf.constant([text]),
                                           k=tf.constant([int(k)], tf.int32))
         return (out["ids"].numpy()[0], [p.decode() for p in out["paths"].numpy()[0]], out["scores"].numpy()[0])
@@ -90,20 +91,25 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     recognised by content (the file at the query's path if its bytes are the query's, else the
     first gallery file with the same bytes). The export's stored gallery embeddings (`retrieve`)
     are used only when the gallery holds exactly the exported files, by name and by sha256;
-    otherwise the gallery is embedded again.
+    otherwise the gallery is embedded again (keras_irtf.serving.export.gallery_difference, the
+    check the demo makes too). Gallery files are read only inside `gallery`: a link out of it
+    raises ExportError naming it. `top` beyond the gallery's size gives the whole gallery.
     """
     gallery = Path(gallery)
     image = Path(image)
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise QueryError(f"top must be an integer >= 1, got {top!r}")
     if not image.is_file():
         raise FileNotFoundError(f"query image {image} not found")
     paths = list_gallery(gallery)
+    files = [gallery_file(gallery, p) for p in paths]  # each resolved inside the gallery folder
     query_bytes = image.read_bytes()
     from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, check_image_bytes
 
     max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
     if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
         raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
-    hashes = [file_sha256(gallery / p) for p in paths]
+    hashes = [file_sha256(f) for f in files]
     own = None
     if exclude_query:
         import hashlib
@@ -111,16 +117,17 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
         query_hash = hashlib.sha256(query_bytes).hexdigest()
         resolved = image.resolve()
         same = [i for i, h in enumerate(hashes) if h == query_hash]
-        own = next((i for i in same if (gallery / paths[i]).resolve() == resolved), same[0] if same else None)
-    want = top + (own is not None)
-    if model.gallery_paths == paths and model.gallery_hashes == hashes:
+        own = next((i for i in same if files[i] == resolved), same[0] if same else None)
+    want = min(top + (own is not None), len(paths))  # never more than the gallery holds
+    if paths == model.gallery_paths and gallery_difference(gallery, model.gallery_paths, model.gallery_hashes,
+                                                           dict(zip(paths, hashes))) is None:
         ids, _, scores = model.retrieve(query_bytes, text, want)
     else:
         from keras_irtf.serving.limits import ImageTooLarge
 
         raw = []
-        for p in paths:
-            raw.append((gallery / p).read_bytes())
+        for p, f in zip(paths, files):
+            raw.append(f.read_bytes())
             try:
                 dims = check_image_bytes(raw[-1], max_pixels, f"gallery image {gallery / p}")
             except ImageTooLarge as e:
