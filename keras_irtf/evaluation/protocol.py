@@ -4,7 +4,10 @@ Test: every test query (source image + text) against the gallery of ALL test ima
 own source image excluded; a hit when a retrieved image has the target's caption.
 Train (Ms), per dataset as TIRG's code does it (`dataset.train_recall_gallery`): CSS, every
 training query against every training image, the source excluded; MIT-States and Fashion200k, a
-fixed, seeded sample of training queries against the gallery of their target images.
+fixed, seeded sample of training queries against the gallery of their target images. Datasets of
+published triplets (FashionIQ, CIRR, triplet folders) take min(T, n) distinct triplets of their
+T (`training_recall_queries`): a set of 72 triplets is evaluated on those 72, once each. The
+number of queries Ms is over is metrics.json's `whm["Ms_queries"]` (`train` stays a dict of recalls).
 Exact score ties are broken towards the lower gallery index (TIRG: numpy's unstable argsort).
 
 A dataset whose published protocol differs says so with `test_protocol(split_name, queries)`,
@@ -30,7 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_irtf.evaluation import metrics as M
-from keras_irtf.data.base import Queries, Split
+from keras_irtf.data.base import Queries, RetrievalDataset, Split
+from keras_irtf.data.named_images import NamedImageDataset
 from keras_irtf.data.pipeline import images_dataset, queries_dataset
 from keras_irtf.evaluation.retrieval import chunked_top_k, resolve_backend
 from keras_irtf.utils import Progress
@@ -154,6 +158,30 @@ def split_protocol(dataset, split_name: str, queries: Queries) -> TestProtocol:
     return default_protocol(dataset, split_name, queries)
 
 
+def training_recall_queries(dataset, n: int, seed: int) -> Queries:
+    """The training queries of Ms, for `data.train_recall_queries` = n:
+
+    - a dataset that defines its own `train_recall_queries` (CSS: every training query, TIRG's
+      protocol) gets it as it is;
+    - a dataset of published triplets (NamedImageDataset: FashionIQ, CIRR, triplet folders):
+      min(T, n) distinct triplets of its T, drawn without replacement (seeded), in triplet order,
+      each with one of its texts drawn uniformly; n >= T takes every triplet once. Drawing n
+      with replacement would embed 10,000 queries for a set of 72 triplets, most of them repeats;
+    - any other (MIT-States, Fashion200k, whose queries are drawn, not listed): the dataset's
+      seeded sample of n (TIRG's sampling for them).
+    """
+    own = type(dataset).train_recall_queries is not RetrievalDataset.train_recall_queries
+    if own or not isinstance(dataset, NamedImageDataset):
+        return dataset.train_recall_queries(n, seed)
+    # the triplets a NamedImageDataset subclass sets (its documented attributes)
+    sources, targets, texts = dataset._train_source_ids, dataset._train_target_ids, dataset._train_texts
+    rng = np.random.default_rng(seed + 7919)
+    rows = np.sort(rng.choice(len(sources), size=min(int(n), len(sources)), replace=False))
+    variant = rng.integers(texts.shape[1], size=len(rows))
+    tgt = targets[rows]
+    return Queries(sources[rows].copy(), texts[rows, variant], tgt, dataset.train.caption_ids[tgt].astype(np.int64))
+
+
 def retrieved_captions(query_emb, gallery_emb, gallery_caption_ids, k, exclude=None, query_chunk=1024,
                        gallery_chunk=8192, verbose=True, backend="tf"):
     """Caption ids [Q, k] of each query's top-k gallery images (-1: no eligible image, never a
@@ -263,26 +291,29 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
              train_queries=10000, seed=0, batch_size=256, preprocessor=64, query_chunk=1024,
              gallery_chunk=8192, verbose=True, backend="tf") -> dict:
     """Test recall, training recall and WHM, as the `metrics.json` of a run stores them (from a
-    config, keras_irtf.experiment.Experiment.evaluate passes every argument)."""
+    config, keras_irtf.experiment.Experiment.evaluate passes every argument). `whm` holds Ms, Mt,
+    their WHM and `Ms_queries`, how many training queries Ms is over (`training_recall_queries`:
+    at most `train_queries`; every training query for CSS)."""
     whm_ks = tuple(whm_ks or dataset.whm_ks)
     ks = tuple(sorted(set(ks) | set(whm_ks)))
     kw = dict(ks=ks, batch_size=batch_size, preprocessor=preprocessor, query_chunk=query_chunk,
               gallery_chunk=gallery_chunk, verbose=verbose, backend=backend)
     test = evaluate_split(model, dataset, vectorizer, "test", dataset.test.test_queries, **kw)
-    train = evaluate_split(model, dataset, vectorizer, "train", dataset.train_recall_queries(train_queries, seed), **kw)
+    train_set = training_recall_queries(dataset, train_queries, seed)
+    train = evaluate_split(model, dataset, vectorizer, "train", train_set, **kw)
     mt = M.average_recall(test, whm_ks)
     ms = M.average_recall(train, whm_ks)
     out = {
         "test": test,
         "train": train,
         "whm": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
-                "ks": list(whm_ks)},
+                "ks": list(whm_ks), "Ms_queries": len(train_set)},
     }
-    out.update(evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw))
+    out.update(evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, ms_queries=len(train_set), **kw))
     return out
 
 
-def evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw) -> dict:
+def evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, ms_queries=None, **kw) -> dict:
     """{"test_shift": recalls, "whm_shift": WHM(Ms, Mt_shift)} when the dataset has a shifted
     test split (CSS with data.dataset.shift), else {}."""
     shifted = getattr(dataset, "test_shift", None)
@@ -292,5 +323,6 @@ def evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, **kw) -> dict:
     mt = M.average_recall(result, whm_ks)
     return {"test_shift": result,
             "whm_shift": {"alpha": alpha, "value": M.weighted_harmonic_mean(ms, mt, alpha), "Ms": ms, "Mt": mt,
-                          "ks": list(whm_ks), "shift": getattr(dataset, "shift_name", None)}}
+                          "ks": list(whm_ks), "shift": getattr(dataset, "shift_name", None),
+                          "Ms_queries": ms_queries}}
 

@@ -7,7 +7,8 @@ reference implementations precompute the embeddings with a BERT server). Two loc
   SavedModel, from local folders through `tensorflow_hub.load` (URLs and hub handles are refused
   before it is called: nothing is downloaded at run time). `hub.KerasLayer` is a Keras 2 layer
   and fails inside Keras 3 models, hence this wrapper.
-- KerasHubBertEncoder: a keras-hub preset folder (BertBackbone + BertTextClassifierPreprocessor).
+- KerasHubBertEncoder: a keras-hub preset folder (BertBackbone + BertTextClassifierPreprocessor),
+  read with keras-hub, the optional `hub` extra (`pip install -e '.[hub]'`).
 
 Both are Keras 3 layers that store their local paths in `get_config()` (a reloaded `.keras` model
 loads BERT again from the same folders) and are never trainable. They accept two kinds of input:
@@ -31,6 +32,7 @@ import tensorflow as tf
 
 from keras_irtf.config import AT_LEAST_ONE, NON_NEGATIVE
 from keras_irtf.layers.base import TextEncoder
+from keras_irtf.layers.pretrained import HUB_INSTALL, import_keras_hub, require_keras_hub
 from keras_irtf.registry import register_text_encoder
 
 HUB_HELP = (
@@ -46,8 +48,11 @@ KERAS_HUB_HELP = (
     "with network): `b = keras_hub.models.BertBackbone.from_preset('bert_base_en_uncased'); "
     "p = keras_hub.models.BertTextClassifierPreprocessor.from_preset('bert_base_en_uncased'); "
     "b.save_to_preset(DIR); p.save_to_preset(DIR)` (or download and extract the Kaggle preset "
-    "keras/bert/keras/bert_base_en_uncased), then pass --set model.text_encoder=bert_keras_hub --set model.text_encoder.preset=DIR"
+    "keras/bert/keras/bert_base_en_uncased), then pass --set model.text_encoder=bert_keras_hub --set model.text_encoder.preset=DIR. "
+    f"keras_irtf reads it with keras-hub, its optional `hub` extra (`{HUB_INSTALL}` in the keras_irtf checkout)"
 )
+# the encoder named when keras-hub is missing
+KERAS_HUB_BERT = "the bert_keras_hub text encoder (model.text_encoder=bert_keras_hub)"
 
 
 def _is_url(handle: str) -> bool:
@@ -237,7 +242,7 @@ class KerasHubBertEncoder(FrozenTextEncoder):
         super().__init__(output_dim, seq_length, **kwargs)
         self.preset = str(preset) if preset else preset
         path = check_local_folder(preset, "model.text_encoder.preset (preset)", KERAS_HUB_HELP, "config.json")
-        import keras_hub
+        keras_hub = import_keras_hub(KERAS_HUB_BERT)
         import tensorflow_text  # noqa: F401
 
         # an absolute path: a bare preset name would go to the network even if a folder exists
@@ -247,6 +252,9 @@ class KerasHubBertEncoder(FrozenTextEncoder):
         with _unsafe_deserialization():
             self.preprocessor = keras_hub.models.BertTextClassifierPreprocessor.from_preset(path, **extra)
             self.backbone = keras_hub.models.BertBackbone.from_preset(path)
+        # keras-hub builds a preprocessor (its packer) on its first call; the vocabulary is loaded
+        # here, so it is built now, as the model's check wants every sub-layer built
+        self.preprocessor.build(None)
         self.backbone.trainable = False
 
     @classmethod
@@ -257,6 +265,18 @@ class KerasHubBertEncoder(FrozenTextEncoder):
             from keras_irtf.config import ConfigError
 
             raise ConfigError(str(e)) from None
+
+    @classmethod
+    def check(cls, settings, cfg):
+        """Fail fast (ConfigError with the how-to) when the preset folder is missing, or keras-hub,
+        which reads it, is not installed."""
+        from keras_irtf.config import ConfigError
+
+        try:
+            check_local_folder(settings.preset, "model.text_encoder.preset (preset)", KERAS_HUB_HELP, "config.json")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        require_keras_hub(KERAS_HUB_BERT)
 
     def _encode(self, texts):
         inputs = self.preprocessor(texts)

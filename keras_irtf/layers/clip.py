@@ -7,7 +7,10 @@
 A preset folder is what `save_to_preset(DIR)` writes (config.json + model.weights.h5 for the
 backbone, tokenizer.json + assets/, preprocessor.json, image_converter.json). keras_irtf never
 downloads: a bare preset name ("clip_vit_base_patch16"), a URL or a kaggle:// / hf:// handle is
-refused with instructions. keras-hub is imported only when an encoder is built.
+refused with instructions, and a preset of the other family (a SigLIP folder given to the clip
+encoders) is named, with the settings that read it. keras-hub, the optional `hub` extra
+(`pip install -e '.[hub]'`), is imported only when an encoder is built; the start-up check says
+when it is missing, naming the encoder that needs it.
 
 Each layer keeps one tower of the backbone, so the weights are not held twice:
 
@@ -47,6 +50,7 @@ import tensorflow as tf
 from keras_irtf.config import NON_NEGATIVE, ConfigError
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.bert import FrozenTextEncoder, _is_url
+from keras_irtf.layers.pretrained import HUB_INSTALL, import_keras_hub, require_keras_hub
 from keras_irtf.registry import register_image_encoder, register_text_encoder
 
 # where an image encoder's preset folder is configured (named in error messages); model.clip_preset
@@ -66,6 +70,11 @@ class Family:
     mean: tuple  # the statistics its image converter uses ([0, 1] pixel units)
     std: tuple
 
+    @property
+    def label(self) -> str:
+        """How people write the family's name: "CLIP", "SigLIP"."""
+        return self.backbone[: -len("Backbone")]
+
 
 CLIP = Family("clip", "CLIPBackbone", "CLIPPreprocessor", "clip_vit_base_patch16",
               "keras/clip/keras/clip_vit_base_patch16", (0.48145466, 0.4578275, 0.40821073),
@@ -78,12 +87,26 @@ FINETUNE_CHOICES = ("none", "text", "image", "both")
 
 def preset_help(family: Family, key: str) -> str:
     return (
-        "keras_irtf never downloads models. Make a local keras-hub preset folder once, on a machine with "
-        f"network: `import keras_hub; b = keras_hub.models.{family.backbone}.from_preset('{family.example}'); "
+        f"keras_irtf never downloads models. Make a local keras-hub {family.label} preset folder once, on a machine "
+        f"with network: `import keras_hub; b = keras_hub.models.{family.backbone}.from_preset('{family.example}'); "
         f"p = keras_hub.models.{family.preprocessor}.from_preset('{family.example}'); "
         "b.save_to_preset(DIR); p.save_to_preset(DIR)` (the preprocessor writes the tokenizer and the image "
         f"converter too), or download the Kaggle model {family.kaggle} and extract it into DIR. Copy DIR "
-        f"here and pass its path: --set {key}=DIR"
+        f"here and pass its path: --set {key}=DIR. keras_irtf reads it with keras-hub, its optional `hub` extra "
+        f"(`{HUB_INSTALL}` in the keras_irtf checkout)"
+    )
+
+
+def other_family_help(found: Family, family: Family) -> str:
+    """What to say when a preset folder of the `found` family is given to encoders that read
+    `family` presets: how to use it with the encoders of its own family (it is what the user
+    has), or to pass a `family` folder instead."""
+    return (
+        f"It is a {found.label} preset, and the {family.name} encoders read {family.label} presets. "
+        f"To use this {found.label} preset, set both encoders to {found.name}: --set model.image_encoder={found.name} "
+        f"--set model.text_encoder={found.name} (tools/train.py --image-encoder {found.name} --text-encoder "
+        f"{found.name}). To stay with {family.label}, pass a {family.label} preset folder instead (README, "
+        f"'CLIP and SigLIP encoders', says how to make one)"
     )
 
 
@@ -110,6 +133,10 @@ def resolve_preset(preset, key: str, family: Family) -> str:
                           f"{', '.join(missing)}). {help_text}")
     found = _read_json(path / "config.json").get("class_name")
     if found != family.backbone:
+        other = next((f for f in FAMILIES.values() if f.backbone == found), None)
+        if other is not None:  # the other family's preset: say how to use it, not how to get this one
+            raise ConfigError(f"{key}={text!r}: the preset holds a {found}, not a {family.backbone}. "
+                              + other_family_help(other, family))
         raise ConfigError(f"{key}={text!r}: the preset holds a {found}, not a {family.backbone} "
                           f"(model.*_encoder={family.name}). {help_text}")
     return str(path.resolve())
@@ -169,19 +196,15 @@ def finetune_mode(cfg) -> str:
     return mode
 
 
-def _import_keras_hub():
-    try:
-        import keras_hub
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("the clip / siglip encoders need keras-hub, an optional dependency of keras_irtf: "
-                          "pip install 'keras_irtf[hub]' (keras-hub==0.32.*)") from e
-    return keras_hub
+def needed_by(family: Family, role: str) -> str:
+    """The encoder that needs keras-hub, as error messages name it."""
+    return f"the {family.name} {role} encoder (model.{role}_encoder={family.name})"
 
 
-def _deserialize(obj):
+def _deserialize(obj, needs: str = "a saved model's clip / siglip encoder"):
     """A keras-hub layer, or its serialised config (when a saved model is reloaded)."""
     if isinstance(obj, dict):
-        _import_keras_hub()  # registers the keras-hub classes
+        import_keras_hub(needs)  # registers the keras-hub classes
         return keras.saving.deserialize_keras_object(obj)
     return obj
 
@@ -190,9 +213,10 @@ def _serialize(obj):
     return keras.saving.serialize_keras_object(obj) if obj is not None else None
 
 
-def load_backbone(folder: str):
-    """The preset's backbone, under the current Keras dtype policy (the run's precision)."""
-    keras_hub = _import_keras_hub()
+def load_backbone(folder: str, needs: str = "the clip / siglip encoders"):
+    """The preset's backbone, under the current Keras dtype policy (the run's precision);
+    `needs`: the encoder asking, named if keras-hub is missing."""
+    keras_hub = import_keras_hub(needs)
     try:
         return keras_hub.models.Backbone.from_preset(folder, dtype=keras.config.dtype_policy().name)
     except (KeyError, ValueError, TypeError, OSError) as e:  # a damaged or partial preset folder
@@ -211,6 +235,18 @@ def _configured_preset(settings, cfg):
 
 class _TowerMixin:
     """Trainability shared by the image and text towers."""
+
+    role = "image"  # which of the model's encoders it is ("image" | "text"), for error messages
+
+    @classmethod
+    def needs(cls) -> str:
+        return needed_by(cls.family, cls.role)
+
+    @classmethod
+    def _check_preset(cls, preset, key):
+        """The start-up check: the preset folder (resolve_preset), then keras-hub, which reads it."""
+        resolve_preset(preset, key, cls.family)
+        require_keras_hub(cls.needs())
 
     # a fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate
     lr_multiplier_key = "finetune_lr_multiplier"
@@ -267,9 +303,9 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
         # the preset's preprocessing ({"size", "mean", "std", "name"}), kept in the config so that a
         # reloaded model preprocesses without the preset folder (own_preprocessor)
         self.image_preprocessing = dict(image_preprocessing) if image_preprocessing else None
-        self.tower = _deserialize(tower)
-        self.pooler = _deserialize(pooler)
-        self.projection = _deserialize(projection)
+        self.tower = _deserialize(tower, self.needs())
+        self.pooler = _deserialize(pooler, self.needs())
+        self.projection = _deserialize(projection, self.needs())
         self.preset = preset
         self.allow_cache = bool(allow_cache)
         self.side = int(self.tower.image_shape[0])
@@ -281,7 +317,7 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     @classmethod
     def from_preset(cls, preset, finetune=False, allow_cache=True, key="model.image_encoder.preset", **kwargs):
         folder = resolve_preset(preset, key, cls.family)
-        backbone = load_backbone(folder)
+        backbone = load_backbone(folder, cls.needs())
         prep = cls._preset_preprocessor(folder).describe()
         return cls(backbone.vision_encoder, getattr(backbone, "vision_pooler", None),
                    getattr(backbone, "vision_projection", None), preset=folder, finetune=finetune,
@@ -311,8 +347,9 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
 
     @classmethod
     def check(cls, settings, cfg):
-        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong."""
-        resolve_preset(*_configured_preset(settings, cfg), cls.family)
+        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong, or
+        keras-hub is not installed."""
+        cls._check_preset(*_configured_preset(settings, cfg))
 
     @classmethod
     def preprocessor(cls, settings, cfg):
@@ -425,18 +462,26 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
     """
 
     family = CLIP
+    role = "text"
 
     def __init__(self, tower, preprocessor, pooler=None, projection=None, preset=None, finetune=False,
                  output_dim=None, seq_length=None, **kwargs):
-        tower, projection = _deserialize(tower), _deserialize(projection)
+        needs = self.needs()
+        tower, projection = _deserialize(tower, needs), _deserialize(projection, needs)
         width = int(projection.units) if projection is not None else int(tower.projection_dim)
-        preprocessor = _deserialize(preprocessor)
+        preprocessor = _deserialize(preprocessor, needs)
         super().__init__(output_dim=width, seq_length=preprocessor.sequence_length, **kwargs)
         self.tower = tower
-        self.pooler = _deserialize(pooler)
+        self.pooler = _deserialize(pooler, needs)
         self.projection = projection
         self.preprocessor = preprocessor
         _force_graph_tokenization(preprocessor, preprocessor.tokenizer)
+        # keras-hub builds a preprocessor (its packer) lazily, and a reloaded model's can only be
+        # built once Keras has loaded the tokenizer's vocabulary (an asset), after this
+        # constructor. It holds no weights: it counts as built for the model's check that every
+        # weighted sub-layer is built (keras_irtf.model.retrieval_model), and token_ids builds
+        # its packer before the first texts.
+        preprocessor.built = True
         self.preset = preset
         self._packer_ready = False
         self._set_finetune(finetune)
@@ -445,8 +490,8 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
     @classmethod
     def from_preset(cls, preset, sequence_length=0, finetune=False, key="model.text_encoder.preset", **kwargs):
         folder = resolve_preset(preset, key, cls.family)
-        keras_hub = _import_keras_hub()
-        backbone = load_backbone(folder)
+        keras_hub = import_keras_hub(cls.needs())
+        backbone = load_backbone(folder, cls.needs())
         tower = backbone.text_encoder
         if sequence_length and int(sequence_length) > int(tower.max_sequence_length):
             raise ConfigError(f"model.text_encoder.sequence_length={sequence_length}: the preset's text tower "
@@ -475,6 +520,9 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
             digest.update(str(token).encode("utf-8") + b"\n")
         for merge in getattr(tok, "merges", None) or ():
             digest.update(b"merge:" + str(merge).encode("utf-8") + b"\n")
+        proto = getattr(tok, "proto", None)  # SigLIP's SentencePiece model: its pieces' scores choose the split
+        if isinstance(proto, bytes):
+            digest.update(b"proto:" + proto)
         return {"vocabulary": digest.hexdigest(), "sequence_length": int(self.preprocessor.sequence_length)}
 
     @classmethod
@@ -501,9 +549,9 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
 
     @classmethod
     def check(cls, settings, cfg):
-        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong."""
-        preset, key = cls._preset_of(settings, cfg)
-        resolve_preset(preset, key, cls.family)
+        """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong, or
+        keras-hub is not installed."""
+        cls._check_preset(*cls._preset_of(settings, cfg))
 
     def attach_cache(self, cache):
         if cache is not None and self.finetune:

@@ -14,11 +14,15 @@ they were trained with.
 
 keras_irtf never downloads: `preset` must be a folder. A bare preset name such as
 "resnet_18_imagenet" is refused (keras-hub would go to the network for it), with instructions.
-keras-hub is an optional dependency (`pip install 'keras_irtf[hub]'`), imported only here.
+keras-hub is an optional dependency, the `hub` extra (`pip install -e '.[hub]'` in the keras_irtf
+checkout), imported only when an encoder that needs it is built. `import_keras_hub` and
+`require_keras_hub` are what every such encoder (this one, clip / siglip, bert_keras_hub) uses to
+say so, naming the encoder that needs it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -37,19 +41,67 @@ _FETCH_HELP = (
 )
 
 
-def import_keras_hub():
+# how to install keras-hub: keras_irtf's `hub` extra (setup.cfg), from the checkout
+HUB_INSTALL = "pip install -e '.[hub]'"
+RESNET_NEEDS = "the pretrained image encoder (model.image_encoder.weights / --image-weights)"
+
+
+class KerasHubMissing(ConfigError, ImportError):
+    """keras-hub, an optional dependency, is not installed or does not import. A ConfigError
+    (the tools print it in one line, like any other setup problem) and an ImportError."""
+
+
+def _keras_hub_message(needed_by: str, error=None) -> str:
+    if error is None or (isinstance(error, ModuleNotFoundError) and error.name == "keras_hub"):
+        return (f"{needed_by} needs keras-hub, which is not installed. It is keras_irtf's optional `hub` extra "
+                f"(keras_irtf[hub]: keras-hub==0.32.*): install it with `{HUB_INSTALL}` in the keras_irtf checkout")
+    return (f"{needed_by} needs keras-hub, which is installed but does not import ({type(error).__name__}: "
+            f"{str(error)[:300]}). Reinstall keras_irtf's `hub` extra (keras_irtf[hub]: keras-hub==0.32.*, whose "
+            f"tokenizers need tensorflow-text>=2.21.1) with `{HUB_INSTALL}` in the keras_irtf checkout")
+
+
+def require_keras_hub(needed_by: str = RESNET_NEEDS):
+    """KerasHubMissing (naming `needed_by` and the `hub` extra) when keras-hub is not installed;
+    cheap (keras-hub is looked up, not imported): the start-up checks use it."""
+    if importlib.util.find_spec("keras_hub") is None:
+        raise KerasHubMissing(_keras_hub_message(needed_by))
+
+
+def import_keras_hub(needed_by: str = RESNET_NEEDS):
+    """The keras_hub module, or KerasHubMissing naming `needed_by` (e.g. "the siglip image
+    encoder (model.image_encoder=siglip)") and how to install the `hub` extra."""
     try:
         import keras_hub
     except ImportError as e:
-        raise ImportError(
-            "a pretrained image encoder (model.image_encoder.weights / --image-weights) needs keras-hub, an optional "
-            "dependency of keras_irtf: pip install 'keras_irtf[hub]' (keras-hub==0.32.*)"
-        ) from e
+        raise KerasHubMissing(_keras_hub_message(needed_by, e)) from e
     return keras_hub
 
 
+# keras-hub backbones that another keras_irtf encoder reads: given as ResNet weights, the error
+# says which encoder to use instead
+_OTHER_ENCODERS = {
+    "CLIPBackbone": ("a CLIP preset", "--set model.image_encoder=clip --set model.text_encoder=clip --set "
+                                      "model.clip_preset=DIR (tools/train.py --clip-preset DIR)"),
+    "SigLIPBackbone": ("a SigLIP preset", "--set model.image_encoder=siglip --set model.text_encoder=siglip --set "
+                                          "model.clip_preset=DIR (tools/train.py --clip-preset DIR)"),
+    "BertBackbone": ("a BERT preset (a text encoder)", "--set model.text_encoder=bert_keras_hub --set "
+                                                       "model.text_encoder.preset=DIR"),
+}
+
+
+def _backbone_class(path: Path):
+    """The class_name of a preset's config.json, or None when it cannot be read."""
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data.get("class_name") if isinstance(data, dict) else None
+
+
 def resolve_preset_dir(preset) -> str:
-    """The absolute path of a local keras-hub preset folder, or ConfigError explaining what to pass."""
+    """The absolute path of a local keras-hub preset folder for this encoder, or ConfigError
+    explaining what to pass (a CLIP, SigLIP or BERT preset is named, with the encoder that reads
+    it); KerasHubMissing when keras-hub, which reads the folder, is not installed."""
     text = str(preset)
     path = Path(text).expanduser()
     if not path.is_dir():
@@ -67,6 +119,15 @@ def resolve_preset_dir(preset) -> str:
             f"model.image_encoder.weights: {path} is not a keras-hub preset folder (missing {', '.join(missing)}). "
             f"A preset folder is what `Backbone.save_to_preset(DIR)` writes. " + _FETCH_HELP
         )
+    other = _OTHER_ENCODERS.get(_backbone_class(path))
+    if other is not None:
+        what, how = other
+        raise ConfigError(
+            f"model.image_encoder.weights: {path.resolve()} is {what}, not an image backbone for "
+            f"model.image_encoder=resnet18 (--image-weights). To use it, pass it to the encoder that reads it: "
+            f"{how}, with DIR={path.resolve()}"
+        )
+    require_keras_hub()
     return str(path.resolve())
 
 
