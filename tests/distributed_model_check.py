@@ -77,7 +77,7 @@ _, mirrored_end, mirrored_all, mirrored_logs, _ = train(strategy, start=single_b
 import keras_irtf.model.losses as L  # noqa: E402
 
 L.global_batch_size = lambda local_batch, dtype=tf.float32: tf.cast(local_batch, dtype)
-_, buggy_end, _, _, _ = train(strategy, start=single_begin)
+_, buggy_end, _, buggy_logs, _ = train(strategy, start=single_begin)
 
 
 def diff(a, b):
@@ -91,6 +91,7 @@ print(json.dumps({
     "buggy_weight_diff": diff(single_end, buggy_end),
     "max_state_diff": diff(single_all, mirrored_all),
     "worst": sorted(((diff([a], [b]), v.path) for a, b, v in zip(single_all, mirrored_all, WEIGHTS)), reverse=True)[:3],
+    "buggy_logs": buggy_logs,
     "single_logs": single_logs,
     "mirrored_logs": mirrored_logs,
 }))

@@ -55,13 +55,23 @@ def test_real_models_on_two_replicas_match_one_device(method, css_smoke_root):
     assert r["buggy_weight_diff"] > 0.5 * r["moved"], r  # the control is detectable at all
     assert r["max_weight_diff"] < 0.05 * r["buggy_weight_diff"], r
     assert r["max_weight_diff"] < 0.1 * r["moved"], r
-    single, mirrored = r["single_logs"], r["mirrored_logs"]
+    # Logged loss terms: the bound is a fraction of the control's distance, not a figure measured
+    # on one CPU (the float32 error of the terms depends on the CPU's kernels: the GA^A term's
+    # input-gradient norm was 2e-4 relative apart on one machine, under 1e-4 on another). The
+    # control changes every term that depends on the loss's scale by O(1) relative; a mirrored
+    # step within 0.1% of that distance on each of them computes the same terms (measured: TIRG and
+    # ComposeAE within 0.004% of it, so the bound holds with a margin of about 25x).
+    single, mirrored, buggy = r["single_logs"], r["mirrored_logs"], r["buggy_logs"]
     assert set(single) == set(mirrored)
-    for key in ("loss", "retrieval_loss", "ga_adversarial", "ga_isotropic", "similarity_loss"):
-        assert abs(single[key] - mirrored[key]) <= 1e-4 * max(1.0, abs(single[key])), (key, single, mirrored)
+    keys = ["loss", "retrieval_loss", "ga_adversarial", "similarity_loss"]
     if method == "composeae":
-        for key in ("reconstruction_image_loss", "reconstruction_text_loss", "rotational_symmetry_loss"):
-            assert abs(single[key] - mirrored[key]) <= 1e-4, (key, single, mirrored)
+        keys += ["reconstruction_image_loss", "reconstruction_text_loss", "rotational_symmetry_loss"]
+    for key in keys:
+        control = abs(single[key] - buggy[key])
+        assert control > 1e-2 * max(1.0, abs(single[key])), (key, single, buggy)  # the control shows here
+        assert abs(single[key] - mirrored[key]) <= 1e-3 * control, (key, single, mirrored, buggy)
+    # L_GA^I = sum_v noise_v . v: the same noise on the same weights, whatever the loss's scale
+    assert abs(single["ga_isotropic"] - mirrored["ga_isotropic"]) <= 1e-4 * max(1.0, abs(single["ga_isotropic"]))
 
 
 _BN_CHECK = r"""
