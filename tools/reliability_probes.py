@@ -4,6 +4,7 @@
     python tools/reliability_probes.py                 # all probes (a few minutes on 2 cores)
     python tools/reliability_probes.py --skip-slow     # without the probes that train
     python tools/reliability_probes.py --out -         # print the table instead of writing it
+    python tools/reliability_probes.py --only SIGTERM  # the probes whose name contains SIGTERM (printed)
 
 Each probe builds its small input in a temporary folder (the CSS smoke set, a tiny Fashion200k,
 an untrained smoke model exported once), provokes one fault, and compares what happens with what
@@ -494,6 +495,115 @@ def _(ctx):
     return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", r.returncode == 2 and "Traceback" not in r.stderr
 
 
+def _demo_client(ctx, gallery=None):
+    """The demo's app over the shared export (its gallery read from `gallery`), as a test client."""
+    from starlette.testclient import TestClient
+
+    from keras_irtf.demo.app import create_app
+    from keras_irtf.demo.served import ServedModel
+
+    path, default = ctx.export
+    return TestClient(create_app(ServedModel(path, gallery_root=gallery or default, name="m")),
+                      raise_server_exceptions=False)
+
+
+@probe("demo `GET /gallery/<id>` after `ln -sf /etc/passwd gallery/g1.png` (planted while it runs)",
+       "404 'outside the gallery folder'; the target is neither read nor named")
+def _(ctx):
+    _, gallery = ctx.export
+    copy = ctx.tmp / "gallery_linked"
+    shutil.copytree(gallery, copy)
+    client = _demo_client(ctx, copy)
+    (copy / "g1.png").unlink()  # owned: the probe's own copy of its gallery
+    (copy / "g1.png").symlink_to("/etc/passwd")
+    r = client.get("/gallery/1")
+    error = r.json().get("error", "") if r.headers.get("content-type", "").startswith("application/json") else ""
+    return (f"HTTP {r.status_code}: {error[:160]}",
+            r.status_code == 404 and "outside the gallery folder" in error and "root:" not in r.text)
+
+
+@probe("`tools/export.py --name ../../x` (and `a/b`, `/abs`)", "exit 2 'must be one plain folder name'; nothing written")
+def _(ctx):
+    out, results = ctx.tmp / "names" / "out", []
+    for name in ("../../x", "a/b", "/abs"):
+        r = cli("export", "--run", ctx.tmp / "no_run", "--out", out, "--name", name, "--quiet")
+        results.append((r.returncode, last_line(r.stderr)))
+    written = out.exists() or (ctx.tmp / "x").exists()
+    return (f"exit {results[0][0]}: {results[0][1][:160]}; written: {written}",
+            all(code == 2 and "one plain folder name" in line for code, line in results) and not written)
+
+
+@probe("REST `retrieve` with `\"k\": 4294967299` (2^32 + 3), 0 or the gallery size + 1",
+       "400 naming the allowed range (no wrap to 3 results)")
+def _(ctx):
+    import base64
+
+    _, gallery = ctx.export
+    client = _demo_client(ctx)
+    image = {"b64": base64.b64encode((gallery / "g0.png").read_bytes()).decode()}
+    answers = [client.post("/v1/models/m:predict", json={"signature_name": "retrieve", "instances": [
+        {"image_bytes": image, "text": "x", "k": k}]}) for k in (4294967299, 0, 4)]
+    first = answers[0].json().get("error", "")
+    return (f"HTTP {[a.status_code for a in answers]}: {first[:160]}",
+            all(a.status_code == 400 for a in answers) and "k must be >= 1 and <= 3" in first)
+
+
+@probe("`tools/demo.py --gallery OTHER`: the export's file names, other pictures", "refused at start naming the file whose sha256 differs")
+def _(ctx):
+    from keras_irtf.demo import DemoError, build_app
+
+    path, gallery = ctx.export
+    other = ctx.tmp / "gallery_other"
+    shutil.copytree(gallery, other)
+    a, b = (other / "g0.png").read_bytes(), (other / "g1.png").read_bytes()
+    (other / "g0.png").write_bytes(b)
+    (other / "g1.png").write_bytes(a)
+    error = raises(lambda: build_app(path, gallery=other), DemoError)
+    return error or "started", bool(error) and "g0.png is not the image the export embedded" in error
+
+
+@probe("damaged export (truncated saved_model.pb) given to `tools/query.py` and `tools/demo.py`",
+       "one line 'damaged export: <file>', exit 2")
+def _(ctx):
+    path, gallery = ctx.export
+    copy = ctx.tmp / "damaged" / "1"
+    shutil.copytree(path, copy)
+    data = (copy / "saved_model.pb").read_bytes()
+    (copy / "saved_model.pb").write_bytes(data[:1000])
+    q = cli("query", "--model", copy, "--image", gallery / "g0.png", "--text", "x", "--gallery", gallery,
+            "--out", ctx.tmp / "damaged_grid.png")
+    d = cli("demo", "--model", copy, "--port", "0", "--log-level", "error", timeout=180)
+    ok = all(r.returncode == 2 and "Traceback" not in r.stderr and last_line(r.stderr).startswith("error: damaged export")
+             for r in (q, d))
+    return f"query exit {q.returncode}, demo exit {d.returncode}: {last_line(q.stderr)[:160]}", ok
+
+
+@probe("`tools/demo.py` where fastapi is not installed", "one line naming the package and `pip install -e '.[demo]'`, exit 2")
+def _(ctx):
+    path, _ = ctx.export
+    shim = ctx.tmp / "no_fastapi"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['fastapi'] = None  # as if not installed\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]), CUDA_VISIBLE_DEVICES="-1")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--model", str(path), "--port", "0"],
+                       capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
+    return (f"exit {r.returncode}: {last_line(r.stderr)[:160]}",
+            r.returncode == 2 and "Traceback" not in r.stderr and "pip install -e '.[demo]'" in last_line(r.stderr))
+
+
+@probe("request body `[` x 100,000 then `]` x 100,000; text `\"\\ud800\"`; `GET /gallery/<5000 digits>`",
+       "400 'nests ... more than 32 levels deep'; 400 'not valid Unicode'; 404 (no 500)")
+def _(ctx):
+    client = _demo_client(ctx)
+    deep = client.post("/api/search", content=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"})
+    text = client.post("/api/search", content=b'{"image_id": 0, "text": "\\ud800", "k": 2}',
+                       headers={"Content-Type": "application/json"})
+    huge = client.get("/gallery/" + "9" * 5000)
+    ok = (deep.status_code == 400 and "more than 32 levels deep" in deep.json()["error"]
+          and text.status_code == 400 and "not valid Unicode" in text.json()["error"] and huge.status_code == 404)
+    return f"HTTP {deep.status_code} / {text.status_code} / {huge.status_code}: {deep.json().get('error', '')[:120]}", ok
+
+
 # ---- faults during training (slow: real trainings) ---------------------------------------------------
 def _train_args(ctx, run, steps=30):
     return ["--dataset", "css", "--preset", "smoke", "--data-root", ctx.css, "--out", run, "--steps", steps,
@@ -692,13 +802,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"), help="Markdown file ('-' = stdout)")
     p.add_argument("--skip-slow", action="store_true", help="leave out the probes that train (kill -9, Ctrl-C, SIGTERM, a full disk, step counts)")
+    p.add_argument("--only", metavar="TEXT", help="run only the probes whose name contains TEXT (prints, writes nothing)")
     args = p.parse_args(argv)
+    if args.only:
+        args.out = "-"
     rows = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="kirtf_probes_") as tmp:
         ctx = Ctx(tmp)
         for name, expected, slow, fn in PROBES:
-            if slow and args.skip_slow:
+            if slow and args.skip_slow or args.only and args.only not in name:
                 continue
             t = time.time()
             try:
