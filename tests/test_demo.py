@@ -75,6 +75,17 @@ def _retrieve(served, image_bytes, text, k):
     return [int(i) for i in out["ids"].numpy()[0]], [float(s) for s in out["scores"].numpy()[0]]
 
 
+def _cosines(served, image_bytes, text, gallery_files):
+    """The cosine similarity of the query (image_bytes, text) with each gallery file, from the
+    export's serving_default and embed_image signatures (not from retrieve's scores)."""
+    import tensorflow as tf
+
+    q = served["serving_default"](image_bytes=tf.constant([image_bytes]), text=tf.constant([text]))["embedding"]
+    g = served["embed_image"](image_bytes=tf.constant([Path(f).read_bytes() for f in gallery_files]))["embedding"]
+    q, g = q.numpy()[0].astype(np.float64), g.numpy().astype(np.float64)
+    return g @ q / (np.linalg.norm(g, axis=1) * np.linalg.norm(q))
+
+
 def _css_targets(css_root, gallery):
     """{(reference gallery id, text): target gallery ids} computed from the CSS .npy directly."""
     from keras_irtf.data.css import read_css_npy
@@ -150,9 +161,19 @@ def test_page_in_headless_chromium(demo, served, exported, gallery, css_smoke_ro
         assert len(cards) == 10
         assert [int(c.get_attribute("data-id")) for c in cards] == want_ids
         assert [c.query_selector(".rank").inner_text() for c in cards] == [f"#{i}" for i in range(1, 11)]
+        # the raw score (retrieve's dot product) is kept in data-score; the card shows the cosine
         np.testing.assert_allclose([float(c.get_attribute("data-score")) for c in cards], want_scores, rtol=1e-5)
+        cosines = _cosines(served, upload.read_bytes(), "add red circle to top-left",
+                           [Path(css_smoke_root) / "images" / gallery[i] for i in want_ids])
+        np.testing.assert_allclose([float(c.get_attribute("data-cosine")) for c in cards], cosines, atol=1e-5)
         shown_scores = [float(c.query_selector(".score").inner_text()) for c in cards]
-        np.testing.assert_allclose(shown_scores, want_scores, atol=6e-4)  # printed with 3 decimals
+        np.testing.assert_allclose(shown_scores, cosines, atol=6e-4)  # printed with 3 decimals
+        assert all(-1 <= x <= 1 for x in shown_scores)
+        label = page.inner_text("#score-label")
+        assert "cosine similarity" in label and "from -1 to 1" in label
+        scale = float(label.split("is ")[-1].split(" \u00d7")[0])  # "... is 15.91 × this)"
+        np.testing.assert_allclose(want_scores, scale * cosines, rtol=2e-3)  # the raw score is scale x cosine
+        assert page.is_hidden("#reference-note")  # not a gallery file's bytes
         assert all(c.query_selector("img").evaluate("i => i.complete && i.naturalWidth === 64") for c in cards)
         assert "add red circle to top-left" in page.inner_text("#query-card")
         latency = page.inner_text("#latency")
@@ -178,6 +199,22 @@ def test_page_in_headless_chromium(demo, served, exported, gallery, css_smoke_ro
         marked = {int(c.get_attribute("data-id")) for c in page.query_selector_all("#results .result.target")}
         assert marked == targets & set(shown) and marked
         assert page.query_selector_all("#results .result.target .badge")
+        assert "Known query" in page.inner_text("#gt-line")
+
+        # 2b. upload the very file of that gallery image: searched as its query, itself left out
+        page.click("#tab-upload")
+        page.set_input_files("#upload", str(Path(css_smoke_root) / "images" / gallery[ref]))
+        page.wait_for_function("document.getElementById('reference-name').textContent"
+                               f".includes({json.dumps(gallery[ref])})")
+        assert page.is_checked("#exclude") and page.is_enabled("#exclude")
+        page.click("#search")
+        page.wait_for_selector("#reference-note:not([hidden])")
+        page.wait_for_function("document.querySelectorAll('#results .result').length === 100")
+        cards = page.query_selector_all("#results .result")
+        assert [int(c.get_attribute("data-id")) for c in cards] == expected_shown
+        note = page.inner_text("#reference-note")
+        assert f"byte-identical to gallery image {gallery[ref]} (id {ref})" in note and "left out" in note
+        assert {int(c.get_attribute("data-id")) for c in page.query_selector_all("#results .result.target")} == marked
         assert "Known query" in page.inner_text("#gt-line")
 
         # 3. a bad upload: a readable message, no results, and the server still answers
@@ -341,6 +378,81 @@ def test_page_search_api_and_gallery_by_id_only(demo, served, css_smoke_root, ga
     status, body = demo.request("GET", "/api/gallery?q=CSS_TEST_00001&limit=5")
     assert status == 200 and body["total"] == 10 and [it["path"] for it in body["items"]] == [
         f"css_test_{i:06d}.png" for i in range(10, 15)]
+
+
+def test_upload_identical_to_a_gallery_image_is_that_images_query(demo, served, css_smoke_root, gallery):
+    """An upload with the very bytes of a gallery file (same sha256 as the export recorded) is that
+    gallery image's query: it is left out of its own results and its ground truth is known."""
+    root = Path(css_smoke_root) / "images"
+    known = _css_targets(css_smoke_root, gallery)
+    (ref, text), targets = next((key, t) for key, t in sorted(known.items()) if gallery[key[0]].startswith("css_test_"))
+    data = (root / gallery[ref]).read_bytes()
+    k = 100
+    ids, _ = _retrieve(served, data, text, k + 1)
+    assert ref in ids  # the model ranks the reference itself among the top k + 1: leaving it out matters
+
+    status, picked = demo.request("POST", "/api/search", {"image_id": ref, "text": text, "k": k})
+    assert status == 200
+    status, body = demo.request("POST", "/api/search", {"image": _b64(data), "filename": "copy.png", "text": text,
+                                                        "k": k})
+    assert status == 200, body
+    shown = [r["id"] for r in body["results"]]
+    assert shown == [i for i in ids if i != ref][:k] == [r["id"] for r in picked["results"]]
+    assert ref not in shown and len(shown) == k
+    assert body["query"]["identical_to"] == {"image_id": ref, "path": gallery[ref], "also": []}
+    assert body["query"]["exclude_reference"] is True and body["query"]["filename"] == "copy.png"
+    assert body["ground_truth"]["known"] is True and body["ground_truth"]["targets"] == len(targets)
+    assert {r["id"] for r in body["results"] if r["target"]} == targets & set(shown)
+
+    # unchecked "leave the reference image out": the image stays, as for a gallery pick
+    status, body = demo.request("POST", "/api/search", {"image": _b64(data), "text": text, "k": k,
+                                                        "exclude_reference": False})
+    assert [r["id"] for r in body["results"]] == ids[:k] and body["query"]["exclude_reference"] is False
+
+    # the same pixels in other bytes (another PNG compression) are an ordinary upload
+    other = io.BytesIO()
+    Image.open(root / gallery[ref]).save(other, format="PNG", compress_level=0)
+    assert other.getvalue() != data
+    status, body = demo.request("POST", "/api/search", {"image": _b64(other.getvalue()), "text": text, "k": k})
+    assert body["query"]["identical_to"] is None and body["query"]["exclude_reference"] is False
+    assert [r["id"] for r in body["results"]] == _retrieve(served, other.getvalue(), text, k)[0]
+    assert not any(r["target"] for r in body["results"]) and body["ground_truth"]["known"] is False
+
+
+def test_page_scores_are_cosine_similarities(demo, served, css_smoke_root, gallery):
+    """The page's score is the cosine of the query and image embeddings, in [-1, 1], computed
+    here from serving_default and embed_image; the raw score (retrieve's, which the REST API
+    returns unchanged) is s^2 times it."""
+    root = Path(css_smoke_root) / "images"
+    status, info = demo.request("GET", "/api/info")
+    assert status == 200 and info["scores"]["shown"] == "cosine similarity"
+    assert info["scores"]["method"] == "sphere"  # ScaledL2Normalization: every embedding has norm s
+    scale = info["scores"]["scale"]
+    rng = np.random.default_rng(3)
+    upload = _png(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    for request, data, text in (
+            ({"image_id": 9, "text": "make top-left object red"}, (root / gallery[9]).read_bytes(),
+             "make top-left object red"),
+            ({"image": _b64(upload), "text": "remove middle-center object"}, upload, "remove middle-center object"),
+            ({"image_id": 40, "text": ""}, (root / gallery[40]).read_bytes(), "")):
+        status, body = demo.request("POST", "/api/search", {**request, "k": 30})
+        assert status == 200, body
+        ids = [r["id"] for r in body["results"]]
+        cosine = np.array([r["cosine"] for r in body["results"]])
+        want = _cosines(served, data, text, [root / gallery[i] for i in ids])
+        np.testing.assert_allclose(cosine, want, atol=1e-5)
+        assert np.all(cosine >= -1) and np.all(cosine <= 1) and np.all(np.diff(cosine) <= 1e-6)  # ranked by it
+        raw = np.array([r["score"] for r in body["results"]])
+        direct_ids, direct_scores = _retrieve(served, data, text, 31)
+        assert dict(zip(ids, raw.tolist())) == pytest.approx({i: s for i, s in zip(direct_ids, direct_scores)
+                                                              if i in ids}, rel=1e-6)
+        np.testing.assert_allclose(raw, scale * cosine, rtol=1e-4, atol=1e-5)
+        assert body["scores"]["shown"] == "cosine similarity" and "from -1 to 1" in body["scores"]["text"]
+    # TF Serving's predict still answers the SavedModel's own scores
+    status, body = demo.request("POST", "/v1/models/css_demo:predict", {"signature_name": "retrieve", "instances": [
+        {"image_bytes": _b64(upload), "text": "x", "k": 3}]})
+    assert set(body["predictions"][0]) == {"ids", "paths", "scores"}
+    np.testing.assert_allclose(body["predictions"][0]["scores"], _retrieve(served, upload, "x", 3)[1], rtol=1e-6)
 
 
 def test_gallery_entries_stay_inside_the_gallery(exported, css_smoke_root, tmp_path):

@@ -8,7 +8,9 @@
 The export must have been made with --gallery (the `retrieve` endpoint) for the page's search;
 --gallery (or the folder the export recorded) must hold the very images the export embedded
 (checked by sha256 at start, as tools/query.py does), and only files inside it are served;
-the REST API serves every signature either way: POST /v1/models/<name>:predict. The model is
+the REST API serves every signature either way: POST /v1/models/<name>:predict (its answers are
+the SavedModel's own; the page shows each result's cosine similarity, and searches an uploaded
+file byte-identical to a gallery image as that image's query). The model is
 loaded with tf.saved_model.load only (no keras). Binds to 127.0.0.1 unless --host says otherwise:
 the demo has no authentication, so only bind to another address on a network you trust.
 Needs the demo extra: pip install -e '.[demo]'.
@@ -31,8 +33,10 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--name", help="model name in the REST URLs (default: the export's folder name)")
     p.add_argument("--gallery", help="folder of the gallery images, if not where the export recorded it")
-    p.add_argument("--queries", help="known queries for the ground-truth marker: a .jsonl file or a CSS dataset "
-                                     "folder (default: found next to the export or the gallery)")
+    p.add_argument("--queries", help="known queries for the ground-truth marker: a queries or triplets .jsonl "
+                                     "file, or a CSS, FashionIQ, CIRR or triplets dataset folder (or a file in "
+                                     "it, such as a caption file) (default: found next to the export or the "
+                                     "gallery)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded image (default 10)")
     p.add_argument("--max-megapixels", type=float, default=40.0, help="most pixels of an image (default 40)")
     p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32)")
@@ -74,6 +78,8 @@ def main(argv=None):
     gt = demo.ground_truth
     print(f"ground truth: {gt.source} ({len(gt)} known queries)" if gt is not None else
           "ground truth: none found (see --queries)", flush=True)
+    scores = demo.cosine.describe()
+    print(f"scores on the page: {scores['text']}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: the demo has no authentication; anyone who can reach this "
               f"address can query the model", file=sys.stderr, flush=True)

@@ -7,8 +7,11 @@
     serve(app, port=8080)
 
 The page lets a person pick a reference image from the export's gallery (or upload one), type
-the modification, and see the top-k results with rank, score, a ground-truth marker where the
-query is known, and the latency. Beside it, `/v1/models/<name>:predict` answers TF Serving's
+the modification, and see the top-k results with rank, cosine similarity (keras_irtf.demo.app.
+Cosine), a ground-truth marker where the query is known (CSS, FashionIQ, CIRR, triplets or a
+queries file: keras_irtf.demo.ground_truth), and the latency. An upload with the very bytes of a
+gallery file (its sha256 is among those the export recorded) is that gallery image's query: it
+is left out of its own results, as the evaluation does. Beside it, `/v1/models/<name>:predict` answers TF Serving's
 REST predict requests for every signature of the export. The model is loaded with
 `tf.saved_model.load` only: keras is not needed. Needs the `[demo]` extra (FastAPI, uvicorn):
 `missing_extra()` says which of its packages is missing, before anything slow is done.
@@ -41,7 +44,8 @@ def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
     """Load the export version folder `model_path` and return the FastAPI application.
 
     `gallery`: the folder of the gallery images when it moved since the export; `queries`: a
-    queries file or CSS folder for the ground-truth marker (see keras_irtf.demo.ground_truth);
+    queries or triplets file, or a CSS, FashionIQ, CIRR or triplets folder, for the ground-truth
+    marker (see keras_irtf.demo.ground_truth);
     `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs. A gallery
     folder that does not hold the images the export embedded is refused (DemoError), as is a
     damaged export (keras_irtf.serving.export.DamagedExport) and a missing `[demo]` extra.

@@ -6,7 +6,8 @@
     GET  /api/gallery/<id>/texts             the known modification texts of a gallery image
     GET  /gallery/<id>                       a gallery image, by id only (no path is ever taken
                                              from a request)
-    POST /api/search                         one query of the page through `retrieve`
+    POST /api/search                         one query of the page through `retrieve`, with each
+                                             result's cosine similarity (see Cosine)
     GET  /v1/models/<name>[/versions/<v>]    TF Serving's model status
     GET  /v1/models/<name>[/versions/<v>]/metadata   its SignatureDefs
     POST /v1/models/<name>[/versions/<v>]:predict    TF Serving's predict (see tf_serving.py)
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import io
 import json
 import logging
 import math
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -112,6 +116,103 @@ def _int_param(value, name: str, low: int, high: int) -> int:
     return value
 
 
+class Cosine:
+    """The cosine similarity of the query and each result, from `retrieve`'s scores.
+
+    `retrieve` ranks the gallery by the dot product of the query embedding with each stored
+    gallery embedding (what the REST API returns as "scores", unchanged). keras_irtf's models end
+    in ScaledL2Normalization: x / |x| * s, one learned scale s shared by queries and images
+    (TIRG's NormalizationLayer), so that dot product is s^2 times the cosine: TIRG learns s from 4
+    (s = 9 gives raw scores up to 81), CLIP4Cir's Combiner fixes s = 10 (up to 100), the model's
+    `initial_scale` and `learn_scale`. The page shows score / (|q| |g|): |g| from the
+    gallery embeddings stored in the export (the `retrieve` signature's `gallery_embeddings`), and
+    |q| their common norm s when every stored embedding has one norm and a few probe queries
+    embedded at start (serving_default) have it too ("sphere"); otherwise |q| is the norm of the
+    query's own embedding from serving_default, one more model call per page query ("query").
+    Without stored embeddings (an export not written by keras_irtf) the raw score is shown,
+    labelled as such ("raw").
+    """
+
+    TOLERANCE = 1e-4  # relative: float32 norms of x / |x| * s agree to ~1e-7
+
+    def __init__(self, model):
+        self.model = model
+        self.gallery_norms = None
+        self.radius = None
+        self.method = "raw"
+        emb = stored_gallery_embeddings(model)
+        if emb is None or "serving_default" not in model.functions:
+            return
+        norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+        try:
+            probes = [self._embedding_norm(image, text) for image, text in _probe_queries()]
+        except DemoError as e:
+            log.warning("the page shows raw scores: the export's serving_default failed on a probe query (%s)", e)
+            return
+        self.gallery_norms, self.method = norms, "query"
+        radius = float(np.median(norms)) if len(norms) else 0.0
+        if radius > 0 and all(abs(n - radius) <= self.TOLERANCE * radius for n in list(norms) + probes):
+            self.radius, self.method = radius, "sphere"
+
+    def _embedding_norm(self, image: bytes, text: str) -> float:
+        out = self.model.call("serving_default", {"image_bytes": [image], "text": [text.encode("utf-8")]})
+        return float(np.linalg.norm(np.asarray(out["embedding"][0], np.float64)))
+
+    def query_norm(self, image: bytes, text: str) -> Optional[float]:
+        """|q| of the query (image bytes, text); None when scores stay raw."""
+        if self.method == "raw":
+            return None
+        return self.radius if self.radius is not None else self._embedding_norm(image, text)
+
+    def of(self, query_norm: Optional[float], gallery_id: int, score: float) -> Optional[float]:
+        """The cosine of one result, in [-1, 1]; None when it cannot be computed."""
+        if query_norm is None or not math.isfinite(score) or not 0 <= gallery_id < len(self.gallery_norms):
+            return None
+        norm = query_norm * float(self.gallery_norms[gallery_id])
+        if not norm > 0:
+            return None
+        return min(1.0, max(-1.0, score / norm))
+
+    def describe(self) -> dict:
+        """What the page says about its scores."""
+        if self.method == "raw":
+            return {"shown": "raw score", "method": "raw", "scale": None,
+                    "text": "raw score: the dot product of the query and image embeddings (this export stores no "
+                            "gallery embeddings to turn it into a cosine)"}
+        scale = None if self.radius is None else round(self.radius ** 2, 6)
+        text = "cosine similarity of the query and image embeddings, from -1 to 1"
+        if scale is not None:
+            text += f" (the model's own score, the dot product it ranks by, is {scale:.4g} \u00d7 this)"
+        else:
+            text += " (the model's own score is the dot product it ranks by; hover a result to see it)"
+        return {"shown": "cosine similarity", "method": self.method, "scale": scale, "text": text}
+
+
+def stored_gallery_embeddings(model):
+    """The gallery embeddings the export stores ([gallery size, D] numpy), read from the variables
+    of its `retrieve` signature; None when there is none."""
+    fn = model.functions.get("retrieve") if model.has_retrieve else None
+    for variable in getattr(fn, "variables", ()) if fn is not None else ():
+        if variable.name.split(":")[0] == "gallery_embeddings" and len(variable.shape) == 2 \
+                and variable.shape[0] == model.gallery_size:
+            return variable.numpy()
+    return None
+
+
+def _probe_queries():
+    """Two small queries (a white and a noise PNG, with and without text) for Cosine's check."""
+    from PIL import Image
+
+    out = []
+    rng = np.random.default_rng(0)
+    for pixels, text in ((np.full((32, 32, 3), 255, np.uint8), ""),
+                         (rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "make it red")):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        out.append((buf.getvalue(), text))
+    return out
+
+
 class Demo:
     """What the routes share: the served model, the limits, the known queries."""
 
@@ -120,6 +221,11 @@ class Demo:
         self.limits = limits
         self.ground_truth = ground_truth
         self._lower_paths = [p.lower() for p in model.gallery_paths]
+        # an upload with the very bytes of a gallery file is that gallery image's query
+        self._by_digest = {}
+        for i, digest in enumerate(model.gallery_hashes or ()):
+            self._by_digest.setdefault(digest, []).append(i)
+        self.cosine = Cosine(model)
 
     def info(self) -> dict:
         m = self.model
@@ -133,6 +239,8 @@ class Demo:
             "gallery": {"size": m.gallery_size, "files": m.gallery_files_present,
                         "root": str(m.gallery_root) if m.gallery_root else None},
             "retrieve": m.has_retrieve,
+            "scores": self.cosine.describe(),
+            "identical_uploads": bool(self._by_digest),
             "ground_truth": None if gt is None else {"source": gt.source, "protocol": gt.protocol,
                                                      "queries": len(gt), "references": len(gt.reference_ids)},
             "limits": self.limits.describe(),
@@ -182,12 +290,20 @@ class Demo:
             name = str(body.get("filename") or "the uploaded image")[:200]
             width, height, fmt = check_image(data, self.limits, what=f"{name}")
             reference = {"image_id": None, "path": None, "filename": name, "width": width, "height": height,
-                         "format": fmt, "bytes": len(data)}
+                         "format": fmt, "bytes": len(data), "identical_to": None}
+            same = self._by_digest.get(hashlib.sha256(data).hexdigest())
+            if same:  # the very bytes of a gallery file: that gallery image's query, as in evaluation
+                image_id = same[0]
+                reference["identical_to"] = {"image_id": image_id, "path": m.gallery_paths[image_id],
+                                             "also": same[1:]}
         exclude = bool(body.get("exclude_reference", True)) and image_id is not None
         want = min(k + 1, max(1, m.gallery_size)) if exclude else k  # the reference may be among the top k
         t0 = time.perf_counter()
         out = m.retrieve(data, text, want)
         model_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        query_norm = self.cosine.query_norm(data, text)  # a model call only when the norms differ
+        cosine_ms = (time.perf_counter() - t1) * 1000
         known = None
         gt = self.ground_truth
         if gt is not None and image_id is not None:
@@ -198,6 +314,7 @@ class Demo:
                 continue
             results.append({"rank": len(results) + 1, "id": gid, "path": path,
                             "score": score if math.isfinite(score) else None,
+                            "cosine": self.cosine.of(query_norm, gid, score),
                             "target": bool(known is not None and gid in known)})
         results = results[:k]
         server_ms = (time.perf_counter() - start) * 1000
@@ -210,8 +327,9 @@ class Demo:
         log.info("search k=%d ref=%s text=%r: %.1f ms model, %.1f ms server", k,
                  reference.get("path") or reference.get("filename"), text[:80], model_ms, server_ms)
         return {"query": {**reference, "text": text, "k": k, "exclude_reference": exclude},
-                "results": results, "ground_truth": ground,
-                "timing": {"model_ms": round(model_ms, 2), "server_ms": round(server_ms, 2)}}
+                "results": results, "ground_truth": ground, "scores": self.cosine.describe(),
+                "timing": {"model_ms": round(model_ms, 2), "cosine_ms": round(cosine_ms, 2),
+                           "server_ms": round(server_ms, 2)}}
 
     def predict_int_bounds(self) -> dict:
         """The ranges of integer inputs, checked while the predict body is parsed: retrieve's k

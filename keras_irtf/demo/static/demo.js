@@ -81,6 +81,8 @@ async function init() {
   $("limit-mp").textContent = (info.limits.max_pixels / 1e6).toFixed(0);
   $("k").max = Math.min(info.limits.max_k, Math.max(1, info.gallery.size));
   $("known-label").hidden = !info.ground_truth;
+  $("identical-hint").hidden = !info.identical_uploads;
+  showScoreLabel(info.scores);
   if (!info.retrieve) {
     $("search").disabled = true;
     showError("This export has no retrieve endpoint (it was exported without --gallery): the page cannot " +
@@ -147,6 +149,12 @@ async function pickGallery(item) {
   }
 }
 
+function showScoreLabel(scores) {
+  // what the number under each result is: the cosine similarity (or, failing that, the raw score)
+  $("score-label").textContent = scores ? "Scores: " + scores.text + "." : "";
+  $("score-label").dataset.shown = scores ? scores.shown : "";
+}
+
 function showReference(src, name) {
   const img = $("reference-img");
   img.src = src;
@@ -183,7 +191,8 @@ async function pickUpload() {
   for (const b of document.querySelectorAll("#gallery-grid .thumb.selected")) b.classList.remove("selected");
   showReference(url, file.name + " (uploaded)");
   $("suggestions").replaceChildren();
-  $("exclude").disabled = true; // an upload is not a gallery image
+  // the box applies when the upload turns out to be byte-identical to a gallery image
+  $("exclude").disabled = !state.info.identical_uploads;
 }
 
 // ---- search ---------------------------------------------------------------------------------
@@ -233,6 +242,7 @@ function clearResults() {
   $("latency").textContent = "";
   delete $("latency").dataset.ms;
   $("gt-line").textContent = "";
+  $("reference-note").hidden = true;
 }
 
 function renderResults(data, ref) {
@@ -245,16 +255,39 @@ function renderResults(data, ref) {
   );
   card.hidden = false;
 
+  const same = data.query.identical_to;
+  const note = $("reference-note");
+  if (same) {
+    let text = `The uploaded image is byte-identical to gallery image ${same.path} (id ${same.image_id}): ` +
+               "it is searched as that image's query";
+    text += data.query.exclude_reference
+      ? ", and that image is left out of its own results, as the evaluation does."
+      : "; that image is kept in the results (\u201cleave the reference image out\u201d is unchecked).";
+    if (same.also.length) text += ` ${same.also.length} more gallery file(s) hold the same bytes.`;
+    note.textContent = text;
+    note.dataset.imageId = String(same.image_id);
+    note.hidden = false;
+  } else {
+    note.textContent = "";
+    delete note.dataset.imageId;
+    note.hidden = true;
+  }
+  showScoreLabel(data.scores);
+  const cosine = data.scores && data.scores.shown === "cosine similarity";
+
   const grid = $("results");
   grid.replaceChildren();
   for (const r of data.results) {
-    const score = r.score === null ? "n/a" : r.score.toFixed(3);
-    const figure = el("figure", {class: "result" + (r.target ? " target" : ""), title: r.path,
-                                 "data-id": r.id, "data-rank": r.rank, "data-score": r.score}, [
+    const raw = r.score === null ? "n/a" : r.score.toFixed(3);
+    const shown = cosine ? (r.cosine === null ? "n/a" : r.cosine.toFixed(3)) : raw;
+    const figure = el("figure", {class: "result" + (r.target ? " target" : ""),
+                                 title: `${r.path}\nthe model's raw score (dot product): ${raw}`,
+                                 "data-id": r.id, "data-rank": r.rank, "data-score": r.score,
+                                 "data-cosine": r.cosine}, [
       crispWhenEnlarged(el("img", {src: `/gallery/${r.id}`, alt: r.path})),
       el("figcaption", {}, [
         el("span", {class: "rank", text: `#${r.rank}`}),
-        el("span", {class: "score", text: score}),
+        el("span", {class: "score", text: shown, title: cosine ? "cosine similarity" : "raw score"}),
         el("span", {class: "name", text: r.path}),
       ]),
     ]);
