@@ -1,9 +1,10 @@
 """Run by tests/test_distributed_ga.py in its own process (logical CPU devices must be set up before
 TensorFlow initialises): trains the real model of a config (TIRG or ComposeAE on the CSS smoke
-set, GA^A + GA^I + L_S on, dropout off: its masks are drawn per replica) for CHECK_STEPS steps on
-one device, with MirroredStrategy over 2 logical CPUs, and with MirroredStrategy and a deliberate
-replica bug (the negative control), from the same weights on the same global batches, and prints
-a JSON summary.
+set, GA^A + GA^I + L_S on, dropout off so that the check is about GA and batch norm; the dropout
+masks under 2 replicas are one device's, which tests/test_distributed_equivalence.py checks) for
+CHECK_STEPS steps on one device, with MirroredStrategy over 2 logical CPUs, and with
+MirroredStrategy and a deliberate replica bug (the negative control), from the same weights on
+the same global batches, and prints a JSON summary.
 
     python tests/distributed_model_check.py CSS_ROOT METHOD [KEY=VALUE ...]
 """

@@ -31,8 +31,14 @@ def test_two_replicas_match_one_device_with_ga_and_ls():
     for key in ("ga_adversarial", "ga_isotropic", "similarity_loss"):
         assert key in r["single_logs"] and key in r["mirrored_logs"]
     assert r["single_logs"]["ga_adversarial"] > 0
-    # same weights after training; a penalty or noise counted twice moves them by ~1e-2
-    assert r["max_weight_diff"] < 2e-5, r
+    # Same weights after training, within float32 rounding relative to how far they moved: the
+    # tiny model has no batch statistics and no dropout, so the two runs differ only in the order
+    # of summing the per-example gradients (per-replica partial sums), ~1e-7 relative a step on
+    # any IEEE float32 machine (measured 3e-7 of the movement after the three steps). A penalty or
+    # noise counted twice moves them by ~1e-2 in absolute terms, over 1e-3 of the movement.
+    assert r["max_weight_diff"] < 1e-5 * r["moved"], r
+    # logged terms: float32 values summed in another order (measured 1e-7 relative apart); 1e-4
+    # relative leaves a margin of 1000x over that, on any float32 machine
     for key in ("loss", "retrieval_loss", "ga_adversarial", "similarity_loss"):
         assert abs(r["single_logs"][key] - r["mirrored_logs"][key]) < 1e-4 * max(1.0, abs(r["single_logs"][key])), key
 

@@ -11,6 +11,7 @@ from keras_irtf.layers.clip import CLIPImageEncoder, CLIPTextEncoder, SigLIPImag
 from keras_irtf.layers.composeae import ComposeAEComposer, RealSpaceConcatAEComposer
 from keras_irtf.layers.composers import (CombinerComposer, ConcatComposer, ImageOnlyComposer, SumComposer,
                                          TextOnlyComposer, TIRGComposer)
+from keras_irtf.layers.dropout import Dropout
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization, SyncBatchNormalization
 from keras_irtf.layers.preprocessing import ImagePreprocessor
@@ -24,6 +25,7 @@ __all__ = [
     "ComposeAEComposer",
     "Composer",
     "ConcatComposer",
+    "Dropout",
     "HubBertEncoder",
     "ImageEncoder",
     "ImageOnlyComposer",

@@ -41,6 +41,7 @@ from keras import ops
 
 from keras_irtf.config import FRACTION, NON_NEGATIVE
 from keras_irtf.layers.base import Composer
+from keras_irtf.layers.dropout import Dropout
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_composer
 
@@ -63,7 +64,7 @@ class ComplexProjection(keras.layers.Layer):
         self.dropout_rate = float(dropout)
         self.img_bn = _bn("img_bn")
         self.img_dense1 = keras.layers.Dense(self.dim, name="img_dense1")
-        self.img_dropout = keras.layers.Dropout(self.dropout_rate)
+        self.img_dropout = Dropout(self.dropout_rate)
         self.img_dense2 = keras.layers.Dense(self.dim, name="img_dense2")
         self.text_bn = _bn("text_bn")
         self.text_dense1 = keras.layers.Dense(self.dim, name="text_dense1")

@@ -23,6 +23,7 @@ from keras import ops
 
 from keras_irtf.config import FRACTION
 from keras_irtf.layers.base import Composer
+from keras_irtf.layers.dropout import Dropout
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_composer
 
@@ -81,7 +82,7 @@ class ConcatComposer(Composer):
         self.bn1 = SyncBatchNormalization(name="bn1")
         self.dense1 = keras.layers.Dense(2 * d, name="dense1")
         self.bn2 = SyncBatchNormalization(name="bn2")
-        self.dropout = keras.layers.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
         self.dense2 = keras.layers.Dense(d, name="dense2")
 
     def build(self, input_shapes):
@@ -159,7 +160,7 @@ class CombinerComposer(Composer):
         self.output_layer = keras.layers.Dense(self.output_dim, name="output_layer")
         self.mix_hidden = keras.layers.Dense(h, name="mix_hidden")
         self.mix_output = keras.layers.Dense(1, name="mix_output")
-        self.dropouts = [keras.layers.Dropout(self.dropout_rate) for _ in range(4)]
+        self.dropouts = [Dropout(self.dropout_rate) for _ in range(4)]
 
     def build(self, input_shapes):
         img_shape, txt_shape = input_shapes

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_irtf.config import AT_LEAST_ONE, FRACTION
 from keras_irtf.layers.base import TextEncoder
+from keras_irtf.layers.dropout import Dropout
 from keras_irtf.registry import register_text_encoder
 
 
@@ -51,7 +52,7 @@ class LSTMTextEncoder(TextEncoder):
         self.use_cudnn = use_cudnn
         self.embedding = keras.layers.Embedding(self.vocab_size, self.embed_dim, mask_zero=True, name="embedding")
         self.lstm = keras.layers.LSTM(self.hidden_dim, use_cudnn=use_cudnn, name="lstm")
-        self.dropout = keras.layers.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
         self.projection = keras.layers.Dense(self.output_dim, name="projection")
 
     def build(self, input_shape):

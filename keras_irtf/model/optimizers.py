@@ -9,12 +9,17 @@ matches them internally (`_var_key`), which holds under tf.distribute.
 Decoupled weight decay (Keras' `weight_decay`) is still applied at the full rate to every
 variable; with the reference's 1e-6 .. 5e-5 that difference is negligible.
 The multipliers belong to a training run: they are not stored in a saved model's optimizer
-config (a reloaded model used to train further must have them set again; `train` does).
+config (a reloaded model that trains further must have them set again; `train` does).
+
+`clip_global_gradients` (called by ComposedRetrievalModel.train_step): under a multi-replica
+strategy, the optimizer's clipping (clipnorm, global_clipnorm, clipvalue) of the summed
+gradient, as one device clips it, instead of Keras' clipping of each replica's share.
 """
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 
 class _LearningRateMultipliers:
@@ -76,3 +81,75 @@ def pretrained_learning_rate_groups(model, multiplier, finetune_multiplier=None)
             continue
         by_multiplier.setdefault(float(m), []).extend(v for v in part.pretrained_variables() if v.trainable)
     return [(variables, m) for m, variables in by_multiplier.items() if variables]
+
+
+# ---- gradient clipping of the global gradient under tf.distribute ---------------------------------
+_CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+def gradient_clipping_optimizer(optimizer):
+    """The optimizer that clips (a LossScaleOptimizer's inner optimizer, which Keras has clip) when
+    any of clipnorm / global_clipnorm / clipvalue is set on it, else None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if any(getattr(inner, key, None) for key in _CLIP_SETTINGS) else None
+
+
+def _replicas_in_sync() -> int:
+    ctx = tf.distribute.get_replica_context()
+    return 1 if ctx is None else ctx.num_replicas_in_sync
+
+
+def _defer_clipping_to_the_model(optimizer):
+    """Turn off `optimizer`'s own clipping in a multi-replica replica context (on one device it
+    clips as before). Keras 3.15 clips in `_clip_gradients`, called on each replica's gradients
+    before the all-reduce sums them; `clip_global_gradients` has clipped the sum already. The
+    check is stateless (no flag to set and reset around `apply`): Keras may run the update of
+    each replica in another thread than the one that computed its gradients (a
+    LossScaleOptimizer's merge_call)."""
+    if "_clip_gradients" in vars(optimizer):  # installed already
+        return
+    own = type(optimizer)._clip_gradients
+
+    def _clip_gradients(grads):
+        if _replicas_in_sync() > 1:
+            return list(grads)
+        return own(optimizer, grads)
+
+    optimizer._clip_gradients = _clip_gradients
+
+
+def _scale_gradient(g, factor):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(g.values * tf.cast(factor, g.values.dtype), g.indices, g.dense_shape)
+    return g * tf.cast(factor, g.dtype)
+
+
+def clip_global_gradients(optimizer, grads):
+    """`grads` (this replica's share of the gradient) replaced so that the optimizer's update is
+    that of the clipped GLOBAL gradient, as one device clips it.
+
+    Keras 3.15 clips (clipnorm, global_clipnorm, clipvalue) each replica's gradient before the
+    all-reduce sums them: with 2 replicas each half is clipped to the norm, and the update can be
+    twice one device's. Here, under a multi-replica strategy with clipping set, the gradients are
+    summed across replicas first (the sum the optimizer would form), clipped with the optimizer's
+    own `_clip_gradients` (the same arithmetic as on one device), and handed to replica 0, the
+    other replicas contributing zeros: the optimizer's sum is then the clipped global gradient
+    exactly (g + 0 = g). The optimizer's per-replica clipping is turned off for that context
+    (`_defer_clipping_to_the_model`). Costs one extra all-reduce of the gradients per step, only
+    when clipping is set. On one device, without clipping, or with Keras' gradient accumulation,
+    `grads` are returned unchanged."""
+    clipper = gradient_clipping_optimizer(optimizer)
+    if clipper is None or _replicas_in_sync() == 1 or getattr(clipper, "gradient_accumulation_steps", None):
+        return grads  # (with gradient accumulation Keras clips the accumulated sum: left to Keras)
+    _defer_clipping_to_the_model(clipper)
+    ctx = tf.distribute.get_replica_context()
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+    clipped = type(clipper)._clip_gradients(clipper, summed)
+    keep = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
+    out = list(grads)
+    for i, g in zip(present, clipped):
+        out[i] = _scale_gradient(g, keep)
+    return out

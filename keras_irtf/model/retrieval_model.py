@@ -16,6 +16,11 @@ and train_step differentiates the SCALED loss (the inner tape of GA^A too), unsc
 gradients before the isotropic noise is added, and counts the steps the optimizer skips because
 the scaled gradients were not finite ("skipped_steps"); the logged losses are unscaled and
 average the applied steps.
+
+Under tf.distribute every loss term is divided by the global batch, and the optimizer's clipping
+(optim.clipnorm) applies to the summed gradient, as on one device
+(keras_irtf.model.optimizers.clip_global_gradients); docs/distributed.md states what a
+multi-replica run reproduces.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from keras_irtf.config import ConfigError
 from keras_irtf.model import losses as L
 from keras_irtf.model import precision as P
 from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
+from keras_irtf.model.optimizers import clip_global_gradients
 from keras_irtf.layers.normalization import ScaledL2Normalization
 
 
@@ -273,11 +279,19 @@ class ComposedRetrievalModel(keras.Model):
             terms = self.compute_loss_terms(batch, training=True, loss_scale=scale)
             loss = terms["loss"] if scale is None else terms["loss"] * scale
         grads = tape.gradient(loss, variables)
+        replicas, _ = L.replica_info()
         if scale is not None:
             # a step is skipped when its scaled gradients are not finite, or its scaled loss: an
             # overflow in GA^A's inner (scaled) gradient leaves dL/dx and so the penalty undefined
             # even where the outer gradients happen to stay finite
             finite = tf.logical_and(self.optimizer.check_finite(grads), tf.reduce_all(tf.math.is_finite(loss)))
+            skipped = 1.0 - tf.cast(finite, tf.float32)
+            if replicas > 1:
+                # skipped when ANY replica overflowed, and every replica knows it: the
+                # LossScaleOptimizer takes its decision from one replica's gradients
+                ctx = tf.distribute.get_replica_context()
+                skipped = tf.minimum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, skipped), 1.0)
+                finite = skipped < 0.5
             # unscale here, so that the gradient hooks (the isotropic noise) act on the true
             # gradients: the noise must not be multiplied by the loss scale
             grads = [None if g is None else g / scale for g in grads]
@@ -286,6 +300,9 @@ class ComposedRetrievalModel(keras.Model):
             for name, value in logged.items():  # e.g. L_GA^I = sum_v noise_v . v
                 terms[name] = value
                 terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
+        # optimizer clipping (optim.clipnorm) acts on the global gradient, as on one device: Keras
+        # would clip each replica's share before the sum (no-op on one device or without clipping)
+        grads = clip_global_gradients(self.optimizer, grads)
         if scale is not None:
             # the LossScaleOptimizer divides by its scale, skips the update when a gradient is not
             # finite and adapts the scale: hand it scaled gradients again (the scale is a power of
@@ -293,11 +310,6 @@ class ComposedRetrievalModel(keras.Model):
             # skip gets NaN gradients, so that the optimizer skips it as it skips an overflow
             nan = tf.constant(float("nan"), tf.float32)
             grads = [None if g is None else tf.where(finite, g * scale, tf.cast(nan, g.dtype)) for g in grads]
-            replicas, _ = L.replica_info()
-            skipped = 1.0 - tf.cast(finite, tf.float32)
-            ctx = tf.distribute.get_replica_context()
-            if replicas > 1:  # the optimizer skips when any replica overflowed
-                skipped = tf.minimum(ctx.all_reduce(tf.distribute.ReduceOp.SUM, skipped), 1.0)
             terms["skipped_steps"] = skipped
         self.optimizer.apply(grads, variables)
         return self._record(terms)
