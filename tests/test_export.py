@@ -236,6 +236,8 @@ def test_export_info_and_gallery_list(exported, css_smoke_root):
     assert exported.name == "1" and exported.parent.name == "css_smoke_tirg"
     assert info["endpoints"] == ["serving_default", "embed_image", "retrieve"]
     assert info["image_size"] == 64 and info["text_preprocessing"] == "vocabulary"
+    # core TensorFlow ops only: loading needs no op library (a CLIP export records tensorflow_text)
+    assert info["op_libraries"] == [] and info["op_library_details"] == {}
     listed = (exported / "assets.extra" / "gallery.txt").read_text().split()
     assert listed == list_gallery(Path(css_smoke_root) / "images")
     assert info["gallery"]["size"] == len(listed)

@@ -6,7 +6,11 @@
 The SavedModel is written through `keras.export.ExportArchive` into TF Serving's layout
 `<out>/<name>/<version>/` and holds everything a client needs: image decoding (JPEG, PNG, GIF,
 BMP), resizing and normalisation, and text vectorisation are inside the graph. It loads with
-`tf.saved_model.load` alone (no keras, no keras_irtf). Endpoints (signatures):
+`tf.saved_model.load` alone (no keras, no keras_irtf), once the op libraries its graph runs beyond
+core TensorFlow are registered: a CLIP, SigLIP or BERT text encoder tokenises with tensorflow-text
+ops, so `import tensorflow_text` comes first. The export's description records them
+("op_libraries", keras_irtf.serving.op_libraries) and `load_export` registers them. Endpoints
+(signatures):
 
     serving_default  image_bytes string [B], text string [B] -> embedding float32 [B, D]
     embed_image      image_bytes string [B]                  -> embedding float32 [B, D]
@@ -27,8 +31,10 @@ Each version folder carries keras_irtf's ownership marker (`.keras_irtf.json`, k
 version"; TF Serving and `tf.saved_model.load` ignore it): `--force` replaces only a version
 folder that holds it, never a folder someone else put there.
 
-Reading an export back (`open_export`, used by tools/query.py and tools/demo.py) checks every
-file it reads and reports a truncated, missing or garbled one as a `DamagedExport` naming it.
+Reading an export back (`open_export`, used by tools/query.py and tools/demo.py, which loads the
+SavedModel through `load_export`) checks every file it reads and reports a truncated, missing or
+garbled one as a `DamagedExport` naming it, and an op library that cannot be loaded as a
+`MissingOpLibrary` naming the package to install.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import time
@@ -47,21 +54,17 @@ import numpy as np
 from keras_irtf.safety import (NotOwnedError, OutsideRootError, is_empty_folder, mark_owned, not_owned_error,
                                owned_kind, remove_owned, replace_folder, resolve_under)
 
-EXPORT_INFO_NAME = "keras_irtf_export.json"  # in <version>/assets.extra/ (TF Serving's extras folder)
+from keras_irtf.serving import op_libraries
+from keras_irtf.serving.errors import EXPORT_INFO_NAME, DamagedExport, ExportError, damaged_export  # noqa: F401
+
+log = logging.getLogger(__name__)
+
 GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
 GALLERY_HASHES_NAME = "gallery_sha256.txt"  # the sha256 of each gallery file's bytes, in id order
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
 VERSION_KIND = "export version"  # the ownership marker's kind in every version folder written here
 STAGING_KIND = "export in progress"  # the hidden folder a version is written in
-
-
-class ExportError(ValueError):
-    """An export that cannot be made (bad run folder, gallery, version); the message says why."""
-
-
-class DamagedExport(ExportError):
-    """An export version folder holding a file that cannot be read (truncated, missing, garbled)."""
 
 
 # ---- preprocessing ---------------------------------------------------------------------------
@@ -418,7 +421,7 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
     if gallery is not None:
         gallery_paths = list_gallery(gallery)
         if verbose:
-            print(f"embedding {len(gallery_paths)} gallery images from {gallery}", flush=True)
+            log.info(f"embedding {len(gallery_paths)} gallery images from {gallery}")
         gallery_emb = embed_gallery_files(model, image_prep, gallery, gallery_paths, batch_size, max_pixels)
 
     archive = build_export_archive(model, image_prep, text_prep, gallery_emb, gallery_paths, max_pixels)
@@ -445,6 +448,11 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
 
     def write(tmp):
         archive.write_out(str(tmp), verbose=False)
+        # the op libraries beyond core TensorFlow the written graph runs (tensorflow-text for the
+        # CLIP / SigLIP / BERT tokenizers): every loader registers them first (load_export)
+
+        info.update(op_libraries.describe(op_libraries.required_op_libraries(
+            op_libraries.read_graph_op_names(tmp))))
         extra = Path(tmp) / "assets.extra"
         extra.mkdir(exist_ok=True)
         (extra / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
@@ -456,7 +464,10 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
 
     path = write_atomically(out, version, write, force=force)
     if verbose:
-        print(f"exported {path} (endpoints: {', '.join(endpoints)})", flush=True)
+        log.info(f"exported {path} (endpoints: {', '.join(endpoints)})")
+        for library, d in info["op_library_details"].items():
+            log.info(f"loading it needs {d['package']} {d['version'] or ''}".rstrip()
+                     + f": `import {library}` before tf.saved_model.load (keras_irtf's loaders do it)")
     return path
 
 
@@ -498,19 +509,6 @@ def read_export_info(version_dir) -> dict:
 # ---- reading an export back: tools/query.py and the demo ----------------------------------------
 
 
-def damaged_export(path, problem) -> DamagedExport:
-    """The one-line error for an export file (or folder) that cannot be read: `problem` is a text
-    or the exception (its first line is kept; TensorFlow's go on for many)."""
-    lines = [line.strip() for line in str(problem).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(problem).__name__
-    if reason.startswith(str(path)):  # TensorFlow's "<file>; No such file or directory"
-        reason = reason[len(str(path)):].lstrip(";: ") or reason
-    reason = reason[:300]
-    if isinstance(problem, (IndexError, KeyError, RuntimeError)):  # messages that do not say what failed
-        reason = f"{type(problem).__name__}: {reason}"
-    return DamagedExport(f"damaged export: {path}: {reason}; export the run again (tools/export.py)")
-
-
 def _read_lines(path, what: str) -> Optional[list]:
     """The lines of an assets.extra list file (None when there is none); DamagedExport when it
     cannot be read as UTF-8 text."""
@@ -522,22 +520,20 @@ def _read_lines(path, what: str) -> Optional[list]:
         raise damaged_export(path, f"cannot read the {what} ({e})") from None
 
 
-def _register_text_ops() -> bool:
-    """Register tensorflow-text's ops (BERT exports hold them; TF Serving links them too)."""
-    try:
-        import tensorflow_text  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def load_export(path, info: Optional[dict] = None):
+    """`tf.saved_model.load(path)` of an export version folder, after registering the op libraries
+    its graph runs beyond core TensorFlow (the export's description records them under
+    "op_libraries"; keras_irtf.serving.op_libraries). The one loader of exports: tools/query.py,
+    the demo and open_export go through it. `info`: the export's description (read here when None).
 
-
-def load_saved_model(path, text_ops: bool = False):
-    """`tf.saved_model.load(path)`; a truncated saved_model.pb, missing or truncated variables, or
-    any other load failure raises DamagedExport naming the file or folder. `text_ops`: register
-    tensorflow-text's ops first (also done, and retried, when the graph names an unknown op)."""
+    A truncated saved_model.pb, missing or truncated variables, or any other load failure raises
+    DamagedExport naming the file or folder; an op library that cannot be loaded raises
+    keras_irtf.serving.op_libraries.MissingOpLibrary naming the export, the op and the package."""
     import tensorflow as tf
     from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
+
+    from keras_irtf.serving.op_libraries import MissingOpLibrary, graph_op_names, register_op_libraries
 
     path = Path(path)
     pb = path / "saved_model.pb"
@@ -548,21 +544,20 @@ def load_saved_model(path, text_ops: bool = False):
         raise damaged_export(pb, f"not a SavedModel protocol buffer ({e})") from None
     if not saved.meta_graphs:
         raise damaged_export(pb, "it holds no MetaGraph (an empty or cut-short file)")
-    if text_ops:
-        _register_text_ops()
+    if info is None:
+        info = read_export_info(path) if (path / "assets.extra" / EXPORT_INFO_NAME).is_file() else {}
+    register_op_libraries(path, info, graph_op_names(saved))
     try:
-        try:
-            return tf.saved_model.load(str(path))
-        except tf.errors.NotFoundError as e:
-            if "not registered" not in str(e) or not _register_text_ops():
-                raise
-            return tf.saved_model.load(str(path))
-    except tf.errors.NotFoundError as e:
-        if "not registered" in str(e):  # not damage: an op library this process lacks
-            raise ExportError(f"{path}: the SavedModel needs an op this TensorFlow does not have "
-                              f"({' '.join(str(e).split())[:200]}); install tensorflow-text") from None
+        return tf.saved_model.load(str(path))
+    except (tf.errors.NotFoundError, RuntimeError) as e:
+        found = re.search(r"Op type not registered '([^']+)'", str(e))
+        if found:  # not damage: an op library this process lacks (a graph function the scan missed)
+            raise MissingOpLibrary(f"{path}: its graph runs the op {found.group(1)}, which TensorFlow "
+                                   f"{tf.__version__} does not register: install the package that provides it "
+                                   f"(for tensorflow-text: pip install tensorflow-text=="
+                                   f"{'.'.join(tf.__version__.split('.')[:2])}.*)") from None
         raise damaged_export(_damaged_part(path, e), e) from None
-    except (tf.errors.OpError, OSError, ValueError, RuntimeError, IndexError, KeyError, TypeError) as e:
+    except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         raise damaged_export(_damaged_part(path, e), e) from None
 
 
@@ -609,7 +604,7 @@ def open_export(path, require_info: bool = True) -> OpenedExport:
                                or not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)):
         raise damaged_export(extra / GALLERY_HASHES_NAME, f"expected one sha256 a line for each entry of "
                                                           f"{GALLERY_LIST_NAME}")
-    module = load_saved_model(path, text_ops=str(info.get("text_encoder", "")).startswith("bert"))
+    module = load_export(path, info)  # registers the op libraries the export records first
     return OpenedExport(path, info, module, paths, hashes)
 
 

@@ -6,8 +6,10 @@
     draw_results("q.png", "make the red cube blue", results, "grid.png", targets=["data/gallery/t.png"])
 
 Only TensorFlow and Pillow are needed: the exported graph decodes the images and vectorises the
-text. When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in
-the graph; otherwise the gallery is embedded through `embed_image` and ranked here.
+text (an export that tokenises with tensorflow-text ops, CLIP / SigLIP / BERT, also needs that
+package: keras_irtf.serving.export.load_export registers the op libraries the export records).
+When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in the
+graph; otherwise the gallery is embedded through `embed_image` and ranked here.
 """
 
 from __future__ import annotations
