@@ -1,10 +1,12 @@
-"""What every tool's command line shares: --import, --verbose, and a quiet TensorFlow start.
+"""What every tool's command line shares: --import, -q/--quiet, -v/--verbose, the log's format
+and a quiet TensorFlow start.
 
-Each tool first reads `--import MODULE` (repeatable) and `--verbose`, imports the user's
-modules (their registrations join keras_irtf.registry), and only then builds its full argument
-parser, whose choices are read from the registries:
+Each tool first reads `--import MODULE` (repeatable), `--quiet` and `--verbose`, sends the
+library's log (the `keras_irtf` loggers) to standard error, imports the user's modules (their
+registrations join keras_irtf.registry), and only then builds its full argument parser, whose
+choices are read from the registries:
 
-    pre = cli.preparse(argv)                  # --import, --verbose; TensorFlow started quietly
+    pre = cli.preparse(argv)                  # --import, -q, -v; TensorFlow started quietly
     parser = argparse.ArgumentParser(...)
     cli.add_common(parser)
     parser.add_argument("--method", choices=cli.names("composer"))
@@ -13,6 +15,7 @@ parser, whose choices are read from the registries:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -21,25 +24,67 @@ def add_common(parser: argparse.ArgumentParser):
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import a module (dotted name or .py path) before the config is read, so that its "
                              "registered composers, encoders, datasets and GA methods can be named (repeatable)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also show TensorFlow's own start-up log lines (hidden by default)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="show only warnings and errors on standard error (no progress or notes)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show debug notes and TensorFlow's own start-up log lines (hidden by default)")
 
 
 def preparse(argv=None):
-    """Read --import and --verbose, start TensorFlow (quietly unless --verbose), import the
-    user's modules. Returns the namespace of those two options."""
+    """Read --import, --quiet and --verbose, send the keras_irtf log to standard error, start
+    TensorFlow (quietly unless --verbose), import the user's modules. Returns the namespace of
+    those options."""
     pre = argparse.ArgumentParser(add_help=False)
     add_common(pre)
     known, _ = pre.parse_known_args(argv)
+    configure_logging(logging.WARNING if known.quiet else logging.DEBUG if known.verbose else logging.INFO)
     start_tensorflow(verbose=known.verbose)
     from keras_irtf.registry import RegistryError, import_modules
 
     try:
         import_modules(known.imports)
     except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         raise SystemExit(2) from None
     return known
+
+
+class _Console(logging.StreamHandler):
+    """A stream handler that writes to the current sys.stderr unless given a stream (so that a
+    redirected or captured stderr is followed)."""
+
+    _keras_irtf_console = True
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self._fixed = stream
+
+    def emit(self, record):
+        self.stream = self._fixed or sys.stderr
+        super().emit(record)
+
+
+class _ConsoleFormat(logging.Formatter):
+    """Notes as they are; warnings and errors start with their level ("warning: ...")."""
+
+    def format(self, record):
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(level=logging.INFO, stream=None):
+    """Send the `keras_irtf` loggers to `stream` (standard error by default) at `level`, one
+    plain line a record. Standard output is left to results. Called again, it replaces the
+    handler it added before."""
+    logger = logging.getLogger("keras_irtf")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_keras_irtf_console", False):
+            logger.removeHandler(handler)
+    handler = _Console(stream)
+    handler.setFormatter(_ConsoleFormat("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return handler
 
 
 def start_tensorflow(verbose: bool = False):

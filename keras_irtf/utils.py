@@ -1,36 +1,53 @@
-"""Small helpers: the progress bar (Keras' Progbar), atomic file writes, JSON I/O."""
+"""Small helpers: progress reports, atomic file writes, JSON I/O."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 class Progress:
-    """Keras' Progbar, fed with increments: the one progress-bar style of keras_irtf (training
-    shows Keras' own). Redrawn in place on a terminal; in a log file, a line every 10 seconds."""
+    """Progress of a long loop, fed with increments, on standard error (standard output carries
+    results only). On a terminal, Keras' Progbar redrawn in place (the style training shows);
+    otherwise (a log file, a pipe) a plain line through the `keras_irtf` log at every tenth of
+    the way, with no control codes."""
 
     def __init__(self, total: int, desc: str = "", enabled: bool = True, unit: str = "step"):
         self.total = max(int(total), 1)
         self.count = 0
         self.enabled = enabled
+        self.desc = desc or "progress"
+        self.unit = unit
         self.bar = None
+        self._tenths = 0
         if enabled:
-            import keras
-
-            tty = sys.stdout.isatty()
             if desc:
-                print(desc, flush=True)
-            self.bar = keras.utils.Progbar(self.total, interval=0.05 if tty else 10.0, unit_name=unit)
+                log.info(desc)
+            if sys.stderr.isatty():
+                import keras
+
+                with contextlib.redirect_stdout(sys.stderr):
+                    self.bar = keras.utils.Progbar(self.total, interval=0.05, unit_name=unit)
 
     def update(self, n: int = 1):
         self.count = min(self.count + int(n), self.total)
         if self.bar is not None:
-            self.bar.update(self.count)
+            with contextlib.redirect_stdout(sys.stderr):  # Keras writes its bar to sys.stdout
+                self.bar.update(self.count)
+        elif self.enabled:
+            tenths = self.count * 10 // self.total
+            if tenths > self._tenths:
+                self._tenths = tenths
+                units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
+                log.info(f"{self.desc}: {self.count}/{self.total} {units} ({tenths * 10}%)")
 
     def close(self):
         if self.count < self.total:

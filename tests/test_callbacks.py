@@ -102,3 +102,25 @@ def test_values_are_window_means_across_epoch_boundaries(logged):
 def test_bad_frequency_is_rejected():
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         TrainingScalars("/tmp/unused", every_n_steps=0)
+
+
+def test_a_training_that_raises_leaves_the_summary_state_as_it_was(css_smoke_root, tmp_path):
+    """Keras' TensorBoard callback makes its writer the default with a record-every-N condition
+    until on_train_end; a training that raises must not leave them behind, or every later summary
+    of the process (the next run's window means) is filtered by the dead run's step counter."""
+    from tests.conftest import tiny_config
+    from keras_irtf.training.loop import train
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("stopped by the test")
+
+    cfg = tiny_config(css_smoke_root, f"train.out={tmp_path / 'run'}", "train.steps=6", "train.log_every_steps=4")
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        train(cfg, verbose=0, callbacks=[Stop()])
+    writer = tf.summary.create_file_writer(str(tmp_path / "after"))
+    with writer.as_default(step=1):
+        tf.summary.scalar("after", 1.0)  # step 1: dropped if the dead run's "step % 4 == 0" still applies
+    writer.close()
+    assert read_scalars(tmp_path / "after")["after"] == {1: 1.0}

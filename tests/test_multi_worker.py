@@ -35,7 +35,8 @@ def test_two_workers_on_localhost_train_in_lock_step(css_smoke_root, tmp_path):
     procs = []
     for tf_config in localhost_tf_configs(2):
         worker_env = dict(env, TF_CONFIG=tf_config)
-        procs.append(subprocess.Popen(_args(css_root=css_smoke_root, out=tmp_path / "mw", steps=steps) + ["--strategy", "multi_worker"],
+        procs.append(subprocess.Popen([a for a in _args(css_root=css_smoke_root, out=tmp_path / "mw", steps=steps)
+                                       if a != "--quiet"] + ["--strategy", "multi_worker"],  # its notes: the digest
                                       env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     for p in procs:
@@ -46,7 +47,7 @@ def test_two_workers_on_localhost_train_in_lock_step(css_smoke_root, tmp_path):
                 q.kill()
             raise
         assert p.returncode == 0, err[-3000:]
-        outputs.append(out)
+        outputs.append(err)  # the worker's note is a line of the log, on standard error
     digests = [re.search(r"worker (\d) of 2: final weights sha256 ([0-9a-f]{64})", out) for out in outputs]
     assert all(digests), outputs
     assert [int(d.group(1)) for d in digests] == [0, 1]

@@ -99,28 +99,30 @@ def test_input_conversion_follows_the_preset_converter(preset, tmp_path):
     assert np.allclose(got, expected, atol=1e-5)
 
 
-def test_build_model_loads_the_preset_weights(preset, capsys):
+def test_build_model_loads_the_preset_weights(preset, caplog):
     from keras_irtf.experiment import build_model
 
+    caplog.set_level("INFO", logger="keras_irtf")
     model = build_model(config(f"model.image_encoder.weights={preset}"), vocab_size=20)
     enc = model.image_encoder
     assert isinstance(enc, PretrainedImageEncoder) and enc.pretrained and enc.input_scale is None
     saved = keras_hub.models.Backbone.from_preset(str(preset))
     for a, b in zip(enc.backbone.weights, saved.weights):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert "pretrained keras-hub backbone from" in capsys.readouterr().out
+    assert "pretrained keras-hub backbone from" in caplog.text
     # weights are a key of resnet18 only: on the small CNN they are refused, naming who has them
     with pytest.raises(ConfigError, match="unknown key model.image_encoder.weights.*is a key of: resnet18"):
         config("model.image_encoder=small_cnn", f"model.image_encoder.weights={preset}")
 
 
-def test_random_init_is_logged(capsys):
+def test_random_init_is_logged(caplog):
     from keras_irtf.layers import ResNet18Encoder
     from keras_irtf.experiment import build_model
 
+    caplog.set_level("INFO", logger="keras_irtf")
     model = build_model(config(), vocab_size=20)
     assert isinstance(model.image_encoder, ResNet18Encoder)
-    assert "random initialisation" in capsys.readouterr().out
+    assert "random initialisation" in caplog.text
 
 
 def test_backbone_learning_rate_is_a_tenth(preset):
@@ -180,12 +182,14 @@ def test_tools_train_with_image_weights_trains_a_step(preset, tmp_path, capsys):
     out = tmp_path / "run"
     rc = tool.main([
         "--dataset", "mitstates", "--data-root", str(data), "--image-weights", str(preset), "--steps", "1",
-        "--out", str(out), "--quiet", "--set", "data.image_size=32", "--set", "train.batch_size=4",
+        "--out", str(out), "--set", "data.image_size=32", "--set", "train.batch_size=4",
         "--set", "train.steps_per_epoch=1", "--set", "data.train_recall_queries=8", "--set", "model.embed_dim=16",
         "--set", "model.text_encoder.word_embed_dim=8", "--set", "model.text_encoder.hidden_dim=16", "--set", "eval.batch_size=16",
     ])
     assert rc == 0
-    assert "pretrained keras-hub backbone from" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "pretrained keras-hub backbone from" in printed.err  # a note of the log, on standard error
+    assert "pretrained keras-hub" not in printed.out  # standard output carries the results only
     model = load_model(out / "model.keras")
     saved = keras_hub.models.Backbone.from_preset(str(preset))
     kernel = "conv1_conv/kernel"

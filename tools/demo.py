@@ -45,6 +45,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from keras_irtf.cli import start_tensorflow
+
+    start_tensorflow(verbose=args.log_level == "debug")  # without its C++ start-up lines (kept with debug)
     try:
         from keras_irtf.demo import DemoError, Limits, build_app, missing_extra, serve
     except ImportError as e:

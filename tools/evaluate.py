@@ -51,7 +51,6 @@ def main(argv=None):
                    "noise,jpeg,fgsm,pgd,text (default all)")
     p.add_argument("--submission", metavar="DIR",
                    help="instead: a CIRR run's test1 rankings in the evaluation server's two JSON files, into DIR")
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.submission:
         if len(args.run) > 1:

@@ -11,7 +11,10 @@ overwritten unless --force is given, and --force replaces only a version folder 
 wrote (it carries the marker file .keras_irtf.json): a folder of anyone else's is refused.
 --name is one plain folder name inside --out. Endpoints: serving_default (image_bytes + text ->
 embedding), embed_image (image_bytes -> embedding) and, with --gallery, retrieve (image_bytes +
-text + k -> top-k gallery ids, paths, scores).
+text + k -> top-k gallery ids, paths, scores). The export records the op libraries its graph
+needs beyond core TensorFlow (tensorflow-text for CLIP, SigLIP and BERT text encoders) in
+assets.extra/keras_irtf_export.json ("op_libraries"); a client must load them before
+tf.saved_model.load (docs/serving.md).
 """
 
 import argparse
@@ -38,7 +41,6 @@ def main(argv=None):
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse served images whose header declares more pixels, before decoding them "
                         "(default 40000000; 0 = no limit)")
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
     from keras_irtf.config import ConfigError

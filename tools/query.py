@@ -5,13 +5,21 @@ text, then the top results with their scores, the ground-truth target framed in 
     python tools/query.py --model exported/css_tirg_s0/1 --image q.png --text "make it red" \\
         --gallery data/gallery --top 10 --out grid.png [--target data/gallery/t.png]
 
-Needs only TensorFlow and Pillow (the SavedModel decodes the images and reads the text). With
+Needs only TensorFlow and Pillow (the SavedModel decodes the images and reads the text), plus
+tensorflow-text for an export whose text encoder tokenises with it (CLIP, SigLIP, BERT): the
+export records the op libraries it needs and they are loaded first (docs/serving.md). With
 an export made with --gallery over the same folder, the ranking runs in the graph (`retrieve`);
 otherwise the gallery is embedded with `embed_image` first. The query image is left out of the
 results when it is a gallery file (--keep-query to keep it).
+
+With --json, standard output is one JSON object (the query and its ranked results) and nothing
+else, and the figure is drawn only when --out is given:
+
+    python tools/query.py --model ... --image q.png --text "make it red" --gallery data/gallery --json > out.json
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,12 +37,16 @@ def main(argv=None):
     p.add_argument("--text", required=True, help="modification text")
     p.add_argument("--gallery", required=True, help="folder of gallery images (recursive)")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--out", default="grid.png", help="figure to write (PNG)")
+    p.add_argument("--out", help="figure to write (PNG; default grid.png, none with --json)")
     p.add_argument("--target", action="append", default=[],
                    help="ground-truth image (a gallery file; repeatable): framed when retrieved")
     p.add_argument("--keep-query", action="store_true", help="do not drop the query image from the results")
     p.add_argument("--thumb", type=int, default=128, help="thumbnail size in pixels")
+    p.add_argument("--json", action="store_true",
+                   help="print the ranked results as one JSON object on standard output (and nothing else)")
     args = p.parse_args(argv)
+    if args.out is None and not args.json:
+        args.out = "grid.png"
     if args.top < 1:
         p.error("--top must be >= 1")
 
@@ -64,11 +76,20 @@ def main(argv=None):
     from keras_irtf.serving.export import file_sha256
 
     target_hashes = {file_sha256(t) for t in targets}  # by content, as draw_results frames them
+    if args.out:
+        draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
+                     title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model), "image": str(args.image), "text": args.text, "gallery": str(gallery),
+            "results": [{"rank": r.rank, "path": str(r.path), "score": r.score, "gallery_id": r.gallery_id,
+                         "sha256": r.sha256, "target": r.sha256 in target_hashes} for r in results],
+            "figure": args.out,
+        }, indent=2))
+        return 0
     for r in results:
         mark = "  <- target" if r.sha256 in target_hashes else ""
         print(f"{r.rank:3d}  {r.score:9.4f}  {r.path}{mark}")
-    draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
-                 title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")
     print(f"figure: {args.out}")
     return 0
 

@@ -54,7 +54,6 @@ def parse_args(argv=None):
     p.add_argument("--devices", help="devices for mirrored: 'cpu:N' (N logical CPUs) or '/gpu:0,/gpu:1'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. train.steps=500 or model.image_encoder.weights=DIR")
-    p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 

@@ -26,6 +26,7 @@ paper's headline (R@5 + R_subset@1) / 2 ("avg_R@5_R_subset@1"). WHM uses R@1, R@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from keras_irtf.data.base import DatasetError, Queries
 from keras_irtf.data.named_images import (NamedImageDataset, field, named_queries, named_split, read_json_file,
                                           report_dropped, unique)
 from keras_irtf.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_AT = "https://github.com/Cuberick-Orion/CIRR"
 IMAGES_AT = "https://github.com/lil-lab/nlvr/tree/master/nlvr2 (NLVR2 raw images; see CIRR's README)"
@@ -256,10 +259,10 @@ class CIRRDataset(NamedImageDataset):
         self._test1_texts = [q["caption"] for q in read_captions(self.root, self.arrangement, "test1", False)] \
             if test1.is_file() else []
         if verbose:
-            print(f"CIRR ({self.arrangement} arrangement): {self.num_training_triplets} training triplets over "
-                  f"{self.train.num_images} images, {len(self.test.test_queries)} val queries, "
-                  f"{self.test.num_images} val images"
-                  + (f", {len(self._test1_texts)} test1 queries" if self._test1_texts else ""), flush=True)
+            log.info(f"CIRR ({self.arrangement} arrangement): {self.num_training_triplets} training triplets over "
+                     f"{self.train.num_images} images, {len(self.test.test_queries)} val queries, "
+                     f"{self.test.num_images} val images"
+                     + (f", {len(self._test1_texts)} test1 queries" if self._test1_texts else ""))
 
     def extra_texts(self):
         """test1's captions: the submission embeds them (a frozen text encoder's cache needs them)."""

@@ -12,11 +12,14 @@ happens when the PNGs are absent.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+
+log = logging.getLogger(__name__)
 
 NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
 IMAGE_PATTERN = "css_{split}_{index:06d}.png"
@@ -184,7 +187,7 @@ class CSSDataset(RetrievalDataset):
         if folder.is_dir() and any(True for _ in folder.glob("css_*.png")):
             return "png"
         if verbose:
-            print(f"CSS: {folder} holds no PNGs; drawing every scene in 2D (--css-images 2d)", flush=True)
+            log.info(f"CSS: {folder} holds no PNGs; drawing every scene in 2D (--css-images 2d)")
         return "2d"
 
     def _load_images(self, split, objects_img, mode, image_size, verbose):
@@ -227,8 +230,8 @@ class CSSDataset(RetrievalDataset):
             that image's others (a fresh first query when it has none; TIRG's loop would not end).
             Records differ in size (a "remove <cell> object" record holds many pairs, an "add
             <object> to <cell>" record few), so this favours the texts of small records.
-        uniform_pairs: the first query uniformly over all (from, to) pairs (keras_irtf before
-            issue 14); the second as above, a different text on the same source.
+        uniform_pairs: the first query uniformly over all (from, to) pairs; the second as
+            above, a different text on the same source.
         """
         if self.sampler not in CSS_SAMPLERS:
             raise ValueError(f"CSS sampler must be one of {CSS_SAMPLERS}, got {self.sampler!r}")

@@ -25,12 +25,15 @@ comparable with published ones.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
 from keras_irtf.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_AT = "https://github.com/xthan/fashion-200k"
 TEST_QUERIES_AT = "https://github.com/google/tirg (README, 'Fashion200k dataset': test_queries.txt)"
@@ -248,9 +251,9 @@ class Fashion200kDataset(RetrievalDataset):
             else:
                 split.test_queries = self._test_queries(dropped_paths, test_query_seed, verbose)
         if verbose:
-            print(f"Fashion200k: {self.train.num_images} train images "
-                  f"({int(self._index['train'].modifiable.sum())} modifiable), {self.test.num_images} test "
-                  f"images, {len(self.test.test_queries)} test queries ({self.test_queries_source})", flush=True)
+            log.info(f"Fashion200k: {self.train.num_images} train images "
+                     f"({int(self._index['train'].modifiable.sum())} modifiable), {self.test.num_images} test "
+                     f"images, {len(self.test.test_queries)} test queries ({self.test_queries_source})")
 
     # ---- test queries -----------------------------------------------------------------------
     def _test_queries(self, dropped_paths, seed, verbose):
@@ -282,13 +285,12 @@ class Fashion200kDataset(RetrievalDataset):
                     src.append(file_to_id[parts[0]])
                     tgt.append(file_to_id[parts[1]])
             if self.dropped_test_queries and verbose:
-                print(f"warning: {self.dropped_test_queries} test queries dropped: their images were skipped",
-                      flush=True)
+                log.warning(f"{self.dropped_test_queries} test queries dropped: their images were skipped")
         else:
             self.test_queries_source = "generated: no test_queries.txt"
-            print(f"warning: {path} not found; generating test queries from the test split with the training "
-                  f"construction (seed {seed}). Recalls are NOT comparable with published Fashion200k numbers: "
-                  f"get test_queries.txt from {TEST_QUERIES_AT}.", flush=True)
+            log.warning(f"{path} not found; generating test queries from the test split with the training "
+                        f"construction (seed {seed}). Recalls are NOT comparable with published Fashion200k numbers: "
+                        f"get test_queries.txt from {TEST_QUERIES_AT}.")
             index = _PairIndex(split.captions)
             rng = np.random.default_rng(seed)
             for i in np.flatnonzero(index.modifiable):

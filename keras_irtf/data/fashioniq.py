@@ -29,6 +29,7 @@ it); Recall@K per category ("dress_R@10") and the mean over the categories ("R@1
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from keras_irtf.data.base import DatasetError
 from keras_irtf.data.named_images import (NamedImageDataset, field, named_queries, named_split, read_json_file,
                                           report_dropped, unique)
 from keras_irtf.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_AT = "https://github.com/XiaoxiaoGuo/fashion-iq"
 CATEGORIES = ("dress", "shirt", "toptee")
@@ -184,8 +187,8 @@ def resolve_images(root, names, index, on_bad_image="error", verbose=True):
             f"data.on_bad_image=skip to leave out the queries that need them."
         )
     if missing and verbose:
-        print(f"warning: skipping {len(missing)} FashionIQ image(s) missing from {images_dir} "
-              f"(data.on_bad_image=skip): {', '.join(missing[:5])}", flush=True)
+        log.warning(f"skipping {len(missing)} FashionIQ image(s) missing from {images_dir} "
+                    f"(data.on_bad_image=skip): {', '.join(missing[:5])}")
     report_outside(outside, "FashionIQ images", verbose)
     return found
 
@@ -245,9 +248,9 @@ class FashionIQDataset(NamedImageDataset):
                                                    [join_captions(t[2], t[3]) for t in rows], [t[1] for t in rows])
                 self.query_categories = np.array([c for c in self.categories for _ in kept[c]], dtype=object)
         if verbose:
-            print(f"FashionIQ ({', '.join(self.categories)}): {self.num_training_triplets} training triplets over "
-                  f"{self.train.num_images} images, {len(self.test.test_queries)} val queries, "
-                  f"{self.test.num_images} val images", flush=True)
+            log.info(f"FashionIQ ({', '.join(self.categories)}): {self.num_training_triplets} training triplets over "
+                     f"{self.train.num_images} images, {len(self.test.test_queries)} val queries, "
+                     f"{self.test.num_images} val images")
 
     def test_protocol(self, split_name, queries):
         """Per category: its queries against its own val images, the reference kept (CLIP4Cir)."""

@@ -41,10 +41,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # 2: fingerprints and image keys carry no file location (a store of format 1 is not read; its
 # folder under the store root may be deleted)
@@ -351,9 +354,8 @@ class ImageFeatureCache:
             if len(missing):
                 features[missing] = self._encode(split, missing, name, keys)
             if self.verbose:
-                print(f"feature cache: {name} split, {len(keys)} image(s): {int(have.sum())} from "
-                      f"{self.store.folder if self.store is not None else 'memory'}, {len(missing)} encoded",
-                      flush=True)
+                log.info(f"feature cache: {name} split, {len(keys)} image(s): {int(have.sum())} from "
+                         f"{self.store.folder if self.store is not None else 'memory'}, {len(missing)} encoded")
             self._rows[id(split)] = np.arange(n, n + len(keys), dtype=np.int64)
             chunks.append(features)
             n += len(keys)

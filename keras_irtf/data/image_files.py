@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,8 @@ from keras_irtf.data.base import DatasetError
 from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
 from keras_irtf.safety import mark_owned, not_owned_error, owned_kind
 from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, image_dimensions
+
+log = logging.getLogger(__name__)
 
 OWNED_KIND = "image file cache"
 CACHE_FORMAT = 1  # bump when the preprocessing changes: old caches are then not reused
@@ -100,8 +103,7 @@ def report_bad_images(bad, on_bad_image: str, desc: str, verbose: bool = True):
             f"--set data.on_bad_image=skip to leave them out (they are counted and reported)."
         )
     if verbose:
-        print(f"warning: skipping {len(bad)} unreadable image(s) in {desc} (data.on_bad_image=skip): {listing}",
-              flush=True)
+        log.warning(f"skipping {len(bad)} unreadable image(s) in {desc} (data.on_bad_image=skip): {listing}")
 
 
 # ---- decoding (TensorFlow) -------------------------------------------------------------------
@@ -211,8 +213,8 @@ class ImageFileCache:
             from keras_irtf.utils import Progress
 
             if verbose:
-                print(f"file cache: decoding {len(todo)} image(s) into {self.folder} "
-                      f"({len(self.paths) * self.row_bytes / 2**30:.2f} GiB)", flush=True)
+                log.info(f"file cache: decoding {len(todo)} image(s) into {self.folder} "
+                         f"({len(self.paths) * self.row_bytes / 2**30:.2f} GiB)")
             progress = Progress(len(todo), "caching images", enabled=verbose)
             paths = tf.constant(self.paths)
             size = self.size

@@ -20,12 +20,15 @@ are not used. With the protocol of the TIRG reference code (which the GA paper f
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
 from keras_irtf.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 PUBLISHED_AT = "http://web.mit.edu/phillipi/Public/states_and_transformations/index.html"
 
@@ -112,7 +115,7 @@ class MITStatesDataset(RetrievalDataset):
 
             report_outside(outside, "MIT-States images", verbose)
         if verbose and ignored:
-            print(f"MIT-States: ignored {ignored} file(s) that are not .jpg", flush=True)
+            log.info(f"MIT-States: ignored {ignored} file(s) that are not .jpg")
         test_nouns = set(TEST_NOUNS)
         self.skipped_images = []
         self._nouns, self._adjs, self._noun_adjs, self._caption_images = {}, {}, {}, {}
@@ -133,9 +136,9 @@ class MITStatesDataset(RetrievalDataset):
             recs = [r for r, k in zip(recs, keep) if k]
             self._build_split(split_name, recs, images, on_bad_image)
         if verbose:
-            print(f"MIT-States: {self.train.num_images} train images ({len(self._noun_adjs['train'])} nouns), "
-                  f"{self.test.num_images} test images ({len(self._noun_adjs['test'])} nouns), "
-                  f"{len(self.test.test_queries)} test queries", flush=True)
+            log.info(f"MIT-States: {self.train.num_images} train images ({len(self._noun_adjs['train'])} nouns), "
+                     f"{self.test.num_images} test images ({len(self._noun_adjs['test'])} nouns), "
+                     f"{len(self.test.test_queries)} test queries")
 
     # ---- indexing ---------------------------------------------------------------------------
     def _build_split(self, split_name, recs, images, on_bad_image):

@@ -13,11 +13,14 @@ of the wrong type raises DatasetError naming the file, the line (or entry) and t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+
+log = logging.getLogger(__name__)
 
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", float: "a number"}
 
@@ -103,8 +106,7 @@ def named_queries(split: Split, ids: dict, sources, texts, targets) -> Queries:
 def report_dropped(count: int, desc: str, verbose: bool = True):
     """Warn that `count` queries of `desc` were left out because an image they name was skipped."""
     if count and verbose:
-        print(f"warning: {count} {desc} left out: an image they name was skipped (data.on_bad_image=skip)",
-              flush=True)
+        log.warning(f"{count} {desc} left out: an image they name was skipped (data.on_bad_image=skip)")
 
 
 def unique(items) -> list:

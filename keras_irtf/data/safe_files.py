@@ -15,12 +15,15 @@ reach beyond what it describes are closed here:
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
 
 from keras_irtf.data.base import DatasetError
 from keras_irtf.safety import is_under
+
+log = logging.getLogger(__name__)
 
 
 class UnsafeFileError(DatasetError):
@@ -106,5 +109,5 @@ def report_outside(dropped, desc: str, verbose: bool = True):
     """Warn about entries dropped by contained_path(policy="skip")."""
     if dropped and verbose:
         listing = "; ".join(dropped[:5]) + (f"; and {len(dropped) - 5} more" if len(dropped) > 5 else "")
-        print(f"warning: skipping {len(dropped)} image path(s) outside the dataset root in {desc} "
-              f"(data.on_bad_image=skip): {listing}", flush=True)
+        log.warning(f"skipping {len(dropped)} image path(s) outside the dataset root in {desc} "
+                    f"(data.on_bad_image=skip): {listing}")

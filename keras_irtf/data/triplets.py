@@ -18,6 +18,7 @@ a test target absent from gallery.txt is an error naming its line (it could neve
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from keras_irtf.data.base import DatasetError
 from keras_irtf.data.named_images import (NamedImageDataset, field, json_lines, named_queries, named_split,
                                           report_dropped, unique)
 from keras_irtf.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 FILES = ("train.jsonl", "test.jsonl")
 GALLERY = "gallery.txt"
@@ -148,9 +151,9 @@ class TripletsDataset(NamedImageDataset):
                 if gallery is not None:
                     self.gallery_ids = np.array([ids[g] for g in unique(g for g, _ in gallery) if g in ids], np.int64)
         if verbose:
-            print(f"triplets under {self.root}: {self.num_training_triplets} training triplets over "
-                  f"{self.train.num_images} images, {len(self.test.test_queries)} test queries, gallery of "
-                  f"{self.test.num_images if self.gallery_ids is None else len(self.gallery_ids)} images", flush=True)
+            log.info(f"triplets under {self.root}: {self.num_training_triplets} training triplets over "
+                     f"{self.train.num_images} images, {len(self.test.test_queries)} test queries, gallery of "
+                     f"{self.test.num_images if self.gallery_ids is None else len(self.gallery_ids)} images")
 
     def test_protocol(self, split_name, queries):
         """gallery.txt's images, the source excluded; without it the default (every test image)."""

@@ -15,11 +15,14 @@ ranking is among the query's img_set.members. From the command line:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from keras_irtf.data.base import DatasetError
+
+log = logging.getLogger(__name__)
 
 FILES = {"recall": "recall_submission.json", "recall_subset": "recall_subset_submission.json"}
 
@@ -72,6 +75,6 @@ def write_submission(exp, model, out_dir, verbose=None, backend=None) -> dict:
         written[metric] = out / FILES[metric]
         write_json(written[metric], data)
     if show:
-        print(f"CIRR test1 submission ({len(test1.pairids)} pairs): {written['recall']}, {written['recall_subset']} "
-              f"(upload both to the CIRR evaluation server)", flush=True)
+        log.info(f"CIRR test1 submission ({len(test1.pairids)} pairs): {written['recall']}, {written['recall_subset']} "
+                 f"(upload both to the CIRR evaluation server)")
     return written

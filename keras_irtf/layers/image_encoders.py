@@ -12,6 +12,7 @@ multi-replica step normalises with the global batch's statistics exactly as one 
 """
 
 import dataclasses
+import logging
 from typing import Optional
 
 import keras
@@ -20,6 +21,8 @@ from keras_irtf.config import AT_LEAST_ONE
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.normalization import SyncBatchNormalization
 from keras_irtf.registry import register_image_encoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -136,10 +139,10 @@ class ResNet18Encoder(ImageEncoder):
             from keras_irtf.layers.pretrained import PretrainedImageEncoder
 
             encoder = PretrainedImageEncoder.from_preset(settings.weights, cfg.model.embed_dim, name="image_encoder")
-            print(f"image encoder: pretrained keras-hub backbone from {encoder.preset}", flush=True)
+            log.info(f"image encoder: pretrained keras-hub backbone from {encoder.preset}")
             return encoder
-        print("image encoder: ResNet-18 from random initialisation (no --image-weights / "
-              "model.image_encoder.weights)", flush=True)
+        log.info("image encoder: ResNet-18 from random initialisation (no --image-weights / "
+                 "model.image_encoder.weights)")
         return cls(output_dim=cfg.model.embed_dim, name="image_encoder")
 
     def __init__(self, output_dim=512, **kwargs):

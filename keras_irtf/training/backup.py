@@ -12,6 +12,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import time
@@ -22,6 +23,8 @@ import numpy as np
 
 from keras_irtf.training.run_folder import BackupError, ensure_backup_dir, latest_backup
 from keras_irtf.utils import write_json
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BackupError", "BackupWriteError", "describe_os_error", "StopOnNonFiniteLoss", "TrainingBackup", "TrainingDiverged", "latest_backup",
            "restore_backup", "rng_variables", "unsound_state"]
@@ -136,7 +139,7 @@ class TrainingBackup(keras.callbacks.Callback):
             self.refused.append((step, reason))
             if len(self.refused) == 1:
                 kept = f"step {self.last_good_step}" if self.last_good_step is not None else "none"
-                print(f"warning: step {step}: {reason}; not backed up (last good backup: {kept})", flush=True)
+                log.warning(f"step {step}: {reason}; not backed up (last good backup: {kept})")
             return
         ensure_backup_dir(self.backup_dir)
         name = f"step-{step:09d}.weights.h5"

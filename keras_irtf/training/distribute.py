@@ -18,10 +18,13 @@ axis=None. Both are guarded by the Keras version: remove them when upstream is f
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from keras_irtf.config import ConfigError
 from keras_irtf.training.run_folder import BackupError, latest_backup
+
+log = logging.getLogger(__name__)
 
 PATCHED_KERAS = ("3.15",)  # Keras minor versions the multi-worker patch was checked against
 
@@ -133,7 +136,7 @@ def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=N
             raise ConfigError(
                 "--strategy multi_worker needs TF_CONFIG with the cluster, e.g. "
                 '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}} '
-                "(see README, 'Distributed training')"
+                "(see docs/distributed-and-resuming.md)"
             )
         patch_keras_multi_worker()
         options = tf.distribute.experimental.CommunicationOptions(
@@ -171,13 +174,11 @@ class _join_watchdog:
     def __enter__(self):
         if self.seconds > 0:
             import faulthandler
-            import sys
 
             workers = tf_config().get("cluster", {}).get("worker", [])
-            print(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
-                  f"if they have not all connected within {self.seconds:.0f} s (train.collective_timeout_seconds) "
-                  f"this process stops: start the same command on every worker, each with its own task index",
-                  file=sys.stderr, flush=True)
+            log.info(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
+                     f"if they have not all connected within {self.seconds:.0f} s (train.collective_timeout_seconds) "
+                     f"this process stops: start the same command on every worker, each with its own task index")
             self.sink = open(os.devnull, "w")  # the thread dump faulthandler writes on expiry
             faulthandler.dump_traceback_later(self.seconds, exit=True, file=self.sink)
         return self

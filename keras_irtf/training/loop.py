@@ -12,7 +12,10 @@ A run folder holds: config.yaml (resolved), vocab.txt, model.keras, metrics.json
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
 
 import keras
@@ -23,6 +26,8 @@ from keras_irtf.training.run_folder import (BACKUP_KIND, LOGS_KIND, BackupError,
                                             record_run_files, run_folder_guard)
 from keras_irtf.training.distribute import is_chief_process
 from keras_irtf.utils import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -83,7 +88,7 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
             )
         start, prior_seconds = restore_backup(model, resume), resume["train_seconds"]
         if verbose and chief:
-            print(f"resuming {run} from its backup at step {start} of {total}", flush=True)
+            log.info(f"resuming {run} from its backup at step {start} of {total}")
 
     def batches(first, last):
         def make(index, num_shards, _per_shard):
@@ -96,20 +101,31 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     every = cfg.train.log_every_steps
     if chief:
         ensure_owned_dir(run / "logs", LOGS_KIND)
-        cbs.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every))
+        tensorboard = keras.callbacks.TensorBoard(log_dir=str(run / "logs"), update_freq=every)
+        cbs.append(tensorboard)
     # on every worker: its reads of the trackers are collectives under multi-worker training
     cbs.append(TrainingScalars(run / "logs" / "train", every_n_steps=every, write=chief))
     cbs += list(callbacks)
-    fit_kw = dict(callbacks=cbs, verbose=verbose if chief else 0, shuffle=False)
+    # Keras' progress bar on a terminal; one line an epoch in a log file or a pipe (its bar's
+    # control codes would fill the file). Either way on standard error: standard output carries
+    # the results only.
+    fit_kw = dict(callbacks=cbs, verbose=(1 if sys.stderr.isatty() else 2) if verbose and chief else 0, shuffle=False)
     history = None
-    for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
-        history = model.fit(batches(first, last), initial_epoch=epoch, epochs=epoch + (last - first) // steps_per_epoch,
-                            steps_per_epoch=steps_per_epoch, **fit_kw)
+    try:
+        for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
+            with contextlib.redirect_stdout(sys.stderr):
+                history = model.fit(batches(first, last), initial_epoch=epoch,
+                                    epochs=epoch + (last - first) // steps_per_epoch,
+                                    steps_per_epoch=steps_per_epoch, **fit_kw)
+    except BaseException:
+        if chief:
+            release_tensorboard(tensorboard)
+        raise
     train_seconds = backup.seconds()
     if multi_worker:
         # every worker prints a digest of its final weights: in lock-step they are bit-identical
         index, count, _ = worker_info()
-        print(f"worker {index} of {count}: final weights sha256 {weights_digest(model)}", flush=True)
+        log.info(f"worker {index} of {count}: final weights sha256 {weights_digest(model)}")
     if not chief:
         return run, None
 
@@ -193,6 +209,19 @@ def _write_eval_summary(run, metrics):
                 tf.summary.scalar(f"{split}/{k}", v, step=metrics["steps"])
         tf.summary.scalar("whm", metrics["whm"]["value"], step=metrics["steps"])
     writer.flush()
+
+
+def release_tensorboard(callback):
+    """Leave TensorFlow's summary state as it was before `callback` (a keras TensorBoard) began.
+    Its on_train_begin makes its writer the process's default summary writer, with a
+    record-every-N-steps condition, and only on_train_end restores them: a fit that raises (a
+    non-finite loss, a full disk, Ctrl-C) skips that, and every later summary of the process
+    (another training, a user's own) would be filtered by the dead run's step counter. Keras
+    3.15's callback keeps them in _prev_summary_state."""
+    while getattr(callback, "_prev_summary_state", None):
+        callback._pop_writer()
+    if hasattr(callback, "_close_writers"):
+        callback._close_writers()
 
 
 def format_results(metrics: dict) -> str:

@@ -26,6 +26,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -34,6 +35,8 @@ from pathlib import Path
 from keras_irtf.config import ConfigError
 from keras_irtf.safety import is_empty_folder, mark_owned, not_owned_error, owned_kind, remove_owned
 from keras_irtf.utils import file_sha256, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 FINGERPRINT_NAME = "config_fingerprint.json"  # in <run>/backup/
@@ -158,8 +161,8 @@ def verify_run_files(run, names, verbose: bool = True):
     files = read_manifest(run)
     if not files:
         if verbose:
-            print(f"warning: {run} has no {MANIFEST_NAME}: its files are loaded without checking their "
-                  f"checksums", flush=True)
+            log.warning(f"{run} has no {MANIFEST_NAME}: its files are loaded without checking their "
+                        f"checksums")
         return
     for name in names:
         path = run / name
@@ -208,7 +211,7 @@ def check_not_finished(run, overwrite: bool = False, verbose: bool = True):
         remove_owned(run / name, kind, hint)
     (run / MANIFEST_NAME).unlink(missing_ok=True)  # owned: it lists only the files just removed
     if verbose:
-        print(f"--overwrite: removed the finished run in {run}", flush=True)
+        log.info(f"--overwrite: removed the finished run in {run}")
 
 
 # ---- the lock ---------------------------------------------------------------------------------
@@ -329,8 +332,8 @@ def check_fingerprint(backup_dir, cfg, verbose: bool = True):
     path = Path(backup_dir) / FINGERPRINT_NAME
     if not path.is_file():
         if verbose:
-            print(f"warning: {backup_dir} has no {FINGERPRINT_NAME} (written by an older keras_irtf): resuming "
-                  f"without checking that it is the same experiment", flush=True)
+            log.warning(f"{backup_dir} has no {FINGERPRINT_NAME} (written by an older keras_irtf): resuming "
+                        f"without checking that it is the same experiment")
         return
     stored = read_json(path)
     current = config_fingerprint(cfg)
@@ -367,7 +370,7 @@ def run_folder_guard(run, cfg, overwrite: bool = False, fresh: bool = False, ver
         backup_dir = run / "backup"
         check_run_subfolders(run)
         if fresh and remove_owned(backup_dir, BACKUP_KIND, "move it away or choose another --out") and verbose:
-            print(f"--fresh: discarded the backup in {backup_dir}", flush=True)
+            log.info(f"--fresh: discarded the backup in {backup_dir}")
         if latest_backup(backup_dir) is not None:
             check_fingerprint(backup_dir, cfg, verbose)
         else:
