@@ -21,12 +21,23 @@ against the same run in one process.
    on one device, on 2 logical-CPU replicas from the same state, and on one device from weights
    perturbed by 1e-7 (relative, each element), on the same batches: how far each run is from the
    one-device run, as a fraction of the one-device run's travel from its initial weights.
+4. Final recall (--recall-seeds N): for each training seed 0 .. N-1, `tools/train.py` trains the
+   same config twice, once with --strategy one_device and once with --strategy mirrored over 2
+   logical CPU devices (same global batch, steps and seed), and evaluates test R@1 / R@10 (TIRG's
+   protocol, as metrics.json records them). The per-seed recalls go to docs/distributed_recall.json
+   (next to --out); the report shows each seed's paired difference beside the seed-to-seed spread
+   of the one-device recall, with a paired t-test of the difference. Without --recall-seeds the
+   report shows that file's last measurement.
+
+    nice -n 10 python benchmarks/distributed.py --recall-only --recall-seeds 3   # only section 4
+    python benchmarks/distributed.py --recall-only        # re-render section 4 from the .json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +77,7 @@ runs drift apart as a one-device run drifts from itself when its initial weights
 by 1e-7 (the drift table below). A mirrored run therefore does not end on the one-device run's
 final weights or final recall to the digit; it is another sample of the same training, and its
 final recall differs from the one-device run's as runs under rounding-sized perturbations do.
+The last section compares the final test recall of the two over several training seeds.
 
 **Dropout.** Every dropout layer of the encoders and composers (`keras_irtf.layers.Dropout`)
 draws the mask of the whole global batch from the same generator state on every replica and
@@ -91,6 +103,15 @@ def parse_args(argv=None):
     p.add_argument("--worker-steps", type=int, help="training steps of the two-worker run (default 20; quick 4)")
     p.add_argument("--out", default=str(REPO / "docs" / f"{NAME}.md"))
     p.add_argument("--drift-steps", type=int, default=40, help="training steps of the drift comparison")
+    p.add_argument("--recall-seeds", type=int, default=0,
+                   help="train seeds 0 .. N-1 on one device and on 2 logical-CPU replicas and compare final test "
+                        "recall (N >= 2; 0 = show the last measurement from the .json)")
+    p.add_argument("--recall-steps", type=int, help="training steps of each recall run (default 800; quick 40)")
+    p.add_argument("--recall-image-size", type=int, default=32, help="data.image_size of the recall runs")
+    p.add_argument("--recall-only", action="store_true",
+                   help="skip the timing, worker and drift sections: measure (or, with --recall-seeds 0, re-render "
+                        "from the .json) only the recall section and replace it in the existing report")
+    p.add_argument("--recall-json", help="per-seed recall data (default: <out stem>_recall.json next to --out)")
     p.add_argument("--replica-worker", choices=["1", "2"], help=argparse.SUPPRESS)
     p.add_argument("--drift-worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -216,6 +237,328 @@ def drift_markdown(d):
     return lines
 
 
+# ---- 4. final recall over seeds: one device against 2 replicas -----------------------------------
+
+RECALL_KS = ("R@1", "R@10")
+RECALL_BEGIN = "<!-- recall section: written by benchmarks/distributed.py from the recall .json -->"
+RECALL_END = "<!-- end of the recall section -->"
+
+
+def _betacf(a, b, x):
+    """The continued fraction of the regularised incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom."""
+    t = abs(t)
+    if math.isinf(t):
+        return 0.0
+    return min(1.0, betainc(df / 2.0, 0.5, df / (df + t * t)))
+
+
+def t_critical(df, level=0.95):
+    """The t with P(|T| >= t) = 1 - level."""
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 1.0 - level:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1.0 - level else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def paired_t_test(diffs, level=0.95):
+    """Two-sided one-sample t-test of the paired differences against 0, and the `level` interval of
+    their mean."""
+    import statistics
+
+    n = len(diffs)
+    if n < 2:
+        raise ValueError("a paired t-test needs at least 2 pairs")
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    se, df = sd / math.sqrt(n), n - 1
+    if se == 0.0:
+        t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / se
+    half = t_critical(df, level) * se
+    return {"n": n, "df": df, "mean": mean, "sd": sd, "t": t, "p": 1.0 if t == 0.0 else t_two_sided_p(t, df),
+            "interval": [mean - half, mean + half], "level": level}
+
+
+def _ratio(a, b):
+    return a / b if b else (0.0 if a == 0 else math.inf)
+
+
+def _dof(n):
+    return f"{n} degree{'' if n == 1 else 's'} of freedom"
+
+
+def recall_stats(runs):
+    """Per recall K: the per-seed points of both runs, their differences, the seed-to-seed spreads and
+    the paired t-test (all in points of recall)."""
+    import statistics
+
+    out = {}
+    for k in RECALL_KS:
+        one = [100.0 * r["one_device"]["test"][k] for r in runs]
+        mir = [100.0 * r["mirrored"]["test"][k] for r in runs]
+        diff = [m - o for m, o in zip(mir, one)]
+        seed_sd = statistics.stdev(one)
+        out[k] = {"one_device": one, "mirrored": mir, "difference": diff, "seed_sd_one_device": seed_sd,
+                  "seed_sd_mirrored": statistics.stdev(mir), "test": paired_t_test(diff),
+                  "max_abs_difference_over_seed_sd": _ratio(max(abs(d) for d in diff), seed_sd)}
+    return out
+
+
+def recall_json_path(args) -> Path:
+    if args.recall_json:
+        return Path(args.recall_json)
+    out = Path(args.out)
+    return out.with_name(f"{out.stem}_recall.json")
+
+
+class _LoadSampler:
+    """The 1-minute load average, sampled every `every` seconds in a background thread."""
+
+    def __init__(self, every=10.0):
+        import threading
+
+        self.samples, self.every = [], every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(round(os.getloadavg()[0], 2))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def recall_runs(args, path: Path) -> dict:
+    """Train seeds 0 .. N-1 once on one device and once on 2 logical-CPU replicas (tools/train.py,
+    fresh processes, one after the other); write the per-seed test recalls to `path` after every
+    seed (complete: false until the last one)."""
+    import tempfile
+
+    from keras_irtf.data.css_generator import SIZES_PRESETS
+
+    steps = args.recall_steps or (40 if args.quick else 800)
+    size = "smoke" if args.quick else "small"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
+    common = ["--dataset", "css", *(["--preset", "smoke"] if args.quick else []), "--steps", str(steps),
+              "--set", f"train.steps_per_epoch={steps}", "--set", f"data.image_size={args.recall_image_size}",
+              "--quiet"]
+    strategies = {"one_device": ["--strategy", "one_device"], "mirrored": ["--strategy", "mirrored", "--devices", "cpu:2"]}
+    result = {
+        "command": C.command_line(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "config": "configs/css.yaml" + (" + configs/presets/smoke.yaml" if args.quick else ""),
+        "train_args": ["tools/train.py", *common],
+        "strategy_args": {k: v for k, v in strategies.items()},
+        "dataset_size": size, "test_queries": SIZES_PRESETS[size]["test"], "steps": steps,
+        "image_size": args.recall_image_size, "complete": False, "load_1min": {"before": round(os.getloadavg()[0], 2)},
+        "machine": C.machine_info(), "seeds": [],
+    }
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, _LoadSampler() as load:
+        for seed in range(args.recall_seeds):
+            row = {"seed": seed}
+            for name, extra in strategies.items():
+                out = Path(tmp) / f"{name}_s{seed}"
+                cmd = [sys.executable, str(REPO / "tools" / "train.py"), *common, "--seed", str(seed), *extra,
+                       "--out", str(out)]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+                m = json.loads((out / "metrics.json").read_text())
+                row[name] = {"test": m["test"], "replicas": m["replicas"], "batch_size": m["batch_size"],
+                             "steps": m["steps"], "seed": m["seed"], "train_seconds": m["train_seconds"],
+                             "seconds_per_step": m["seconds_per_step"],
+                             "wall_seconds": round(time.perf_counter() - t0, 1),
+                             "load_1min_after": round(os.getloadavg()[0], 2)}
+                print(f"seed {seed} {name}: test R@1 {100 * m['test']['R@1']:.2f}, R@10 {100 * m['test']['R@10']:.2f} "
+                      f"({row[name]['wall_seconds']:.0f} s)", flush=True)
+            one, mir = row["one_device"], row["mirrored"]
+            if (one["replicas"], mir["replicas"]) != (1, 2) or one["batch_size"] != mir["batch_size"] \
+                    or {one["steps"], mir["steps"]} != {steps} or {one["seed"], mir["seed"]} != {seed}:
+                raise RuntimeError(f"the paired runs of seed {seed} differ in more than the strategy: {row}")
+            result["batch_size"] = one["batch_size"]
+            result["seeds"].append(row)
+            result["wall_seconds"] = round(time.perf_counter() - start, 1)
+            result["load_1min"]["samples"] = list(load.samples)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1) + "\n")
+    result["load_1min"].update(samples=list(load.samples), after=round(os.getloadavg()[0], 2))
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result["complete"] = True
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _points(values):
+    return ", ".join(f"{v:+.2f}" for v in values)
+
+
+def recall_markdown(r) -> list:
+    """The recall section, generated from the .json alone."""
+    import statistics
+
+    runs, n = r["seeds"], len(r["seeds"])
+    if n < 2:
+        return [RECALL_BEGIN, "## Final recall: one device against 2 replicas over seeds", "",
+                "Not measured yet (fewer than 2 seeds): run `nice -n 10 python benchmarks/distributed.py "
+                "--recall-only --recall-seeds 3`.", "", RECALL_END]
+    st = recall_stats(runs)
+    load = r["load_1min"]
+    samples = load.get("samples") or [load["before"]]
+    batch, q = r["batch_size"], r["test_queries"]
+    lines = [
+        RECALL_BEGIN,
+        f"## Final recall: one device against 2 replicas over {n} seeds (TIRG, CSS {r['dataset_size']}, "
+        f"{r['steps']} steps)",
+        "",
+        f"Measured {r['date']} with `{r['command']}`" + ("" if r.get("complete") else " (incomplete: the run stopped "
+                                                            "before its last seed)") + ": "
+        f"{r['wall_seconds'] / 60:.0f} min for the {2 * n} trainings with their evaluations, on "
+        f"{r['machine']['logical_cpus']} logical CPUs ({r['machine']['cpu']}) shared with other jobs; 1-minute load "
+        f"average {statistics.fmean(samples):.1f} on average during the run ({min(samples):.1f} to "
+        f"{max(samples):.1f}, sampled every 10 s).",
+        "",
+        f"Each training seed (`train.seed`: initial weights, data order, dropout) trains {r['config']} (TIRG, "
+        f"dropout on, GA off) for {r['steps']} steps at global batch {batch} and image size {r['image_size']}, twice: "
+        "on one device (`--strategy one_device`) and under MirroredStrategy over 2 logical CPU devices "
+        f"(`--strategy mirrored --devices cpu:2`, {batch // 2} rows per replica); nothing else differs. Each run is "
+        f"then evaluated on the {q} test queries of the generated CSS {r['dataset_size']} set with TIRG's protocol "
+        f"(each query ranked against every test image; one query is {100 / q:.2f} points of recall). Recall in "
+        "points; difference = 2 replicas − one device.",
+        "",
+        "| seed | R@1 one device | R@1 2 replicas | R@1 difference | R@10 one device | R@10 2 replicas "
+        "| R@10 difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    a, b = st["R@1"], st["R@10"]
+    for i, row in enumerate(runs):
+        lines.append(f"| {row['seed']} | {a['one_device'][i]:.2f} | {a['mirrored'][i]:.2f} | {a['difference'][i]:+.2f} "
+                     f"| {b['one_device'][i]:.2f} | {b['mirrored'][i]:.2f} | {b['difference'][i]:+.2f} |")
+    lines.append("| mean | " + " | ".join(
+        f"{statistics.fmean(s['one_device']):.2f} | {statistics.fmean(s['mirrored']):.2f} | {s['test']['mean']:+.2f}"
+        for s in (a, b)) + " |")
+    lines.append("| std over seeds | " + " | ".join(
+        f"{s['seed_sd_one_device']:.2f} | {s['seed_sd_mirrored']:.2f} | {s['test']['sd']:.2f}" for s in (a, b)) + " |")
+    level = round(100 * a["test"]["level"])
+    lines += [
+        "",
+        "| | R@1 | R@10 |",
+        "|---|---|---|",
+        "| seed-to-seed spread: std over seeds of the one-device recall | "
+        + " | ".join(f"{s['seed_sd_one_device']:.2f}" for s in (a, b)) + " |",
+        "| mean difference (2 replicas − one device) | " + " | ".join(f"{s['test']['mean']:+.2f}" for s in (a, b)) + " |",
+        f"| {level}% interval of the mean difference (t, {_dof(n - 1)}) | "
+        + " | ".join(f"{s['test']['interval'][0]:+.2f} .. {s['test']['interval'][1]:+.2f}" for s in (a, b)) + " |",
+        "| largest per-seed abs(difference) / seed-to-seed spread | "
+        + " | ".join(f"{s['max_abs_difference_over_seed_sd']:.2f}" for s in (a, b)) + " |",
+        "| paired t-test of the difference against 0 (two-sided) | "
+        + " | ".join(f"t({n - 1}) = {s['test']['t']:+.2f}, p = {s['test']['p']:.2f}" for s in (a, b)) + " |",
+        "",
+    ]
+    reading = (
+        f"Over the {n} seeds, the 2-replica test R@1 differs from the one-device test R@1 by "
+        f"{_points(a['difference'])} points (mean {a['test']['mean']:+.2f}, {level}% interval "
+        f"{a['test']['interval'][0]:+.2f} to {a['test']['interval'][1]:+.2f}), while the one-device R@1 varies from "
+        f"seed to seed with a standard deviation of {a['seed_sd_one_device']:.2f} points; R@10 differs by "
+        f"{_points(b['difference'])} points (mean {b['test']['mean']:+.2f}, interval {b['test']['interval'][0]:+.2f} "
+        f"to {b['test']['interval'][1]:+.2f}) against a seed-to-seed standard deviation of "
+        f"{b['seed_sd_one_device']:.2f}. A paired t-test of the differences gives p = {a['test']['p']:.2f} for R@1 "
+        f"and p = {b['test']['p']:.2f} for R@10 ({_dof(n - 1)}). Counted in test queries, the largest per-seed "
+        f"difference is {round(max(map(abs, a['difference'])) * q / 100)} of {q} for R@1 and "
+        f"{round(max(map(abs, b['difference'])) * q / 100)} for R@10. ")
+    significant = [k for k, s in (("R@1", a), ("R@10", b)) if s["test"]["p"] < 0.05]
+    within = [k for k, s in (("R@1", a), ("R@10", b)) if s["max_abs_difference_over_seed_sd"] <= 1.0]
+    if significant:
+        reading += (f"At the 5% level the difference is significant for {' and '.join(significant)}: in this "
+                    "measurement the 2-replica runs end with a different recall from the one-device runs. ")
+    else:
+        reading += "At the 5% level neither difference is significant. "
+    if len(within) == 2:
+        reading += ("No seed's difference is larger than the seed-to-seed standard deviation of the one-device "
+                    "recall, for R@1 or R@10.")
+    elif within:
+        other = "R@10" if within == ["R@1"] else "R@1"
+        s = b if other == "R@10" else a
+        reading += (f"No seed's {within[0]} difference is larger than the seed-to-seed standard deviation; the "
+                    f"largest {other} difference is {s['max_abs_difference_over_seed_sd']:.2f} times it.")
+    else:
+        reading += (f"The largest per-seed difference is {a['max_abs_difference_over_seed_sd']:.2f} (R@1) and "
+                    f"{b['max_abs_difference_over_seed_sd']:.2f} (R@10) times the seed-to-seed standard deviation.")
+    lines += [reading, "", RECALL_END]
+    return lines
+
+
+def recall_summary(r) -> list:
+    if len(r["seeds"]) < 2:
+        return ["recall over seeds: not measured"]
+    st = recall_stats(r["seeds"])
+    return [f"final test {k}, 2 replicas − one device over {len(r['seeds'])} seeds: mean {s['test']['mean']:+.2f} "
+            f"points (p = {s['test']['p']:.2f}, paired t); seed-to-seed std {s['seed_sd_one_device']:.2f}"
+            for k, s in st.items()]
+
+
+def load_recall(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"seeds": []}
+
+
+def replace_recall_section(text: str, section: str) -> str:
+    """The report with its recall section replaced (inserted before '## Machine', or appended, when
+    it has none)."""
+    if RECALL_BEGIN in text and RECALL_END in text:
+        i, j = text.index(RECALL_BEGIN), text.index(RECALL_END) + len(RECALL_END)
+        return text[:i] + section + text[j:]
+    k = text.find("\n## Machine")
+    if k < 0:
+        return text.rstrip() + "\n\n" + section + "\n"
+    return text[:k] + "\n" + section + "\n" + text[k:]
+
+
 def _run_json(cmd, env=None):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     if out.returncode != 0:
@@ -269,6 +612,19 @@ def main(argv=None):
     import statistics
     import tempfile
 
+    json_path = recall_json_path(args)
+    if args.recall_seeds == 1 or args.recall_seeds < 0:
+        raise SystemExit("--recall-seeds needs at least 2 seeds (3 or more for a meaningful spread), or 0")
+    if args.recall_only:
+        recall = recall_runs(args, json_path) if args.recall_seeds else load_recall(json_path)
+        section = "\n".join(recall_markdown(recall))
+        out = Path(args.out)
+        if out.exists():
+            out.write_text(replace_recall_section(out.read_text(), section))
+        else:
+            C.write_doc(NAME, f"# Distributed training on this machine ({NAME})\n\n{section}\n", out=out)
+        C.print_summary(NAME, recall_summary(recall) + [f"data: {json_path}", f"report: {out}"])
+        return 0
     load_before = os.getloadavg()
     base = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     base += ["--quick"] if args.quick else []
@@ -285,6 +641,7 @@ def main(argv=None):
     drift = _run_json([sys.executable, str(Path(__file__).resolve()), "--drift-worker", "--drift-steps",
                        str(args.drift_steps)], env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1"))
     load_after = os.getloadavg()
+    recall = recall_runs(args, json_path) if args.recall_seeds else load_recall(json_path)
 
     config = "configs/css.yaml + presets/smoke.yaml" if args.quick else "configs/css.yaml"
     lines = [
@@ -323,7 +680,9 @@ def main(argv=None):
         "",
         *drift_markdown(drift),
         "",
-        f"Load average before / after: {load_before[0]:.1f} / {load_after[0]:.1f}.",
+        f"Load average before / after (the sections above): {load_before[0]:.1f} / {load_after[0]:.1f}.",
+        "",
+        *recall_markdown(recall),
         "",
         "## Machine",
         "",
@@ -335,6 +694,7 @@ def main(argv=None):
         f"(2 / 1 step time {med[2] / med[1]:.2f}x; same 2 cores)",
         f"two localhost workers, {worker_steps} steps: {w['mw_seconds']:.0f} s wall vs {w['single_seconds']:.0f} s "
         f"in one process ({w['mw_seconds'] / w['single_seconds']:.2f}x)",
+        *recall_summary(recall),
         f"report: {path}",
     ])
     return 0
