@@ -10,7 +10,7 @@ Variants: TIRG; +GA^A, +GA^I, +GA^A+GA^I, +FGSM with x = the query image input; 
 (same architecture, same synthetic batch, compiled train_step, no input pipeline); after a
 warm-up, the variants are timed in interleaved rounds (each round times `steps` steps of every
 variant in turn, so machine load hits all of them alike) and the MEDIAN round is reported, with
-the ratio to the baseline's median. Targets (issue 3): GA^A+GA^I at the input <= 1.5x, at the
+the ratio to the baseline's median. Targets: GA^A+GA^I at the input <= 1.5x, at the
 features <= 1.1x, GA^I alone <= 1.05x. --profile DIR also writes a TensorBoard profile of a few
 steps of each variant.
 """
@@ -40,9 +40,9 @@ VARIANTS = (
     ("+GA^A+GA^I (x = composed)", "adversarial,isotropic", "composed"),
 )
 HOOK = "(profile) GA^I gradient hook alone"
-PREVIOUS_HOOK = "(profile) same hook, the draw of 2e1cda9 (concatenated halves, tensordot)"
+PREVIOUS_HOOK = "(profile) same hook, concatenated halves and tensordot"
 UNIFORMS = "(profile) the uniform numbers alone (one per weight; the floor of the draw)"
-OLD_NOISE = "(profile) same hook, one keras.random.normal per variable (before issue 14)"
+OLD_NOISE = "(profile) same hook, one keras.random.normal per variable"
 TARGETS = {
     "+GA^I": 1.05,
     "+GA^A+GA^I (x = input)": 1.5,
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 
 def _previous_isotropic_noise(gamma):
-    """The isotropic hook as of commit 2e1cda9, kept here to time it against the current one:
+    """An alternative draw of the isotropic hook, kept here to time it against the current one:
     the Box-Muller halves concatenated into one buffer, split per variable, scaled per output,
     and the logged value by tensordot."""
     import keras
@@ -102,7 +102,7 @@ def _previous_isotropic_noise(gamma):
 
 
 def _per_variable_isotropic_noise(gamma):
-    """The isotropic hook before issue 14: one keras.random.normal per variable."""
+    """An alternative draw of the isotropic hook: one keras.random.normal per variable."""
     import keras
     import tensorflow as tf
 
@@ -245,7 +245,7 @@ this machine during the run (load average in the machine table).
   to all variables (per_element) folded into the radius, a per-variable one (mean, timed here)
   applied to each slice; the logged value is a multiply-and-sum. The rows "{PREVIOUS_HOOK}"
   ({med[PREVIOUS_HOOK] / med[HOOK]:.2f}x the time of the current hook) and "{OLD_NOISE}"
-  ({med[OLD_NOISE] / med[HOOK]:.2f}x) time the former versions of the same hook in the same process.
+  ({med[OLD_NOISE] / med[HOOK]:.2f}x) time two other draws of the same hook in the same process.
   What is left is the uniform draw itself (TensorFlow's Philox generator; the row "{UNIFORMS}":
   {ratio[UNIFORMS]:.2f}x of a baseline step, {med[UNIFORMS] / med[HOOK]:.0%} of the hook) and the logarithm, square
   root, sine and cosine of the transform. Any exact draw needs those uniform numbers, so GA^I
@@ -271,7 +271,7 @@ this machine during the run (load average in the machine table).
             ratio["+GA^A (x = input)"], ratio["+GA^A+GA^I (x = input)"], ratio["+GA^I"], ratio["+FGSM (x = input)"]),
         "GA^A+GA^I at the image feature {:.2f}x, at the composed feature {:.2f}x".format(
             ratio["+GA^A+GA^I (x = image feature)"], ratio["+GA^A+GA^I (x = composed)"]),
-        f"GA^I's gradient hook alone: {ratio[HOOK]:.2f}x of a TIRG step (the draw of 2e1cda9: "
+        f"GA^I's gradient hook alone: {ratio[HOOK]:.2f}x of a TIRG step (concatenated halves: "
         f"{ratio[PREVIOUS_HOOK]:.2f}x; one keras.random.normal per variable: {ratio[OLD_NOISE]:.2f}x)",
         "targets met: " + ", ".join(f"{n} <= {t}x {'yes' if ratio[n] <= t else 'NO'}" for n, t in TARGETS.items()),
     ])

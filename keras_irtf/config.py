@@ -149,6 +149,93 @@ class OneOf:
         return new
 
 
+# One-line meanings of the built-in registered types' own keys, by settings dataclass (the
+# configuration reference shows them). A settings dataclass may instead carry its own
+# HELP = {key: meaning} class attribute, as a plug-in's does; that one is read first.
+SETTINGS_HELP = {
+    "keras_irtf.data.css_generator.CSSConfig": {
+        "size": "which built-in set: smoke (tests), small (the default) or full (the published counts)",
+        "seed": "seed of the generated scenes and texts (the dataset itself, not the training)",
+        "images": "read the PNGs (png), draw the scenes in memory (2d), or PNGs when images/ has any (auto)",
+        "sampler": "training sampler: TIRG's (a modification record, then a pair) or uniform over pairs",
+        "shift": "also evaluate on the test scenes drawn under a shift training never sees (test_shift)",
+    },
+    "keras_irtf.data.cirr.CIRRConfig": {
+        "arrangement": "folder arrangement: CIRR's own, CLIP4Cir's, or detected (auto)",
+    },
+    "keras_irtf.data.fashioniq.FashionIQConfig": {
+        "categories": "the categories trained and evaluated (the protocol averages over them)",
+        "train_captions": "how a training triplet's two captions become one text",
+    },
+    "keras_irtf.layers.composers.ConcatConfig": {
+        "dropout": "dropout before the last projection",
+    },
+    "keras_irtf.layers.composers.CombinerConfig": {
+        "projection_dim": "width of the two feature projections (0 = 4x the feature width)",
+        "hidden_dim": "width of the hidden layers of the mix and the residual (0 = 8x the feature width)",
+        "dropout": "dropout after each projection and hidden layer",
+    },
+    "keras_irtf.layers.composeae.ComposeAEConfig": {
+        "loss_weights": "weights of the image reconstruction, text reconstruction and rotational symmetry terms",
+        "dropout": "dropout of the projections",
+    },
+    "keras_irtf.layers.composeae.RealSpaceConcatAEConfig": {
+        "loss_weights": "weights of the image and text reconstruction terms (the third is unused)",
+    },
+    "keras_irtf.layers.image_encoders.SmallCNNConfig": {
+        "filters": "filters of each convolution block (one block per entry)",
+        "stem_stride": "stride of the first convolution",
+    },
+    "keras_irtf.layers.image_encoders.ResNet18Config": {
+        "weights": "local keras-hub preset folder of pretrained weights (empty = random initialisation)",
+    },
+    "keras_irtf.layers.clip.PresetImageConfig": {
+        "preset": "local keras-hub preset folder of the model (default: model.clip_preset)",
+        "cache": "serve the frozen tower's features from the frozen-feature cache",
+    },
+    "keras_irtf.layers.text_encoders.LSTMConfig": {
+        "word_embed_dim": "width of the word embeddings",
+        "hidden_dim": "width of the LSTM state",
+        "dropout": "dropout on the LSTM's output, before the projection",
+    },
+    "keras_irtf.layers.bert.HubBertConfig": {
+        "preprocess": "local folder of the TF-Hub BERT preprocessing SavedModel",
+        "encoder": "local folder of the TF-Hub BERT encoder SavedModel",
+        "dim": "width of BERT's pooled output",
+        "seq_length": "tokens per text (0 = the preprocessing model's default)",
+        "cache": "embed each distinct text once per run instead of in every step",
+    },
+    "keras_irtf.layers.bert.KerasHubBertConfig": {
+        "preset": "local keras-hub preset folder (BertBackbone and its preprocessor)",
+        "dim": "width of BERT's pooled output",
+        "seq_length": "tokens per text (0 = the preprocessor's default)",
+        "cache": "embed each distinct text once per run instead of in every step",
+    },
+    "keras_irtf.layers.clip.PresetTextConfig": {
+        "preset": "local keras-hub preset folder (default: model.clip_preset, else the image encoder's)",
+        "sequence_length": "tokens per text, at most the tower's context (0 = the preset's)",
+        "cache": "embed each distinct text once per run (frozen encoder only)",
+    },
+    "keras_irtf.model.gradient_augmentation.AdversarialConfig": {
+        "eps": "weight of L_GA^A = eps x the mean per-example norm of dL/dx",
+        "attack_norm": "the attack's norm p (inf: the penalty uses the L1 norm of dL/dx; 2: the L2 norm)",
+    },
+    "keras_irtf.model.gradient_augmentation.IsotropicConfig": {
+        "gamma": "standard deviation of the Gaussian noise added to every gradient",
+        "noise_scaling": "noise per element (gamma x n) or divided by the variable's size (mean, the authors')",
+    },
+    "keras_irtf.model.gradient_augmentation.FGSMConfig": {
+        "eps": "step of the FGSM example x + eps x sign(dL/dx)",
+    },
+    "keras_irtf.model.gradient_augmentation.L1Config": {
+        "weight": "weight of the L1 penalty on kernels and embeddings",
+    },
+    "keras_irtf.model.gradient_augmentation.L2Config": {
+        "weight": "weight of the L2 penalty on kernels and embeddings",
+    },
+}
+
+
 def _owners_hint(registry, key) -> str:
     owners = [e.name for e in registry.entries() if key in e.keys]
     return f" ({key!r} is a key of: {', '.join(owners)})" if owners else ""
@@ -179,6 +266,18 @@ class DataConfig:
     # preprocessing and each image file, and reused by later runs (keras_irtf.data.feature_cache)
     feature_cache: Optional[str] = None
 
+    HELP = {
+        "dataset": "the dataset to train and evaluate on (a registered type) and its own keys",
+        "root": "folder of the dataset in its published layout; for CSS, empty means generate the built-in set",
+        "cache_dir": "where generated data and caches go (default: $KERAS_IRTF_CACHE, else ./data/cache)",
+        "image_size": "side S of the square images the image encoder reads (shorter side to S, centre crop)",
+        "train_recall_queries": "training queries in the seeded sample behind Ms (CSS ranks every training query)",
+        "max_train_queries": "keep only a seeded subset of this many training queries (built-in CSS; empty = all)",
+        "on_bad_image": "a missing or damaged image stops the run (error) or is reported and left out (skip)",
+        "file_cache": "folder where every image is decoded once and read back in later epochs and runs",
+        "feature_cache": "folder of the frozen-feature store (default: <cache_dir>/features)",
+    }
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -201,6 +300,18 @@ class ModelConfig:
     # their own `preset` key is set; tools/train.py --clip-preset DIR)
     clip_preset: Optional[str] = None
 
+    HELP = {
+        "composer": "how the image and text features become the query feature (a registered type)",
+        "image_encoder": "the image encoder (a registered type) and its own keys",
+        "text_encoder": "the text encoder (a registered type) and its own keys",
+        "embed_dim": "width of the joint embedding (vision-language encoders use their own feature width)",
+        "max_text_length": "tokens kept per text by the vocabulary-based text input",
+        "initial_scale": "starting value of s in the scaled L2 normalisation (logits are s^2 x cosine)",
+        "learn_scale": "whether s is trained",
+        "finetune": "which towers of a CLIP or SigLIP model train",
+        "clip_preset": "local keras-hub preset folder read by the clip and siglip encoders (--clip-preset)",
+    }
+
     @property
     def method(self) -> str:
         """The composer's name (what run names and metrics call the method)."""
@@ -213,6 +324,12 @@ class LossConfig:
     eta: float = 0.0  # weight of the similarity matching loss L_S (0 = off)
     similarity_reduction: str = "sum"  # sum (paper: ||.||^2) | mean (authors' code: mean over dims)
 
+    HELP = {
+        "kind": "the retrieval loss (a registered type): softmax over the batch's targets, or soft triplet",
+        "eta": "weight of the similarity matching loss L_S (0 = off)",
+        "similarity_reduction": "L_S as the squared distance summed over dimensions (sum) or averaged (mean)",
+    }
+
 
 @dataclasses.dataclass
 class GAConfig:
@@ -222,6 +339,12 @@ class GAConfig:
     point: str = "input"  # where x is taken (adversarial, fgsm): input | image_feature | text_feature | composed
     mode: str = "paper"  # paper | reference (the authors' code, departures included)
     _settings: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    HELP = {
+        "methods": "comma-separated gradient-augmentation methods and baselines to apply (empty = none)",
+        "point": "where x is taken for GA^A and FGSM: the query pixels or a feature",
+        "mode": "the paper's formulas, or the authors' code with its departures",
+    }
 
     def __getattr__(self, name):
         # cfg.ga.adversarial.eps: a registered GA method's settings
@@ -255,6 +378,18 @@ class OptimConfig:
     finetune_lr_multiplier: float = 0.1  # fine-tuned CLIP / SigLIP towers (model.finetune)
     clipnorm: Optional[float] = None
 
+    HELP = {
+        "optimizer": "the optimizer",
+        "learning_rate": "base learning rate",
+        "momentum": "SGD momentum",
+        "weight_decay": "decoupled weight decay of the optimizer (0 = none)",
+        "decay_steps": "steps at which the learning rate is multiplied by decay_factor",
+        "decay_factor": "factor applied to the learning rate at each of decay_steps",
+        "backbone_lr_multiplier": "learning rate of a pretrained image backbone, times learning_rate",
+        "finetune_lr_multiplier": "learning rate of fine-tuned CLIP or SigLIP towers, times learning_rate",
+        "clipnorm": "clip each gradient to this norm (empty = no clipping)",
+    }
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -277,6 +412,23 @@ class TrainConfig:
     # stuck or gone) instead of waiting forever; generous, as the first one waits for every worker
     collective_timeout_seconds: float = 1800.0
 
+    HELP = {
+        "batch_size": "global batch: all replicas together",
+        "steps": "training steps (exactly this many are trained)",
+        "steps_per_epoch": "steps per Keras epoch (the last epoch is shorter when they do not divide)",
+        "seed": "seed of the data order, initialisation, dropout and gradient noise",
+        "pairs_per_source": "the sampler draws queries in pairs that share a source image (TIRG's)",
+        "out": "run folder (default: runs/<dataset>_<method>[_<ga>][_<preset>]_s<seed>)",
+        "preset": "name of the preset applied (set by --preset; part of the default run name)",
+        "jit_compile": "compile the training step with XLA",
+        "precision": "Keras dtype policy of the encoders and the composer",
+        "backup_every_steps": "write the resumable backup every N steps (0 = at epoch ends only)",
+        "log_every_steps": "write the TensorBoard scalars every N steps",
+        "strategy": "tf.distribute strategy (auto: mirrored when more than one GPU is visible)",
+        "devices": "devices of the mirrored strategy: 'cpu:N' (N logical CPUs) or '/gpu:0,/gpu:1'",
+        "collective_timeout_seconds": "multi-worker: a collective that does not finish in time stops training",
+    }
+
 
 @dataclasses.dataclass
 class EvalConfig:
@@ -288,6 +440,16 @@ class EvalConfig:
     query_chunk: int = 1024
     gallery_chunk: int = 8192
     backend: str = "tf"  # retrieval: tf | faiss (exact, needs faiss-cpu) | auto
+
+    HELP = {
+        "ks": "the K of the reported Recall@K",
+        "whm_ks": "the recalls averaged into Ms and Mt (empty = the dataset's own)",
+        "alpha": "alpha of the weighted harmonic mean WHM of Ms and Mt",
+        "batch_size": "images or queries embedded per step",
+        "query_chunk": "queries scored per block of the chunked top-k",
+        "gallery_chunk": "gallery images scored per block of the chunked top-k",
+        "backend": "exact top-k search: tf, faiss (the [faiss] extra) or auto (TensorFlow, measured faster here)",
+    }
 
 
 @dataclasses.dataclass
@@ -746,7 +908,7 @@ def validate(cfg: Config):
     validate_numeric_domains(cfg)
 
 
-# ---- numeric domains (issue #15 item 10) -------------------------------------------------------
+# ---- numeric domains -----------------------------------------------------------------------------
 # (section, key) -> (lowest, lowest allowed?, highest, highest allowed?[, why]); None = unbounded.
 # Every float must also be finite, and no number may be a boolean. None values of Optional keys
 # are not checked. `why`, when given, is shown with the limits: the upper bounds of sizes keep a

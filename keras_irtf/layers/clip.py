@@ -105,8 +105,8 @@ def other_family_help(found: Family, family: Family) -> str:
         f"It is a {found.label} preset, and the {family.name} encoders read {family.label} presets. "
         f"To use this {found.label} preset, set both encoders to {found.name}: --set model.image_encoder={found.name} "
         f"--set model.text_encoder={found.name} (tools/train.py --image-encoder {found.name} --text-encoder "
-        f"{found.name}). To stay with {family.label}, pass a {family.label} preset folder instead (README, "
-        f"'CLIP and SigLIP encoders', says how to make one)"
+        f"{found.name}). To stay with {family.label}, pass a {family.label} preset folder instead "
+        f"(docs/vision-language.md, 'CLIP and SigLIP towers', says how to make one)"
     )
 
 
@@ -149,7 +149,7 @@ def _read_json(path) -> dict:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot be read as JSON ({e}); the preset folder is damaged: write it "
-                          f"again with save_to_preset (README, 'CLIP and SigLIP encoders')") from None
+                          f"again with save_to_preset (docs/vision-language.md, 'CLIP and SigLIP towers')") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}; the preset folder is damaged")
     return data
@@ -222,7 +222,7 @@ def load_backbone(folder: str, needs: str = "the clip / siglip encoders"):
     except (KeyError, ValueError, TypeError, OSError) as e:  # a damaged or partial preset folder
         raise ConfigError(f"{folder}: keras-hub could not load the preset's backbone ({type(e).__name__}: {e}); "
                           f"the folder is damaged or incomplete: write it again with save_to_preset "
-                          f"(README, 'CLIP and SigLIP encoders')") from None
+                          f"(docs/vision-language.md, 'CLIP and SigLIP towers')") from None
 
 
 def _configured_preset(settings, cfg):

@@ -144,7 +144,7 @@ class AdversarialConfig:
 class IsotropicConfig:
     DOMAINS = {"gamma": NON_NEGATIVE}
     CHOICES = {"noise_scaling": ("per_element", "mean")}
-    # Default: the authors' scale and gamma. Measured on CSS (issue 14, docs/results/README.md):
+    # Default: the authors' scale and gamma. Measured on CSS (docs/results/README.md):
     # no gamma helped; per_element at gamma >= 1e-2 hurt, mean at 1e-2 had no effect.
     gamma: float = 1e-2  # standard deviation of the gradient noise (per element, before the scaling)
     noise_scaling: str = "mean"  # mean (gamma * n / size, the authors') | per_element (gamma * n)

@@ -71,7 +71,7 @@ def check_sublayers_built(component):
         raise UnbuiltSublayerError(
             f"{type(component).__name__} ({component.name}) did not build its sub-layer(s) {names} in build(). "
             f"A keras_irtf component must create and build every sub-layer that holds weights in its build(input_shape), "
-            f"e.g. self.dense.build(shape), as the README's plug-in section shows; otherwise their weights would be "
+            f"e.g. self.dense.build(shape), as docs/python-api.md ('Plug-ins') shows; otherwise their weights would be "
             f"created inside the first training step, which fails"
         )
 
