@@ -294,3 +294,24 @@ def test_an_op_the_installed_library_lacks_is_named(tmp_path):
                                                r".*pip install tensorflow-text==2\.\d+\.\*"):
         register_op_libraries(tmp_path, {}, {"Const", "NoSuchOp"})
     register_op_libraries(tmp_path, record, {"Const", "RegexSplitWithOffsets"})  # all registered: nothing to do
+
+
+@pytest.mark.parametrize("library", ["payload_mod", "exported.evil.payload_mod", "os.path", "../payload_mod"])
+def test_an_export_cannot_make_the_loader_import_or_load_its_own_code(tmp_path, monkeypatch, library):
+    """An export's description is input: a library it names that keras_irtf does not know, and
+    that this process has not imported, is refused; nothing it names is imported or loaded."""
+    from keras_irtf.serving.op_libraries import MissingOpLibrary, register_op_libraries
+
+    marker = tmp_path / "ran"
+    code = tmp_path / "code"
+    (code / "exported" / "evil").mkdir(parents=True)
+    payload = f"open({str(marker)!r}, 'w').write('x')\n"
+    (code / "payload_mod.py").write_text(payload)
+    (code / "exported" / "evil" / "payload_mod.py").write_text(payload)
+    monkeypatch.syspath_prepend(str(code))  # as the working folder or the checkout is for the tools
+    info = {"op_libraries": [library],
+            "op_library_details": {library: {"package": "x", "ops": ["NoSuchOpXyz"], "files": ["payload.so"]}}}
+    with pytest.raises(MissingOpLibrary, match=r"keras_irtf loads only the op libraries it knows"):
+        register_op_libraries(tmp_path / "export" / "1", info, {"NoSuchOpXyz"})
+    assert not marker.exists()
+    assert "payload_mod" not in sys.modules and "exported.evil.payload_mod" not in sys.modules

@@ -91,8 +91,11 @@ def test_demo_gallery_route_does_not_follow_a_link_out_of_the_gallery(small, tmp
     (gallery / "g1.png").symlink_to(secret)  # planted while the demo runs
     (gallery / "g2.png").unlink()
     (gallery / "g2.png").symlink_to("/etc/passwd")
-    (gallery / "g3.png").unlink()
-    (gallery / "g3.png").symlink_to(gallery / "g0.png")  # a link inside the gallery is fine
+    (gallery / "kept").mkdir()
+    (gallery / "g3.png").rename(gallery / "kept" / "g3.png")
+    (gallery / "g3.png").symlink_to(gallery / "kept" / "g3.png")  # a link inside the gallery is fine
+    (gallery / "g4.png").unlink()
+    (gallery / "g4.png").symlink_to(gallery / "g0.png")  # inside, but other bytes than the export embedded
     for gid in (1, 2):
         r = client.get(f"/gallery/{gid}")
         assert r.status_code == 404, (gid, r.status_code, r.content[:80])
@@ -100,8 +103,35 @@ def test_demo_gallery_route_does_not_follow_a_link_out_of_the_gallery(small, tmp
         assert str(secret) not in r.text and "/etc/passwd" not in r.text  # where it leads stays in the log
         assert client.get(f"/api/gallery/{gid}/texts").status_code == 404
     r = client.get("/gallery/3")
-    assert r.status_code == 200 and r.content == (gallery / "g0.png").read_bytes()
+    assert r.status_code == 200 and r.content == (gallery / "kept" / "g3.png").read_bytes()
     assert r.headers["content-type"] == "image/png"
+    r = client.get("/gallery/4")
+    assert r.status_code == 404 and "is not the image the export embedded" in r.json()["error"]
+
+
+def test_demo_serves_no_file_an_export_lists_without_checksums_from_its_recorded_root(small, tmp_path):
+    """An export's description names its gallery root and files; one that records no checksums
+    (or lies about the root) must not turn the demo into a file server: without --gallery, only
+    files whose sha256 the export recorded are served."""
+    pytest.importorskip("fastapi")
+    from starlette.testclient import TestClient
+
+    from keras_irtf.demo.app import create_app
+    from keras_irtf.demo.served import ServedModel
+
+    crafted = tmp_path / "crafted" / "1"
+    shutil.copytree(small.path, crafted)
+    info_file = crafted / "assets.extra" / "keras_irtf_export.json"
+    info = json.loads(info_file.read_text())
+    info["gallery"]["root"] = "/"
+    info_file.write_text(json.dumps(info))
+    (crafted / "assets.extra" / "gallery.txt").write_text("etc/passwd\n" * GALLERY_SIZE)
+    (crafted / "assets.extra" / "gallery_sha256.txt").unlink()  # owned: the test's own copy of its export
+    model = ServedModel(crafted)
+    client = TestClient(create_app(model), raise_server_exceptions=False)
+    r = client.get("/gallery/0")
+    assert r.status_code == 404 and "root:" not in r.text
+    assert "records no checksums of its gallery files" in r.json()["error"]
 
 
 def test_demo_search_by_image_id_does_not_read_a_link_out_of_the_gallery(small, tmp_path):

@@ -13,6 +13,7 @@ pointing elsewhere answers 404, never the file it points to.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -66,6 +67,10 @@ class ServedModel:
         recorded = recorded.get("root") if isinstance(recorded, dict) else None
         root = gallery_root or recorded
         self.gallery_root = Path(root).resolve() if root else None
+        # the export's description is not trusted with where files are read from: a gallery file
+        # is served only when its bytes have the sha256 the export recorded for it, or, for an
+        # export that records none, from a folder the user named with --gallery
+        self.gallery_root_given = gallery_root is not None
 
     # ---- gallery -------------------------------------------------------------------------------
 
@@ -113,10 +118,21 @@ class ServedModel:
         if not path.is_file():
             raise DemoError(f"gallery image {path} is missing: start the demo with --gallery DIR pointing at the "
                             f"folder the export was made from", status=404)
+        hashes = self.gallery_hashes
+        expected = hashes[gallery_id] if hashes is not None and len(hashes) == len(self.gallery_paths) else None
+        if expected is None and not self.gallery_root_given:
+            raise DemoError("this export records no checksums of its gallery files, so the demo serves gallery "
+                            "images only from a folder named with --gallery DIR", status=404)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError as e:
             raise DemoError(f"gallery image {path} cannot be read ({e.strerror or e})", status=404) from None
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            log.warning("gallery image %d (%s): its sha256 is not the one the export recorded: refused", gallery_id,
+                        path)
+            raise DemoError(f"gallery image {gallery_id} is not the image the export embedded (its sha256 differs): "
+                            f"start the demo with --gallery DIR holding the exported images", status=404)
+        return data
 
     def check_gallery(self):
         """Refuse (DemoError) a gallery folder that does not hold the very images the export
@@ -125,9 +141,10 @@ class ServedModel:
         embeds such a folder again, the demo serves the stored embeddings only). Nothing is
         checked when the export has no gallery or the folder is not there (thumbnails then fail
         with 404, and tools/demo.py warns)."""
-        if not self.has_retrieve or not self.gallery_paths or self.gallery_root is None \
-                or not self.gallery_root.is_dir():
+        if not self.gallery_paths or self.gallery_root is None or not self.gallery_root.is_dir():
             return
+        if not self.has_retrieve and self.gallery_hashes is None:
+            return  # nothing ranked from stored embeddings; gallery_bytes serves files only under --gallery
         difference = gallery_difference(self.gallery_root, self.gallery_paths, self.gallery_hashes)
         if difference is not None:
             raise DemoError(

@@ -43,6 +43,18 @@ INFO_KEY = "op_libraries"
 DETAILS_KEY = "op_library_details"
 
 
+_IMPORT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def trusted_library(library: str) -> bool:
+    """Whether keras_irtf may load `library` because an export names it. An export is input, not
+    code: the names it records are acted on only when they are one plain import name (no dots)
+    of an op library keras_irtf's own encoders use (KNOWN_OP_LIBRARIES) or of a package this
+    process has imported already (e.g. a plug-in given with --import); any other name is refused,
+    so a crafted description cannot make the loader import a module or load a file it ships."""
+    return bool(_IMPORT_NAME.match(library)) and (library in KNOWN_OP_LIBRARIES or library in sys.modules)
+
+
 class MissingOpLibrary(ExportError):
     """An export whose graph runs ops of a package this process cannot load; the message names the
     export, the op and the package to install."""
@@ -232,20 +244,37 @@ def _recorded(path: Path, info: dict) -> Optional[dict]:
     return {name: details.get(name) if isinstance(details.get(name), dict) else {} for name in libraries}
 
 
+def _installed_files(library: str) -> set:
+    """The resolved paths of the files pip installed for the distribution providing `library`
+    (empty when it is not an installed distribution, e.g. a folder that happens to be on sys.path)."""
+    try:
+        names = importlib.metadata.packages_distributions().get(library, [])
+        found = set()
+        for name in names:
+            dist = importlib.metadata.distribution(name)
+            found.update(Path(dist.locate_file(f)).resolve() for f in (dist.files or []))
+        return found
+    except Exception:  # noqa: BLE001 - unreadable metadata: nothing is trusted
+        return set()
+
+
 def _load_files(library: str, files) -> bool:
     """Load the op library files recorded for `library` from its installed package folder
-    (without importing its Python side); False when that is not possible."""
-    if not files or not isinstance(files, list):
+    (without importing its Python side); False when that is not possible. Only a trusted library
+    (trusted_library), and only `.so` files its installed distribution lists, are loaded."""
+    if not files or not isinstance(files, list) or not trusted_library(library):
         return False
     folder = _package_dir(library)
     if folder is None:
         return False
+    installed = _installed_files(library)
     import tensorflow as tf
 
     try:
         for name in files:
             file = (folder / str(name)).resolve()
-            if folder.resolve() not in file.parents or not file.is_file():
+            if folder.resolve() not in file.parents or not file.is_file() or file.suffix != ".so" \
+                    or file not in installed:
                 return False
             tf.load_op_library(str(file))
     except Exception:  # noqa: BLE001 - e.g. a library built for another TensorFlow: import instead
@@ -285,6 +314,12 @@ def register_op_libraries(path, info: Optional[dict], op_names: Iterable[str]):
                 continue  # its ops are registered already
             package = str(details.get("package") or KNOWN_OP_LIBRARIES.get(library, library))
             version = details.get("version")
+            if not trusted_library(library):
+                raise MissingOpLibrary(
+                    f"{path}: its graph runs the op {needs[0]}, which \"{INFO_KEY}\" in {where} says comes from "
+                    f"{library!r}; keras_irtf loads only the op libraries it knows "
+                    f"({', '.join(sorted(KNOWN_OP_LIBRARIES))}) or a package this process has already imported: "
+                    f"if you trust that package, import it first (tools: --import MODULE)")
             if _load_files(library, details.get("files")) and not set(unregistered_ops(needs)):
                 continue
             problem = _import(library)
