@@ -158,6 +158,12 @@ def replace_folder(tmp, final, kind: str):
     if owned_kind(final) != kind:
         raise not_owned_error(final, kind, "move it away or choose another folder")
     old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if old.exists() or old.is_symlink():  # left by an earlier run of this process id: ours only
+        remove_owned(old, kind)
     os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)  # put the previous folder back: nothing is lost
+        raise
     remove_owned(old, kind)

@@ -347,3 +347,57 @@ def test_every_delete_call_site_states_its_guard():
     assert not unguarded, "delete calls without an '# owned:' guard comment: " + ", ".join(unguarded)
     assert not recursive, "recursive deletes outside keras_irtf/safety.py: " + ", ".join(recursive)
     assert len(files) > 50  # the scan saw the tree
+
+
+def test_a_failed_save_of_the_step_already_backed_up_keeps_that_backup(tmp_path, monkeypatch):
+    """An epoch that ends on a backup step asked for the same step twice; on a nearly full disk the
+    second save failed and its clean-up removed the files state.json names: the only backup."""
+    import keras
+    import numpy as np
+
+    from keras_irtf.training.backup import BackupWriteError, TrainingBackup
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((4, 4)), np.ones((4, 3)), verbose=0)
+    backup = TrainingBackup(tmp_path / "backup", every_steps=1)
+    backup.set_model(model)
+    model.optimizer.iterations.assign(5)
+    backup.on_train_batch_end(0, {"loss": 1.0})  # step 5 backed up
+    saved = sorted(p.name for p in (tmp_path / "backup").iterdir())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_weights", full_disk)
+    backup.on_epoch_end(0, {"loss": 1.0})  # the same step again: nothing to write
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == saved
+    model.optimizer.iterations.assign(6)
+    with pytest.raises(BackupWriteError, match=r"step 6 .*last complete backup \(step 5\) is kept"):
+        backup.on_train_batch_end(0, {"loss": 1.0})
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == saved
+    assert int(latest_backup(tmp_path / "backup")["step"]) == 5
+
+
+def test_replace_folder_puts_the_previous_folder_back_when_the_move_fails(tmp_path, monkeypatch):
+    from keras_irtf import safety
+
+    final, new = tmp_path / "data", tmp_path / ".data.new"
+    for folder, text in ((final, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "f.txt").write_text(text)
+        safety.mark_owned(folder, "CSS benchmark")
+    real = os.replace
+    calls = []
+
+    def failing(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the move of the new folder into place
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst)
+
+    monkeypatch.setattr(safety.os, "replace", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        safety.replace_folder(new, final, "CSS benchmark")
+    assert (final / "f.txt").read_text() == "old" and (new / "f.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.new", "data"]  # nothing hidden left behind

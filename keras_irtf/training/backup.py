@@ -12,6 +12,7 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -99,6 +100,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+def read_state_names(backup_dir) -> set:
+    """The file names the backup folder's state.json names (empty when there is none to read)."""
+    try:
+        state = json.loads((Path(backup_dir) / "state.json").read_text())
+        return {str(state.get("weights")), str(state.get("rng"))}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 class TrainingBackup(keras.callbacks.Callback):
     def __init__(self, backup_dir, every_steps: int = 200, enabled: bool = True, prior_seconds: float = 0.0):
         super().__init__()
@@ -132,6 +142,8 @@ class TrainingBackup(keras.callbacks.Callback):
         if not self.enabled:
             return
         step = self._step()
+        if step == self.last_good_step:
+            return  # this state is the backup already (an epoch that ends on a backup step)
         # never publish a diverged state: keep the last good backup in force instead
         reason = next((f"loss {k}={float(v):.6g}" for k, v in (logs or {}).items() if not _finite(v)), None)
         reason = reason or unsound_state(self.model)
@@ -156,8 +168,10 @@ class TrainingBackup(keras.callbacks.Callback):
                        {"step": step, "weights": name, "rng": rng_name, "train_seconds": self.seconds()})
         except OSError as e:
             # state.json is written last: it still names the previous backup, so this step's files are unused
+            named = read_state_names(self.backup_dir)  # what the backup in force uses is never removed
             for path in (*partials, self.backup_dir / name, self.backup_dir / rng_name):
-                path.unlink(missing_ok=True)  # owned: a file of this step that this save was writing
+                if path.name not in named:
+                    path.unlink(missing_ok=True)  # owned: a file of this step that this save was writing
             kept = f"step {self.last_good_step}" if self.last_good_step is not None else "none yet"
             raise BackupWriteError(
                 f"could not write the backup of step {step} to {self.backup_dir} ({describe_os_error(e)}); "
