@@ -604,6 +604,47 @@ def _(ctx):
     return f"HTTP {deep.status_code} / {text.status_code} / {huge.status_code}: {deep.json().get('error', '')[:120]}", ok
 
 
+@probe("export whose description names an op library `exported.evil.payload` (a module it ships) for an op TensorFlow lacks",
+       "refused in one line (keras_irtf loads only the op libraries it knows); the module never runs")
+def _(ctx):
+    from keras_irtf.serving.op_libraries import MissingOpLibrary, register_op_libraries
+
+    code, marker = ctx.tmp / "evil_code", ctx.tmp / "payload_ran"
+    (code / "exported" / "evil").mkdir(parents=True)
+    (code / "exported" / "evil" / "payload.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    sys.path.insert(0, str(code))
+    try:
+        info = {"op_libraries": ["exported.evil.payload"],
+                "op_library_details": {"exported.evil.payload": {"ops": ["NoSuchOpXyz"], "files": ["x.so"]}}}
+        error = raises(lambda: register_op_libraries(ctx.tmp / "crafted" / "1", info, {"NoSuchOpXyz"}),
+                       MissingOpLibrary)
+    finally:
+        sys.path.remove(str(code))
+    return (error or "loaded")[:200] + f"; payload ran: {marker.exists()}", bool(error) and not marker.exists()
+
+
+@probe("export whose description says its gallery root is `/` and lists `etc/passwd`, with no checksums; demo `GET /gallery/0`",
+       "404: without --gallery, only files whose recorded sha256 matches are served")
+def _(ctx):
+    from starlette.testclient import TestClient
+
+    from keras_irtf.demo.app import create_app
+    from keras_irtf.demo.served import ServedModel
+
+    path, _ = ctx.export
+    crafted = ctx.tmp / "crafted_root" / "1"
+    shutil.copytree(path, crafted)
+    extra = crafted / "assets.extra"
+    info = json.loads((extra / "keras_irtf_export.json").read_text())
+    info["gallery"]["root"] = "/"
+    (extra / "keras_irtf_export.json").write_text(json.dumps(info))
+    (extra / "gallery.txt").write_text("etc/passwd\n" * 3)
+    (extra / "gallery_sha256.txt").unlink()  # owned: the probe's own copy of its export
+    r = TestClient(create_app(ServedModel(crafted)), raise_server_exceptions=False).get("/gallery/0")
+    error = r.json().get("error", "") if r.headers.get("content-type", "").startswith("application/json") else r.text
+    return f"HTTP {r.status_code}: {error[:160]}", r.status_code == 404 and "root:" not in r.text
+
+
 # ---- faults during training (slow: real trainings) ---------------------------------------------------
 def _train_args(ctx, run, steps=30):
     return ["--dataset", "css", "--preset", "smoke", "--data-root", ctx.css, "--out", run, "--steps", steps,

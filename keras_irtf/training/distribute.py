@@ -176,9 +176,10 @@ class _join_watchdog:
             import faulthandler
 
             workers = tf_config().get("cluster", {}).get("worker", [])
-            log.info(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
-                     f"if they have not all connected within {self.seconds:.0f} s (train.collective_timeout_seconds) "
-                     f"this process stops: start the same command on every worker, each with its own task index")
+            # a warning, shown under -q too: when the timeout expires the process ends with no other word
+            log.warning(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
+                        f"if they have not all connected within {self.seconds:.0f} s (train.collective_timeout_seconds) "
+                        f"this process stops: start the same command on every worker, each with its own task index")
             self.sink = open(os.devnull, "w")  # the thread dump faulthandler writes on expiry
             faulthandler.dump_traceback_later(self.seconds, exit=True, file=self.sink)
         return self
