@@ -495,16 +495,24 @@ def _(ctx):
     return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def _demo_client(ctx, gallery=None):
-    """The demo's app over the shared export (its gallery read from `gallery`), as a test client."""
+def _export_copy(ctx, name):
+    """A copy of the shared export's version folder, to damage or rewrite."""
+    copy = ctx.tmp / name / "1"
+    shutil.copytree(ctx.export[0], copy)
+    return copy
+
+
+def _demo_client(ctx, gallery=None, export=None):
+    """The demo's app as a test client: over the shared export, its gallery read from `gallery`
+    (default: the export's own folder), or over `export` as it describes itself (no --gallery)."""
     from starlette.testclient import TestClient
 
     from keras_irtf.demo.app import create_app
     from keras_irtf.demo.served import ServedModel
 
     path, default = ctx.export
-    return TestClient(create_app(ServedModel(path, gallery_root=gallery or default, name="m")),
-                      raise_server_exceptions=False)
+    served = ServedModel(export, name="m") if export else ServedModel(path, gallery_root=gallery or default, name="m")
+    return TestClient(create_app(served), raise_server_exceptions=False)
 
 
 @probe("demo `GET /gallery/<id>` after `ln -sf /etc/passwd gallery/g1.png` (planted while it runs)",
@@ -565,9 +573,8 @@ def _(ctx):
 @probe("damaged export (truncated saved_model.pb) given to `tools/query.py` and `tools/demo.py`",
        "one line 'damaged export: <file>', exit 2")
 def _(ctx):
-    path, gallery = ctx.export
-    copy = ctx.tmp / "damaged" / "1"
-    shutil.copytree(path, copy)
+    _, gallery = ctx.export
+    copy = _export_copy(ctx, "damaged")
     data = (copy / "saved_model.pb").read_bytes()
     (copy / "saved_model.pb").write_bytes(data[:1000])
     q = cli("query", "--model", copy, "--image", gallery / "g0.png", "--text", "x", "--gallery", gallery,
@@ -626,21 +633,14 @@ def _(ctx):
 @probe("export whose description says its gallery root is `/` and lists `etc/passwd`, with no checksums; demo `GET /gallery/0`",
        "404: without --gallery, only files whose recorded sha256 matches are served")
 def _(ctx):
-    from starlette.testclient import TestClient
-
-    from keras_irtf.demo.app import create_app
-    from keras_irtf.demo.served import ServedModel
-
-    path, _ = ctx.export
-    crafted = ctx.tmp / "crafted_root" / "1"
-    shutil.copytree(path, crafted)
+    crafted = _export_copy(ctx, "crafted_root")
     extra = crafted / "assets.extra"
     info = json.loads((extra / "keras_irtf_export.json").read_text())
     info["gallery"]["root"] = "/"
     (extra / "keras_irtf_export.json").write_text(json.dumps(info))
     (extra / "gallery.txt").write_text("etc/passwd\n" * 3)
     (extra / "gallery_sha256.txt").unlink()  # owned: the probe's own copy of its export
-    r = TestClient(create_app(ServedModel(crafted)), raise_server_exceptions=False).get("/gallery/0")
+    r = _demo_client(ctx, export=crafted).get("/gallery/0")
     error = r.json().get("error", "") if r.headers.get("content-type", "").startswith("application/json") else r.text
     return f"HTTP {r.status_code}: {error[:160]}", r.status_code == 404 and "root:" not in r.text
 
