@@ -419,7 +419,7 @@ def test_text_that_is_not_unicode_is_a_400(small):
         assert r.status_code == 400 and "not valid Unicode" in r.json()["error"], r.text[:300]
 
 
-def test_huge_ids_and_versions_in_urls_are_a_404(small):
+def test_huge_ids_and_versions_in_urls_are_a_404(small, caplog):
     client = _client(small, small.gallery)
     digits = "9" * 5000  # int() refuses over 4300 digits
     for url in (f"/gallery/{digits}", f"/api/gallery/{digits}/texts", f"/v1/models/small/versions/{digits}",
@@ -429,3 +429,5 @@ def test_huge_ids_and_versions_in_urls_are_a_404(small):
     r = _post(client, f"/v1/models/small/versions/{digits}:predict", b"{}")
     assert r.status_code == 404 and len(r.json()["error"]) < 300
     assert client.get("/v1/models/small/versions/01").status_code == 200
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert refusals and max(map(len, refusals)) < 1000  # a 5000-digit URL does not become a 5000-byte log line

@@ -366,7 +366,9 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
 
     @app.exception_handler(DemoError)
     async def _demo_error(request, exc: DemoError):
-        log.warning("refused %s %s with %d: %s", request.method, request.url.path, exc.status, exc.message)
+        path = request.url.path  # a client's URL: shortened, so that one request cannot flood the log
+        path = path if len(path) <= 200 else f"{path[:200]}... ({len(path)} characters)"
+        log.warning("refused %s %s with %d: %s", request.method, path, exc.status, exc.message[:500])
         return json_response({"error": exc.message}, exc.status)
 
     @app.exception_handler(HTTPException)
