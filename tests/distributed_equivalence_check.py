@@ -29,20 +29,12 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import tensorflow as tf  # noqa: E402
-
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-import contextlib  # noqa: E402
+from two_cpus import max_diff, mirrored, scope  # first: two logical CPUs before TensorFlow starts
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 from conftest import tiny_config  # noqa: E402
 
 ROOT, METHOD = sys.argv[1], sys.argv[2]
@@ -51,16 +43,8 @@ PARTS = os.environ.get("CHECK_PARTS", "masks,clip,trajectory,batches").split(","
 STATES = [int(s) for s in os.environ.get("CHECK_STATES", "0,3,6").split(",")]
 REFERENCE = os.environ.get("CHECK_REFERENCE", "")
 GLOBAL_BATCH = 16
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+strategy = mirrored()
 result = {"replicas": strategy.num_replicas_in_sync}
-
-
-def scope(s):
-    return s.scope() if s is not None else contextlib.nullcontext()
-
-
-def max_diff(a, b):
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
 def l2_diff(a, b):
@@ -253,28 +237,22 @@ def check_trajectory(cfg, vectorizer, batches):
             entry["reference_logs"] = one_step(reference, batch)
         entry["single_logs"] = one_step(single, batch)
         after = [v.numpy() for v in single.trainable_variables]
-        step = [a - b for a, b in zip(after, trainable_start)]
-        entry["moved"] = max(float(np.abs(d).max()) for d in step)
         m_after = [v.numpy() for v in mirrored.trainable_variables]
         c_after = [v.numpy() for v in control.trainable_variables]
-        entry["mirrored_diff"] = max_diff(after, m_after)
-        entry["control_diff"] = max_diff(after, c_after)
+        entry["moved"] = max_diff(after, trainable_start)
         entry["moved_l2"] = l2_diff(after, trainable_start)
-        entry["mirrored_l2"] = l2_diff(after, m_after)
-        entry["control_l2"] = l2_diff(after, c_after)
-        worst = max(range(n_trainable), key=lambda i: float(np.abs(
-            after[i] - mirrored.trainable_variables[i].numpy()).max()))
+        for name, other in (("mirrored", m_after), ("control", c_after)):
+            entry[f"{name}_diff"] = max_diff(after, other)
+            entry[f"{name}_l2"] = l2_diff(after, other)
+        worst = max(range(n_trainable), key=lambda i: float(np.abs(after[i] - m_after[i]).max()))
         entry["mirrored_worst_variable"] = names[worst]
         entry["mirrored_state_diff"] = max_diff([v.numpy() for v in single.weights],
                                                 [v.numpy() for v in mirrored.weights])
         if reference is not None:
             ref_after = [v.numpy() for v in reference.trainable_variables]
-            entry["single_to_reference"] = max_diff(after, ref_after)
-            entry["mirrored_to_reference"] = max_diff(m_after, ref_after)
-            entry["control_to_reference"] = max_diff(c_after, ref_after)
-            entry["single_to_reference_l2"] = l2_diff(after, ref_after)
-            entry["mirrored_to_reference_l2"] = l2_diff(m_after, ref_after)
-            entry["control_to_reference_l2"] = l2_diff(c_after, ref_after)
+            for name, other in (("single", after), ("mirrored", m_after), ("control", c_after)):
+                entry[f"{name}_to_reference"] = max_diff(other, ref_after)
+                entry[f"{name}_to_reference_l2"] = l2_diff(other, ref_after)
         out.append(entry)
     return out
 

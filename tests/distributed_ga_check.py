@@ -4,22 +4,14 @@ one device and with MirroredStrategy over 2 replicas, from the same weights on t
 batches, and prints a JSON summary."""
 
 import json
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import tensorflow as tf  # noqa: E402
-
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-import contextlib  # noqa: E402
+from two_cpus import mirrored, scope  # first: two logical CPUs before TensorFlow starts
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ga_tiny import tiny_batch, tiny_model  # noqa: E402
 
 METHODS = sys.argv[1] if len(sys.argv) > 1 else "adversarial,isotropic"
@@ -33,7 +25,7 @@ def dataset():
 
 
 def train(strategy, start=None):
-    with strategy.scope() if strategy else contextlib.nullcontext():
+    with scope(strategy):
         model = tiny_model(METHODS, eta=0.05, eps=0.5, gamma=0.05, dtype="float32", seed=0)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
     if start is not None:
@@ -45,7 +37,7 @@ def train(strategy, start=None):
 
 
 single_begin, single_end, single_logs = train(None)
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+strategy = mirrored()
 mirrored_begin, mirrored_end, mirrored_logs = train(strategy, start=single_begin)
 print(json.dumps({
     "replicas": strategy.num_replicas_in_sync,

@@ -13,20 +13,12 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import tensorflow as tf  # noqa: E402
-
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
-import contextlib  # noqa: E402
+from two_cpus import max_diff, mirrored, scope  # first: two logical CPUs before TensorFlow starts
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 from conftest import tiny_config  # noqa: E402
 
 from keras_irtf.data.css import CSSDataset  # noqa: E402
@@ -52,7 +44,7 @@ WEIGHTS = []
 
 def train(strategy, start=None):
     keras.utils.set_random_seed(0)  # the same noise stream (the GA generator's seed) in both runs
-    with strategy.scope() if strategy else contextlib.nullcontext():
+    with scope(strategy):
         model = build_model(cfg, vectorizer.vocab_size)
         model.compile(optimizer=make_optimizer(cfg, model))
     if start is not None:
@@ -70,7 +62,7 @@ def train(strategy, start=None):
 
 
 single_begin, single_end, single_all, single_logs, moved = train(None)
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+strategy = mirrored()
 _, mirrored_end, mirrored_all, mirrored_logs, _ = train(strategy, start=single_begin)
 
 # negative control: the classic replica bug (each replica's loss averaged over its LOCAL batch, so
@@ -81,17 +73,13 @@ L.global_batch_size = lambda local_batch, dtype=tf.float32: tf.cast(local_batch,
 _, buggy_end, _, buggy_logs, _ = train(strategy, start=single_begin)
 
 
-def diff(a, b):
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
-
-
 print(json.dumps({
     "replicas": strategy.num_replicas_in_sync,
     "moved": moved,
-    "max_weight_diff": diff(single_end, mirrored_end),
-    "buggy_weight_diff": diff(single_end, buggy_end),
-    "max_state_diff": diff(single_all, mirrored_all),
-    "worst": sorted(((diff([a], [b]), v.path) for a, b, v in zip(single_all, mirrored_all, WEIGHTS)), reverse=True)[:3],
+    "max_weight_diff": max_diff(single_end, mirrored_end),
+    "buggy_weight_diff": max_diff(single_end, buggy_end),
+    "max_state_diff": max_diff(single_all, mirrored_all),
+    "worst": sorted(((max_diff([a], [b]), v.path) for a, b, v in zip(single_all, mirrored_all, WEIGHTS)), reverse=True)[:3],
     "buggy_logs": buggy_logs,
     "single_logs": single_logs,
     "mirrored_logs": mirrored_logs,

@@ -57,7 +57,7 @@ NOT_RUN = {
     "docs/train-your-data.md": ["needs the real MIT-States and Fashion200k folders and a ResNet-18 preset "
                                 "(tens of GB, hours of training)"],
     "docs/results/README.md": ["reproduces the measurement, 110 training runs (about four hours on two cores)"],
-    "docs/results/before_issue14/README.md": ["the record of a superseded measurement (its sampler and training "
+    "docs/results/superseded_2026-11-23/README.md": ["the record of a superseded measurement (its sampler and training "
                                               "recall are no longer the defaults)"],
 }
 
@@ -311,8 +311,7 @@ def _current_text_files() -> list:
             rel = path.relative_to(ROOT)
             if not path.is_file() or path.suffix not in TEXT_SUFFIXES or "__pycache__" in rel.parts:
                 continue
-            if rel.parts[:2] == ("docs", "_build") or (len(rel.parts) > 2 and rel.parts[1] == "results"
-                                                       and rel.parts[2].startswith("before_")):
+            if rel.parts[:2] == ("docs", "_build"):
                 continue
             files.append(path)
     return files

@@ -467,16 +467,23 @@ def _(ctx):
     return f"left in {base.name}/: {left}", left == []
 
 
+def _swapped_gallery(ctx, name):
+    """A copy of the export's gallery with the pictures of g0.png and g1.png swapped: the export's
+    file names, other images under two of them."""
+    other = ctx.tmp / name
+    shutil.copytree(ctx.export[1], other)
+    a, b = (other / "g0.png").read_bytes(), (other / "g1.png").read_bytes()
+    (other / "g0.png").write_bytes(b)
+    (other / "g1.png").write_bytes(a)
+    return other
+
+
 @probe("`tools/query.py --gallery` with the export's file names but other images", "gallery embedded again (hashes differ); ranking of the new files")
 def _(ctx):
     from keras_irtf.serving.query import ExportedModel, search
 
-    path, gallery = ctx.export
-    other = ctx.tmp / "gallery_swapped"
-    shutil.copytree(gallery, other)
-    a, b = (other / "g0.png").read_bytes(), (other / "g1.png").read_bytes()
-    (other / "g0.png").write_bytes(b)
-    (other / "g1.png").write_bytes(a)
+    path, _ = ctx.export
+    other = _swapped_gallery(ctx, "gallery_swapped")
     model = ExportedModel(path)
     results = search(model, other / "g2.png", "add a red cube", other, top=2, exclude_query=False)
     emb = model.embed_images([(other / r.path.name).read_bytes() for r in results])
@@ -560,12 +567,8 @@ def _(ctx):
 def _(ctx):
     from keras_irtf.demo import DemoError, build_app
 
-    path, gallery = ctx.export
-    other = ctx.tmp / "gallery_other"
-    shutil.copytree(gallery, other)
-    a, b = (other / "g0.png").read_bytes(), (other / "g1.png").read_bytes()
-    (other / "g0.png").write_bytes(b)
-    (other / "g1.png").write_bytes(a)
+    path, _ = ctx.export
+    other = _swapped_gallery(ctx, "gallery_other")
     error = raises(lambda: build_app(path, gallery=other), DemoError)
     return error or "started", bool(error) and "g0.png is not the image the export embedded" in error
 
