@@ -107,3 +107,39 @@ def test_a_live_workers_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
     assert A._claim(run) is None  # held by a live process (this one)
     lock.write_text("999999999")  # a process that does not exist
     assert A._claim(run) is not None
+
+
+def test_tables_regenerate_from_the_per_seed_json_alone(tmp_path):
+    results = {"ce": [_metrics(0.30, seed=0, pgd=0.10), _metrics(0.32, seed=1, pgd=0.12)],
+               "gaa": [_metrics(0.29, seed=1, pgd=0.33), _metrics(0.31, seed=0, pgd=0.30)]}
+    data = A.per_seed_json({"Ablation": results}, {"command": "python tools/ablate.py --seeds 2"})
+    data = json.loads(json.dumps(data))  # what a reader of the committed file gets
+    runs = data["tables"]["Ablation"]["gaa"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]  # in seed order
+    np.testing.assert_allclose(runs[0]["pgd R@1"], 30.0)
+    assert runs[0]["shift R@1"] is None  # no value, not a made-up one
+    text = A.tables_markdown(data, source="x.json")
+    assert text.splitlines()[0] == A.GENERATED.format(source="x.json")
+    assert A.ablation_table(results) in text  # the same table as from the run folders
+
+    src, out = tmp_path / "r.json", tmp_path / "r.md"
+    src.write_text(json.dumps(data))
+    import subprocess
+    import sys
+
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    done = subprocess.run([sys.executable, str(tool), "-q", "--from-json", str(src), "--table", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == A.tables_markdown(data, source=str(src))
+    data["columns"]["made up"] = "x"
+    src.write_text(json.dumps(data))
+    done = subprocess.run([sys.executable, str(tool), "-q", "--from-json", str(src)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "made up" in done.stderr and str(src) in done.stderr
+
+
+def test_sweep_rows_are_labelled_by_weight_and_value():
+    assert A._label("sweep_gamma_mean_100") == "L_CE + L_GA^I, gamma 100 / size"
+    assert A._label("sweep_gamma_0.03") == "L_CE + L_GA^I, gamma 0.03 per element"
+    assert A._label("sweep_eps_0.1") == "L_CE + L_GA^A, eps 0.1"

@@ -3,7 +3,8 @@
 
     python tools/ablate.py --dataset css --seeds 3
     python tools/ablate.py --config configs/css_ablation.yaml --seeds 3 --out ablations/css \\
-        --table docs/results/css_ablation.md --sweep eta,eps,gamma
+        --sweep eta,eps,gamma --json results.json
+    python tools/ablate.py --from-json results.json --table results.md
 
 Rows: L_CE; +L_S; +GA^A; +GA^I; +L_S+GA^A; +L_S+GA^I; +GA^A+GA^I; all four; and the FGSM, L1, L2
 baselines. Columns: test R@1/5/10 and their average (Mt), training R@1 and average (Ms), WHM,
@@ -12,11 +13,14 @@ and PGD-10 at 4/255, the mean ||dL/dx||_1, L_GA^A / L_CE at the end of training,
 step: mean ± standard deviation over seeds. A second table tests each row against L_CE with a
 two-sided paired t-test over the seeds (difference, 95% interval, p; verdict at p < 0.05). Every (cell, seed) is a run
 folder <out>/<cell>/seed<k>/; finished ones (metrics.json present) are skipped, so re-running the
-same command resumes an interrupted ablation. --dataset css uses configs/css_ablation.yaml (the
+same command resumes an interrupted ablation. --json keeps every run's values per seed (and the
+machine's load while it trained) in one small file, and --from-json regenerates the tables from it
+alone: publish the JSON beside the table and anyone can recompute it. --dataset css uses configs/css_ablation.yaml (the
 ablation budget); the GA weights are that file's (--set overrides them).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +48,28 @@ def parse_args(argv=None):
     p.add_argument("--table", help="also write the Markdown table to this file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
     p.add_argument("--table-only", action="store_true", help="tabulate finished runs, train nothing")
+    p.add_argument("--json", help="also write every run's values (per seed, with the machine's load) to this JSON "
+                   "file: the evidence a table is regenerated from")
+    p.add_argument("--from-json", metavar="FILE", help="print (and with --table write) the tables of a JSON "
+                   "written by --json; reads no run folder and trains nothing")
     return p.parse_args(argv)
+
+
+def _about(out: Path, results: dict, argv) -> dict:
+    """How and where the runs of a per-seed JSON were made."""
+    import platform
+    import time
+
+    import tensorflow as tf
+
+    import keras_irtf
+
+    stamps = [p.stat().st_mtime for cell in results for p in (out / cell).glob("seed*/metrics.json")]
+    utc = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))  # noqa: E731
+    return {"command": "python tools/ablate.py " + " ".join(argv),
+            "runs_finished": [utc(min(stamps)), utc(max(stamps))] if stamps else None,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True)},
+            "versions": {"keras_irtf": keras_irtf.__version__, "tensorflow": tf.__version__}}
 
 
 def main(argv=None):
@@ -52,7 +77,18 @@ def main(argv=None):
     from keras_irtf.training import ablation as A
     from keras_irtf.config import ConfigError, repo_configs_dir
     from keras_irtf.data.base import DatasetError
+    from keras_irtf.utils import atomic_write_text, read_json, write_json
 
+    if args.from_json:
+        try:
+            text = A.tables_markdown(read_json(args.from_json), source=args.from_json)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {args.from_json} is not a per-seed JSON written by --json: {e}", file=sys.stderr)
+            return 2
+        print(text)
+        if args.table:
+            atomic_write_text(args.table, text)
+        return 0
     configs = repo_configs_dir()
     paths = args.config or [configs / f"{args.dataset}_ablation.yaml"]
     for path in paths:
@@ -85,13 +121,18 @@ def main(argv=None):
         results = {**A.collect(out, list(A.CELLS)), **{k: v for k, v in results.items() if k.startswith("sweep_")}}
     grid = {k: v for k, v in results.items() if not k.startswith("sweep_")}
     sweeps = {k: v for k, v in results.items() if k.startswith("sweep_")}
-    text = "## Ablation\n\n" + (A.ablation_table(grid) if grid else "(no finished grid runs)") + "\n"
+    tables = {"Ablation": grid} if grid else {}
     if sweeps:
-        text += "\n## Weight sweep\n\n" + A.ablation_table({"ce": grid["ce"], **sweeps} if "ce" in grid else sweeps) + "\n"
+        tables["Weight sweep"] = {"ce": grid["ce"], **sweeps} if "ce" in grid else sweeps
+    if not tables:
+        print("(no finished runs)")
+        return 0
+    data = A.per_seed_json(tables, _about(out, results, sys.argv[1:] if argv is None else argv))
+    if args.json:
+        write_json(args.json, data)
+    text = A.tables_markdown(data, source=args.json or "(not saved: add --json FILE)")
     print(text)
     if args.table:
-        from keras_irtf.utils import atomic_write_text
-
         atomic_write_text(args.table, text)
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_irtf.utils import read_json
+from keras_irtf.utils import read_json, write_json
 
 # (name, label, loss.eta on?, ga.methods)
 GRID = (
@@ -78,10 +78,18 @@ def sweep_cells(weights=tuple(SWEEPS), values=SWEEP_VALUES):
     return out
 
 
+SWEEP_LABELS = {"eta": "L_CE + L_S, eta {v}", "eps": "L_CE + L_GA^A, eps {v}",
+                "gamma": "L_CE + L_GA^I, gamma {v} per element", "gamma_mean": "L_CE + L_GA^I, gamma {v} / size"}
+
+
 def _label(name):
     for cell, label, _, _ in GRID:
         if cell == name:
             return label
+    for weight in sorted(SWEEPS, key=len, reverse=True):  # gamma_mean before gamma
+        prefix = f"sweep_{weight}_"
+        if name.startswith(prefix):
+            return SWEEP_LABELS[weight].format(v=name[len(prefix):])
     return name
 
 
@@ -115,6 +123,7 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
             jobs.append((cell, seed, ov))
 
     dataset = None
+    spent, done = 0.0, 0  # this process's seconds per finished job, for the ETA
     for i, (cell, seed, ov) in enumerate(jobs):
         run = out / cell / f"seed{seed}"
         need_train = not (run / "metrics.json").is_file()
@@ -130,10 +139,13 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
             if dataset is None:  # every cell shares the dataset (and its preprocessing)
                 dataset = Experiment(cfg, verbose=verbose).dataset
             keras.backend.clear_session()
-            start = time.time()
+            job_start = start = time.time()
             if need_train:
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: training ({' '.join(ov)})")
+                load = _load()
                 _, metrics = train(cfg, verbose=0, dataset=dataset)
+                write_json(run / "machine.json", {"load_1min_start": load, "load_1min_end": _load(),
+                                                  "cpus": os.cpu_count()})
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
                     f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
             if need_robust:
@@ -142,16 +154,23 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
                     f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
                     f"({time.time() - start:.0f} s)")
+            spent, done = spent + time.time() - job_start, done + 1
+            left = len(jobs) - i - 1
+            log(f"[{i + 1}/{len(jobs)}] {left} job(s) left, at most ~{spent / done * left / 60:.0f} min "
+                f"(other workers may take some)")
         finally:
             lock.unlink(missing_ok=True)  # owned: the lock _claim created for this process
     return collect(out, [j[0] for j in jobs])
+
+
+def _load():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def run_robustness(run, cfg, dataset) -> dict:
     """The ablation's robustness columns of one finished run -> <run>/robustness.json."""
     from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
     from keras_irtf.experiment import Experiment
-    from keras_irtf.utils import write_json
 
     run = Path(run)
     exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
@@ -195,8 +214,9 @@ def collect(out, cells=None) -> dict:
             results[name] = []
             for p in runs:
                 m = read_json(p)
-                if (p.parent / "robustness.json").is_file():
-                    m["robustness"] = read_json(p.parent / "robustness.json")
+                for extra in ("robustness", "machine"):
+                    if (p.parent / f"{extra}.json").is_file():
+                        m[extra] = read_json(p.parent / f"{extra}.json")
                 m.setdefault("seed", int(p.parent.name[4:]))
                 results[name].append(m)
     return results
@@ -242,12 +262,33 @@ SIGNIFICANT = {"grad L1": 3, "GA ratio": 2, "s/step": 2}  # significant digits; 
 TESTED = ("R@1", "WHM", "shift R@1", "noise R@1", "pgd R@1")
 
 
+def record(m: dict) -> dict:
+    """One run's table entry: its seed and every column's value (None where the run has none),
+    with the machine's 1-minute load before and after training when the run recorded it. A
+    record passed in is returned as it is, so the table functions take either."""
+    if "test" not in m:
+        return m
+    rec = {"seed": m.get("seed")}
+    for name, (_, fn) in COLUMNS.items():
+        v = fn(m)
+        rec[name] = None if np.isnan(v) else round(v, 6)
+    machine = m.get("machine") or {}
+    if machine:
+        rec["load_1min"] = [machine.get("load_1min_start"), machine.get("load_1min_end")]
+    return rec
+
+
+def _value(rec, column):
+    v = rec.get(column)
+    return float("nan") if v is None else float(v)
+
+
 def summarize(runs: list) -> dict:
     """Each column's values over a cell's runs, in seed order, and the seeds."""
-    runs = sorted(runs, key=lambda m: m.get("seed", 0))
-    s = {"n": len(runs), "seeds": [m.get("seed") for m in runs]}
-    for name, (_, fn) in COLUMNS.items():
-        s[name] = np.asarray([fn(m) for m in runs], dtype=np.float64)
+    runs = sorted((record(m) for m in runs), key=lambda r: r.get("seed") or 0)
+    s = {"n": len(runs), "seeds": [r.get("seed") for r in runs]}
+    for name in COLUMNS:
+        s[name] = np.asarray([_value(r, name) for r in runs], dtype=np.float64)
     return s
 
 
@@ -311,19 +352,18 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
 
     if baseline not in results:
         return {}
-    base = {m.get("seed"): m for m in results[baseline]}
+    base = {r.get("seed"): r for r in map(record, results[baseline])}
     out = {}
     for name, runs in results.items():
         if name == baseline:
             continue
-        pairs = [(m, base[m.get("seed")]) for m in sorted(runs, key=lambda m: m.get("seed", 0))
-                 if m.get("seed") in base]
+        pairs = [(r, base[r.get("seed")]) for r in sorted(map(record, runs), key=lambda r: r.get("seed") or 0)
+                 if r.get("seed") in base]
         entry = {"pairs": len(pairs)}
         found = []
         for c in TESTED:
-            fn = COLUMNS[c][1]
-            a = np.array([fn(m) for m, _ in pairs], np.float64)
-            b = np.array([fn(m) for _, m in pairs], np.float64)
+            a = np.array([_value(r, c) for r, _ in pairs], np.float64)
+            b = np.array([_value(r, c) for _, r in pairs], np.float64)
             ok = ~(np.isnan(a) | np.isnan(b))
             r = paired_t_test(a[ok], b[ok])
             entry[c] = r
@@ -337,10 +377,41 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
     return out
 
 
+GENERATED = "<!-- generated by tools/ablate.py --from-json {source}: edit the JSON's runs, not this file -->"
+
+
+def per_seed_json(tables: dict, about: dict) -> dict:
+    """The committed evidence behind published tables: {"about": how and where the runs were
+    made, "columns": {column: header}, "tables": {title: {cell: {"label", "runs": [record per
+    seed]}}}}. `tables` maps a table's title to {cell: [metrics or records per seed]}."""
+    return {"about": about, "columns": {c: COLUMNS[c][0] for c in COLUMNS},
+            "tables": {title: {cell: {"label": _label(cell), "runs": [record(m) for m in sorted(
+                runs, key=lambda m: m.get("seed") or 0)]} for cell, runs in cells.items()}
+                for title, cells in tables.items()}}
+
+
+def tables_markdown(data: dict, source: str) -> str:
+    """The Markdown of every table of a per-seed JSON (per_seed_json), under one comment naming
+    the JSON it was generated from; `tools/ablate.py --from-json` writes it."""
+    unknown = sorted(set(data.get("columns", {})) ^ set(COLUMNS))
+    if unknown:
+        raise ValueError(f"{source}: columns {unknown} differ from the ones this version tabulates "
+                         f"({list(COLUMNS)})")
+    parts = [GENERATED.format(source=source), ""]
+    about = data.get("about", {})
+    if about.get("summary"):
+        parts += [about["summary"], ""]
+    for title, cells in data["tables"].items():
+        results = {cell: entry["runs"] for cell, entry in cells.items()}
+        parts += [f"## {title}", "", ablation_table(results), ""]
+    return "\n".join(parts)
+
+
 def seconds(results) -> float:
     return float(sum(m["train_seconds"] for runs in results.values() for m in runs))
 
 
 __all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "ablation_table", "cell_overrides", "collect",
-           "paired_tests", "run_ablation", "run_robustness", "summarize", "sweep_cells"]
+           "paired_tests", "per_seed_json", "record", "run_ablation", "run_robustness", "summarize", "sweep_cells",
+           "tables_markdown"]
 
