@@ -402,7 +402,7 @@ class TrainConfig:
     preset: Optional[str] = None  # the preset applied (tools/train.py --preset): part of the default run name
     jit_compile: bool = False
     # float32 | mixed_bfloat16 | mixed_float16: the Keras dtype policy of the encoders and the
-    # composer (keras_irtf.model.precision); mixed_float16 trains with dynamic loss scaling
+    # composer (keras_irtf.precision); mixed_float16 trains with dynamic loss scaling
     precision: str = "float32"
     backup_every_steps: int = 200
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 from keras_irtf.config import Config, load_config, to_yaml
-from keras_irtf.training.run_folder import check_model_file, read_manifest, record_run_files, verify_run_files
+from keras_irtf.evaluation.robustness import robustness_of
+from keras_irtf.registry import GA_METHODS
+from keras_irtf.run_folder import check_model_file, read_manifest, record_run_files, verify_run_files
 
 RUN_FILES = ("config.yaml", "model.keras")  # what every run folder holds (+ vocab.txt for token encoders)
 
@@ -74,7 +76,7 @@ class Experiment:
         what the pipelines, the evaluation, the export and the query tool apply to every image."""
         if self._preprocessor is None:
             m = self.cfg.model.image_encoder
-            self._preprocessor = self.image_encoder_class.preprocessor(m.settings, self.cfg)
+            self._preprocessor = self.image_encoder_class.preprocessor(m.settings, **self.part_context("image_encoder"))
         return self._preprocessor
 
     def check(self):
@@ -85,10 +87,10 @@ class Experiment:
 
         check_dataset(self.cfg)
         m = self.cfg.model
-        for one_of, cls in ((m.image_encoder, self.image_encoder_class), (m.text_encoder, self.text_encoder_class)):
+        for role, cls in (("image_encoder", self.image_encoder_class), ("text_encoder", self.text_encoder_class)):
             check = getattr(cls, "check", None)  # e.g. a CLIP preset folder that is not there
             if check is not None:
-                check(one_of.settings, self.cfg)
+                check(getattr(m, role).settings, **self.part_context(role))
         self.check_feature_cache()
         weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
         if weights:
@@ -212,6 +214,28 @@ class Experiment:
         return self.image_input if self.image_input is not None else self.preprocessor
 
     # ---- model and optimizer -------------------------------------------------------------------
+    def part_context(self, role: str, **known) -> dict:
+        """The named arguments a model part (role: "image_encoder", "text_encoder", "composer")
+        gets besides its own settings section: what it needs to know about the rest of the run,
+        computed here from the whole config (keras_irtf.layers.base lists them). `known`: values
+        only the build knows (vocab_size; the encoders' widths image_dim and text_dim)."""
+        cfg, m = self.cfg, self.cfg.model
+        if role == "composer":
+            return {"output_dim": known["image_dim"], **known}
+        shared = [("model.clip_preset", m.clip_preset)]
+        context = {"output_dim": m.embed_dim}
+        if role == "image_encoder":
+            context.update(image_size=cfg.data.image_size, finetune=m.finetune in ("image", "both"))
+        elif role == "text_encoder":
+            if m.image_encoder.type == m.text_encoder.type:  # one family: the image tower's preset serves both
+                shared.append(("model.image_encoder.preset", getattr(m.image_encoder.settings, "preset", None)))
+            context.update(finetune=m.finetune in ("text", "both"), double_backprop=cfg.ga.point == "text_feature"
+                           and any(getattr(GA_METHODS.get(name).obj, "needs_input_gradient", False) for name in cfg.ga_methods))
+        else:
+            raise ValueError(f"part_context: role must be image_encoder, text_encoder or composer, got {role!r}")
+        context["shared_presets"] = tuple((key, folder) for key, folder in shared if folder)
+        return {**context, **known}
+
     def build_model(self, vocab_size: Optional[int] = None):
         """The ComposedRetrievalModel of the config, built (not compiled). `vocab_size`: the
         token encoder's vocabulary (default: the vectoriser's).
@@ -219,27 +243,28 @@ class Experiment:
         train.precision is applied here and nowhere else: the encoders and the composer are
         built under that Keras dtype policy (set and restored around building, so it does not
         leak into other runs of the process); the normalisation and the GA layer are float32
-        (see keras_irtf.model.precision for every part kept in float32)."""
+        (see keras_irtf.precision for every part kept in float32)."""
         from keras_irtf.layers.normalization import ScaledL2Normalization
         from keras_irtf.model.gradient_augmentation import GradientAugmentation
-        from keras_irtf.model.precision import policy_scope
+        from keras_irtf.precision import policy_scope
         from keras_irtf.model.retrieval_model import ComposedRetrievalModel
 
         cfg, m = self.cfg, self.cfg.model
         if vocab_size is None:
             tokens = self.text_input_kind == "tokens" and self.vectorizer is not None
             vocab_size = self.vectorizer.vocab_size if tokens else 0
-        context = {"vocab_size": int(vocab_size)}
         precision = cfg.train.precision
         with policy_scope(precision):
-            image_encoder = self.image_encoder_class.from_settings(m.image_encoder.settings, cfg, **context)
-            text_encoder = self.text_encoder_class.from_settings(m.text_encoder.settings, cfg, **context)
+            image_encoder = self.image_encoder_class.from_settings(
+                m.image_encoder.settings, **self.part_context("image_encoder"))
+            text_encoder = self.text_encoder_class.from_settings(
+                m.text_encoder.settings, **self.part_context("text_encoder", vocab_size=int(vocab_size)))
             # the composed query lives in the image-feature space (the targets are image features):
             # a composer is built to the image encoder's width (model.embed_dim for the built-in
             # encoders, the projection width of a pretrained CLIP / SigLIP tower)
-            context["image_dim"] = int(getattr(image_encoder, "output_dim", m.embed_dim))
-            context["text_dim"] = int(getattr(text_encoder, "output_dim", m.embed_dim))
-            composer = m.composer.entry().obj.from_settings(m.composer.settings, cfg, **context)
+            composer = m.composer.entry().obj.from_settings(m.composer.settings, **self.part_context(
+                "composer", image_dim=int(getattr(image_encoder, "output_dim", m.embed_dim)),
+                text_dim=int(getattr(text_encoder, "output_dim", m.embed_dim))))
         ga = GradientAugmentation(
             methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
             settings={name: dataclasses.asdict(s) for name in cfg.ga_methods
@@ -263,7 +288,7 @@ class Experiment:
         loss scaling; the model's train_step scales the loss)."""
         import keras
 
-        from keras_irtf.model.precision import wrap_optimizer
+        from keras_irtf.precision import wrap_optimizer
 
         o = self.cfg.optim
         lr = o.learning_rate
@@ -491,6 +516,17 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, override
     if not out and read_manifest(run):  # keep the manifest true to the folder (one without stays without)
         record_run_files(run, "metrics.json")
     return metrics
+
+
+def robustness_run(run, levels=None, out=None, verbose=True, backend=None, input_grad=True) -> dict:
+    """Evaluate a run folder's robustness (keras_irtf.evaluation.robustness) and write
+    `<run>/robustness.json` (or `out`)."""
+    from keras_irtf.utils import write_json
+
+    exp, model = Experiment.from_run(run, verbose=verbose, image_cache=False)  # perturbs pixels: no feature cache
+    result = robustness_of(exp, model, levels=levels, backend=backend, input_grad=input_grad, verbose=verbose)
+    write_json(Path(out) if out else Path(run) / "robustness.json", result)
+    return result
 
 
 def experiment_from_args(config_paths=(), overrides=(), imports=(), verbose: bool = True) -> Experiment:

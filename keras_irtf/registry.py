@@ -171,7 +171,7 @@ def register_ga_method(name: str, config: Optional[type] = None):
 _BUILTIN_MODULES = (
     "keras_irtf.layers",
     "keras_irtf.layers.clip",
-    "keras_irtf.model.losses",
+    "keras_irtf.losses",
     "keras_irtf.model.gradient_augmentation",
     "keras_irtf.data.css_generator",
     "keras_irtf.data.mitstates",

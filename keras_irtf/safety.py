@@ -6,7 +6,7 @@
    when its marker names the expected kind; `prepare_output_folder` accepts a missing or empty
    folder, or one of ours. Anything else in the way raises `NotOwnedError`, whose one-line
    message names the path and what to do (a flag, or moving the files away). Files in a run
-   folder are proven by the run's manifest instead (keras_irtf.training.run_folder).
+   folder are proven by the run's manifest instead (keras_irtf.run_folder).
 2. **Open or serve a file on a request's behalf only after resolving it under its root.**
    `resolve_under(root, name)` follows every symlink and refuses a result outside the resolved
    root (an absolute name, `..`, a link pointing elsewhere). Dataset label files, the demo's

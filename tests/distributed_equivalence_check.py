@@ -197,7 +197,7 @@ def one_step(model, batch):
 
 
 def check_trajectory(cfg, vectorizer, batches):
-    import keras_irtf.model.losses as L
+    import keras_irtf.losses as L
 
     vocab = vectorizer.vocab_size
     single = make(cfg, vocab, None)

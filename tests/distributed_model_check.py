@@ -67,7 +67,7 @@ _, mirrored_end, mirrored_all, mirrored_logs, _ = train(strategy, start=single_b
 
 # negative control: the classic replica bug (each replica's loss averaged over its LOCAL batch, so
 # the summed gradients are twice too large) must show as a much larger difference
-import keras_irtf.model.losses as L  # noqa: E402
+import keras_irtf.losses as L  # noqa: E402
 
 L.global_batch_size = lambda local_batch, dtype=tf.float32: tf.cast(local_batch, dtype)
 _, buggy_end, _, buggy_logs, _ = train(strategy, start=single_begin)

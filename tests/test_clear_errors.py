@@ -47,7 +47,7 @@ def _damaged_runs(tmp_path, css_smoke_root):
 
 def test_damaged_model_file_is_named_as_damaged(tmp_path, css_smoke_root, capsys):
     from keras_irtf.experiment import load_model
-    from keras_irtf.training.run_folder import DamagedModelFile
+    from keras_irtf.run_folder import DamagedModelFile
 
     for name, run in _damaged_runs(tmp_path, css_smoke_root):
         with pytest.raises(DamagedModelFile, match=rf"{run / 'model.keras'} is damaged"):

@@ -69,8 +69,11 @@ def test_combiner_loss_is_cross_entropy_at_logit_scale_100(css_smoke_root, css_s
 
 def test_composers_take_the_image_encoders_width():
     from keras_irtf.config import load_config
+    from keras_irtf.experiment import Experiment
 
-    cfg = load_config([], ["model.embed_dim=32"])
+    exp = Experiment(load_config([], ["model.embed_dim=32", "model.composer=sum"]), verbose=False)
+    context = exp.part_context("composer", image_dim=12, text_dim=32)
+    assert context["output_dim"] == 12
     for cls in (CombinerComposer, SumComposer):
-        assert cls.from_settings(None, cfg, image_dim=12).output_dim == 12
-        assert cls.from_settings(None, cfg).output_dim == 32
+        assert cls.from_settings(None, **context).output_dim == 12
+        assert cls.from_settings(None, output_dim=32).output_dim == 32

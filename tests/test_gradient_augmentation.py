@@ -9,7 +9,7 @@ from ga_tiny import tiny_batch, tiny_model
 from keras_irtf.model.gradient_augmentation import GradientAugmentation, dual_norm, per_example_norm
 
 
-# ---- independent reference computations (plain TF, not keras_irtf.model.losses) ---------------------
+# ---- independent reference computations (plain TF, not keras_irtf.losses) ---------------------
 def _l2n(x, scale):
     return scale * x / tf.sqrt(tf.reduce_sum(x * x, axis=-1, keepdims=True))
 

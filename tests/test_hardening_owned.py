@@ -21,7 +21,7 @@ import pytest
 
 from keras_irtf.data.css_generator import OWNED_KIND, ensure_generated, generate
 from keras_irtf.safety import MARKER_NAME, NotOwnedError, OutsideRootError, owned_kind, resolve_under
-from keras_irtf.training.run_folder import (MANIFEST_NAME, BackupError, DamagedRunFile, RunFolderError,
+from keras_irtf.run_folder import (MANIFEST_NAME, BackupError, DamagedRunFile, RunFolderError,
                                             check_not_finished, latest_backup, record_run_files, run_folder_guard)
 from tests.conftest import tiny_config
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_irtf.model import losses as L
+from keras_irtf import losses as L
 
 
 def _np_softmax_ce(q, t):

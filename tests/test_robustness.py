@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_irtf.evaluation import robustness as R
+from keras_irtf.experiment import robustness_run
 from tests.conftest import tiny_config
 
 
@@ -129,7 +130,7 @@ def test_robustness_with_frozen_bert_and_composeae(css_smoke_root, tmp_path_fact
                       "model.text_encoder.dim=24", "model.text_encoder.seq_length=32", "model.composer=composeae",
                       "train.steps=3", "train.steps_per_epoch=3", "data.train_recall_queries=16", f"train.out={out}")
     run, metrics = train(cfg, verbose=0)
-    r = R.robustness_run(run, levels={"text": ("drop_word",), "fgsm": (4 / 255,)}, verbose=False)
+    r = robustness_run(run, levels={"text": ("drop_word",), "fgsm": (4 / 255,)}, verbose=False)
     assert r["clean"]["R@1"] == pytest.approx(metrics["test"]["R@1"], abs=1e-6)
     assert r["text"]["drop_word"]["changed"] > 0.9 and "0.0157" in r["fgsm"]
     assert (run / "robustness.json").is_file()

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import tiny_config
 from keras_irtf.safety import mark_owned
-from keras_irtf.training.run_folder import record_run_files
+from keras_irtf.run_folder import record_run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def test_finished_run_is_refused_without_overwrite(css_smoke_root, tmp_path):
     assert f"{run} holds a finished run (model.keras, metrics.json" in r.stderr and "--overwrite" in r.stderr
     assert (run / "model.keras").read_bytes() == b"old model"
 
-    from keras_irtf.training.run_folder import RunFolderError, run_folder_guard
+    from keras_irtf.run_folder import RunFolderError, run_folder_guard
 
     cfg = tiny_config(css_smoke_root, f"train.out={run}")
     with pytest.raises(RunFolderError, match="holds a finished run"):
@@ -81,7 +81,7 @@ def test_second_training_into_a_locked_folder_stops_at_once(css_smoke_root, tmp_
         holder.kill()
         holder.wait()
 
-    from keras_irtf.training.run_folder import run_folder_guard
+    from keras_irtf.run_folder import run_folder_guard
 
     # the holder is dead now: its lock is stale and taken over, then released
     cfg = tiny_config(css_smoke_root, f"train.out={run}")
@@ -95,7 +95,7 @@ def test_second_training_into_a_locked_folder_stops_at_once(css_smoke_root, tmp_
 
 def _other_process_lock(run):
     """Try to take the lock from a second process (as a second training would)."""
-    code = ("import sys; from keras_irtf.training.run_folder import RunLock; "
+    code = ("import sys; from keras_irtf.run_folder import RunLock; "
             "RunLock(sys.argv[1]).acquire()")
     r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -103,7 +103,7 @@ def _other_process_lock(run):
 
 
 def test_resume_with_another_config_lists_the_keys(css_smoke_root, tmp_path):
-    from keras_irtf.training.run_folder import RunFolderError, run_folder_guard
+    from keras_irtf.run_folder import RunFolderError, run_folder_guard
 
     run = tmp_path / "resume"
     cfg = tiny_config(css_smoke_root, f"train.out={run}")
@@ -134,7 +134,7 @@ def test_resume_with_another_config_lists_the_keys(css_smoke_root, tmp_path):
 
 def test_train_cli_reports_a_config_mismatch(css_smoke_root, tmp_path):
     run = tmp_path / "cli"
-    from keras_irtf.training.run_folder import run_folder_guard
+    from keras_irtf.run_folder import run_folder_guard
 
     with run_folder_guard(run, tiny_config(css_smoke_root, f"train.out={run}", "train.preset=smoke"),
                           verbose=False):

@@ -46,7 +46,7 @@ def _samples():
 def test_dimensions_from_headers_python_and_graph():
     import tensorflow as tf
 
-    from keras_irtf.serving.limits import image_dimensions, image_dimensions_graph
+    from keras_irtf.image_limits import image_dimensions, image_dimensions_graph
 
     for name, data in _samples().items():
         assert image_dimensions(data) == (53, 37), name

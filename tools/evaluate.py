@@ -103,6 +103,7 @@ def robustness_main(args):
     from keras_irtf.config import ConfigError
     from keras_irtf.data.base import DatasetError
     from keras_irtf.evaluation import robustness as R
+    from keras_irtf.experiment import robustness_run
 
     levels = None
     if args.robustness_kinds:
@@ -113,7 +114,7 @@ def robustness_main(args):
             return 2
     try:
         for run, label in zip(args.run, run_labels(args.run)):
-            result = R.robustness_run(run, levels=levels, out=args.out, verbose=not args.quiet, backend=args.backend)
+            result = robustness_run(run, levels=levels, out=args.out, verbose=not args.quiet, backend=args.backend)
             print(f"## {label}: robustness ({result['settings']['gallery']})")
             print(R.format_robustness(result))
     except (ConfigError, DatasetError, FileNotFoundError, ImportError, ValueError) as e:

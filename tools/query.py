@@ -51,7 +51,7 @@ def main(argv=None):
         p.error("--top must be >= 1")
 
     from keras_irtf.serving.export import ExportError, gallery_file
-    from keras_irtf.serving.limits import ImageTooLarge
+    from keras_irtf.image_limits import ImageTooLarge
     from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
 
     gallery = Path(args.gallery)

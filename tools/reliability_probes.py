@@ -335,7 +335,7 @@ def _(ctx):
 def _(ctx):
     import socket
 
-    from keras_irtf.training.run_folder import RunLock
+    from keras_irtf.run_folder import RunLock
 
     run = ctx.tmp / "stale"
     run.mkdir()
@@ -350,7 +350,7 @@ def _(ctx):
 
 @probe("resume after a kill with another learning rate / seed / architecture", "stops listing the differing keys; `--fresh` starts over")
 def _(ctx):
-    from keras_irtf.training.run_folder import RunFolderError, run_folder_guard
+    from keras_irtf.run_folder import RunFolderError, run_folder_guard
 
     run = ctx.tmp / "mismatch"
     with run_folder_guard(run, ctx.cfg(f"train.out={run}"), verbose=False):
@@ -720,7 +720,7 @@ def _(ctx):
 
 @probe("finished run with an empty `backup/` folder, trained again without `--overwrite`", "refused as a finished run")
 def _(ctx):
-    from keras_irtf.training.run_folder import RunFolderError, check_not_finished, record_run_files
+    from keras_irtf.run_folder import RunFolderError, check_not_finished, record_run_files
 
     run = ctx.tmp / "finished_empty_backup"
     (run / "backup").mkdir(parents=True)
@@ -734,7 +734,7 @@ def _(ctx):
 @probe("`--overwrite` where model.keras is not the file the run wrote (not in its manifest)", "exit 2 naming the file; nothing removed")
 def _(ctx):
     from keras_irtf.safety import NotOwnedError
-    from keras_irtf.training.run_folder import check_not_finished, record_run_files
+    from keras_irtf.run_folder import check_not_finished, record_run_files
 
     run = ctx.tmp / "overwrite_unproven"
     run.mkdir()

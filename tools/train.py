@@ -138,7 +138,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback; the backup makes it resumable
-        from keras_irtf.training.run_folder import interrupted_message
+        from keras_irtf.run_folder import interrupted_message
 
         run = None
         if cfg is not None:
@@ -161,7 +161,7 @@ def main(argv=None):
             return 5
         if isinstance(e, OSError) and cfg is not None:  # e.g. a full disk while saving the model
             from keras_irtf.training.loop import run_dir_for
-            from keras_irtf.training.run_folder import interrupted_message
+            from keras_irtf.run_folder import interrupted_message
 
             where = getattr(e, "filename", None) or run_dir_for(cfg)
             print(f"error: writing {where} failed ({describe_os_error(e)}); "

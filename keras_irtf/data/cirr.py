@@ -180,7 +180,7 @@ def members_matrix(queries, ids: dict) -> np.ndarray:
 def subset_recalls(query_emb, image_ids, image_emb, members, source_ids, target_ids, ks=SUBSET_KS) -> dict:
     """Recall_subset@K: the target among the first K of the query's img_set members ranked by
     score, the reference removed."""
-    from keras_irtf.evaluation.protocol import rank_within
+    from keras_irtf.data.protocols import rank_within
 
     ranked = rank_within(query_emb, image_ids, image_emb, members, source_ids)
     target_ids = np.asarray(target_ids, np.int64)[:, None]
@@ -270,7 +270,7 @@ class CIRRDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """Every val image, the reference removed; Recall_subset within img_set.members; the headline."""
-        from keras_irtf.evaluation.protocol import QueryGroup, TestProtocol
+        from keras_irtf.data.protocols import QueryGroup, TestProtocol
 
         if split_name != "test" or len(queries) != len(self.test_members):
             return None

@@ -254,7 +254,7 @@ class FashionIQDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """Per category: its queries against its own val images, the reference kept (CLIP4Cir)."""
-        from keras_irtf.evaluation.protocol import QueryGroup, TestProtocol
+        from keras_irtf.data.protocols import QueryGroup, TestProtocol
 
         if split_name != "test" or len(queries) != len(self.query_categories):
             return None

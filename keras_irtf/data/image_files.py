@@ -28,7 +28,7 @@ import numpy as np
 from keras_irtf.data.base import DatasetError
 from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
 from keras_irtf.safety import mark_owned, not_owned_error, owned_kind
-from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, image_dimensions
+from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, image_dimensions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _check_one(path) -> str | None:
     dims = image_dimensions(head)
     if dims is not None and dims[0] * dims[1] > MAX_PIXELS:
         return (f"{dims[0]} x {dims[1]} pixels, over the limit of {MAX_PIXELS} "
-                f"(keras_irtf.serving.limits.DEFAULT_MAX_PIXELS): decoding it would exhaust memory")
+                f"(keras_irtf.image_limits.DEFAULT_MAX_PIXELS): decoding it would exhaust memory")
     if head.startswith(_JPEG):
         # every complete JPEG ends with the EOI marker (a few writers pad after it)
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"

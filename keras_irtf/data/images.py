@@ -36,7 +36,7 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
 
     paths = [str(p) for p in paths]
     check_fits_in_memory(len(paths), image_size, desc)
-    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
+    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
 
     for p in paths:
         if not tf.io.gfile.exists(p):

@@ -157,7 +157,7 @@ class TripletsDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """gallery.txt's images, the source excluded; without it the default (every test image)."""
-        from keras_irtf.evaluation.protocol import QueryGroup, TestProtocol
+        from keras_irtf.data.protocols import QueryGroup, TestProtocol
 
         if split_name != "test" or self.gallery_ids is None:
             return None

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import warnings
 
-from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS
+from keras_irtf.image_limits import DEFAULT_MAX_PIXELS
 
 # Formats the exported graph decodes (tf.io.decode_image inside the export's signatures).
 MODEL_FORMATS = ("JPEG", "PNG", "GIF", "BMP")

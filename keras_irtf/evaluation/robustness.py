@@ -330,18 +330,6 @@ def format_robustness(result: dict, ks=None) -> str:
     return text
 
 
-def robustness_run(run, levels=None, out=None, verbose=True, backend=None, input_grad=True) -> dict:
-    """Evaluate a run folder's robustness and write `<run>/robustness.json` (or `out`)."""
-    from keras_irtf.utils import write_json
-
-    from keras_irtf.experiment import Experiment
-
-    exp, model = Experiment.from_run(run, verbose=verbose, image_cache=False)  # perturbs pixels: no feature cache
-    result = robustness_of(exp, model, levels=levels, backend=backend, input_grad=input_grad, verbose=verbose)
-    write_json(Path(out) if out else Path(run) / "robustness.json", result)
-    return result
-
-
 def robustness_of(exp, model, levels=None, backend=None, input_grad=True, verbose=False) -> dict:
     """evaluate_robustness with an Experiment's dataset, text input, preprocessing and settings."""
     cfg = exp.cfg
@@ -354,5 +342,5 @@ def robustness_of(exp, model, levels=None, backend=None, input_grad=True, verbos
 
 
 __all__ = ["ABLATION_LEVELS", "DEFAULT_LEVELS", "KINDS", "drop_word", "evaluate_robustness", "format_robustness",
-           "gaussian_noise", "jpeg_reencode", "level_key", "perturb_texts", "robustness_of", "robustness_run",
+           "gaussian_noise", "jpeg_reencode", "level_key", "perturb_texts", "robustness_of",
            "swap_words"]

@@ -206,7 +206,7 @@ class HubBertEncoder(FrozenTextEncoder):
         self.encoder_model = hub.load(enc)
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
+    def from_settings(cls, settings, **context):
         try:
             return cls(settings.preprocess, settings.encoder, settings.dim, settings.seq_length or None,
                        name="text_encoder")
@@ -258,7 +258,7 @@ class KerasHubBertEncoder(FrozenTextEncoder):
         self.backbone.trainable = False
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
+    def from_settings(cls, settings, **context):
         try:
             return cls(settings.preset, settings.dim, settings.seq_length or None, name="text_encoder")
         except ValueError as e:
@@ -267,7 +267,7 @@ class KerasHubBertEncoder(FrozenTextEncoder):
             raise ConfigError(str(e)) from None
 
     @classmethod
-    def check(cls, settings, cfg):
+    def check(cls, settings, **context):
         """Fail fast (ConfigError with the how-to) when the preset folder is missing, or keras-hub,
         which reads it, is not installed."""
         from keras_irtf.config import ConfigError

@@ -82,7 +82,6 @@ CLIP = Family("clip", "CLIPBackbone", "CLIPPreprocessor", "clip_vit_base_patch16
 SIGLIP = Family("siglip", "SigLIPBackbone", "SigLIPPreprocessor", "siglip_base_patch16_224",
                 "keras/siglip/keras/siglip_base_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FAMILIES = {f.name: f for f in (CLIP, SIGLIP)}
-FINETUNE_CHOICES = ("none", "text", "image", "both")
 
 
 def preset_help(family: Family, key: str) -> str:
@@ -189,13 +188,6 @@ def preset_image_statistics(folder, family: Family):
     return side, mean, std, ""
 
 
-def finetune_mode(cfg) -> str:
-    mode = str(getattr(cfg.model, "finetune", "none") or "none").lower()
-    if mode not in FINETUNE_CHOICES:
-        raise ConfigError(f"model.finetune={mode!r}: one of {', '.join(FINETUNE_CHOICES)}")
-    return mode
-
-
 def needed_by(family: Family, role: str) -> str:
     """The encoder that needs keras-hub, as error messages name it."""
     return f"the {family.name} {role} encoder (model.{role}_encoder={family.name})"
@@ -225,12 +217,16 @@ def load_backbone(folder: str, needs: str = "the clip / siglip encoders"):
                           f"(docs/vision-language.md, 'CLIP and SigLIP towers')") from None
 
 
-def _configured_preset(settings, cfg):
-    """(folder, the key it came from): the image encoder's own `preset` key, else
-    model.clip_preset (tools/train.py --clip-preset)."""
-    if getattr(settings, "preset", None) or not getattr(cfg.model, "clip_preset", None):
-        return getattr(settings, "preset", None), PRESET_KEYS
-    return cfg.model.clip_preset, "model.clip_preset"
+def _configured_preset(settings, shared_presets=()):
+    """(folder, the key it came from): the image encoder's own `preset` key, else the first
+    folder of `shared_presets` ((key, folder) pairs the assembler passes: model.clip_preset)."""
+    own = getattr(settings, "preset", None)
+    if own:
+        return own, PRESET_KEYS
+    for key, folder in shared_presets:
+        if folder:
+            return folder, key
+    return own, PRESET_KEYS
 
 
 class _TowerMixin:
@@ -340,22 +336,23 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
         return None if not p else ImagePreprocessor(p["size"], p["mean"], p["std"], name=p.get("name", "clip"))
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
-        finetune = finetune_mode(cfg) in ("image", "both")
-        preset, key = _configured_preset(settings, cfg)
+    def from_settings(cls, settings, *, finetune=False, shared_presets=(), **context):
+        """`finetune`: whether this tower trains (model.finetune); `shared_presets`: (key, folder)
+        pairs read when the encoder's own preset key is unset (model.clip_preset)."""
+        preset, key = _configured_preset(settings, shared_presets)
         return cls.from_preset(preset, finetune=finetune, allow_cache=settings.cache, key=key, name="image_encoder")
 
     @classmethod
-    def check(cls, settings, cfg):
+    def check(cls, settings, *, shared_presets=(), **context):
         """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong, or
         keras-hub is not installed."""
-        cls._check_preset(*_configured_preset(settings, cfg))
+        cls._check_preset(*_configured_preset(settings, shared_presets))
 
     @classmethod
-    def preprocessor(cls, settings, cfg):
+    def preprocessor(cls, settings, *, shared_presets=(), **context):
         """The preset's preprocessing: its tower's input side (data.image_size does not apply) and
         the mean/std its image converter implies; resize + centre crop as for every encoder."""
-        return cls._preset_preprocessor(resolve_preset(*_configured_preset(settings, cfg), cls.family))
+        return cls._preset_preprocessor(resolve_preset(*_configured_preset(settings, shared_presets), cls.family))
 
     # ---- the cache --------------------------------------------------------------------------
     def attach_cache(self, cache):
@@ -526,32 +523,32 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
         return {"vocabulary": digest.hexdigest(), "sequence_length": int(self.preprocessor.sequence_length)}
 
     @classmethod
-    def _preset_of(cls, settings, cfg):
-        """(folder, the key it came from): model.text_encoder.preset, else model.clip_preset, else
-        the image encoder's preset when it is of the same family."""
+    def _preset_of(cls, settings, shared_presets=()):
+        """(folder, the key it came from): model.text_encoder.preset, else the first folder of
+        `shared_presets` ((key, folder) pairs the assembler passes: model.clip_preset, then the
+        image encoder's preset when it is of the same family)."""
         if settings.preset:
             return settings.preset, "model.text_encoder.preset"
-        if getattr(cfg.model, "clip_preset", None):
-            return cfg.model.clip_preset, "model.clip_preset"
-        image = cfg.model.image_encoder
-        if image.type == cls.family.name and getattr(image.settings, "preset", None):
-            return image.settings.preset, "model.image_encoder.preset"
+        for key, folder in shared_presets:
+            if folder:
+                return folder, key
         raise ConfigError(
             f"model.text_encoder.preset is not set: set it (or model.clip_preset, tools/train.py --clip-preset) "
             f"to a local {cls.family.name} preset folder (it defaults to model.image_encoder.preset only when "
             f"model.image_encoder={cls.family.name}). " + preset_help(cls.family, "model.text_encoder.preset"))
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
-        preset, key = cls._preset_of(settings, cfg)
-        finetune = finetune_mode(cfg) in ("text", "both")
+    def from_settings(cls, settings, *, finetune=False, shared_presets=(), **context):
+        """`finetune`: whether this tower trains (model.finetune); `shared_presets`: (key, folder)
+        pairs read when model.text_encoder.preset is unset."""
+        preset, key = cls._preset_of(settings, shared_presets)
         return cls.from_preset(preset, settings.sequence_length, finetune=finetune, key=key, name="text_encoder")
 
     @classmethod
-    def check(cls, settings, cfg):
+    def check(cls, settings, *, shared_presets=(), **context):
         """Fail fast (ConfigError with the how-to) when the preset folder is missing or wrong, or
         keras-hub is not installed."""
-        cls._check_preset(*cls._preset_of(settings, cfg))
+        cls._check_preset(*cls._preset_of(settings, shared_presets))
 
     def attach_cache(self, cache):
         if cache is not None and self.finetune:

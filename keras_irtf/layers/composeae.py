@@ -43,6 +43,8 @@ from keras_irtf.config import FRACTION, NON_NEGATIVE
 from keras_irtf.layers.base import Composer
 from keras_irtf.layers.dropout import Dropout
 from keras_irtf.layers.normalization import SyncBatchNormalization
+from keras_irtf.losses import average_over_global_batch, retrieval_loss
+from keras_irtf.precision import at_least_float32 as f32  # float32 losses under a mixed policy
 from keras_irtf.registry import register_composer
 
 
@@ -216,9 +218,6 @@ class _AutoencoderComposer(Composer):
     def reconstruction_losses(self, theta, f_img, f_text, training=False):
         """Unweighted (L_rec_img, L_rec_text): per-example mean squared error over the feature,
         averaged over the GLOBAL batch (= torch's mse_loss on one device)."""
-        from keras_irtf.model.losses import average_over_global_batch
-        from keras_irtf.model.precision import at_least_float32 as f32  # float32 losses under a mixed policy
-
         rec_img, rec_text = self.decode(theta, training=training)
         l_img = average_over_global_batch(ops.mean(ops.square(f32(rec_img) - f32(f_img)), axis=-1))
         l_text = average_over_global_batch(ops.mean(ops.square(f32(rec_text) - f32(f_text)), axis=-1))
@@ -307,8 +306,6 @@ class ComposeAEComposer(_AutoencoderComposer):
         """Unweighted L_rot_sym: the conjugate composition of the (unnormalised) target feature
         with the text, normalised, against the normalised query image feature, under the model's
         base loss."""
-        from keras_irtf.model.losses import retrieval_loss
-
         # through __call__ (not compose): under a mixed precision policy Keras casts the inputs
         # and the variables to the compute dtype only there
         back = model.normalization(self([target_features, f_text], conjugate=-1.0, training=training))

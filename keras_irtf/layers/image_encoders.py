@@ -134,16 +134,16 @@ class ResNet18Encoder(ImageEncoder):
         return 32  # a total stride of 32
 
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
+    def from_settings(cls, settings, *, output_dim, **context):
         if settings is not None and settings.weights:
             from keras_irtf.layers.pretrained import PretrainedImageEncoder
 
-            encoder = PretrainedImageEncoder.from_preset(settings.weights, cfg.model.embed_dim, name="image_encoder")
+            encoder = PretrainedImageEncoder.from_preset(settings.weights, output_dim, name="image_encoder")
             log.info(f"image encoder: pretrained keras-hub backbone from {encoder.preset}")
             return encoder
         log.info("image encoder: ResNet-18 from random initialisation (no --image-weights / "
                  "model.image_encoder.weights)")
-        return cls(output_dim=cfg.model.embed_dim, name="image_encoder")
+        return cls(output_dim=output_dim, name="image_encoder")
 
     def __init__(self, output_dim=512, **kwargs):
         super().__init__(**kwargs)

@@ -13,7 +13,7 @@ from: the training and evaluation pipelines (keras_irtf.data.pipeline), the expo
   (ImageNet's for the built-in encoders; an encoder with other statistics, e.g. a CLIP tower,
   returns a preprocessor with its own).
 
-An image encoder states its preprocessing through its classmethod `preprocessor(settings, cfg)`
+An image encoder states its preprocessing through its classmethod `preprocessor(settings, **context)`
 (keras_irtf.layers.base.ImageEncoder).
 """
 

@@ -31,13 +31,12 @@ class LSTMTextEncoder(TextEncoder):
     input_kind = "tokens"
 
     @classmethod
-    def from_settings(cls, settings, cfg, vocab_size=0, **context):
-        # cuDNN has no second-order LSTM kernel: double backprop through the LSTM (GA^A or FGSM
-        # with x at the text feature) needs the generic kernel
-        through_lstm = cfg.ga.point == "text_feature" and any(
-            getattr(_ga_entry(m), "needs_input_gradient", False) for m in cfg.ga_methods)
-        return cls(vocab_size, settings.word_embed_dim, settings.hidden_dim, cfg.model.embed_dim,
-                   settings.dropout, use_cudnn=False if through_lstm else "auto", name="text_encoder")
+    def from_settings(cls, settings, *, output_dim, vocab_size=0, double_backprop=False, **context):
+        """`double_backprop`: the training differentiates a gradient taken through this encoder
+        (GA^A or FGSM with x at the text feature); cuDNN has no second-order LSTM kernel, so the
+        generic one is used then."""
+        return cls(vocab_size, settings.word_embed_dim, settings.hidden_dim, output_dim,
+                   settings.dropout, use_cudnn=False if double_backprop else "auto", name="text_encoder")
 
     def __init__(self, vocab_size, embed_dim=512, hidden_dim=512, output_dim=512, dropout=0.1,
                  use_cudnn="auto", **kwargs):
@@ -84,9 +83,3 @@ class LSTMTextEncoder(TextEncoder):
             use_cudnn=self.use_cudnn,
         )
         return config
-
-
-def _ga_entry(name):
-    from keras_irtf.registry import GA_METHODS
-
-    return GA_METHODS.get(name).obj

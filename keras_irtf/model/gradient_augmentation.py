@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_irtf.config import NON_NEGATIVE
-from keras_irtf.model.losses import average_over_global_batch, replica_info
+from keras_irtf.losses import average_over_global_batch, replica_info
 from keras_irtf.registry import GA_METHODS, register_ga_method
 
 POINTS = ("input", "image_feature", "text_feature", "composed")

@@ -9,7 +9,7 @@ computes the paper's total loss
 in one place (`compute_loss_terms`) so that `model.fit` from a user script and
 `tools/train.py` train the same way. Batches are dicts (see keras_irtf.data.pipeline).
 
-Mixed precision (`precision`, keras_irtf.model.precision): the encoders and the composer compute
+Mixed precision (`precision`, keras_irtf.precision): the encoders and the composer compute
 in the policy; the features are cast to float32 before the normalisation, so the embeddings, the
 logits and every loss are float32. Under "mixed_float16" the optimizer is a LossScaleOptimizer
 and train_step differentiates the SCALED loss (the inner tape of GA^A too), unscales the
@@ -29,8 +29,8 @@ import keras
 import tensorflow as tf
 
 from keras_irtf.config import ConfigError
-from keras_irtf.model import losses as L
-from keras_irtf.model import precision as P
+from keras_irtf import losses as L
+from keras_irtf import precision as P
 from keras_irtf.model.gradient_augmentation import GAContext, GradientAugmentation
 from keras_irtf.model.optimizers import clip_global_gradients
 from keras_irtf.layers.normalization import ScaledL2Normalization

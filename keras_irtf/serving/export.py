@@ -130,7 +130,7 @@ def decode_image(data, max_pixels=None):
     `max_pixels`, an image whose header declares more pixels raises it before decoding."""
     import tensorflow as tf
 
-    from keras_irtf.serving.limits import assert_pixel_limit_graph
+    from keras_irtf.image_limits import assert_pixel_limit_graph
 
     checks = [tf.debugging.assert_equal(_looks_like_image(data), True, message=DECODE_ERROR)]
     if max_pixels:
@@ -193,7 +193,7 @@ def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pix
     graph does. A file that cannot be decoded, or is over `max_pixels`, raises ExportError naming it."""
     import tensorflow as tf
 
-    from keras_irtf.serving.limits import ImageTooLarge, check_image_file
+    from keras_irtf.image_limits import ImageTooLarge, check_image_file
 
     files = {p: gallery_file(folder, p) for p in paths}
     for p in paths:
@@ -227,11 +227,11 @@ def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
     """A keras.export.ExportArchive with the serving endpoints (see the module docstring).
 
     `max_pixels`: images whose header declares more pixels are refused (INVALID_ARGUMENT) before
-    decoding (keras_irtf.serving.limits); None = DEFAULT_MAX_PIXELS, 0 = no limit."""
+    decoding (keras_irtf.image_limits); None = DEFAULT_MAX_PIXELS, 0 = no limit."""
     import keras
     import tensorflow as tf
 
-    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, empty_batch_guard
+    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, empty_batch_guard
 
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     side = image_prep.size
@@ -404,10 +404,10 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
     `out` is the model's folder (e.g. exported/css_tirg_s0); `run_dir` holds the run's vocab.txt
     (for vocabulary text encoders); `gallery` is a folder of images for the `retrieve` endpoint.
     `version=None` takes the next free integer. `max_pixels`: the serving graph refuses images whose
-    header declares more pixels (default keras_irtf.serving.limits.DEFAULT_MAX_PIXELS; 0 = no
+    header declares more pixels (default keras_irtf.image_limits.DEFAULT_MAX_PIXELS; 0 = no
     limit). Returns the version folder.
     """
-    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS
+    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS
 
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     own = getattr(model.image_encoder, "own_preprocessor", None)  # recorded in the model (CLIP / SigLIP)

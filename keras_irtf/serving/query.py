@@ -106,7 +106,7 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     paths = list_gallery(gallery)
     files = [gallery_file(gallery, p) for p in paths]  # each resolved inside the gallery folder
     query_bytes = image.read_bytes()
-    from keras_irtf.serving.limits import DEFAULT_MAX_PIXELS, check_image_bytes
+    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, check_image_bytes
 
     max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
     if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
@@ -125,7 +125,7 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
                                                            dict(zip(paths, hashes))) is None:
         ids, _, scores = model.retrieve(query_bytes, text, want)
     else:
-        from keras_irtf.serving.limits import ImageTooLarge
+        from keras_irtf.image_limits import ImageTooLarge
 
         raw = []
         for p, f in zip(paths, files):

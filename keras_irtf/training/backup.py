@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_irtf.training.run_folder import BackupError, ensure_backup_dir, latest_backup
+from keras_irtf.run_folder import BackupError, ensure_backup_dir, latest_backup
 from keras_irtf.utils import write_json
 
 log = logging.getLogger(__name__)

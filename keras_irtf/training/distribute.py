@@ -22,7 +22,7 @@ import logging
 import os
 
 from keras_irtf.config import ConfigError
-from keras_irtf.training.run_folder import BackupError, latest_backup
+from keras_irtf.run_folder import BackupError, latest_backup
 
 log = logging.getLogger(__name__)
 

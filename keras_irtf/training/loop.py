@@ -22,7 +22,7 @@ import keras
 
 from keras_irtf.config import Config, default_run_name, to_yaml
 from keras_irtf.safety import remove_owned
-from keras_irtf.training.run_folder import (BACKUP_KIND, LOGS_KIND, BackupError, ensure_owned_dir, latest_backup,
+from keras_irtf.run_folder import (BACKUP_KIND, LOGS_KIND, BackupError, ensure_owned_dir, latest_backup,
                                             record_run_files, run_folder_guard)
 from keras_irtf.training.distribute import is_chief_process
 from keras_irtf.utils import atomic_write_text, write_json
@@ -44,7 +44,7 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: 
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
     batches, optimizer state, learning-rate schedule and random generators). The run folder is
     locked while training; a folder holding a finished run is refused unless `overwrite`, and a
-    backup written with another config unless `fresh` discards it (training/run_folder.py).
+    backup written with another config unless `fresh` discards it (run_folder.py).
     """
     with run_folder_guard(run_dir_for(cfg), cfg, overwrite=overwrite, fresh=fresh, verbose=bool(verbose),
                           chief=is_chief_process(cfg)):

@@ -25,8 +25,8 @@ class FrozenCNNConfig:
 @keras.saving.register_keras_serializable(package="tests")
 class FrozenCNN(ImageEncoder):
     @classmethod
-    def from_settings(cls, settings, cfg, **context):
-        return cls(width=settings.width, seed=settings.seed, output_dim=cfg.model.embed_dim, name="image_encoder")
+    def from_settings(cls, settings, *, output_dim, **context):
+        return cls(width=settings.width, seed=settings.seed, output_dim=output_dim, name="image_encoder")
 
     def __init__(self, width=8, seed=0, output_dim=16, **kwargs):
         kwargs.pop("trainable", None)

@@ -14,7 +14,7 @@ Kept in float32, always:
       loses digits, and its output feeds the softmax logits (ScaledL2Normalization, built with
       dtype float32; the features are cast to float32 before it);
     - the batch-softmax logits, every loss and L_S: they are computed from the normalised float32
-      embeddings (keras_irtf.model.losses);
+      embeddings (keras_irtf.losses);
     - batch-norm statistics: Keras' BatchNormalization computes the moments of 16-bit inputs in
       float32 and keeps float32 moving statistics under a mixed policy (tested);
     - gradient augmentation: the GradientAugmentation layer is float32, dL/dx is cast to float32
