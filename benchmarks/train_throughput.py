@@ -322,7 +322,9 @@ def main(argv=None):
                       "resnet18_224": args.steps_resnet}
     precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
     gas = [x.strip() for x in args.ga.split(",") if x.strip()]
-    known = ("float32", "mixed_bfloat16", "mixed_float16")  # train.precision's choices
+    from keras_irtf.config import choices
+
+    known = choices("train.precision")
     if any(x not in known for x in precisions):
         p.error(f"--precisions: expected a subset of {list(known)}")
     if "float32" in precisions:

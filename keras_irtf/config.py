@@ -247,8 +247,8 @@ def _one_of(kind: str, type: str):
 
 @dataclasses.dataclass
 class DataConfig:
-    # The dataset (keras_irtf.registry: css | mitstates | fashion200k | fashioniq | cirr | triplets |
-    # ...) and its own keys, e.g. data.dataset.size for the built-in CSS.
+    # The dataset (a name in keras_irtf.registry.DATASETS) and its own keys, e.g. data.dataset.size
+    # for the built-in CSS.
     dataset: OneOf = _one_of("dataset", "css")
     # Folder of the dataset in its official layout. For CSS, None means: generate the built-in
     # benchmark (data.dataset.size) into `cache_dir` (once) and read it from there.
@@ -259,13 +259,15 @@ class DataConfig:
     # Keep only a seeded subset of this many training queries (None = all): a small training set
     # trained for many epochs over-fits, the regime in which a regulariser such as GA can help.
     max_train_queries: Optional[int] = None
-    on_bad_image: str = "error"  # error | skip (count and skip unreadable images)
+    on_bad_image: str = "error"  # stop at an unreadable image, or skip (and count) it
     file_cache: Optional[str] = None  # folder for a tf.data file cache of decoded images
     # Features of frozen image encoders that allow it (CLIP / SigLIP, `cache: true`): stored under
     # this folder (default: <cache_dir>/features), keyed by the encoder's weights, its
     # preprocessing and each image file, and reused by later runs (keras_irtf.data.feature_cache)
     feature_cache: Optional[str] = None
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"on_bad_image": ("error", "skip")}
     HELP = {
         "dataset": "the dataset to train and evaluate on (a registered type) and its own keys",
         "root": "folder of the dataset in its published layout; for CSS, empty means generate the built-in set",
@@ -292,14 +294,16 @@ class ModelConfig:
     # false).
     initial_scale: float = 4.0
     learn_scale: bool = True
-    # Which pretrained vision-language towers (CLIP / SigLIP encoders) train: none | text | image
-    # | both. A fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate and
+    # Which pretrained vision-language towers (CLIP / SigLIP encoders) train (CHOICES below). A
+    # fine-tuned tower trains at optim.finetune_lr_multiplier times the learning rate and
     # is never served from the frozen-feature cache.
     finetune: str = "none"
     # The local keras-hub preset folder of the CLIP / SigLIP towers (both encoders read it unless
     # their own `preset` key is set; tools/train.py --clip-preset DIR)
     clip_preset: Optional[str] = None
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"finetune": ("none", "text", "image", "both")}
     HELP = {
         "composer": "how the image and text features become the query feature (a registered type)",
         "image_encoder": "the image encoder (a registered type) and its own keys",
@@ -320,10 +324,12 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    kind: str = "batch_classification"  # a registered retrieval loss: batch_classification | soft_triplet
+    kind: str = "batch_classification"  # a name in keras_irtf.registry.RETRIEVAL_LOSSES
     eta: float = 0.0  # weight of the similarity matching loss L_S (0 = off)
-    similarity_reduction: str = "sum"  # sum (paper: ||.||^2) | mean (authors' code: mean over dims)
+    similarity_reduction: str = "sum"  # sum over dims (paper: ||.||^2), or mean (the authors' code)
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"similarity_reduction": ("sum", "mean")}
     HELP = {
         "kind": "the retrieval loss (a registered type): softmax over the batch's targets, or soft triplet",
         "eta": "weight of the similarity matching loss L_S (0 = off)",
@@ -333,13 +339,15 @@ class LossConfig:
 
 @dataclasses.dataclass
 class GAConfig:
-    # Comma-separated registered GA methods: adversarial, isotropic, fgsm, l1, l2 ("" = none).
+    # Comma-separated names in keras_irtf.registry.GA_METHODS ("" = none).
     # Each method's own keys are under ga.<method> (e.g. ga.adversarial.eps, ga.isotropic.gamma).
     methods: str = ""
-    point: str = "input"  # where x is taken (adversarial, fgsm): input | image_feature | text_feature | composed
-    mode: str = "paper"  # paper | reference (the authors' code, departures included)
+    point: str = "input"  # where x is taken for the methods that need dL/dx (adversarial, fgsm)
+    mode: str = "paper"  # the paper's equations, or reference: the authors' code, departures included
     _settings: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"point": ("input", "image_feature", "text_feature", "composed"), "mode": ("paper", "reference")}
     HELP = {
         "methods": "comma-separated gradient-augmentation methods and baselines to apply (empty = none)",
         "point": "where x is taken for GA^A and FGSM: the query pixels or a feature",
@@ -368,7 +376,7 @@ class GAConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adam
+    optimizer: str = "sgd"
     learning_rate: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 1e-6
@@ -378,6 +386,8 @@ class OptimConfig:
     finetune_lr_multiplier: float = 0.1  # fine-tuned CLIP / SigLIP towers (model.finetune)
     clipnorm: Optional[float] = None
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"optimizer": ("sgd", "adam")}
     HELP = {
         "optimizer": "the optimizer",
         "learning_rate": "base learning rate",
@@ -401,17 +411,20 @@ class TrainConfig:
     out: Optional[str] = None  # run folder; default runs/<dataset>_<method>[_<ga>][_<preset>]_s<seed>
     preset: Optional[str] = None  # the preset applied (tools/train.py --preset): part of the default run name
     jit_compile: bool = False
-    # float32 | mixed_bfloat16 | mixed_float16: the Keras dtype policy of the encoders and the
-    # composer (keras_irtf.precision); mixed_float16 trains with dynamic loss scaling
+    # the Keras dtype policy of the encoders and the composer (keras_irtf.precision; CHOICES
+    # below); mixed_float16 trains with dynamic loss scaling
     precision: str = "float32"
     backup_every_steps: int = 200
     log_every_steps: int = 50  # TensorBoard: loss terms and learning rate every N steps
-    strategy: str = "auto"  # auto | one_device | mirrored | multi_worker
+    strategy: str = "auto"  # the tf.distribute strategy (keras_irtf.training.distribute)
     devices: Optional[str] = None
     # multi_worker: a collective that does not complete within this many seconds fails (a worker
     # stuck or gone) instead of waiting forever; generous, as the first one waits for every worker
     collective_timeout_seconds: float = 1800.0
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"strategy": ("auto", "one_device", "mirrored", "multi_worker"),
+               "precision": ("float32", "mixed_bfloat16", "mixed_float16")}
     HELP = {
         "batch_size": "global batch: all replicas together",
         "steps": "training steps (exactly this many are trained)",
@@ -439,8 +452,10 @@ class EvalConfig:
     batch_size: int = 256
     query_chunk: int = 1024
     gallery_chunk: int = 8192
-    backend: str = "tf"  # retrieval: tf | faiss (exact, needs faiss-cpu) | auto
+    backend: str = "tf"  # exact top-k retrieval in TensorFlow, or faiss (needs faiss-cpu), or auto
 
+    # the values a key may take (config validation, the tools' --help and the docs read them here)
+    CHOICES = {"backend": ("tf", "faiss", "auto")}
     HELP = {
         "ks": "the K of the reported Recall@K",
         "whm_ks": "the recalls averaged into Ms and Mt (empty = the dataset's own)",
@@ -506,6 +521,12 @@ def parse_ga_methods(text) -> tuple:
     return tuple(dict.fromkeys(items))
 
 
+# GA keys of earlier versions, under ga (config files) or as GradientAugmentation arguments (.keras
+# files): old key -> (method, the method's key).
+GA_OLD_KEYS = {"eps": ("adversarial", "eps"), "attack_norm": ("adversarial", "attack_norm"),
+               "gamma": ("isotropic", "gamma"), "noise_scaling": ("isotropic", "noise_scaling"),
+               "fgsm_eps": ("fgsm", "eps"), "l1": ("l1", "weight"), "l2": ("l2", "weight")}
+
 # Keys of earlier versions -> where they live now (for an error that says where to go).
 MOVED_KEYS = {
     "model.method": "model.composer (or --method)",
@@ -528,11 +549,8 @@ MOVED_KEYS = {
     "data.css_images": "data.dataset.images (css)",
     "data.css_shift": "data.dataset.shift (css)",
     "data.sampler": "data.dataset.sampler (css)",
-    "ga.eps": "ga.adversarial.eps",
-    "ga.attack_norm": "ga.adversarial.attack_norm",
-    "ga.gamma": "ga.isotropic.gamma",
-    "ga.noise_scaling": "ga.isotropic.noise_scaling",
-    "ga.fgsm_eps": "ga.fgsm.eps",
+    # the GA keys below (ga.l1 and ga.l2 are now the l1 and l2 methods' own sections)
+    **{f"ga.{old}": f"ga.{method}.{key}" for old, (method, key) in GA_OLD_KEYS.items() if old != method},
 }
 
 
@@ -838,20 +856,18 @@ def _apply_file(cfg: Config, path: Path, including: tuple = ()):
     merge_dict(cfg, data, where=str(path))
 
 
-# Choices of the plain keys. The registered kinds' keys declare theirs in their settings
-# dataclass (a class attribute CHOICES = {key: (...)}; a tuple key's every item), and may add a
-# validate(self) method.
-_CHOICES = {
-    ("data", "on_bad_image"): ("error", "skip"),
-    ("loss", "similarity_reduction"): ("sum", "mean"),
-    ("model", "finetune"): ("none", "text", "image", "both"),
-    ("ga", "point"): ("input", "image_feature", "text_feature", "composed"),
-    ("ga", "mode"): ("paper", "reference"),
-    ("optim", "optimizer"): ("sgd", "adam"),
-    ("train", "strategy"): ("auto", "one_device", "mirrored", "multi_worker"),
-    ("train", "precision"): ("float32", "mixed_bfloat16", "mixed_float16"),
-    ("eval", "backend"): ("tf", "faiss", "auto"),
-}
+# Choices of the plain keys, from each section's CHOICES. The registered kinds' keys declare theirs
+# in their settings dataclass (a class attribute CHOICES = {key: (...)}; a tuple key's every item),
+# and may add a validate(self) method.
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "ga": GAConfig, "optim": OptimConfig,
+             "train": TrainConfig, "eval": EvalConfig}
+_CHOICES = {(section, key): values for section, cls in _SECTIONS.items() for key, values in cls.CHOICES.items()}
+
+
+def choices(key: str) -> tuple:
+    """The values a plain key ("train.precision", "ga.point", ...) may take."""
+    section, _, name = key.partition(".")
+    return _SECTIONS[section].CHOICES[name]
 
 
 def _check_settings(settings, key: str):

@@ -503,7 +503,7 @@ def load_model(path):
 def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, overrides=()) -> dict:
     """Reload a run folder's model, re-evaluate it, and write its metrics.json (or `out`).
 
-    backend: the retrieval backend ("tf", "faiss", "auto"; default: the run's eval.backend)."""
+    backend: the retrieval backend (one of eval.backend's choices; default: the run's eval.backend)."""
     from keras_irtf.utils import read_json, write_json
 
     run = Path(run)

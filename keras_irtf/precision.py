@@ -34,7 +34,9 @@ import contextlib
 
 import keras
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+from keras_irtf.config import choices
+
+PRECISIONS = choices("train.precision")
 
 
 def check_precision(precision: str) -> str:

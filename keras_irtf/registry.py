@@ -116,6 +116,11 @@ class Registry:
         load_builtins()
         return sorted(self._entries)
 
+    def builtin_names(self) -> list:
+        """The names keras_irtf itself registers (not a plug-in's)."""
+        load_builtins()
+        return sorted(n for n, e in self._entries.items() if e.module.split(".")[0] == "keras_irtf")
+
     def entries(self) -> list:
         load_builtins()
         return [self._entries[n] for n in sorted(self._entries)]

@@ -1,6 +1,7 @@
 """The architecture as checks: the import contract (.importlinter) holds, it names every module of
 the package, and it catches an upward import."""
 
+import ast
 import configparser
 import os
 import shutil
@@ -62,3 +63,54 @@ def test_the_contract_catches_an_upward_or_sideways_import(tmp_path, importer, i
     result = _lint(copy)
     assert result.returncode != 0
     assert "1 broken" in result.stdout and imported in result.stdout
+
+
+# ---- each choice list is written once: next to its setting (config) or in a registry ---------
+def _string_collections(path: Path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+            yield node.lineno, frozenset(e.value for e in node.elts)
+
+
+def test_each_choice_list_is_written_once():
+    from keras_irtf import config
+    from keras_irtf.registry import REGISTRIES
+
+    declared = {frozenset(values): key for key, values in config._CHOICES.items()}
+    declared.update({frozenset(reg.builtin_names()): f"the {kind} registry" for kind, reg in REGISTRIES.items()})
+    sources = [p for folder in ("keras_irtf", "tools", "benchmarks") for p in sorted((ROOT / folder).rglob("*.py"))]
+    repeated = [f"{p.relative_to(ROOT)}:{line}: the choices of {declared[values]}"
+                for p in sources if p != PACKAGE / "config.py"
+                for line, values in _string_collections(p) if values in declared]
+    assert not repeated, "\n".join(repeated)
+
+
+def test_the_choice_lists_are_read_from_the_config():
+    from keras_irtf import config, precision
+    from keras_irtf.evaluation import retrieval
+    from keras_irtf.model import gradient_augmentation as ga
+
+    assert precision.PRECISIONS is config.TrainConfig.CHOICES["precision"] == config.choices("train.precision")
+    assert ga.POINTS is config.GAConfig.CHOICES["point"] and ga.MODES is config.GAConfig.CHOICES["mode"]
+    assert retrieval.BACKENDS is config.EvalConfig.CHOICES["backend"]
+    with pytest.raises(ValueError, match=r"GA point must be one of \('input', 'image_feature'"):
+        ga.GradientAugmentation(point="pixels")
+    with pytest.raises(config.ConfigError, match=r"train.strategy='sideways': expected one of \['auto', 'one_device'"):
+        config.load_config([], ["train.strategy=sideways"])
+
+
+def test_the_ga_layer_knows_the_built_in_methods_from_the_registry():
+    from keras_irtf.config import GA_OLD_KEYS, MOVED_KEYS
+    from keras_irtf.model.gradient_augmentation import GradientAugmentation
+    from keras_irtf.registry import GA_METHODS
+
+    layer = GradientAugmentation(methods="isotropic")
+    builtins = set(GA_METHODS.builtin_names())
+    assert builtins == {"adversarial", "fgsm", "isotropic", "l1", "l2"}
+    assert all(layer.method_settings(name) is not None for name in builtins)
+    # the GA keys of earlier versions: one table for config files (hints) and .keras files (values)
+    assert MOVED_KEYS["ga.eps"] == "ga.adversarial.eps" and "ga.l1" not in MOVED_KEYS
+    old = GradientAugmentation(methods="adversarial", eps=0.25, l2=0.5)
+    assert old.eps == 0.25 and old.l2 == 0.5 and set(GA_OLD_KEYS) >= {"eps", "l2"}

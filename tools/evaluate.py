@@ -34,6 +34,7 @@ def run_labels(runs):
 
 def main(argv=None):
     from keras_irtf import cli
+    from keras_irtf.config import choices
 
     cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,7 @@ def main(argv=None):
     p.add_argument("--run", required=True, action="append", help="run folder written by tools/train.py (repeatable)")
     p.add_argument("--alpha", type=float, help="WHM weight of the training recall (default: the run's, 0.5)")
     p.add_argument("--out", help="where to write the metrics (default: <run>/metrics.json; one --run only)")
-    p.add_argument("--backend", choices=["tf", "faiss", "auto"], help="retrieval backend (default: the run's eval.backend, tf)")
+    p.add_argument("--backend", choices=choices("eval.backend"), help="retrieval backend (default: the run's eval.backend, tf)")
     p.add_argument("--whm-plot", metavar="OUT.png", help="draw WHM against alpha in [0, 2] for the runs")
     p.add_argument("--reuse-metrics", action="store_true",
                    help="with --whm-plot: read each run's metrics.json instead of evaluating again")

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def parse_args(argv=None):
     from keras_irtf import cli
+    from keras_irtf.config import choices
 
     cli.preparse(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +50,7 @@ def parse_args(argv=None):
                    help="discard the run folder's backup and start over (instead of resuming it)")
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker"],
+    p.add_argument("--strategy", choices=choices("train.strategy"),
                    help="tf.distribute strategy (multi_worker reads the cluster from TF_CONFIG)")
     p.add_argument("--devices", help="devices for mirrored: 'cpu:N' (N logical CPUs) or '/gpu:0,/gpu:1'")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

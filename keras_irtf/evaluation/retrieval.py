@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-BACKENDS = ("tf", "faiss", "auto")
+from keras_irtf.config import choices
+
+BACKENDS = choices("eval.backend")
 
 
 def faiss_available() -> bool:

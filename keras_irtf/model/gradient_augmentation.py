@@ -48,11 +48,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf.config import NON_NEGATIVE
+from keras_irtf.config import GA_OLD_KEYS, NON_NEGATIVE, choices
 from keras_irtf.losses import average_over_global_batch, replica_info
 from keras_irtf.registry import GA_METHODS, register_ga_method
 
-POINTS = ("input", "image_feature", "text_feature", "composed")
+POINTS = choices("ga.point")
+MODES = choices("ga.mode")
 
 
 def dual_norm(attack_norm) -> float:
@@ -225,9 +226,6 @@ class L2Regularization(_WeightPenalty):
     name = "l2"
 
 
-_LEGACY_KEYS = {"eps": ("adversarial", "eps"), "attack_norm": ("adversarial", "attack_norm"),
-                "gamma": ("isotropic", "gamma"), "noise_scaling": ("isotropic", "noise_scaling"),
-                "fgsm_eps": ("fgsm", "eps"), "l1": ("l1", "weight"), "l2": ("l2", "weight")}
 
 
 def stateless_seed(seed_generator):
@@ -300,7 +298,7 @@ class GradientAugmentation(keras.layers.Layer):
     """
 
     def __init__(self, methods="", point="input", mode="paper", settings=None, seed=0, **kwargs):
-        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEGACY_KEYS}  # .keras files before 0.2
+        legacy = {k: kwargs.pop(k) for k in list(kwargs) if k in GA_OLD_KEYS}  # .keras files before 0.2
         super().__init__(**kwargs)
         if isinstance(methods, str):
             methods = [m.strip() for m in methods.split(",")]
@@ -310,17 +308,18 @@ class GradientAugmentation(keras.layers.Layer):
             raise ValueError(f"GA: unknown method(s) {unknown}; registered: {GA_METHODS.names()}")
         if point not in POINTS:
             raise ValueError(f"GA point must be one of {POINTS}, got {point!r}")
-        if mode not in ("paper", "reference"):
-            raise ValueError(f"GA mode must be 'paper' or 'reference', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"GA mode must be one of {MODES}, got {mode!r}")
         self.point = point
         self.mode = mode
         self.seed = int(seed)
         given = {m: dict(v) for m, v in (settings or {}).items()}
         for key, value in legacy.items():
-            method, field = _LEGACY_KEYS[key]
+            method, field = GA_OLD_KEYS[key]
             given.setdefault(method, {})[field] = value
         self._method_settings = {}
-        for name in set(self.methods) | set(given) | {"adversarial", "isotropic", "fgsm", "l1", "l2"}:
+        # the built-in methods' settings always exist: the properties below read them
+        for name in set(self.methods) | set(given) | set(GA_METHODS.builtin_names()):
             entry = GA_METHODS.get(name)
             values = entry.default_settings()
             for key, value in given.get(name, {}).items():

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 
-from keras_irtf.config import ConfigError
+from keras_irtf.config import ConfigError, choices
 from keras_irtf.run_folder import BackupError, latest_backup
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=N
         return tf.distribute.MirroredStrategy(names)
     if name in ("auto", "one_device"):
         return tf.distribute.get_strategy()
-    raise ConfigError(f"train.strategy={name!r}: expected auto, one_device, mirrored or multi_worker")
+    raise ConfigError(f"train.strategy={name!r}: expected one of {list(choices('train.strategy'))}")
 
 
 class _join_watchdog:
