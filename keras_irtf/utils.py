@@ -1,9 +1,10 @@
-"""Small helpers: progress reports, atomic file writes, JSON I/O."""
+"""Small helpers: optional packages, progress reports, atomic file writes, JSON I/O."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -12,6 +13,39 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# The packages keras_irtf loads only when a feature needs them, and the extra of setup.cfg that
+# installs each (None: the base install has it; it is still loaded only where it is used).
+OPTIONAL_PACKAGES = {
+    "keras_hub": "hub",
+    "sentencepiece": "hub",  # keras-hub's SentencePiece tokenizers (SigLIP)
+    "faiss": "faiss",
+    "fastapi": "demo",
+    "starlette": "demo",
+    "uvicorn": "demo",
+    "playwright": "demo",
+    "tensorflow_hub": None,
+    "apache_beam": None,
+}
+
+
+class MissingExtra(ImportError):
+    """An optional package that is not installed; the message names the extra that installs it."""
+
+
+def optional_import(module: str, extra, needed_by: str = ""):
+    """`import module` for a package of an optional extra (OPTIONAL_PACKAGES), done where the
+    feature that needs it runs, so that importing keras_irtf never loads it. MissingExtra, naming
+    `needed_by`, the missing package and how to install the extra, when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        missing = e.name.split(".")[0] if isinstance(e, ModuleNotFoundError) and e.name else top
+        via = "" if missing == top else f" (needed by {top})"
+        install = f"pip install -e '.[{extra}]'" if extra else "pip install -e ."
+        raise MissingExtra(f"{needed_by or top} needs the package {missing}{via}, which is not installed: "
+                           f"{install}") from e
 
 
 class Progress:

@@ -3,6 +3,7 @@ the package, and it catches an upward import."""
 
 import ast
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -114,3 +115,70 @@ def test_the_ga_layer_knows_the_built_in_methods_from_the_registry():
     assert MOVED_KEYS["ga.eps"] == "ga.adversarial.eps" and "ga.l1" not in MOVED_KEYS
     old = GradientAugmentation(methods="adversarial", eps=0.25, l2=0.5)
     assert old.eps == 0.25 and old.l2 == 0.5 and set(GA_OLD_KEYS) >= {"eps", "l2"}
+
+
+# ---- optional extras load only where they are used, through one helper -----------------------
+def _imports(path: Path):
+    """(line, module name, inside a function) of every import statement of a source file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+
+    def walk(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    yield child.lineno, alias.name, in_function
+            elif isinstance(child, ast.ImportFrom) and child.level == 0:
+                yield child.lineno, child.module, in_function
+            yield from walk(child, inside)
+
+    yield from walk(tree, False)
+
+
+def test_optional_packages_are_imported_only_through_the_helper():
+    from keras_irtf.utils import OPTIONAL_PACKAGES
+
+    direct = [f"{p.relative_to(ROOT)}:{line}: import {name}" for p in sorted(PACKAGE.rglob("*.py"))
+              for line, name, _ in _imports(p) if name.split(".")[0] in OPTIONAL_PACKAGES]
+    assert not direct, "\n".join(direct)
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    extras = set(parser["options.extras_require"])
+    assert {extra for extra in OPTIONAL_PACKAGES.values() if extra} <= extras
+
+
+def test_the_helper_names_the_extra_to_install(monkeypatch):
+    from keras_irtf.utils import MissingExtra, optional_import
+
+    assert optional_import("json", "demo").dumps([]) == "[]"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
+    with pytest.raises(MissingExtra) as e:
+        optional_import("faiss", "faiss", "backend='faiss'")
+    assert str(e.value) == "backend='faiss' needs the package faiss, which is not installed: pip install -e '.[faiss]'"
+    assert isinstance(e.value, ImportError)
+
+
+_IMPORT_EVERY_MODULE = """
+import importlib, json, pkgutil, sys
+import keras_irtf
+from keras_irtf.utils import OPTIONAL_PACKAGES
+failed = {}
+for info in sorted(pkgutil.walk_packages(keras_irtf.__path__, "keras_irtf."), key=lambda m: m.name):
+    try:
+        importlib.import_module(info.name)
+    except Exception as e:
+        failed[info.name] = repr(e)
+loaded = sorted(name for name in OPTIONAL_PACKAGES if name in sys.modules)
+print(json.dumps({"failed": failed, "loaded": loaded, "count": len([m for m in sys.modules if m.startswith("keras_irtf")])}))
+"""
+
+
+def test_every_module_imports_without_loading_an_optional_package():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", _IMPORT_EVERY_MODULE], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["failed"] == {}
+    assert result["loaded"] == []
+    assert result["count"] >= len(list(PACKAGE.rglob("*.py")))

@@ -19,12 +19,10 @@ REST predict requests for every signature of the export. The model is loaded wit
 
 from __future__ import annotations
 
-import importlib
-
 from keras_irtf.demo.limits import DemoError, Limits, check_image
+from keras_irtf.utils import MissingExtra, optional_import
 
-EXTRA_PACKAGES = ("fastapi", "uvicorn")  # setup.cfg's [demo] extra
-INSTALL_HINT = "pip install -e '.[demo]'"
+EXTRA_PACKAGES = ("fastapi", "uvicorn")  # what the page needs of setup.cfg's [demo] extra
 
 
 def missing_extra():
@@ -32,11 +30,9 @@ def missing_extra():
     missing package and how to install the extra."""
     for package in EXTRA_PACKAGES:
         try:
-            importlib.import_module(package)
-        except ImportError as e:
-            missing = e.name or package
-            needed = "" if missing == package else f" (needed by {package})"
-            return f"the demo needs the package {missing}{needed}, which is not installed: {INSTALL_HINT}"
+            optional_import(package, "demo", "the demo")
+        except MissingExtra as e:
+            return str(e)
     return None
 
 

@@ -20,8 +20,6 @@ gallery's size). Gallery files are opened only by id and only inside the gallery
 sends crashes the server.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import hashlib
@@ -30,20 +28,16 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.responses import FileResponse, Response
-from starlette.staticfiles import StaticFiles
 
 from keras_irtf.demo.limits import DemoError, Limits, check_image, k_range, mb_text
 from keras_irtf.demo.tf_serving import format_predict_response, parse_predict_request
+from keras_irtf.utils import optional_import
 
 log = logging.getLogger("keras_irtf.demo")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -55,9 +49,14 @@ MAX_JSON_DEPTH = 32  # nesting of a request body; the page's and TF Serving's re
 _MAX_ID_DIGITS = 18  # ids and versions in URLs: longer digit strings name nothing (and int() refuses 4300+)
 
 
+def _web(module: str):
+    """A module of FastAPI or Starlette (the `demo` extra), loaded when the app is made."""
+    return optional_import(module, "demo", "the demo")
+
+
 def json_response(content, status: int = 200):
     # TF Serving writes NaN and Infinity as bare tokens; Starlette's JSONResponse would refuse them
-    return Response(json.dumps(content, allow_nan=True, separators=(",", ":")), status_code=status,
+    return _web("starlette.responses").Response(json.dumps(content, allow_nan=True, separators=(",", ":")), status_code=status,
                     media_type="application/json")
 
 
@@ -360,6 +359,14 @@ class Demo:
 
 def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
     """The FastAPI application serving `model` (a keras_irtf.demo.served.ServedModel)."""
+    # (this module has no `from __future__ import annotations`: the endpoints' annotations below
+    # are evaluated here, where FastAPI's Request is a local name, for FastAPI to inject requests)
+    FastAPI, Request = _web("fastapi").FastAPI, _web("fastapi").Request
+    RequestValidationError = _web("fastapi.exceptions").RequestValidationError
+    run_in_threadpool = _web("starlette.concurrency").run_in_threadpool
+    HTTPException = _web("starlette.exceptions").HTTPException
+    FileResponse, Response = _web("starlette.responses").FileResponse, _web("starlette.responses").Response
+    StaticFiles = _web("starlette.staticfiles").StaticFiles
     demo = Demo(model, limits or Limits(), ground_truth)
     app = FastAPI(title=f"keras_irtf demo: {model.name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.demo = demo
@@ -466,10 +473,7 @@ def create_app(model, limits: Optional[Limits] = None, ground_truth=None):
 def serve(app, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info", on_ready=None):
     """Run `app` with uvicorn on host:port (port 0: a free port) until interrupted (Ctrl-C or
     SIGTERM). `on_ready(url)` is called once the socket is bound."""
-    import socket
-
-    import uvicorn
-
+    uvicorn = optional_import("uvicorn", "demo", "the demo")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

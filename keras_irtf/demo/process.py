@@ -27,6 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from keras_irtf.utils import optional_import
+
 REPO = Path(__file__).resolve().parents[2]
 _READY = re.compile(r"serving on (http://\S+/)")
 
@@ -136,8 +138,7 @@ def chromium_page(width: int = 1200, height: int = 900, executable=None):
     """A headless page of the system's Chromium through Playwright (never a downloaded browser).
     Host names do not resolve, so the page can reach nothing but addresses given as IPs (the demo
     on 127.0.0.1)."""
-    from playwright.sync_api import sync_playwright
-
+    sync_playwright = optional_import("playwright.sync_api", "demo", "the demo's browser page").sync_playwright
     executable = executable or find_chromium()
     if executable is None:
         raise RuntimeError("no Chromium found: install Debian's package (apt-get install -y chromium) "

@@ -24,27 +24,21 @@ from __future__ import annotations
 import numpy as np
 
 from keras_irtf.config import choices
+from keras_irtf.utils import optional_import
 
 BACKENDS = choices("eval.backend")
 
 
 def faiss_available() -> bool:
     try:
-        import faiss  # noqa: F401
+        _import_faiss()
     except ImportError:
         return False
     return True
 
 
 def _import_faiss():
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError(
-            "backend='faiss' needs the faiss-cpu package: pip install 'keras_irtf[faiss]' "
-            "(or pip install faiss-cpu), or use backend='tf'"
-        ) from e
-    return faiss
+    return optional_import("faiss", "faiss", "backend='faiss' (or use backend='tf')")
 
 
 def resolve_backend(backend: str) -> str:

@@ -34,6 +34,7 @@ from keras_irtf.config import AT_LEAST_ONE, NON_NEGATIVE
 from keras_irtf.layers.base import TextEncoder
 from keras_irtf.layers.pretrained import HUB_INSTALL, import_keras_hub, require_keras_hub
 from keras_irtf.registry import register_text_encoder
+from keras_irtf.utils import optional_import
 
 HUB_HELP = (
     "keras_irtf never downloads models. Download the TF-Hub BERT models once (on a machine with "
@@ -198,7 +199,7 @@ class HubBertEncoder(FrozenTextEncoder):
                                  "saved_model.pb")
         enc = check_local_folder(encoder_handle, "model.text_encoder.encoder (encoder_handle)", HUB_HELP,
                                  "saved_model.pb")
-        import tensorflow_hub as hub
+        hub = optional_import("tensorflow_hub", None, "the bert_hub text encoder (model.text_encoder=bert_hub)")
         import tensorflow_text  # noqa: F401  (registers the ops the preprocessing model uses)
 
         # local folders only (checked above): hub.load reads them without any network access

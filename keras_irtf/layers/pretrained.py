@@ -31,6 +31,7 @@ import keras
 from keras_irtf.config import ConfigError
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from keras_irtf.utils import optional_import
 
 _FETCH_HELP = (
     "To get a local copy, on a machine with network access run\n"
@@ -71,10 +72,9 @@ def import_keras_hub(needed_by: str = RESNET_NEEDS):
     """The keras_hub module, or KerasHubMissing naming `needed_by` (e.g. "the siglip image
     encoder (model.image_encoder=siglip)") and how to install the `hub` extra."""
     try:
-        import keras_hub
+        return optional_import("keras_hub", "hub", needed_by)
     except ImportError as e:
-        raise KerasHubMissing(_keras_hub_message(needed_by, e)) from e
-    return keras_hub
+        raise KerasHubMissing(_keras_hub_message(needed_by, e.__cause__ or e)) from e
 
 
 # keras-hub backbones that another keras_irtf encoder reads: given as ResNet weights, the error

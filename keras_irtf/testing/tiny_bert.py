@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_irtf.utils import optional_import
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HUB_SEQ_LENGTH = 128  # the default sequence length of TF Hub's BERT preprocessing models
 
@@ -122,7 +124,7 @@ def make_tiny_keras_hub_bert(folder, texts, hidden_size: int = 32, sequence_leng
     """Save a 1-layer keras-hub BertBackbone + BertTextClassifierPreprocessor preset; returns the
     folder (str)."""
     import keras
-    import keras_hub
+    keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)
     keras.utils.set_random_seed(seed)

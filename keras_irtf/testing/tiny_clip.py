@@ -24,6 +24,8 @@ import io
 import re
 from pathlib import Path
 
+from keras_irtf.utils import optional_import
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -113,7 +115,7 @@ def _clip_preset(folder, texts, seed, *, patch, image_size, vision_width, vision
                  vision_mlp, text_width, text_layers, text_heads, text_mlp, context, projection,
                  num_merges, vocabulary_size=0):
     import keras
-    import keras_hub
+    keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)
     keras.utils.set_random_seed(int(seed))
@@ -173,7 +175,7 @@ def make_random_clip_preset(folder, size: str = "vit_b16", seed: int = 0, texts=
 def train_sentencepiece(texts, vocab_size: int = 96) -> bytes:
     """A unigram SentencePiece model (serialised proto) over `texts` + filler sentences, with
     SigLIP's special pieces: <pad> 0, </s> 1 (end and padding), <unk> 2."""
-    import sentencepiece as spm
+    spm = optional_import("sentencepiece", "hub", "the tiny SigLIP tokenizer of keras_irtf.testing")
 
     sentences = [s for s in (str(t).strip().lower() for t in list(texts) + list(FILLER) * 4) if s]
     out = io.BytesIO()
@@ -192,7 +194,7 @@ def make_tiny_siglip_preset(folder, texts=(), seed: int = 0, width: int = 32, la
     """A tiny random SigLIP preset in `folder` (created); returns the folder (str). Both towers
     output `width`-d features (SigLIP's text head projects to the vision width)."""
     import keras
-    import keras_hub
+    keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)
     keras.utils.set_random_seed(int(seed))
