@@ -50,6 +50,8 @@ PAGES = documentation_pages()
 # Every block that is shown but not run, page by page, with its reason (the marker's text).
 NOT_RUN = {
     "README.md": ["runs the whole test suite, of which this check is a part"],
+    "docs/architecture.md": ["the pages run in a folder without the checkout's sources; tests/test_architecture.py "
+                             "runs the same check"],
     "docs/demo.md": ["starts a server that runs until it is stopped (tests/test_demo.py drives the demo)"],
     "docs/distributed-and-resuming.md": ["needs two GPUs"],
     "docs/export-and-serve.md": ["needs Docker and the TF Serving image"],

@@ -38,7 +38,7 @@ def faiss_available() -> bool:
 
 
 def _import_faiss():
-    return optional_import("faiss", "faiss", "backend='faiss' (or use backend='tf')")
+    return optional_import("faiss", "faiss", "backend='faiss'")
 
 
 def resolve_backend(backend: str) -> str:
