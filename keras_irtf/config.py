@@ -223,9 +223,20 @@ SETTINGS_HELP = {
     "keras_irtf.model.gradient_augmentation.IsotropicConfig": {
         "gamma": "standard deviation of the Gaussian noise added to every gradient",
         "noise_scaling": "noise per element (gamma x n) or divided by the variable's size (mean, the authors')",
+        "exclude": "variables whose gradient gets no noise, by kind (kernel, bias, normalization, embedding, "
+                   "logit_scale) or part (image_encoder, text_encoder, composer)",
+        "only": "when given, only the variables of these kinds or parts get noise (minus exclude)",
+        "reference_terms": "ga.mode=reference: the authors' (N - k)-counted noise and constant push, or one of them",
     },
     "keras_irtf.model.gradient_augmentation.FGSMConfig": {
         "eps": "step of the FGSM example x + eps x sign(dL/dx)",
+    },
+    "keras_irtf.model.gradient_augmentation.PGDConfig": {
+        "steps": "projected gradient steps k of the attack in every training step",
+        "eps": "radius of the attack's ball (at ga.point=input in [0, 1] pixel units)",
+        "step_size": "step alpha of each attack step (0 = 2.5 x eps / steps)",
+        "attack_norm": "the ball and the steps: inf (sign steps, clipped) or 2 (normalised gradient steps)",
+        "random_start": "start each attack from a uniform point of the ball instead of from x",
     },
     "keras_irtf.model.gradient_augmentation.L1Config": {
         "weight": "weight of the L1 penalty on kernels and embeddings",

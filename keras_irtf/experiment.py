@@ -269,6 +269,7 @@ class Experiment:
             methods=cfg.ga_methods, point=cfg.ga.point, mode=cfg.ga.mode, seed=cfg.train.seed,
             settings={name: dataclasses.asdict(s) for name in cfg.ga_methods
                       if (s := cfg.ga.settings(name)) is not None},
+            pixel_mean=self.preprocessor.mean, pixel_std=self.preprocessor.std,  # PGD's pixel range
             name="gradient_augmentation", dtype="float32",
         )
         return ComposedRetrievalModel(

@@ -109,7 +109,7 @@ def test_the_ga_layer_knows_the_built_in_methods_from_the_registry():
 
     layer = GradientAugmentation(methods="isotropic")
     builtins = set(GA_METHODS.builtin_names())
-    assert builtins == {"adversarial", "fgsm", "isotropic", "l1", "l2"}
+    assert builtins == {"adversarial", "fgsm", "isotropic", "l1", "l2", "pgd"}
     assert all(layer.method_settings(name) is not None for name in builtins)
     # the GA keys of earlier versions: one table for config files (hints) and .keras files (values)
     assert MOVED_KEYS["ga.eps"] == "ga.adversarial.eps" and "ga.l1" not in MOVED_KEYS

@@ -44,6 +44,18 @@ def test_two_replicas_match_one_device_with_ga_and_ls():
 
 
 @pytest.mark.slow
+def test_two_replicas_match_one_device_with_pgd_training_and_the_noise_ratio():
+    """PGD-10 training (random start drawn for the global batch, each replica its rows) and GA^I
+    with its logged ||noise|| / ||g|| (the summed gradient's norm): the single-device run."""
+    r = _run("pgd,isotropic")
+    assert r["replicas"] == 2 and r["moved"] > 1e-2
+    assert r["single_logs"]["pgd_loss"] > r["single_logs"]["retrieval_loss"]  # the attack did something
+    assert r["max_weight_diff"] < 1e-5 * r["moved"], r
+    for key in ("loss", "retrieval_loss", "pgd_loss", "ga_noise_ratio"):
+        assert abs(r["single_logs"][key] - r["mirrored_logs"][key]) < 1e-4 * max(1.0, abs(r["single_logs"][key])), key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tirg", "composeae"])
 def test_real_models_on_two_replicas_match_one_device(method, css_smoke_root):
     """TIRG and ComposeAE as built for training (small CNN with batch norm, LSTM, GA^A + GA^I +

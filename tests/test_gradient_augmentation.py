@@ -446,3 +446,257 @@ def test_ga_flags_and_configs():
     assert (cfg.ga.adversarial.eps, cfg.ga.isotropic.gamma, cfg.loss.eta) == (0.5, 0.25, 0.125)
     ga_cfg = train_tool.resolve_config(train_tool.parse_args(["--config", "configs/css_ga.yaml"]))
     assert ga_cfg.ga_methods == ("adversarial", "isotropic") and ga_cfg.loss.eta == 1e-3
+
+
+# ---- PGD adversarial training -------------------------------------------------------------------
+def _pixel_batch(lo=0.0, hi=1.0, mean=None, std=None, batch=6, seed=0, dtype="float64"):
+    """tiny_batch whose query images are pixels u in [lo, hi] normalised as (u - mean) / std
+    (default: ImageNet's, the GA layer's default); returns (batch, u)."""
+    from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = np.array(IMAGENET_MEAN if mean is None else mean)
+    std = np.array(IMAGENET_STD if std is None else std)
+    b = tiny_batch(batch=batch, dtype=dtype, seed=seed)
+    u = np.random.default_rng(seed + 10).uniform(lo, hi, size=tuple(b["source_image"].shape))
+    b["source_image"] = tf.constant((u - mean) / std, dtype)
+    return b, u
+
+
+def _pgd_model(dtype="float64", **settings):
+    model = tiny_model("pgd", dtype=dtype, settings={"pgd": settings})
+    pgd = model.gradient_augmentation.active[0]
+    pgd.trace = []
+    return model, pgd
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_attack_raises_the_attack_loss_at_every_step(random_start):
+    # steps small against the curvature of the tiny model, the ball reached after 5 of them
+    model, pgd = _pgd_model(steps=8, eps=0.03, step_size=0.006, random_start=random_start)
+    batch, _ = _pixel_batch()
+    terms = model.compute_loss_terms(batch, training=True)
+    losses = [float(v) for v in pgd.trace[0]["losses"]] + [float(terms["pgd_loss"])]
+    assert len(losses) == 9  # before each of the 8 steps, and at delta_8
+    assert all(b >= a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] > 1.05 * losses[0]
+    assert float(terms["pgd_loss"]) > float(terms["retrieval_loss"])  # the attack hurts the clean loss
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_pgd_perturbation_stays_in_its_ball_and_in_the_pixel_range(norm):
+    """At ga.point=input the ball and the range are [0, 1] pixels: u + delta in [0, 1] and
+    ||delta||_p <= eps, on images with pixels at 0 and 1, large steps so that both bind."""
+    from keras_irtf.layers.preprocessing import IMAGENET_STD
+
+    eps = 0.05 if norm == "inf" else 0.5
+    model, pgd = _pgd_model(steps=5, eps=eps, step_size=eps, attack_norm=norm, random_start=True)
+    batch, u = _pixel_batch()
+    u[:, 0] = 0.0  # pixels at both ends of the range
+    u[:, 1] = 1.0
+    batch["source_image"] = tf.constant((u - np.array(model.gradient_augmentation.pixel_mean))
+                                        / np.array(model.gradient_augmentation.pixel_std))
+    model.compute_loss_terms(batch, training=True)
+    du = pgd.trace[0]["delta"].numpy() * np.array(IMAGENET_STD)  # the shift in pixels
+    assert (u + du).min() >= -1e-9 and (u + du).max() <= 1 + 1e-9
+    assert du[:, 0].min() >= -1e-12 and du[:, 1].max() <= 1e-12  # not pushed out at the ends
+    if norm == "inf":
+        assert np.abs(du).max() <= eps * (1 + 1e-9)
+        assert np.abs(du).max() > 0.99 * eps  # the attack uses its budget
+    else:
+        norms = np.linalg.norm(du.reshape(len(du), -1), axis=1)
+        assert norms.max() <= eps * (1 + 1e-9) and norms.min() > 0.5 * eps
+
+
+def test_pgd_training_gradient_is_that_of_the_loss_at_the_attacked_query():
+    """d/dtheta of (L(x) + L(x + delta_k)) / 2 with delta_k a constant: the model's gradient
+    against an independent computation (plain TF, the per-example losses) at the same delta_k."""
+    model, pgd = _pgd_model(steps=3, eps=0.05, random_start=True)
+    batch, _ = _pixel_batch()
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        terms = model.compute_loss_terms(batch, training=True)
+    grads = tape.gradient(terms["loss"], variables)
+    delta = tf.stop_gradient(pgd.trace[0]["delta"])
+    assert float(tf.reduce_max(tf.abs(delta))) > 0
+    x = batch["source_image"]
+    with tf.GradientTape(persistent=True) as tape:
+        clean = tf.reduce_mean(_per_example_losses(model, batch)[0])
+        adv = tf.reduce_mean(_per_example_losses(model, batch, overrides={"input": x + delta})[0])
+        want_loss = 0.5 * (clean + adv)
+    want = tape.gradient(want_loss, variables)
+    clean_grads = tape.gradient(clean, variables)
+    np.testing.assert_allclose(float(terms["pgd_loss"]), float(adv), rtol=1e-12)
+    np.testing.assert_allclose(float(terms["loss"]), float(want_loss), rtol=1e-12)
+    moved = 0.0
+    for g, w, c, v in zip(grads, want, clean_grads, variables):
+        g, w, c = (tf.convert_to_tensor(t).numpy() for t in (g, w, c))
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-13, err_msg=v.path)
+        moved = max(moved, float(np.abs(w - c).max()))
+    assert moved > 1e-3  # the adversarial half is a visible part of the gradient
+
+
+def test_pgd_one_step_from_x_with_alpha_eps_is_fgsm_training():
+    """k = 1, no random start, alpha = eps: delta = eps * sign(dL/dx), FGSM's (pixels = the model
+    input here, mean 0 and std 1, away from the range's ends)."""
+    eps = 0.05
+    pgd = tiny_model("pgd", pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0),
+                     settings={"pgd": {"steps": 1, "eps": eps, "step_size": eps, "random_start": False}})
+    fgsm = tiny_model("fgsm", fgsm_eps=eps)
+    fgsm.set_weights(pgd.get_weights())
+    batch, _ = _pixel_batch(0.2, 0.8, mean=(0, 0, 0), std=(1, 1, 1))
+    out = {}
+    for name, model in (("pgd", pgd), ("fgsm", fgsm)):
+        with tf.GradientTape() as tape:
+            terms = model.compute_loss_terms(batch, training=True)
+        out[name] = (terms, [tf.convert_to_tensor(g).numpy() for g in tape.gradient(terms["loss"],
+                                                                                      model.trainable_variables)])
+    (p_terms, p_grads), (f_terms, f_grads) = out["pgd"], out["fgsm"]
+    np.testing.assert_allclose(float(p_terms["pgd_loss"]), float(f_terms["fgsm_loss"]), rtol=1e-12)
+    np.testing.assert_allclose(float(p_terms["loss"]), float(f_terms["loss"]), rtol=1e-12)
+    for a, b in zip(p_grads, f_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_pgd_attack_passes_leave_the_batch_norm_statistics_alone():
+    """The real TIRG (batch norm): at eps 0 every pass sees the clean batch, so PGD-3 training,
+    whose 3 attack passes run in a stateless scope, takes exactly FGSM training's step (2 passes
+    that update the moving statistics), moving statistics included."""
+    from conftest import tiny_config
+    from keras_irtf.experiment import build_model, make_optimizer
+
+    def make(*overrides):
+        cfg = tiny_config(None, "model.text_encoder.lstm.dropout=0.0", *overrides)
+        keras.utils.set_random_seed(0)
+        model = build_model(cfg, vocab_size=20)
+        model.compile(optimizer=make_optimizer(cfg))
+        return model, cfg
+
+    pgd, cfg = make("ga.methods=pgd", "ga.pgd.eps=0.0", "ga.pgd.steps=3")
+    fgsm, _ = make("ga.methods=fgsm", "ga.fgsm.eps=0.0")
+    fgsm.set_weights(pgd.get_weights())
+    start = [v.numpy() for v in pgd.weights]
+    s, n = cfg.data.image_size, cfg.model.max_text_length
+    rng = np.random.default_rng(0)
+    batch = {"source_image": tf.constant(rng.normal(size=(8, s, s, 3)), tf.float32),
+             "text": tf.constant(rng.integers(1, 20, size=(8, n)), tf.int32),
+             "target_image": tf.constant(rng.normal(size=(8, s, s, 3)), tf.float32)}
+    for model in (pgd, fgsm):
+        model.train_step(batch)
+    bn = [i for i, v in enumerate(pgd.weights) if "moving_mean" in v.path]
+    assert bn and max(np.abs(pgd.weights[i].numpy() - start[i]).max() for i in bn) > 1e-4  # they moved
+    for a, b in zip(pgd.weights, fgsm.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+# ---- which variables GA^I perturbs, and by how much -------------------------------------------------
+def test_variable_kinds_and_parts_come_from_the_owning_layers():
+    from conftest import tiny_config
+    from keras_irtf.experiment import build_model
+    from keras_irtf.model.gradient_augmentation import VARIABLE_KINDS, variable_groups
+
+    model = build_model(tiny_config(), vocab_size=20)
+    groups = variable_groups(model)
+    by_path = {v.path.split("/", 1)[1]: groups[id(v)] for v in model.trainable_variables}
+    assert by_path["image_encoder/conv0/kernel"] == ("kernel", "image_encoder")
+    assert by_path["image_encoder/bn0/gamma"] == ("normalization", "image_encoder")
+    assert by_path["image_encoder/projection/bias"] == ("bias", "image_encoder")
+    assert by_path["text_encoder/embedding/embeddings"] == ("embedding", "text_encoder")
+    assert by_path["text_encoder/lstm/lstm_cell/bias"] == ("bias", "text_encoder")
+    assert by_path["text_encoder/lstm/lstm_cell/recurrent_kernel"] == ("kernel", "text_encoder")
+    assert by_path["composer/gate_bn/beta"] == ("normalization", "composer")
+    assert by_path["composer/mix"] == ("kernel", "composer")  # TIRG's own weights
+    assert by_path["normalization/scale"] == ("logit_scale", None)
+    assert {kind for kind, _ in groups.values()} == set(VARIABLE_KINDS)
+
+
+@pytest.mark.parametrize("settings,noised", [
+    ({"exclude": ("bias", "embedding")}, lambda kind, part: kind not in ("bias", "embedding")),
+    ({"only": ("composer",)}, lambda kind, part: part == "composer"),
+    ({"only": ("kernel", "logit_scale"), "exclude": "text_encoder"},
+     lambda kind, part: kind in ("kernel", "logit_scale") and part != "text_encoder"),
+])
+def test_excluded_variables_get_the_update_without_noise(settings, noised):
+    """One SGD step from the same weights with and without GA^I: the excluded variables' updates
+    are the plain update exactly, the others differ."""
+    from keras_irtf.model.gradient_augmentation import variable_groups
+
+    batch = tiny_batch(dtype="float32")
+    plain = tiny_model("", dtype="float32")
+    iso = tiny_model("isotropic", dtype="float32", gamma=0.05, noise_scaling="per_element",
+                     settings={"isotropic": settings})
+    iso.set_weights(plain.get_weights())
+    for m in (plain, iso):
+        m.compile(optimizer=keras.optimizers.SGD(1.0))
+        tf.function(m.train_step)(batch)
+    groups = variable_groups(iso)
+    seen = set()
+    for a, b in zip(plain.trainable_variables, iso.trainable_variables):
+        kind, part = groups[id(b)]
+        if noised(kind, part):
+            assert np.abs(a.numpy() - b.numpy()).max() > 1e-4, b.path
+        else:
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.path)
+        seen.add(noised(kind, part))
+    assert seen == {True, False}
+
+
+def test_an_unknown_variable_kind_is_a_clear_error():
+    from keras_irtf.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match=r"unknown item\(s\) \['weights'\].*'kernel', 'bias', 'normalization'"):
+        GradientAugmentation("isotropic", settings={"isotropic": {"exclude": "bias,weights"}})
+    with pytest.raises(ConfigError, match=r"ga.isotropic.only\[0\]='convolutions': expected items among "
+                                          r"\['kernel', 'bias', 'normalization', 'embedding', 'logit_scale', "
+                                          r"'image_encoder', 'text_encoder', 'composer'\]"):
+        load_config([], ["ga.methods=isotropic", "ga.isotropic.only=convolutions"])
+    cfg = load_config([], ["ga.methods=isotropic", "ga.isotropic.exclude=bias,logit_scale"])
+    assert cfg.ga.isotropic.exclude == ("bias", "logit_scale")
+
+
+def test_reference_terms_split_the_authors_noise_from_their_push():
+    """ga.mode=reference adds gamma (N - k) / size * (n + 1) to parameter k of N: `push` adds the
+    constant alone, `noise` the (N - k)-counted noise alone, and the two add up to both."""
+    gamma = 0.2
+    variables = [tf.Variable(np.zeros((4,), np.float32)), tf.Variable(np.zeros((2, 2), np.float32)),
+                 tf.Variable(np.zeros((8,), np.float32))]
+    scales = np.concatenate([np.full(int(np.prod(v.shape)), gamma * (3 - k) / np.prod(v.shape))
+                             for k, v in enumerate(variables)])
+
+    def draws(terms, n=3):
+        ga = GradientAugmentation("isotropic", mode="reference", seed=0,
+                                  settings={"isotropic": {"gamma": gamma, "reference_terms": terms}})
+        return _draws(ga, variables, n)
+
+    push, noise, both = draws("push"), draws("noise"), draws("noise_and_push")
+    np.testing.assert_allclose(push, np.broadcast_to(scales, push.shape), rtol=1e-6)
+    np.testing.assert_allclose(both, noise + push, rtol=1e-6, atol=1e-7)
+    many = draws("noise", 2000)
+    np.testing.assert_allclose(many.mean(0) / scales, 0.0, atol=0.15)
+    np.testing.assert_allclose(many.std(0) / scales, 1.0, atol=0.1)
+    with pytest.raises(ValueError, match="reference_terms='push' applies to ga.mode=reference"):
+        GradientAugmentation("isotropic", settings={"isotropic": {"reference_terms": "push"}}).isotropic_noise(
+            variables)
+
+
+@pytest.mark.parametrize("settings", [{}, {"exclude": ("bias",)}])
+def test_logged_noise_to_gradient_ratio_is_the_ratio_of_the_norms(settings):
+    """ga_noise_ratio of one step = ||noise|| / ||g||, both read from the updates: SGD with rate 1
+    moves the plain model by -g and the GA^I model by -(g + noise) from the same weights."""
+    batch = tiny_batch()
+    plain = tiny_model("")
+    iso = tiny_model("isotropic", gamma=0.02, noise_scaling="per_element", settings={"isotropic": settings})
+    iso.set_weights(plain.get_weights())
+    start = [v.numpy() for v in plain.trainable_variables]
+    logs = {}
+    for name, m in (("plain", plain), ("iso", iso)):
+        m.compile(optimizer=keras.optimizers.SGD(1.0))
+        logs[name] = {k: float(v) for k, v in tf.function(m.train_step)(batch).items()}
+    g = np.concatenate([(s - v.numpy()).ravel() for s, v in zip(start, plain.trainable_variables)])
+    noise = np.concatenate([(a.numpy() - b.numpy()).ravel()
+                            for a, b in zip(plain.trainable_variables, iso.trainable_variables)])
+    want = np.linalg.norm(noise) / np.linalg.norm(g)
+    assert 1e-3 < want < 10
+    np.testing.assert_allclose(logs["iso"]["ga_noise_ratio"], want, rtol=1e-5)
+    # a diagnostic, not a loss term: the logged loss is L_CE + L_GA^I
+    np.testing.assert_allclose(logs["iso"]["loss"], logs["iso"]["retrieval_loss"] + logs["iso"]["ga_isotropic"],
+                               rtol=1e-6)

@@ -83,7 +83,7 @@ def test_smoke_training_with_ga_and_ls(precision, css_smoke, smoke_vectorizer):
 
 
 @pytest.mark.parametrize("precision", ("mixed_bfloat16", "mixed_float16"))
-@pytest.mark.parametrize("extra", [("ga.methods=fgsm,l1",), ("ga.methods=l2",),
+@pytest.mark.parametrize("extra", [("ga.methods=fgsm,l1",), ("ga.methods=l2",), ("ga.methods=pgd,isotropic", "ga.pgd.steps=2"),
                                    ("model.composer=composeae", "model.composer.composeae.dropout=0.0"),
                                    ("ga.point=image_feature",), ("model.image_encoder=resnet18", "data.image_size=32")])
 def test_other_methods_and_composeae(precision, extra, css_smoke, smoke_vectorizer):

@@ -4,7 +4,7 @@ The query embedding composes the source image with the modification text; the ta
 is the target image through the same image encoder and the same normalisation. `train_step`
 computes the paper's total loss
 
-    L_all = L_CE + eta * L_S + L_GA^A + L_GA^I   (+ the FGSM / L1 / L2 baselines when chosen)
+    L_all = L_CE + eta * L_S + L_GA^A + L_GA^I   (+ the FGSM / PGD / L1 / L2 baselines when chosen)
 
 in one place (`compute_loss_terms`) so that `model.fit` from a user script and
 `tools/train.py` train the same way. Batches are dicts (see keras_irtf.data.pipeline).
@@ -139,6 +139,7 @@ class ComposedRetrievalModel(keras.Model):
         for part in (self.image_encoder, self.text_encoder, self.composer):
             check_sublayers_built(part)
         self.built = True
+        self.gradient_augmentation.attach(self)  # methods that look at the variables (GA^I's exclude)
 
     # ---- embeddings ---------------------------------------------------------------------------
     def encode_image(self, images, training=False):
@@ -252,7 +253,7 @@ class ComposedRetrievalModel(keras.Model):
             if loss_scale is not None:
                 grad_x = grad_x / tf.cast(loss_scale, grad_x.dtype)
         else:
-            f_comp, _, feats = self._query_branch(batch, training)
+            f_comp, x, feats = self._query_branch(batch, training)
             main = self._main_loss(f_comp, f_target, target, feats, batch, training, terms)
         total = main
         if training and ga.active:
@@ -260,7 +261,8 @@ class ComposedRetrievalModel(keras.Model):
                 f_shift, _, feats_shift = self._query_branch(batch, training, delta=delta)
                 return self._main_loss(f_shift, f_target, target, feats_shift, batch, training, {})
 
-            ctx = GAContext(self, batch, training, terms, f_target, target, grad_x=grad_x, loss_at=loss_at)
+            ctx = GAContext(self, batch, training, terms, f_target, target, grad_x=grad_x, loss_at=loss_at, x=x,
+                            loss_scale=loss_scale)
             for method in ga.active:
                 main = method.main_loss(ctx, main)
             total = main
@@ -299,7 +301,8 @@ class ComposedRetrievalModel(keras.Model):
             grads, logged = method.transform_gradients(grads, variables)
             for name, value in logged.items():  # e.g. L_GA^I = sum_v noise_v . v
                 terms[name] = value
-                terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
+                if name not in method.metric_names:  # a loss term (not a diagnostic such as a ratio)
+                    terms["loss"] = terms["loss"] + tf.cast(value, terms["loss"].dtype)
         # optimizer clipping (optim.clipnorm) acts on the global gradient, as on one device: Keras
         # would clip each replica's share before the sum (no-op on one device or without clipping)
         grads = clip_global_gradients(self.optimizer, grads)

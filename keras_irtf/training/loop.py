@@ -111,12 +111,15 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     # the results only.
     fit_kw = dict(callbacks=cbs, verbose=(1 if sys.stderr.isatty() else 2) if verbose and chief else 0, shuffle=False)
     history = None
+    epochs = []  # (steps, {term: that epoch's mean}) of every epoch trained here
     try:
         for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
             with contextlib.redirect_stdout(sys.stderr):
                 history = model.fit(batches(first, last), initial_epoch=epoch,
                                     epochs=epoch + (last - first) // steps_per_epoch,
                                     steps_per_epoch=steps_per_epoch, **fit_kw)
+            for e in range(len(history.epoch)):
+                epochs.append((steps_per_epoch, {k: float(v[e]) for k, v in history.history.items()}))
     except BaseException:
         if chief:
             release_tensorboard(tensorboard)
@@ -145,6 +148,9 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         "seconds_per_step": round(train_seconds / max(total - start, 1), 4) if start == 0 else None,
         "resumed_from_step": start or None,
         "final_losses": {k: float(v[-1]) for k, v in (history.history if history else {}).items()},
+        # each logged term's mean over the steps trained (from step `from_step`: a resumed run
+        # averages the steps after it resumed), e.g. GA^I's ga_noise_ratio
+        "training_means": {"from_step": start, **training_means(epochs)},
         "seed": cfg.train.seed,
         "precision": cfg.train.precision,
     }
@@ -164,6 +170,17 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     _write_eval_summary(run, metrics)
     remove_owned(run / "backup", BACKUP_KIND)  # the run is complete: model.keras holds it
     return run, metrics
+
+
+def training_means(epochs) -> dict:
+    """{term: mean over steps} from [(steps, {term: the epoch's mean})]: each epoch's mean weighted
+    by its number of steps, so the result is the mean of every step's value."""
+    sums, counts = {}, {}
+    for steps, values in epochs:
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v * steps
+            counts[k] = counts.get(k, 0) + steps
+    return {k: sums[k] / counts[k] for k in sums if counts[k]}
 
 
 def fit_segments(start: int, total: int, steps_per_epoch: int):
