@@ -855,6 +855,7 @@ def _apply_file(cfg: Config, path: Path, including: tuple = ()):
     if resolved in including:
         raise ConfigError(f"config file {path} includes itself (through {' -> '.join(p.name for p in including)})")
     data = load_yaml(path)
+    data.pop("study", None)  # a study's rows (tools/ablate.py --study, keras_irtf.training.ablation): not training keys
     bases = data.pop("base", None)
     if bases is None or bases == "":
         bases = []

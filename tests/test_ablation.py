@@ -143,3 +143,147 @@ def test_sweep_rows_are_labelled_by_weight_and_value():
     assert A._label("sweep_gamma_mean_100") == "L_CE + L_GA^I, gamma 100 / size"
     assert A._label("sweep_gamma_0.03") == "L_CE + L_GA^I, gamma 0.03 per element"
     assert A._label("sweep_eps_0.1") == "L_CE + L_GA^A, eps 0.1"
+
+
+def test_holm_adjustment_by_hand():
+    from keras_irtf.evaluation.stats import holm_adjust
+
+    # sorted: 0.005 x 4 = 0.02; 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04 -> 0.06 (monotone)
+    got = holm_adjust([0.01, 0.04, 0.03, 0.005, float("nan")])
+    np.testing.assert_allclose(got[:4], [0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(got[4])
+    np.testing.assert_allclose(holm_adjust([0.5, 0.4]), [0.8, 0.8])  # capped at 1 before the max: 0.8, 0.8
+    np.testing.assert_allclose(holm_adjust([0.9, 0.8]), [1.0, 1.0])
+
+
+def test_paired_tables_correct_over_the_rows_and_columns_of_one_table():
+    """The Holm column: every p of the table (3 rows x 2 tested columns = 6 tests) adjusted as one
+    family; a p below 0.05 alone is not a Holm verdict once multiplied by its rank's factor."""
+    from keras_irtf.evaluation.stats import paired_t_test
+
+    ce = [_metrics(0.30 + 0.01 * s, seed=s, pgd=0.10 + 0.01 * s) for s in range(4)]
+    rows = {
+        "gaa": [_metrics(0.30 + 0.01 * s, seed=s, pgd=0.30 + 0.01 * s + 0.001 * (-1) ** s) for s in range(4)],
+        "ls": [_metrics(0.30 + 0.01 * s + (0.01, 0.025, 0.01, 0.02)[s], seed=s, pgd=0.10 + 0.01 * s + 0.003 * (s % 2))
+               for s in range(4)],
+        "gai": [_metrics(0.30 + 0.01 * s + 0.01 * (s == 3), seed=s, pgd=0.10 + 0.01 * s) for s in range(4)],
+    }
+    results = {"ce": ce, **rows}
+    tested = ["R@1", "pgd R@1"]
+    tests = A.paired_tests(results, tested=tested)
+    ps, where = [], []
+    for name in rows:
+        for c in tested:
+            a = np.array([A.record(m)[c] for m in rows[name]])
+            b = np.array([A.record(m)[c] for m in ce])
+            p = paired_t_test(a, b)["p"]
+            if not np.isnan(p):
+                ps.append(p)
+                where.append((name, c))
+    # Holm by hand: sort, multiply by (m - rank), running maximum, capped at 1
+    m, order = len(ps), np.argsort(ps)
+    want, running = {}, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        want[where[i]] = running
+    for (name, c), value in want.items():
+        np.testing.assert_allclose(tests[name][c]["p_holm"], value, rtol=1e-12)
+    assert tests["gaa"]["holm_verdict"].startswith("PGD 4/255 R@1 higher (Holm p=")
+    # "ls": R@1 +1, +2.5, +1, +2 points: p = 0.023 alone, not after the correction
+    assert tests["ls"]["R@1"]["p"] < 0.05 <= tests["ls"]["R@1"]["p_holm"]
+    assert "R@1 higher" in tests["ls"]["verdict"] and tests["ls"]["holm_verdict"] == "no measurable effect"
+    table = A.ablation_table(results, tested=tested)
+    assert f"the family being the {m} tests of this table: 3 rows x 2 columns" in table
+    assert "| verdict | Holm verdict |" in table
+
+
+def test_the_noise_to_gradient_column_reads_the_mean_over_training():
+    m = _metrics(0.3)
+    m["training_means"] = {"from_step": 0, "ga_noise_ratio": 0.25, "loss": 1.0}
+    assert A.record(m)["noise/grad"] == 0.25
+    assert A.record(_metrics(0.3))["noise/grad"] is None
+    table = A.ablation_table({"ce": [_metrics(0.3, seed=0)], "gai": [m]})
+    assert "‖noise‖ / ‖∇L‖" in table.splitlines()[0] and "| 0.25 |" in table
+
+
+def test_training_means_weight_each_epoch_by_its_steps():
+    from keras_irtf.training.loop import training_means
+
+    got = training_means([(100, {"loss": 1.0, "ga_noise_ratio": 0.5}), (50, {"loss": 4.0, "ga_noise_ratio": 0.2})])
+    np.testing.assert_allclose(got["loss"], (100 * 1.0 + 50 * 4.0) / 150)
+    np.testing.assert_allclose(got["ga_noise_ratio"], (100 * 0.5 + 50 * 0.2) / 150)
+    assert training_means([]) == {}
+
+
+def test_the_time_left_counts_each_row_at_its_own_pace():
+    durations = {"ce": [60.0, 120.0], "pgd": [600.0]}
+    np.testing.assert_allclose(A.eta_minutes(durations, ["ce", "pgd", "pgd", "gaa"]),
+                               (90 + 600 + 600 + np.mean([60, 120, 600])) / 60)
+    assert np.isnan(A.eta_minutes({}, ["ce"]))
+
+
+def _study_file(tmp_path, rows_extra=""):
+    path = tmp_path / "study.yaml"
+    path.write_text(f"""base: {repo_configs_dir() / 'css_ablation.yaml'}
+study:
+  seeds: [0, 1]
+  baseline: ce
+  columns: [R@1, pgd R@1, WHM]
+  tested: [pgd R@1]
+  rows:
+    ce: {{label: plain, set: ["ga.methods="]}}
+    strong: {{label: the strong one, set: [ga.methods=pgd, ga.pgd.steps=2]}}
+    weak: {{label: the weak one, set: [ga.methods=fgsm]}}{rows_extra}
+  tables:
+    "First": [strong]
+    "Second": [strong, weak]
+""")
+    return path
+
+
+def test_a_study_file_names_its_rows_seeds_and_tables(tmp_path):
+    from keras_irtf.config import ConfigError, load_config
+
+    study = A.load_study(_study_file(tmp_path))
+    assert study.seeds == [0, 1] and study.baseline == "ce"
+    assert study.tables == {"First": ["ce", "strong"], "Second": ["ce", "strong", "weak"]}
+    assert study.jobs()[:3] == [("ce", 0, ["ga.methods="]), ("strong", 0, ["ga.methods=pgd", "ga.pgd.steps=2"]),
+                                ("weak", 0, ["ga.methods=fgsm"])]
+    assert len(study.jobs()) == 6 and [j[1] for j in study.jobs(seeds=[4])] == [4, 4, 4]
+    # training reads the same file as a config (its study: block ignored)
+    assert load_config([study.path]).train.steps == 300
+    with pytest.raises(ConfigError, match=r"study.rows.typo: .*unknown key ga.pgd.stepz"):
+        A.load_study(_study_file(tmp_path, '\n    typo: {label: x, set: ["ga.methods=pgd", "ga.pgd.stepz=2"]}'))
+    path = _study_file(tmp_path)
+    path.write_text(path.read_text().replace("tested: [pgd R@1]", "tested: [PGD]"))
+    with pytest.raises(ConfigError, match=r"study.tested: unknown column\(s\) \['PGD'\]"):
+        A.load_study(path)
+
+
+def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
+    import subprocess
+    import sys
+
+    study_path = _study_file(tmp_path)
+    out = tmp_path / "runs"
+    for name, pgd in (("ce", 0.10), ("strong", 0.30), ("weak", 0.12)):
+        for seed in (0, 1):
+            run = out / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd + 0.01 * seed)))
+    logged = []
+    results = A.run_study(A.load_study(study_path), out, robustness=False, log=logged.append)
+    assert logged == [] and sorted(results) == ["ce", "strong", "weak"]
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(study_path), "--out", str(out),
+                           "--table-only", "--json", str(js), "--table", str(md)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = md.read_text()
+    assert "## First" in text and "## Second" in text
+    assert "| loss | seeds | R@1 | PGD 4/255 R@1 | WHM |" in text  # the study's columns only
+    assert "| the strong one | 2 |" in text and "| Δ PGD 4/255 R@1 | verdict | Holm verdict |" in text
+    assert "1 rows x 1 columns" in text and "2 rows x 1 columns" in text
+    # the JSON alone regenerates the same tables
+    assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text

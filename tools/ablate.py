@@ -5,13 +5,17 @@
     python tools/ablate.py --config configs/css_ablation.yaml --seeds 3 --out ablations/css \\
         --sweep eta,eps,gamma --json results.json
     python tools/ablate.py --from-json results.json --table results.md
+    python tools/ablate.py --study configs/css_ga_study.yaml --out ablations/css_ga_study \
+        --json study.json --table study.md
 
 Rows: L_CE; +L_S; +GA^A; +GA^I; +L_S+GA^A; +L_S+GA^I; +GA^A+GA^I; all four; and the FGSM, L1, L2
 baselines. Columns: test R@1/5/10 and their average (Mt), training R@1 and average (Ms), WHM,
 R@1 on the shifted test split (when data.dataset.shift is set), R@1 under Gaussian noise 8/255, FGSM
 and PGD-10 at 4/255, the mean ||dL/dx||_1, L_GA^A / L_CE at the end of training, seconds per
 step: mean ± standard deviation over seeds. A second table tests each row against L_CE with a
-two-sided paired t-test over the seeds (difference, 95% interval, p; verdict at p < 0.05). Every (cell, seed) is a run
+two-sided paired t-test over the seeds (difference, 95% interval, p; verdict at p < 0.05, and at
+Holm-adjusted p < 0.05 over the tests of that table). --study FILE runs the rows, seeds and tables
+of a config's `study:` block instead of the grid. Every (cell, seed) is a run
 folder <out>/<cell>/seed<k>/; finished ones (metrics.json present) are skipped, so re-running the
 same command resumes an interrupted ablation. --json keeps every run's values per seed (and the
 machine's load while it trained) in one small file, and --from-json regenerates the tables from it
@@ -52,6 +56,8 @@ def parse_args(argv=None):
                    "file: the evidence a table is regenerated from")
     p.add_argument("--from-json", metavar="FILE", help="print (and with --table write) the tables of a JSON "
                    "written by --json; reads no run folder and trains nothing")
+    p.add_argument("--study", metavar="FILE", help="a config with a study: block: train its rows over its seeds "
+                   "(--seed-ids: a worker's share) and write its tables, instead of the grid")
     return p.parse_args(argv)
 
 
@@ -77,7 +83,7 @@ def main(argv=None):
     from keras_irtf.training import ablation as A
     from keras_irtf.config import ConfigError, repo_configs_dir
     from keras_irtf.data.base import DatasetError
-    from keras_irtf.utils import atomic_write_text, read_json, write_json
+    from keras_irtf.utils import atomic_write_text, read_json
 
     if args.from_json:
         try:
@@ -89,6 +95,8 @@ def main(argv=None):
         if args.table:
             atomic_write_text(args.table, text)
         return 0
+    if args.study:
+        return _study(args, argv)
     configs = repo_configs_dir()
     paths = args.config or [configs / f"{args.dataset}_ablation.yaml"]
     for path in paths:
@@ -124,10 +132,18 @@ def main(argv=None):
     tables = {"Ablation": grid} if grid else {}
     if sweeps:
         tables["Weight sweep"] = {"ce": grid["ce"], **sweeps} if "ce" in grid else sweeps
+    return _write_tables(args, argv, out, results, tables)
+
+
+def _write_tables(args, argv, out, results, tables, **json_options):
+    """Print the tables (and write them, and their per-seed JSON, where asked)."""
+    from keras_irtf.training import ablation as A
+    from keras_irtf.utils import atomic_write_text, write_json
+
     if not tables:
         print("(no finished runs)")
         return 0
-    data = A.per_seed_json(tables, _about(out, results, sys.argv[1:] if argv is None else argv))
+    data = A.per_seed_json(tables, _about(out, results, sys.argv[1:] if argv is None else argv), **json_options)
     if args.json:
         write_json(args.json, data)
     text = A.tables_markdown(data, source=args.json or "(not saved: add --json FILE)")
@@ -135,6 +151,32 @@ def main(argv=None):
     if args.table:
         atomic_write_text(args.table, text)
     return 0
+
+
+def _study(args, argv):
+    """--study FILE: the study's rows over its seeds (resumable), then its tables."""
+    from keras_irtf.training import ablation as A
+    from keras_irtf.config import ConfigError
+    from keras_irtf.data.base import DatasetError
+
+    if args.config or args.cells or args.sweep:
+        print("error: --study takes its rows and configuration from its file; leave out --config, --cells and "
+              "--sweep", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"ablations/{Path(args.study).stem}")
+    try:
+        study = A.load_study(args.study)
+        if args.table_only:
+            results = A.collect(out, list(study.rows))
+        else:
+            seeds = [int(s) for s in args.seed_ids.split(",")] if args.seed_ids else None
+            results = A.run_study(study, out, seeds=seeds, overrides=args.set, robustness=not args.no_robustness)
+    except (ConfigError, DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tables = {title: rows for title, rows in A.study_tables(study, results).items() if rows}
+    return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
+                         tested=study.tested, baseline=study.baseline)
 
 
 if __name__ == "__main__":

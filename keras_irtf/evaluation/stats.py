@@ -7,6 +7,9 @@ and the 95% confidence interval of the mean difference.
 
 Student's t distribution function is computed from the regularised incomplete beta function
 (continued fraction, modified Lentz), its quantile by bisection.
+
+`holm_adjust` corrects a family of such tests for multiplicity (Holm's step-down method, which
+controls the family-wise error rate under any dependence between the tests).
 """
 
 from __future__ import annotations
@@ -97,4 +100,20 @@ def paired_t_test(values, baseline, level: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "t": t, "p": p, "ci": (mean - half, mean + half)}
 
 
-__all__ = ["betainc", "paired_t_test", "t_cdf", "t_quantile"]
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm-adjusted p-values of a family of tests, in the given order: with the m finite p-values
+    sorted, p_(1) <= ... <= p_(m), the adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)).
+    A test is rejected at family-wise level alpha when its adjusted p < alpha. NaN entries (no
+    test) stay NaN and do not count in m."""
+    p = np.asarray(p_values, np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(p))
+    m = finite.size
+    running = 0.0
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+__all__ = ["betainc", "holm_adjust", "paired_t_test", "t_cdf", "t_quantile"]

@@ -20,16 +20,26 @@ Cells (the paper's Table: TIRG on CSS):
     all           L_CE + L_S + L_GA^A + L_GA^I
     fgsm, l1, l2  the paper's baselines (FGSM adversarial training, L1 / L2 weight penalties)
 and optionally a one-seed sweep of each GA weight over the paper's range (1e-6 .. 1e-2).
+
+A study is a list of rows of one's own instead of the grid: a training config with a `study:`
+block (training ignores it) names the seeds, the baseline row, each row's label and overrides,
+the tables (each a family for the Holm correction) and the columns shown and tested;
+`load_study` reads it, `run_study` trains it, `study_tables` tabulates it (tools/ablate.py
+--study FILE). configs/css_ga_study.yaml is one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from keras_irtf.config import ConfigError, load_config, load_yaml
+from keras_irtf.evaluation.stats import holm_adjust, paired_t_test
 from keras_irtf.utils import read_json, write_json
 
 # (name, label, loss.eta on?, ga.methods)
@@ -103,12 +113,6 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     each run's robustness.json (keras_irtf.evaluation.robustness, ABLATION_LEVELS: noise 8/255,
     FGSM and PGD-10 at 4/255, the input-gradient norms); a finished run without it gets only
     that. `sweep_seeds`: the seeds of the sweep's runs (default: [sweep_seed])."""
-    import keras
-
-    from keras_irtf.config import load_config
-    from keras_irtf.experiment import Experiment
-    from keras_irtf.training.loop import train
-
     out = Path(out)
     base = load_config(config_paths, list(overrides))
     eta = base.loss.eta or 1e-3
@@ -122,12 +126,32 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
         for cell, _, ov in sweep_cells(sweep, sweep_values) if sweep else []:
             jobs.append((cell, seed, ov))
 
+    _run_jobs(config_paths, jobs, out, overrides, robustness, verbose, log)
+    return collect(out, [j[0] for j in jobs])
+
+
+def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=True, log=print):
+    """Train (and evaluate the robustness of) each (cell, seed, overrides) job that has not been
+    done yet, in order, logging progress and an estimate of the time left: each remaining job is
+    counted at its own row's mean duration so far in this process (the mean of all finished jobs
+    for a row not seen yet)."""
+    import keras
+
+    from keras_irtf.experiment import Experiment
+    from keras_irtf.training.loop import train
+
+    out = Path(out)
+
+    def needed(cell, seed):
+        run = out / cell / f"seed{seed}"
+        return (not (run / "metrics.json").is_file(),
+                robustness and not (run / "robustness.json").is_file())
+
     dataset = None
-    spent, done = 0.0, 0  # this process's seconds per finished job, for the ETA
+    durations = {}  # row -> [seconds of each job this process finished]
     for i, (cell, seed, ov) in enumerate(jobs):
         run = out / cell / f"seed{seed}"
-        need_train = not (run / "metrics.json").is_file()
-        need_robust = robustness and not (run / "robustness.json").is_file()
+        need_train, need_robust = needed(cell, seed)
         if not need_train and not need_robust:
             continue
         lock = _claim(run)
@@ -154,13 +178,22 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
                     f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
                     f"({time.time() - start:.0f} s)")
-            spent, done = spent + time.time() - job_start, done + 1
-            left = len(jobs) - i - 1
-            log(f"[{i + 1}/{len(jobs)}] {left} job(s) left, at most ~{spent / done * left / 60:.0f} min "
-                f"(other workers may take some)")
+            durations.setdefault(cell, []).append(time.time() - job_start)
+            left = [c for c, k, _ in jobs[i + 1:] if any(needed(c, k))]
+            log(f"[{i + 1}/{len(jobs)}] {len(left)} job(s) left, about {eta_minutes(durations, left):.0f} min "
+                f"at this process's pace (other workers may take some)")
         finally:
             lock.unlink(missing_ok=True)  # owned: the lock _claim created for this process
-    return collect(out, [j[0] for j in jobs])
+
+
+def eta_minutes(durations: dict, left: list) -> float:
+    """Minutes for the jobs of rows `left`: each at its row's mean duration in `durations` {row:
+    [seconds]}, a row without one at the mean of every finished job."""
+    every = [d for ds in durations.values() for d in ds]
+    if not every:
+        return float("nan")
+    overall = float(np.mean(every))
+    return sum(float(np.mean(durations[c])) if c in durations else overall for c in left) / 60.0
 
 
 def _load():
@@ -256,8 +289,10 @@ COLUMNS = {
     "grad L1": ("‖dL/dx‖₁", lambda m: _get(m, "robustness", "input_grad_l1", scale=1.0)),
     "GA ratio": ("L_GA^A / L_CE", _ga_ratio),
     "s/step": ("s/step", lambda m: _get(m, "seconds_per_step", scale=1.0)),
+    # GA^I: ||noise|| / ||gradient|| of each step, averaged over training
+    "noise/grad": ("‖noise‖ / ‖∇L‖", lambda m: _get(m, "training_means", "ga_noise_ratio", scale=1.0)),
 }
-SIGNIFICANT = {"grad L1": 3, "GA ratio": 2, "s/step": 2}  # significant digits; the others: 1 decimal
+SIGNIFICANT = {"grad L1": 3, "GA ratio": 2, "s/step": 2, "noise/grad": 2}  # significant digits; others: 1 decimal
 # the columns tested against L_CE (paired by seed)
 TESTED = ("R@1", "WHM", "shift R@1", "noise R@1", "pgd R@1")
 
@@ -312,25 +347,44 @@ def _shown(results):
     return [c for c in COLUMNS if any(not np.isnan(s[c]).all() for s in sums)]
 
 
-def ablation_table(results: dict, baseline="ce", alpha=0.05) -> str:
+def _check_columns(names, what):
+    unknown = [c for c in names if c not in COLUMNS]
+    if unknown:
+        raise ValueError(f"{what}: unknown column(s) {unknown}; the columns: {list(COLUMNS)}")
+    return list(names)
+
+
+def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, tested=None, labels=None) -> str:
     """Markdown: one row per cell, every column mean ± sample standard deviation over seeds;
     then, for every cell sharing seeds with the baseline (L_CE), the two-sided paired t-test of
     the tested columns (keras_irtf.evaluation.stats.paired_t_test): mean difference in points,
-    its 95% confidence interval, p, and the verdict at `alpha`."""
-    cols = _shown(results)
+    its 95% confidence interval, p, and the verdict at `alpha`; and the verdict at Holm-adjusted
+    p < `alpha`, the family being every test of that table (its rows x its tested columns).
+
+    columns: the columns shown (default: every column with a value); tested: the columns tested
+    (default TESTED, those shown); labels: {cell: row label} (default: the grid's and sweeps')."""
+    cols = _shown(results) if columns is None else _check_columns(columns, "columns")
+    labels = labels or {}
+
+    def label(name):
+        return labels.get(name) or _label(name)
+
     lines = ["| loss | seeds | " + " | ".join(COLUMNS[c][0] for c in cols) + " |",
              "|" + "---|" * (len(cols) + 2)]
     for name, runs in results.items():
         s = summarize(runs)
-        lines.append(f"| {_label(name)} | {s['n']} | " + " | ".join(_fmt(s[c], SIGNIFICANT.get(c)) for c in cols) + " |")
-    tests = paired_tests(results, baseline, alpha)
+        lines.append(f"| {label(name)} | {s['n']} | " + " | ".join(_fmt(s[c], SIGNIFICANT.get(c)) for c in cols) + " |")
+    tested = [c for c in (TESTED if tested is None else _check_columns(tested, "tested")) if c in cols]
+    tests = paired_tests(results, baseline, alpha, tested=tested)
     if not tests:
         return "\n".join(lines)
-    tested = [c for c in TESTED if c in cols]
-    lines += ["", f"Paired t-tests against {_label(baseline)} (runs paired by seed; difference of the means in "
-              f"points, its 95% confidence interval, two-sided p; verdict at p < {alpha}):", "",
-              "| loss | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict |",
-              "|" + "---|" * (len(tested) + 3)]
+    family = sum(1 for t in tests.values() for c in tested if not np.isnan(t[c].get("p_holm", np.nan)))
+    lines += ["", f"Paired t-tests against {label(baseline)} (runs paired by seed; difference of the means in "
+              f"points, its 95% confidence interval, two-sided p; verdict at p < {alpha}; Holm verdict at "
+              f"Holm-adjusted p < {alpha}, the family being the {family} tests of this table: "
+              f"{len(tests)} rows x {len(tested)} columns):", "",
+              "| loss | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |",
+              "|" + "---|" * (len(tested) + 4)]
     for name, t in tests.items():
         cells = []
         for c in tested:
@@ -341,15 +395,16 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05) -> str:
                 cells.append(f"{r['mean']:+.1f}")
             else:
                 cells.append(f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] p={r['p']:.2g}")
-        lines.append(f"| {_label(name)} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} |")
+        lines.append(f"| {label(name)} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} | "
+                     f"{t['holm_verdict']} |")
     return "\n".join(lines)
 
 
-def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
-    """{cell: {column: paired_t_test(...), "pairs": n, "verdict": text}} against the baseline,
-    runs paired by seed; a cell sharing fewer than 2 seeds with it gets no verdict."""
-    from keras_irtf.evaluation.stats import paired_t_test
-
+def paired_tests(results: dict, baseline="ce", alpha=0.05, tested=TESTED) -> dict:
+    """{cell: {column: paired_t_test(...) with "p_holm", "pairs": n, "verdict": text,
+    "holm_verdict": text}} against the baseline, runs paired by seed; a cell sharing fewer than 2
+    seeds with it gets no verdict. "p_holm" is Holm-adjusted over every test of this call (every
+    cell x every tested column with a p-value: one table's family)."""
     if baseline not in results:
         return {}
     base = {r.get("seed"): r for r in map(record, results[baseline])}
@@ -360,40 +415,162 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
         pairs = [(r, base[r.get("seed")]) for r in sorted(map(record, runs), key=lambda r: r.get("seed") or 0)
                  if r.get("seed") in base]
         entry = {"pairs": len(pairs)}
-        found = []
-        for c in TESTED:
+        for c in tested:
             a = np.array([_value(r, c) for r, _ in pairs], np.float64)
             b = np.array([_value(r, c) for _, r in pairs], np.float64)
             ok = ~(np.isnan(a) | np.isnan(b))
-            r = paired_t_test(a[ok], b[ok])
-            entry[c] = r
-            if r["n"] >= 2 and not np.isnan(r["p"]) and r["p"] < alpha:
-                found.append(f"{COLUMNS[c][0]} {'higher' if r['mean'] > 0 else 'lower'}")
-        if len(pairs) < 2:
-            entry["verdict"] = "(one seed: no test)"
-        else:
-            entry["verdict"] = "; ".join(found) if found else "no measurable effect"
+            entry[c] = paired_t_test(a[ok], b[ok])
         out[name] = entry
+    family = [(name, c) for name, entry in out.items() for c in tested
+              if entry[c]["n"] >= 2 and not np.isnan(entry[c]["p"])]
+    for (name, c), adjusted in zip(family, holm_adjust([out[name][c]["p"] for name, c in family])):
+        out[name][c]["p_holm"] = float(adjusted)
+    for name, entry in out.items():
+        if entry["pairs"] < 2:
+            entry["verdict"] = entry["holm_verdict"] = "(one seed: no test)"
+            continue
+        found, holm = [], []
+        for c in tested:
+            r = entry[c]
+            if r["n"] < 2 or np.isnan(r["p"]):
+                continue
+            effect = f"{COLUMNS[c][0]} {'higher' if r['mean'] > 0 else 'lower'}"
+            if r["p"] < alpha:
+                found.append(effect)
+            if r["p_holm"] < alpha:
+                holm.append(f"{effect} (Holm p={r['p_holm']:.2g})")
+        entry["verdict"] = "; ".join(found) if found else "no measurable effect"
+        entry["holm_verdict"] = "; ".join(holm) if holm else "no measurable effect"
     return out
+
+
+# ---- studies: rows of one's own, from a config's `study:` block -----------------------------------
+@dataclasses.dataclass
+class Study:
+    """A study read from a config file's `study:` block (see `load_study`)."""
+
+    path: Path
+    seeds: list
+    baseline: str
+    rows: dict  # name -> (label, [overrides])
+    tables: dict  # title -> [row names] (the baseline first)
+    shown: Optional[list] = None
+    tested: Optional[list] = None
+
+    @property
+    def labels(self) -> dict:
+        return {name: label for name, (label, _) in self.rows.items()}
+
+    def jobs(self, seeds=None) -> list:
+        """[(row, seed, overrides)], seed-major: every row of seed 0, then of seed 1, ... (so a
+        partial study already pairs every row with the baseline)."""
+        return [(name, seed, list(ov)) for seed in (self.seeds if seeds is None else seeds)
+                for name, (_, ov) in self.rows.items()]
+
+
+STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested")
+
+
+def load_study(path) -> Study:
+    """The `study:` block of a config file:
+
+        study:
+          seeds: [0, 1, 2, 3, 4]         # the paired seeds of every row
+          baseline: ce                   # the row every other row is tested against
+          columns: [R@1, WHM, ...]       # the columns shown (names of ablation.COLUMNS; default all)
+          tested: [R@1, WHM, ...]        # the columns tested (default ablation.TESTED)
+          rows:                          # name: {label, set: [overrides on top of this file]}
+            ce: {label: L_CE, set: [ga.methods=]}
+            pgd: {label: L_CE + PGD-10, set: [ga.methods=pgd, ga.pgd.steps=10]}
+          tables:                        # title: [rows]; each table is one Holm family
+            "H4: adversarial training": [pgd]
+
+    Every row's overrides are checked against the config here (a typo fails before any training)."""
+    path = Path(path)
+    block = load_yaml(path).get("study")
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: no study: block (a mapping with {list(STUDY_KEYS)})")
+    unknown = sorted(set(block) - set(STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: study: unknown key(s) {unknown}; its keys: {list(STUDY_KEYS)}")
+    seeds = block.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(k, int) and k >= 0 for k in seeds):
+        raise ConfigError(f"{path}: study.seeds: expected a list of seeds (non-negative integers), got {seeds!r}")
+    rows = {}
+    for name, row in (block.get("rows") or {}).items():
+        if not isinstance(row, dict) or set(row) - {"label", "set"}:
+            raise ConfigError(f"{path}: study.rows.{name}: expected {{label: text, set: [KEY=VALUE, ...]}}, "
+                              f"got {row!r}")
+        overrides = row.get("set") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"{path}: study.rows.{name}.set: expected a list of KEY=VALUE texts")
+        try:
+            load_config([path], overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: study.rows.{name}: {e}") from None
+        rows[str(name)] = (str(row.get("label") or name), overrides)
+    baseline = str(block.get("baseline", "ce"))
+    if baseline not in rows:
+        raise ConfigError(f"{path}: study.baseline={baseline!r} is not one of its rows {list(rows)}")
+    tables = {}
+    for title, names in (block.get("tables") or {"Study": list(rows)}).items():
+        names = [str(n) for n in (names or [])]
+        missing = [n for n in names if n not in rows]
+        if missing:
+            raise ConfigError(f"{path}: study.tables[{title!r}]: unknown row(s) {missing}; the rows: {list(rows)}")
+        tables[str(title)] = [baseline] + [n for n in names if n != baseline]
+    try:
+        shown = _check_columns(block["columns"], "study.columns") if "columns" in block else None
+        tested = _check_columns(block["tested"], "study.tested") if "tested" in block else None
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return Study(path, seeds, baseline, rows, tables, shown, tested)
+
+
+def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print) -> dict:
+    """Train and evaluate every row of the study over its seeds (or `seeds`), resumably (a
+    finished run is skipped; several workers may share `out`); returns {row: [metrics per seed]}
+    of every finished run of the study in `out`."""
+    jobs = study.jobs(seeds)
+    _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log)
+    return collect(out, list(study.rows))
+
+
+def study_tables(study: Study, results: dict) -> dict:
+    """{title: {row: runs}} of the study's tables, from `results` {row: runs} (rows without a
+    finished run left out)."""
+    return {title: {name: results[name] for name in names if name in results}
+            for title, names in study.tables.items()}
 
 
 GENERATED = "<!-- generated by tools/ablate.py --from-json {source}: edit the JSON's runs, not this file -->"
 
 
-def per_seed_json(tables: dict, about: dict) -> dict:
+def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=None, baseline="ce") -> dict:
     """The committed evidence behind published tables: {"about": how and where the runs were
     made, "columns": {column: header}, "tables": {title: {cell: {"label", "runs": [record per
-    seed]}}}}. `tables` maps a table's title to {cell: [metrics or records per seed]}."""
-    return {"about": about, "columns": {c: COLUMNS[c][0] for c in COLUMNS},
-            "tables": {title: {cell: {"label": _label(cell), "runs": [record(m) for m in sorted(
+    seed]}}}} (and, for a study, the "shown" and "tested" columns and the "baseline" row).
+    `tables` maps a table's title to {cell: [metrics or records per seed]}; `labels` {cell: row
+    label} (default: the grid's and sweeps')."""
+    labels = labels or {}
+    data = {"about": about, "columns": {c: COLUMNS[c][0] for c in COLUMNS},
+            "tables": {title: {cell: {"label": labels.get(cell) or _label(cell), "runs": [record(m) for m in sorted(
                 runs, key=lambda m: m.get("seed") or 0)]} for cell, runs in cells.items()}
                 for title, cells in tables.items()}}
+    for key, value in (("shown", shown), ("tested", tested)):
+        if value is not None:
+            data[key] = list(value)
+    if baseline != "ce":
+        data["baseline"] = baseline
+    return data
 
 
 def tables_markdown(data: dict, source: str) -> str:
     """The Markdown of every table of a per-seed JSON (per_seed_json), under one comment naming
-    the JSON it was generated from; `tools/ablate.py --from-json` writes it."""
-    unknown = sorted(set(data.get("columns", {})) ^ set(COLUMNS))
+    the JSON it was generated from; `tools/ablate.py --from-json` writes it. A JSON written
+    before a column was added lacks it (its runs have no value there); a column this version
+    does not know is an error."""
+    unknown = sorted(set(data.get("columns", {})) - set(COLUMNS))
     if unknown:
         raise ValueError(f"{source}: columns {unknown} differ from the ones this version tabulates "
                          f"({list(COLUMNS)})")
@@ -403,7 +580,10 @@ def tables_markdown(data: dict, source: str) -> str:
         parts += [about["summary"], ""]
     for title, cells in data["tables"].items():
         results = {cell: entry["runs"] for cell, entry in cells.items()}
-        parts += [f"## {title}", "", ablation_table(results), ""]
+        labels = {cell: entry.get("label") for cell, entry in cells.items()}
+        parts += [f"## {title}", "", ablation_table(results, baseline=data.get("baseline", "ce"),
+                                                    columns=data.get("shown"), tested=data.get("tested"),
+                                                    labels=labels), ""]
     return "\n".join(parts)
 
 
@@ -411,7 +591,7 @@ def seconds(results) -> float:
     return float(sum(m["train_seconds"] for runs in results.values() for m in runs))
 
 
-__all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "ablation_table", "cell_overrides", "collect",
-           "paired_tests", "per_seed_json", "record", "run_ablation", "run_robustness", "summarize", "sweep_cells",
-           "tables_markdown"]
+__all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "Study", "ablation_table", "cell_overrides",
+           "collect", "eta_minutes", "load_study", "paired_tests", "per_seed_json", "record", "run_ablation",
+           "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells", "tables_markdown"]
 
