@@ -270,6 +270,9 @@ class DataConfig:
     # Keep only a seeded subset of this many training queries (None = all): a small training set
     # trained for many epochs over-fits, the regime in which a regulariser such as GA can help.
     max_train_queries: Optional[int] = None
+    # Hold out this fraction of the training queries (seeded, whole source images) as a validation
+    # split to choose settings on: not trained on; its recall is metrics.json's "val" (built-in CSS).
+    validation_fraction: float = 0.0
     on_bad_image: str = "error"  # stop at an unreadable image, or skip (and count) it
     file_cache: Optional[str] = None  # folder for a tf.data file cache of decoded images
     # Features of frozen image encoders that allow it (CLIP / SigLIP, `cache: true`): stored under
@@ -286,6 +289,8 @@ class DataConfig:
         "image_size": "side S of the square images the image encoder reads (shorter side to S, centre crop)",
         "train_recall_queries": "training queries in the seeded sample behind Ms (CSS ranks every training query)",
         "max_train_queries": "keep only a seeded subset of this many training queries (built-in CSS; empty = all)",
+        "validation_fraction": "hold out this fraction of the training queries as a validation split, recall in "
+                               "metrics.json's val (built-in CSS; 0 = none)",
         "on_bad_image": "a missing or damaged image stops the run (error) or is reported and left out (skip)",
         "file_cache": "folder where every image is decoded once and read back in later epochs and runs",
         "feature_cache": "folder of the frozen-feature store (default: <cache_dir>/features)",
@@ -965,6 +970,7 @@ NUMERIC_DOMAINS = {
                              f"{MAX_IMAGE_SIZE} image is already 192 MiB as float32"),
     ("data", "train_recall_queries"): (1, True, None, False),
     ("data", "max_train_queries"): (2, True, None, False),
+    ("data", "validation_fraction"): _FRACTION,
     ("model", "embed_dim"): (1, True, MAX_EMBED_DIM, True,
                              f"the width of the joint embedding; a {MAX_EMBED_DIM} x {MAX_EMBED_DIM} float32 "
                              f"weight matrix is already 1 GiB"),

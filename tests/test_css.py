@@ -144,3 +144,57 @@ def test_partial_dataset_folders_are_explained(tmp_path, css_smoke_root, damage)
         np.save(root / NPY_NAME, data, allow_pickle=True)
     with pytest.raises(DatasetError, match=match):
         CSSDataset(root, verbose=False)
+
+
+def test_a_validation_split_is_held_out_of_training_by_source_image(css_smoke_root, monkeypatch):
+    """data.validation_fraction: a seeded share of the training queries, whole source images,
+    leaves the sampler and Ms; the evaluation ranks them as Ms ranks the others ("val")."""
+    from keras_irtf.evaluation import protocol
+
+    every = CSSDataset(css_smoke_root, verbose=False).train_recall_queries(0, 0)
+    ds = CSSDataset(css_smoke_root, verbose=False).hold_out_validation(0.25, seed=0)
+    val, kept = ds.validation_queries, ds.train_recall_queries(0, 0)
+    assert len(val) + len(kept) == len(every)
+    assert 0.25 * len(every) <= len(val) < 0.25 * len(every) + max(len(v) for v in ds._by_source["train"].values()) + 1
+    assert not set(val.source_ids.tolist()) & set(kept.source_ids.tolist())  # whole source images
+    rows = set(zip(every.source_ids.tolist(), every.texts.tolist(), every.target_ids.tolist()))
+    assert set(zip(val.source_ids.tolist(), val.texts.tolist(), val.target_ids.tolist())) <= rows
+    sampled = ds.sample_training_queries(500, np.random.default_rng(0))
+    assert not set(sampled.source_ids.tolist()) & set(val.source_ids.tolist())  # never trained on
+    again = CSSDataset(css_smoke_root, verbose=False).hold_out_validation(0.25, seed=0).validation_queries
+    np.testing.assert_array_equal(again.source_ids, val.source_ids)  # the same split for the same seed
+    other = CSSDataset(css_smoke_root, verbose=False).hold_out_validation(0.25, seed=1).validation_queries
+    assert set(other.source_ids.tolist()) != set(val.source_ids.tolist())
+    with pytest.raises(ValueError, match="leaves fewer than 2"):
+        CSSDataset(css_smoke_root, verbose=False).hold_out_validation(0.999, seed=0)
+
+    seen = []
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(protocol, "embed_gallery",
+                        lambda model, split, ids, *a, **k: rng.normal(size=(len(ids), 8)).astype("float32"))
+
+    def queries(model, split, q, *a, **k):
+        seen.append((split.name, q))
+        return rng.normal(size=(len(q), 8)).astype("float32")
+
+    monkeypatch.setattr(protocol, "embed_query_set", queries)
+    out = protocol.evaluate(None, ds, None, seed=0, verbose=False)
+    assert out["val"]["queries"] == len(val) and 0.0 <= out["val"]["R@10"] <= 1.0
+    assert out["whm"]["Ms_queries"] == len(kept)
+    assert [name for name, _ in seen] == ["test", "train", "train"]
+    np.testing.assert_array_equal(seen[2][1].source_ids, val.source_ids)  # ranked in the training split
+    assert "val" not in protocol.evaluate(None, CSSDataset(css_smoke_root, verbose=False), None, verbose=False)
+
+
+def test_the_validation_fraction_is_a_css_key(css_smoke_root):
+    from keras_irtf.config import ConfigError, load_config, repo_configs_dir
+    from keras_irtf.data.base import refuse_css_only_keys
+    from keras_irtf.registry import DATASETS
+
+    cfg = load_config([repo_configs_dir() / "css.yaml"], [f"data.root={css_smoke_root}", "data.validation_fraction=0.2"])
+    ds = DATASETS.get("css").obj.from_settings(cfg.data.dataset.settings, cfg, image_size=32, verbose=False)
+    assert len(ds.validation_queries) > 0
+    with pytest.raises(ConfigError, match="data.validation_fraction is available for the built-in CSS, not 'mitstates'"):
+        refuse_css_only_keys(cfg, "mitstates")
+    with pytest.raises(ConfigError, match=r"data.validation_fraction=1.0: expected a finite number >= 0 and < 1"):
+        load_config([], ["data.validation_fraction=1.0"])

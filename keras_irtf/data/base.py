@@ -57,6 +57,19 @@ def index_captions(captions: Sequence[str]):
     return np.array([lookup[c] for c in captions], dtype=np.int64), vocab
 
 
+# keys that only the built-in CSS supports (keras_irtf.data.css_generator applies them)
+CSS_ONLY_KEYS = ("max_train_queries", "validation_fraction")
+
+
+def refuse_css_only_keys(cfg, name: str):
+    """ConfigError when a CSS-only data key is set for dataset `name`."""
+    for key in CSS_ONLY_KEYS:
+        if getattr(cfg.data, key):
+            from keras_irtf.config import ConfigError
+
+            raise ConfigError(f"data.{key} is available for the built-in CSS, not {name!r}")
+
+
 class RetrievalDataset:
     """Base class: `train` and `test` splits, a training-query sampler, evaluation queries.
 
@@ -79,13 +92,13 @@ class RetrievalDataset:
 
     train: Split
     test: Split
+    # training queries held out from training (data.validation_fraction, built-in CSS): the run's
+    # validation recall is theirs, ranked as Ms ranks the training queries; None = no validation
+    validation_queries: Optional[Queries] = None
 
     @classmethod
     def from_settings(cls, settings, cfg, image_size: int, verbose: bool = True):
-        if cfg.data.max_train_queries:
-            from keras_irtf.config import ConfigError
-
-            raise ConfigError(f"data.max_train_queries is available for the built-in CSS, not {cls.name!r}")
+        refuse_css_only_keys(cfg, cls.name)
         return cls(cfg.data.root, image_size=image_size, on_bad_image=cfg.data.on_bad_image,
                    file_cache=cfg.data.file_cache, verbose=verbose)
 

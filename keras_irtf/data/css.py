@@ -274,15 +274,47 @@ class CSSDataset(RetrievalDataset):
             return self
         if n < 2:
             raise ValueError(f"data.max_train_queries must be >= 2, got {n}")
-        idx = np.sort(np.random.default_rng(seed + 104729).choice(len(mods), int(n), replace=False))
-        kept = mods.subset(idx)
+        self._keep_training_queries(np.sort(np.random.default_rng(seed + 104729).choice(len(mods), int(n),
+                                                                                         replace=False)))
+        return self
+
+    def hold_out_validation(self, fraction, seed):
+        """Move a seeded `fraction` of the training queries into `validation_queries`, whole source
+        images at a time (every query of a held-out source image goes; the sampler's pairs on one
+        source stay together): the sampler and Ms no longer see them, and their recall against
+        every training image, the source excluded (Ms's protocol), is the run's validation recall.
+        Their images stay in the training split (a held-out source may be another query's target).
+        Returns self."""
+        if not fraction:
+            return self
+        if not 0.0 < float(fraction) < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {fraction}")
+        mods = self._mods["train"]
+        by_source = self._by_source["train"]
+        wanted = float(fraction) * len(mods)
+        held, count = set(), 0
+        for source in np.random.default_rng(seed + 15485863).permutation(sorted(by_source)):
+            if count >= wanted:
+                break
+            held.add(int(source))
+            count += len(by_source[int(source)])
+        is_val = np.array([int(s) in held for s in mods.source_ids], dtype=bool)
+        if is_val.all() or len(mods) - count < 2:
+            raise ValueError(f"data.validation_fraction={fraction} leaves fewer than 2 of the {len(mods)} training "
+                             f"queries to train on")
+        self.validation_queries = mods.subset(np.flatnonzero(is_val))
+        self._keep_training_queries(np.flatnonzero(~is_val))
+        return self
+
+    def _keep_training_queries(self, idx):
+        """The training queries (and their records and by-source index) reduced to rows `idx`."""
+        kept = self._mods["train"].subset(idx)
         self._records["train"] = self._records["train"][idx]
         by_source = {}
         for i, s in enumerate(kept.source_ids):
             by_source.setdefault(int(s), []).append(i)
         self._mods["train"] = kept
         self._by_source["train"] = by_source
-        return self
 
     # Training recall Ms as TIRG's test() computes it on CSS: every training query (TIRG
     # enumerates them, as for the test split) against EVERY training image, its source excluded.

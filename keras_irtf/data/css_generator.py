@@ -265,6 +265,8 @@ class CSSBenchmark(CSSDataset):
         dataset = cls(root, images=settings.images, image_size=image_size, verbose=verbose)
         if cfg.data.max_train_queries:
             dataset.limit_training_queries(cfg.data.max_train_queries, settings.seed)
+        if cfg.data.validation_fraction:  # carved from the queries kept above
+            dataset.hold_out_validation(cfg.data.validation_fraction, settings.seed)
         dataset.sampler = settings.sampler
         if settings.shift:
             from keras_irtf.data.css_shift import attach_shift

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions, refuse_css_only_keys
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ class NamedImageDataset(RetrievalDataset):
 
     @classmethod
     def from_settings(cls, settings, cfg, image_size: int, verbose: bool = True):
-        if cfg.data.max_train_queries:
-            from keras_irtf.config import ConfigError
-
-            raise ConfigError(f"data.max_train_queries is available for the built-in CSS, not {cls.name!r}")
+        refuse_css_only_keys(cfg, cls.name)
         return cls(cfg.data.root, settings=settings, image_size=image_size, on_bad_image=cfg.data.on_bad_image,
                    file_cache=cfg.data.file_cache, verbose=verbose)
 

@@ -220,7 +220,8 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
     """Test recall, training recall and WHM, as the `metrics.json` of a run stores them (from a
     config, keras_irtf.experiment.Experiment.evaluate passes every argument). `whm` holds Ms, Mt,
     their WHM and `Ms_queries`, how many training queries Ms is over (`training_recall_queries`:
-    at most `train_queries`; every training query for CSS)."""
+    at most `train_queries`; every training query for CSS). With held-out training queries
+    (`dataset.validation_queries`, data.validation_fraction) `val` holds their recall."""
     whm_ks = tuple(whm_ks or dataset.whm_ks)
     ks = tuple(sorted(set(ks) | set(whm_ks)))
     kw = dict(ks=ks, batch_size=batch_size, preprocessor=preprocessor, query_chunk=query_chunk,
@@ -237,6 +238,11 @@ def evaluate(model, dataset, vectorizer, ks=(1, 5, 10, 50), whm_ks=None, alpha=0
                 "ks": list(whm_ks), "Ms_queries": len(train_set)},
     }
     out.update(evaluate_shift(model, dataset, vectorizer, ms, alpha, whm_ks, ms_queries=len(train_set), **kw))
+    held_out = getattr(dataset, "validation_queries", None)
+    if held_out is not None and len(held_out):
+        # the training queries held out (data.validation_fraction), ranked as Ms ranks the others
+        out["val"] = evaluate_split(model, dataset, vectorizer, "train", held_out, **kw)
+        out["val"]["queries"] = len(held_out)
     return out
 
 

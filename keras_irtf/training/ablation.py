@@ -283,6 +283,7 @@ COLUMNS = {
     "Ms": ("train avg (Ms)", lambda m: _get(m, "whm", "Ms")),
     "WHM": ("WHM", lambda m: _get(m, "whm", "value")),
     "shift R@1": ("shift R@1", lambda m: _get(m, "test_shift", "R@1")),
+    "val R@1": ("val R@1", lambda m: _get(m, "val", "R@1")),  # held-out training queries (validation)
     "noise R@1": ("noise 8/255 R@1", lambda m: _get(m, "robustness", "noise", NOISE_KEY, "R@1")),
     "fgsm R@1": ("FGSM 4/255 R@1", lambda m: _get(m, "robustness", "fgsm", ATTACK_KEY, "R@1")),
     "pgd R@1": ("PGD 4/255 R@1", lambda m: _get(m, "robustness", "pgd", ATTACK_KEY, "R@1")),
