@@ -111,6 +111,37 @@ def write_doc(name: str, body: str, out=None) -> Path:
     return path
 
 
+def synthetic_batch(cfg, vocab: int, seed: int = 0) -> dict:
+    """One fixed training batch of the config's shapes: normal pixels, uniform token ids."""
+    import numpy as np
+    import tensorflow as tf
+
+    b, s, n = cfg.train.batch_size, cfg.data.image_size, cfg.model.max_text_length
+    rng = np.random.default_rng(seed)
+    return {
+        "source_image": tf.constant(rng.normal(size=(b, s, s, 3)), tf.float32),
+        "text": tf.constant(rng.integers(1, vocab, size=(b, n)), tf.int32),
+        "target_image": tf.constant(rng.normal(size=(b, s, s, 3)), tf.float32),
+    }
+
+
+def interleaved_rounds(steps: dict, batch, rounds: int, steps_per_round: int) -> dict:
+    """{name: [seconds per step in each round]}: every round times `steps_per_round` calls of each
+    `steps[name](batch)` in turn (each returns a dict with a "loss" tensor, read once at the end of
+    its run so the work is done), so that machine load hits all of them alike."""
+    import time as clock
+
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = clock.perf_counter()
+            for _ in range(steps_per_round):
+                out = fn(batch)
+            out["loss"].numpy()
+            times[name].append((clock.perf_counter() - start) / steps_per_round)
+    return times
+
+
 def print_summary(name: str, lines):
     print(SUMMARY_BEGIN.format(name=name))
     for line in lines:

@@ -18,7 +18,6 @@ steps of each variant.
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,13 +128,8 @@ def main(argv=None):
 
     overrides = list(args.set) + ([f"train.batch_size={args.batch}"] if args.batch else [])
     base = load_config([args.config], overrides)
-    b, s, n = base.train.batch_size, base.data.image_size, base.model.max_text_length
-    rng = np.random.default_rng(0)
-    batch = {
-        "source_image": tf.constant(rng.normal(size=(b, s, s, 3)), tf.float32),
-        "text": tf.constant(rng.integers(1, args.vocab, size=(b, n)), tf.int32),
-        "target_image": tf.constant(rng.normal(size=(b, s, s, 3)), tf.float32),
-    }
+    b, s = base.train.batch_size, base.data.image_size
+    batch = C.synthetic_batch(base, args.vocab)
     steps = {}
     for name, methods, point in VARIANTS:
         cfg = base.copy()
@@ -186,14 +180,7 @@ def main(argv=None):
         for _ in range(args.warmup):
             fn().numpy()
         steps[name] = (lambda f: lambda _batch: {"loss": f()})(fn)
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                out = fn(batch)
-            out["loss"].numpy()
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = C.interleaved_rounds(steps, batch, args.rounds, args.steps)
     med = {name: float(np.median(t)) for name, t in times.items()}
     base_t = med["TIRG"]
     ratio = {name: med[name] / base_t for name in med}
