@@ -29,7 +29,7 @@ def test_registries_list_the_builtins_and_choices_come_from_them():
     assert registry.TEXT_ENCODERS.names() == ["bert_hub", "bert_keras_hub", "clip", "lstm", "siglip"]
     assert registry.DATASETS.names() == ["cirr", "css", "fashion200k", "fashioniq", "mitstates", "triplets"]
     assert registry.RETRIEVAL_LOSSES.names() == ["batch_classification", "soft_triplet"]
-    assert registry.GA_METHODS.names() == ["adversarial", "fgsm", "isotropic", "l1", "l2"]
+    assert registry.GA_METHODS.names() == ["adversarial", "fgsm", "isotropic", "l1", "l2", "pgd"]
     # a name registered twice by different classes is refused
     with pytest.raises(registry.RegistryError, match="already registered"):
         registry.register_composer("tirg")(type("Other", (), {}))
