@@ -642,10 +642,17 @@ class GradientAugmentation(keras.layers.Layer):
         return any(m.needs_input_gradient for m in self.active)
 
     def term_names(self) -> list:
-        """What the active methods log: their loss terms, then their other metrics."""
+        """The loss terms the active methods log."""
+        return self._names("term_names")
+
+    def metric_names(self) -> list:
+        """The values the active methods log that are not loss terms (GA^I's ga_noise_ratio)."""
+        return self._names("metric_names")
+
+    def _names(self, attribute) -> list:
         names = []
         for m in self.active:
-            names += [n for n in tuple(m.term_names) + tuple(m.metric_names) if n not in names]
+            names += [n for n in getattr(m, attribute) if n not in names]
         return names
 
     def attach(self, model):

@@ -178,6 +178,7 @@ class ComposedRetrievalModel(keras.Model):
             names.append("similarity_loss")
         names += list(getattr(self.composer, "auxiliary_loss_names", ()))
         names += self.gradient_augmentation.term_names()
+        names += [n for n in self.gradient_augmentation.metric_names() if n not in names]
         return names
 
     def _query_branch(self, batch, training, tape=None, delta=None):
