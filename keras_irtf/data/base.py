@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from keras_irtf.config import ConfigError
+
 
 class DatasetError(ValueError):
     """A dataset folder that is missing, partial or malformed (the message says what to do)."""
@@ -65,7 +67,7 @@ class RetrievalDataset:
     `data.root` and the disk options (`data.on_bad_image`, `data.file_cache`). `check(settings,
     cfg)` runs first, before TensorFlow starts, to fail fast on a missing download.
     Images are decoded to S x S (S = `image_size`, the image encoder's input side) with the
-    shared geometry (keras_irtf.layers.preprocessing.resize_and_center_crop); normalisation is
+    shared geometry (keras_irtf.preprocessing.resize_and_center_crop); normalisation is
     the image encoder's and happens in the pipeline.
     """
 
@@ -83,8 +85,6 @@ class RetrievalDataset:
     @classmethod
     def from_settings(cls, settings, cfg, image_size: int, verbose: bool = True):
         if cfg.data.max_train_queries:
-            from keras_irtf.config import ConfigError
-
             raise ConfigError(f"data.max_train_queries is available for the built-in CSS, not {cls.name!r}")
         return cls(cfg.data.root, image_size=image_size, on_bad_image=cfg.data.on_bad_image,
                    file_cache=cfg.data.file_cache, verbose=verbose)
