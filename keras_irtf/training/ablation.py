@@ -28,8 +28,14 @@ import os
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
+from keras_irtf.config import load_config
+from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
+from keras_irtf.evaluation.stats import paired_t_test
+from keras_irtf.experiment import Experiment
+from keras_irtf.training.loop import train
 from keras_irtf.utils import read_json, write_json
 
 # (name, label, loss.eta on?, ga.methods)
@@ -103,12 +109,6 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     each run's robustness.json (keras_irtf.evaluation.robustness, ABLATION_LEVELS: noise 8/255,
     FGSM and PGD-10 at 4/255, the input-gradient norms); a finished run without it gets only
     that. `sweep_seeds`: the seeds of the sweep's runs (default: [sweep_seed])."""
-    import keras
-
-    from keras_irtf.config import load_config
-    from keras_irtf.experiment import Experiment
-    from keras_irtf.training.loop import train
-
     out = Path(out)
     base = load_config(config_paths, list(overrides))
     eta = base.loss.eta or 1e-3
@@ -169,9 +169,6 @@ def _load():
 
 def run_robustness(run, cfg, dataset) -> dict:
     """The ablation's robustness columns of one finished run -> <run>/robustness.json."""
-    from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
-    from keras_irtf.experiment import Experiment
-
     run = Path(run)
     exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
     result = robustness_of(exp, model, levels=ABLATION_LEVELS)
@@ -348,8 +345,6 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05) -> str:
 def paired_tests(results: dict, baseline="ce", alpha=0.05) -> dict:
     """{cell: {column: paired_t_test(...), "pairs": n, "verdict": text}} against the baseline,
     runs paired by seed; a cell sharing fewer than 2 seeds with it gets no verdict."""
-    from keras_irtf.evaluation.stats import paired_t_test
-
     if baseline not in results:
         return {}
     base = {r.get("seed"): r for r in map(record, results[baseline])}
