@@ -25,6 +25,7 @@ from typing import Optional
 
 from keras_irtf.config import Config
 from keras_irtf.experiment import Experiment, load_model, save_model
+from keras_irtf.serving.export import export_run as _export
 
 Benchmark = Experiment  # the name user scripts know it by
 
@@ -70,8 +71,6 @@ def save_run(model, cfg: Config, benchmark: Experiment, run_dir, metrics: Option
 def export_run(run_dir, out_root="exported", name=None, gallery=None, version=None, force=False,
                verbose=True) -> Path:
     """Export a run folder as a TF Serving SavedModel (see keras_irtf.serving.export)."""
-    from keras_irtf.serving.export import export_run as _export
-
     return _export(run_dir, out_root=out_root, name=name, gallery=gallery, version=version, force=force,
                    verbose=verbose)
 

@@ -19,6 +19,8 @@ import logging
 import os
 import sys
 
+from keras_irtf.registry import REGISTRIES, RegistryError, import_modules
+
 
 def add_common(parser: argparse.ArgumentParser):
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -39,8 +41,6 @@ def preparse(argv=None):
     known, _ = pre.parse_known_args(argv)
     configure_logging(logging.WARNING if known.quiet else logging.DEBUG if known.verbose else logging.INFO)
     start_tensorflow(verbose=known.verbose)
-    from keras_irtf.registry import RegistryError, import_modules
-
     try:
         import_modules(known.imports)
     except RegistryError as e:
@@ -114,6 +114,4 @@ def start_tensorflow(verbose: bool = False):
 
 def names(kind: str) -> list:
     """The registered names of a kind (composer, image_encoder, text_encoder, dataset, ...)."""
-    from keras_irtf.registry import REGISTRIES
-
     return REGISTRIES[kind].names()

@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from keras_irtf.registry import ConfigError  # noqa: F401  (raised by this module; defined there for plug-ins)
+from keras_irtf.registry import GA_METHODS, REGISTRIES, RETRIEVAL_LOSSES, RegistryError
 
 
 class OneOf:
@@ -40,13 +41,9 @@ class OneOf:
 
     @property
     def registry(self):
-        from keras_irtf.registry import REGISTRIES
-
         return REGISTRIES[self.kind]
 
     def entry(self):
-        from keras_irtf.registry import RegistryError
-
         try:
             return self.registry.get(self.type)
         except RegistryError as e:
@@ -381,8 +378,6 @@ class GAConfig:
     def settings(self, method: str):
         """The settings of a registered GA method (defaults unless configured)."""
         if method not in self._settings:
-            from keras_irtf.registry import GA_METHODS, RegistryError
-
             try:
                 self._settings[method] = GA_METHODS.get(method).default_settings()
             except RegistryError as e:
@@ -521,8 +516,6 @@ class Config:
 
 def parse_ga_methods(text) -> tuple:
     """'adversarial,isotropic' (or a list) -> ('adversarial', 'isotropic'); each must be registered."""
-    from keras_irtf.registry import GA_METHODS
-
     if isinstance(text, (list, tuple)):
         items = [str(t).strip() for t in text]
     else:
@@ -721,8 +714,6 @@ def merge_dict(cfg: Config, updates: dict, where: str = "config") -> Config:
                 hint = f"; it moved to {moved}" if moved else ""
                 extra = ""
                 if isinstance(sub, GAConfig):
-                    from keras_irtf.registry import GA_METHODS
-
                     extra = f", or a GA method's section {GA_METHODS.names()}"
                 raise ConfigError(
                     f"{where}: unknown config key {section}.{key}{hint}; valid keys in {section!r}: "
@@ -732,8 +723,6 @@ def merge_dict(cfg: Config, updates: dict, where: str = "config") -> Config:
 
 
 def _is_ga_method(name) -> bool:
-    from keras_irtf.registry import GA_METHODS
-
     return name in GA_METHODS
 
 
@@ -916,8 +905,6 @@ def _check_settings(settings, key: str):
 def validate(cfg: Config):
     """Every value in its domain; every named composer, encoder, dataset, loss and GA method
     registered (keras_irtf.registry)."""
-    from keras_irtf.registry import RETRIEVAL_LOSSES
-
     for (section, key), choices in _CHOICES.items():
         value = str(getattr(getattr(cfg, section), key))
         if value not in choices:

@@ -21,15 +21,32 @@ the benchmarks all go through it; nothing else turns config strings into objects
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
 
-from keras_irtf.config import Config, load_config, to_yaml
+import keras
+import numpy as np
+
+from keras_irtf.config import Config, ConfigError, default_cache_dir, load_config, to_yaml
+from keras_irtf.data import check_dataset, load_dataset
+from keras_irtf.data.feature_cache import CachedFeatureInput, ImageFeatureCache, TextFeatureStore
+from keras_irtf.data.pipeline import images_dataset, queries_dataset, training_dataset
+from keras_irtf.data.text import TextVectorizer
+from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
+from keras_irtf.evaluation.protocol import evaluate
 from keras_irtf.evaluation.robustness import robustness_of
-from keras_irtf.registry import GA_METHODS
+from keras_irtf.layers.normalization import ScaledL2Normalization
+from keras_irtf.layers.pretrained import resolve_preset_dir
+from keras_irtf.model.gradient_augmentation import GradientAugmentation
+from keras_irtf.model.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
+from keras_irtf.model.retrieval_model import ComposedRetrievalModel
+from keras_irtf.precision import policy_scope, wrap_optimizer
+from keras_irtf.registry import GA_METHODS, import_modules, load_builtins
 from keras_irtf.run_folder import check_model_file, read_manifest, record_run_files, verify_run_files
+from keras_irtf.utils import atomic_write_text, read_json, write_json
 
 RUN_FILES = ("config.yaml", "model.keras")  # what every run folder holds (+ vocab.txt for token encoders)
 
@@ -72,7 +89,7 @@ class Experiment:
 
     @property
     def preprocessor(self):
-        """The image encoder's preprocessing (keras_irtf.layers.preprocessing.ImagePreprocessor):
+        """The image encoder's preprocessing (keras_irtf.preprocessing.ImagePreprocessor):
         what the pipelines, the evaluation, the export and the query tool apply to every image."""
         if self._preprocessor is None:
             m = self.cfg.model.image_encoder
@@ -83,8 +100,6 @@ class Experiment:
         """Fail fast, before any heavy work: the dataset's files, the local folders the encoders
         read (an encoder class may define `check(settings, cfg)`), and what the frozen-feature
         cache cannot serve (DatasetError / ConfigError; the image size is checked with the config)."""
-        from keras_irtf.data import check_dataset
-
         check_dataset(self.cfg)
         m = self.cfg.model
         for role, cls in (("image_encoder", self.image_encoder_class), ("text_encoder", self.text_encoder_class)):
@@ -94,16 +109,12 @@ class Experiment:
         self.check_feature_cache()
         weights = getattr(self.cfg.model.image_encoder.settings, "weights", None)
         if weights:
-            from keras_irtf.layers.pretrained import resolve_preset_dir
-
             resolve_preset_dir(weights)
 
     # ---- data ----------------------------------------------------------------------------------
     @property
     def dataset(self):
         if self._dataset is None:
-            from keras_irtf.data import load_dataset
-
             self._dataset = load_dataset(self.cfg, image_size=self.preprocessor.size, verbose=self.verbose)
         return self._dataset
 
@@ -113,8 +124,6 @@ class Experiment:
         encoders: nothing yet (their input needs the model, see attach_text_input); returns 0."""
         if self.text_input_kind != "tokens":
             return 0
-        from keras_irtf.data.text import TextVectorizer
-
         n = self.cfg.model.max_text_length
         if vocabulary is not None:
             self.vectorizer = TextVectorizer.load(vocabulary, n)
@@ -130,16 +139,12 @@ class Experiment:
         raw strings. Token encoders: nothing to do."""
         if self.text_input_kind != "strings":
             return self.vectorizer
-        from keras_irtf.data.text_cache import prepare_text_input, texts_of_run
-
         use_cache = bool(getattr(self.cfg.model.text_encoder.settings, "cache", False))
         if not _frozen(model.text_encoder):  # a fine-tuned tower: its features change every step
             use_cache = False
         show = self.verbose if verbose is None else verbose
         store = None
         if use_cache and getattr(model.text_encoder, "persistent_cache", False):
-            from keras_irtf.data.feature_cache import TextFeatureStore
-
             extra = getattr(model.text_encoder, "fingerprint_extra", dict)()  # e.g. the tokenizer's vocabulary
             store = TextFeatureStore(self.feature_cache_dir, model.text_encoder, extra)
         self.vectorizer = prepare_text_input(model.text_encoder, texts_of_run(self.dataset), use_cache,
@@ -151,8 +156,6 @@ class Experiment:
     def feature_cache_dir(self) -> Path:
         """Where frozen features are stored across runs: data.feature_cache, else
         <data.cache_dir>/features."""
-        from keras_irtf.config import default_cache_dir
-
         return Path(self.cfg.data.feature_cache) if self.cfg.data.feature_cache else default_cache_dir(self.cfg) / "features"
 
     def uses_feature_cache(self, model=None) -> bool:
@@ -171,9 +174,6 @@ class Experiment:
     def check_feature_cache(self):
         """ConfigError when the config asks for what cached features cannot give: gradients at
         the input pixels (GA^A / FGSM at ga.point=input)."""
-        from keras_irtf.config import ConfigError
-        from keras_irtf.registry import GA_METHODS
-
         if not self.uses_feature_cache() or self.cfg.ga.point != "input":
             return
         pixel = [m for m in self.cfg.ga_methods if getattr(GA_METHODS.get(m).obj, "needs_input_gradient", False)]
@@ -194,8 +194,6 @@ class Experiment:
         if not self.uses_feature_cache(model):
             self.image_input = None
             return None
-        from keras_irtf.data.feature_cache import CachedFeatureInput, ImageFeatureCache
-
         self.check_feature_cache()
         show = self.verbose if verbose is None else verbose
         cache = ImageFeatureCache(model.image_encoder, self.preprocessor, self.feature_cache_dir,
@@ -244,11 +242,6 @@ class Experiment:
         built under that Keras dtype policy (set and restored around building, so it does not
         leak into other runs of the process); the normalisation and the GA layer are float32
         (see keras_irtf.precision for every part kept in float32)."""
-        from keras_irtf.layers.normalization import ScaledL2Normalization
-        from keras_irtf.model.gradient_augmentation import GradientAugmentation
-        from keras_irtf.precision import policy_scope
-        from keras_irtf.model.retrieval_model import ComposedRetrievalModel
-
         cfg, m = self.cfg, self.cfg.model
         if vocab_size is None:
             tokens = self.text_input_kind == "tokens" and self.vectorizer is not None
@@ -287,10 +280,6 @@ class Experiment:
         CLIP / SigLIP towers at `optim.finetune_lr_multiplier`).
         Under train.precision=mixed_float16 it is wrapped in Keras' LossScaleOptimizer (dynamic
         loss scaling; the model's train_step scales the loss)."""
-        import keras
-
-        from keras_irtf.precision import wrap_optimizer
-
         o = self.cfg.optim
         lr = o.learning_rate
         if o.decay_steps:
@@ -304,8 +293,6 @@ class Experiment:
         else:
             optimizer = keras.optimizers.Adam(lr, weight_decay=o.weight_decay or None, **extra)
         if model is not None:
-            from keras_irtf.model.optimizers import pretrained_learning_rate_groups, with_learning_rate_multipliers
-
             groups = pretrained_learning_rate_groups(model, o.backbone_lr_multiplier, o.finetune_lr_multiplier)
             if groups:
                 optimizer = with_learning_rate_multipliers(optimizer, groups)
@@ -321,8 +308,6 @@ class Experiment:
     def create_model(self, strategy=None, compile: bool = True, vocabulary=None, vocab_out=None):
         """Text input + model (+ optimizer), under `strategy`'s scope when given: what a run
         trains. `vocabulary` / `vocab_out`: read / write the vocabulary file (token encoders)."""
-        import contextlib
-
         vocab_size = self.build_text_input(vocabulary=vocabulary, save_to=vocab_out)
         self.check_feature_cache()
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -339,8 +324,6 @@ class Experiment:
         """Training batches `start_step` .. steps - 1 (default train.steps), drawn by the dataset's
         reference sampler from `seed` (default train.seed): the same seed, the same batches.
         `shard=(i, n)`: this worker's slice of every global batch."""
-        from keras_irtf.data.pipeline import training_dataset
-
         c = self.cfg.train
         return training_dataset(
             self.dataset, self._text_input(), int(batch_size or c.batch_size), int(steps or c.steps),
@@ -355,8 +338,6 @@ class Experiment:
     def validation_dataset(self, batch_size: Optional[int] = None):
         """The test queries with their target images, in order, full batches only (the batch is
         the loss's set of negatives): for `model.fit(validation_data=...)` / `model.evaluate`."""
-        from keras_irtf.data.pipeline import queries_dataset
-
         split = self.dataset.test
         bs = int(batch_size or self.cfg.train.batch_size)
         if len(split.test_queries) < bs:
@@ -366,10 +347,6 @@ class Experiment:
 
     def gallery_dataset(self, split: str = "test", batch_size: Optional[int] = None):
         """Every image of a split, in id order, preprocessed (for indexing)."""
-        import numpy as np
-
-        from keras_irtf.data.pipeline import images_dataset
-
         s = getattr(self.dataset, split)
         return images_dataset(s, np.arange(s.num_images), int(batch_size or self.cfg.eval.batch_size),
                               self.pipeline_input)
@@ -387,8 +364,6 @@ class Experiment:
     def evaluate(self, model, verbose: Optional[bool] = None, backend: Optional[str] = None) -> dict:
         """Test recall Mt, training recall Ms and their WHM with the config's evaluation settings
         (what metrics.json holds)."""
-        from keras_irtf.evaluation.protocol import evaluate
-
         e = self.cfg.eval
         return evaluate(
             model, self.dataset, self._text_input(), ks=e.ks, whm_ks=e.whm_ks or self.dataset.whm_ks,
@@ -402,8 +377,6 @@ class Experiment:
     def save_run(self, model, run_dir, metrics: Optional[dict] = None) -> Path:
         """Write a run folder: config.yaml, vocab.txt (token encoders), model.keras and, given,
         metrics.json. tools/evaluate.py, tools/export.py and tools/query.py read it."""
-        from keras_irtf.utils import atomic_write_text, write_json
-
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
         written = ["config.yaml", "model.keras"]
@@ -489,14 +462,7 @@ def load_model(path):
     (`keras.saving.load_model` alone cannot find keras_irtf's classes until keras_irtf's modules
     are imported: call this, or `import keras_irtf.layers, keras_irtf.model.retrieval_model`
     first.)"""
-    import keras
-
-    from keras_irtf.registry import load_builtins
-
     load_builtins()
-    import keras_irtf.model.optimizers  # noqa: F401  (registers the optimizer classes)
-    import keras_irtf.model.retrieval_model  # noqa: F401  (registers the model class)
-
     check_model_file(path)  # a truncated file is "damaged", not "not found" or a Keras traceback
     return keras.saving.load_model(path)
 
@@ -505,8 +471,6 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, override
     """Reload a run folder's model, re-evaluate it, and write its metrics.json (or `out`).
 
     backend: the retrieval backend (one of eval.backend's choices; default: the run's eval.backend)."""
-    from keras_irtf.utils import read_json, write_json
-
     run = Path(run)
     overrides = list(overrides) + ([f"eval.alpha={float(alpha)}"] if alpha is not None else [])
     exp, model = Experiment.from_run(run, overrides, verbose=verbose)
@@ -522,8 +486,6 @@ def evaluate_run(run, alpha=None, out=None, verbose=True, backend=None, override
 def robustness_run(run, levels=None, out=None, verbose=True, backend=None, input_grad=True) -> dict:
     """Evaluate a run folder's robustness (keras_irtf.evaluation.robustness) and write
     `<run>/robustness.json` (or `out`)."""
-    from keras_irtf.utils import write_json
-
     exp, model = Experiment.from_run(run, verbose=verbose, image_cache=False)  # perturbs pixels: no feature cache
     result = robustness_of(exp, model, levels=levels, backend=backend, input_grad=input_grad, verbose=verbose)
     write_json(Path(out) if out else Path(run) / "robustness.json", result)
@@ -533,7 +495,5 @@ def robustness_run(run, levels=None, out=None, verbose=True, backend=None, input
 def experiment_from_args(config_paths=(), overrides=(), imports=(), verbose: bool = True) -> Experiment:
     """The tools' entry: import the user's modules (their registrations), resolve the config,
     build the Experiment."""
-    from keras_irtf.registry import import_modules
-
     import_modules(imports)
     return Experiment(load_config(config_paths, overrides), verbose=verbose)

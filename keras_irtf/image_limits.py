@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import struct
 
+import tensorflow as tf
+
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 8000 x 5000): far above any dataset image
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}
@@ -90,8 +92,6 @@ def check_image_file(path, max_pixels: int = DEFAULT_MAX_PIXELS):
 def image_dimensions_graph(data):
     """(width, height) int64 scalars from a scalar string tensor of PNG, GIF, BMP or JPEG bytes;
     (-1, -1) when they cannot be read."""
-    import tensorflow as tf
-
     def raw(offset, length):
         # bytes [offset, offset + length) as int64; the caller checks that they exist
         return tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, length), tf.uint8), tf.int64)
@@ -166,8 +166,6 @@ def image_dimensions_graph(data):
 def assert_pixel_limit_graph(data, max_pixels: int):
     """An op that fails with INVALID_ARGUMENT (naming the limit) when the header of `data` declares
     more than `max_pixels` pixels, or a JPEG whose dimensions cannot be found (it could be any size)."""
-    import tensorflow as tf
-
     w, h = image_dimensions_graph(data)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
     unreadable_jpeg = tf.logical_and(is_jpeg, w < 0)
@@ -181,6 +179,4 @@ def empty_batch_guard(batch, dim: int, compute):
     """`compute()` (a float32 [B, dim] tensor) when `batch` has entries, else float32 [0, dim]:
     some kernels (oneDNN convolutions, batch normalisation) reject a batch of 0 with a shape error,
     while a client sending no images should get no embeddings."""
-    import tensorflow as tf
-
     return tf.cond(tf.size(batch) > 0, compute, lambda: tf.zeros([0, int(dim)], tf.float32))

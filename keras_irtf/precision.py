@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import tensorflow as tf
 
 from keras_irtf.config import choices
 
@@ -66,8 +67,6 @@ def policy_scope(precision: str):
 def at_least_float32(x):
     """A 16-bit float tensor cast to float32; float32 and float64 tensors as they are (the
     finite-difference tests run whole models in float64)."""
-    import tensorflow as tf
-
     x = tf.convert_to_tensor(x)
     return tf.cast(x, tf.float32) if x.dtype in (tf.float16, tf.bfloat16) else x
 

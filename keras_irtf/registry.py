@@ -20,9 +20,10 @@ read these registries. A user's module joins them with `--import MODULE` on ever
 `keras_irtf.registry.import_modules([...])` from Python) before the config is resolved.
 
 What a registered object must provide depends on its kind (each kind's base class in the
-package documents it): layers are built through their classmethod `from_settings(settings, cfg,
-**context)`, datasets through `load(settings, cfg, image_size, verbose)`, and so on. This module
-imports nothing heavy: TensorFlow is imported when the built-ins are first needed.
+package documents it): model parts are built through their classmethod `from_settings(settings,
+**context)` (keras_irtf.layers.base), datasets through `from_settings(settings, cfg, image_size,
+verbose)` (keras_irtf.data.base), and so on. This module imports nothing heavy: the built-ins'
+modules, which import TensorFlow, are imported when the built-ins are first needed.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ _BUILTIN_MODULES = (
     "keras_irtf.layers.clip",
     "keras_irtf.losses",
     "keras_irtf.model.gradient_augmentation",
-    "keras_irtf.data.css_generator",
+    "keras_irtf.data.css",
     "keras_irtf.data.mitstates",
     "keras_irtf.data.fashion200k",
     "keras_irtf.data.fashioniq",

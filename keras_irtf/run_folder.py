@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import time
+import zipfile
 from pathlib import Path
 
 from keras_irtf.config import ConfigError
@@ -429,8 +430,6 @@ def check_model_file(path):
     """Raise FileNotFoundError when `path` is missing and DamagedModelFile when it is not a whole
     Keras archive (a .keras file is a zip: its directory and every member's CRC are checked), so
     that a damaged file is reported as damaged, not as missing or as a Keras traceback."""
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")

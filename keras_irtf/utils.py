@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import json
@@ -10,12 +9,14 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# The packages keras_irtf loads only when a feature needs them, and the extra of setup.cfg that
-# installs each (None: the base install has it; it is still loaded only where it is used).
+# The packages of optional extras: keras_irtf loads them only when a feature needs them, through
+# optional_import, never at the top of a module (tests/test_architecture.py checks both). Each maps
+# to the extra of setup.cfg that installs it (None: no extra yet, the package is installed by name).
 OPTIONAL_PACKAGES = {
     "keras_hub": "hub",
     "sentencepiece": "hub",  # keras-hub's SentencePiece tokenizers (SigLIP)
@@ -24,7 +25,6 @@ OPTIONAL_PACKAGES = {
     "starlette": "demo",
     "uvicorn": "demo",
     "playwright": "demo",
-    "tensorflow_hub": None,
     "apache_beam": None,
 }
 
@@ -43,16 +43,20 @@ def optional_import(module: str, extra, needed_by: str = ""):
         top = module.split(".")[0]
         missing = e.name.split(".")[0] if isinstance(e, ModuleNotFoundError) and e.name else top
         via = "" if missing == top else f" (needed by {top})"
-        install = f"pip install -e '.[{extra}]'" if extra else "pip install -e ."
+        install = f"pip install -e '.[{extra}]'" if extra else f"pip install {missing}"
         raise MissingExtra(f"{needed_by or top} needs the package {missing}{via}, which is not installed: "
                            f"{install}") from e
 
 
 class Progress:
     """Progress of a long loop, fed with increments, on standard error (standard output carries
-    results only). On a terminal, Keras' Progbar redrawn in place (the style training shows);
-    otherwise (a log file, a pipe) a plain line through the `keras_irtf` log at every tenth of
-    the way, with no control codes."""
+    results only). On a terminal, a bar redrawn in place (count, share done, time spent and
+    time left); otherwise (a log file, a pipe) a plain line through the `keras_irtf` log at every
+    tenth of the way, with no control codes. Needs no TensorFlow or Keras, so that the readers of
+    an export can show it."""
+
+    WIDTH = 30  # characters of the bar on a terminal
+    REDRAW_SECONDS = 0.05
 
     def __init__(self, total: int, desc: str = "", enabled: bool = True, unit: str = "step"):
         self.total = max(int(total), 1)
@@ -60,32 +64,53 @@ class Progress:
         self.enabled = enabled
         self.desc = desc or "progress"
         self.unit = unit
-        self.bar = None
+        self.terminal = enabled and sys.stderr.isatty()
         self._tenths = 0
-        if enabled:
-            if desc:
-                log.info(desc)
-            if sys.stderr.isatty():
-                import keras
-
-                with contextlib.redirect_stdout(sys.stderr):
-                    self.bar = keras.utils.Progbar(self.total, interval=0.05, unit_name=unit)
+        self._start = time.monotonic()
+        self._drawn_at = None
+        self._drawn_width = 0
+        if enabled and desc:
+            log.info(desc)
+        if self.terminal:
+            self._draw()
 
     def update(self, n: int = 1):
+        before = self.count
         self.count = min(self.count + int(n), self.total)
-        if self.bar is not None:
-            with contextlib.redirect_stdout(sys.stderr):  # Keras writes its bar to sys.stdout
-                self.bar.update(self.count)
+        if self.terminal:
+            finished = self.count == self.total
+            if (finished and before < self.total) or (
+                    not finished and time.monotonic() - self._drawn_at >= self.REDRAW_SECONDS):
+                self._draw()
         elif self.enabled:
             tenths = self.count * 10 // self.total
             if tenths > self._tenths:
                 self._tenths = tenths
-                units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
-                log.info(f"{self.desc}: {self.count}/{self.total} {units} ({tenths * 10}%)")
+                log.info(f"{self.desc}: {self.count}/{self.total} {self._units()} ({tenths * 10}%)")
 
     def close(self):
         if self.count < self.total:
             self.update(self.total - self.count)
+
+    def _units(self) -> str:
+        return self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
+
+    def line(self, elapsed: float) -> str:
+        """The terminal line for the current count after `elapsed` seconds."""
+        full = self.WIDTH * self.count // self.total
+        bar = "=" * full + (">" + "." * (self.WIDTH - full - 1) if full < self.WIDTH else "")
+        text = f"{self.count}/{self.total} {self._units()} [{bar}] {100 * self.count // self.total:3d}% {elapsed:.0f}s"
+        if 0 < self.count < self.total:
+            text += f", {elapsed / self.count * (self.total - self.count):.0f}s left"
+        return text
+
+    def _draw(self):
+        self._drawn_at = time.monotonic()
+        text = self.line(self._drawn_at - self._start)
+        padding = " " * max(self._drawn_width - len(text), 0)  # what a longer line left behind
+        self._drawn_width = len(text)
+        sys.stderr.write("\r" + text + padding + ("\n" if self.count == self.total else ""))
+        sys.stderr.flush()
 
 
 def umask_file_mode() -> int:

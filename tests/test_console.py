@@ -64,6 +64,26 @@ def test_progress_in_a_log_file_is_a_line_every_tenth(caplog, monkeypatch, capsy
     assert capsys.readouterr().out == ""
 
 
+def test_progress_on_a_terminal_is_one_line_redrawn_in_place(monkeypatch, capsys):
+    from keras_irtf.utils import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(Progress, "REDRAW_SECONDS", 0.0)  # redraw at every update
+    progress = Progress(4, unit="query")
+    for _ in range(4):
+        progress.update(1)
+    progress.update(1)  # past the end: no second final line
+    progress.close()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    draws = captured.err.split("\r")[1:]
+    assert len(draws) == 5  # the empty bar, then one draw per update up to the total
+    assert draws[0].startswith("0/4 queries [>") and draws[2].startswith("2/4 queries [===============>")
+    assert "50%" in draws[2] and "s left" in draws[2]
+    assert draws[-1].startswith("4/4 queries [" + "=" * Progress.WIDTH + "] 100% ") and draws[-1].endswith("\n")
+    assert captured.err.count("\n") == 1 and ESC not in captured.err
+
+
 def test_configure_logging_formats_warnings_and_follows_a_replaced_stderr(capsys):
     from keras_irtf.cli import configure_logging
 

@@ -64,7 +64,7 @@ def test_noise_shift_blurs_and_adds_signal_dependent_noise():
 
 def test_generator_writes_shift_pngs_that_the_loader_reads(tmp_path):
     from keras_irtf.data.css_generator import generate
-    from keras_irtf.data.css_shift import attach_shift
+    from keras_irtf.data.css import attach_shift
 
     root = generate(tmp_path / "css", size="smoke", seed=2, verbose=False, shifts=["render"])
     assert (root / "shift_render" / "css_test_000000.png").is_file()

@@ -138,7 +138,7 @@ def contract(exported, css_smoke_root, tmp_path_factory):
     texts = ["make top-left red", "", "ADD a Blue Cube!!", "remove the unknownword"]
     # the reference pixels: lossless PNG decoded by Pillow; the JPEG decoded by TF and brought to
     # the encoder's size as the training pipeline does (shorter side, centre crop)
-    from keras_irtf.layers.preprocessing import resize_and_center_crop
+    from keras_irtf.preprocessing import resize_and_center_crop
 
     decoded = resize_and_center_crop(tf.io.decode_jpeg(jpeg, channels=3), size)
     ref_images = np.concatenate([gallery_pixels[[0, 5, 40]].astype(np.float32),

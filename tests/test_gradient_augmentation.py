@@ -452,7 +452,7 @@ def test_ga_flags_and_configs():
 def _pixel_batch(lo=0.0, hi=1.0, mean=None, std=None, batch=6, seed=0, dtype="float64"):
     """tiny_batch whose query images are pixels u in [lo, hi] normalised as (u - mean) / std
     (default: ImageNet's, the GA layer's default); returns (batch, u)."""
-    from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from keras_irtf.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
     mean = np.array(IMAGENET_MEAN if mean is None else mean)
     std = np.array(IMAGENET_STD if std is None else std)
@@ -486,7 +486,7 @@ def test_pgd_attack_raises_the_attack_loss_at_every_step(random_start):
 def test_pgd_perturbation_stays_in_its_ball_and_in_the_pixel_range(norm):
     """At ga.point=input the ball and the range are [0, 1] pixels: u + delta in [0, 1] and
     ||delta||_p <= eps, on images with pixels at 0 and 1, large steps so that both bind."""
-    from keras_irtf.layers.preprocessing import IMAGENET_STD
+    from keras_irtf.preprocessing import IMAGENET_STD
 
     eps = 0.05 if norm == "inf" else 0.5
     model, pgd = _pgd_model(steps=5, eps=eps, step_size=eps, attack_norm=norm, random_start=True)

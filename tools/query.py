@@ -50,7 +50,7 @@ def main(argv=None):
     if args.top < 1:
         p.error("--top must be >= 1")
 
-    from keras_irtf.serving.export import ExportError, gallery_file
+    from keras_irtf.serving.reader import ExportError, file_sha256, gallery_file
     from keras_irtf.image_limits import ImageTooLarge
     from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
 
@@ -73,8 +73,6 @@ def main(argv=None):
     except (ExportError, OSError, ImageTooLarge, QueryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from keras_irtf.serving.export import file_sha256
-
     target_hashes = {file_sha256(t) for t in targets}  # by content, as draw_results frames them
     if args.out:
         draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,

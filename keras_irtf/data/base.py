@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from keras_irtf.config import ConfigError
+
 
 class DatasetError(ValueError):
     """A dataset folder that is missing, partial or malformed (the message says what to do)."""
@@ -65,8 +67,6 @@ def refuse_css_only_keys(cfg, name: str):
     """ConfigError when a CSS-only data key is set for dataset `name`."""
     for key in CSS_ONLY_KEYS:
         if getattr(cfg.data, key):
-            from keras_irtf.config import ConfigError
-
             raise ConfigError(f"data.{key} is available for the built-in CSS, not {name!r}")
 
 
@@ -78,7 +78,7 @@ class RetrievalDataset:
     `data.root` and the disk options (`data.on_bad_image`, `data.file_cache`). `check(settings,
     cfg)` runs first, before TensorFlow starts, to fail fast on a missing download.
     Images are decoded to S x S (S = `image_size`, the image encoder's input side) with the
-    shared geometry (keras_irtf.layers.preprocessing.resize_and_center_crop); normalisation is
+    shared geometry (keras_irtf.preprocessing.resize_and_center_crop); normalisation is
     the image encoder's and happens in the pipeline.
     """
 

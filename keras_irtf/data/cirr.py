@@ -34,6 +34,8 @@ import numpy as np
 from keras_irtf.data.base import DatasetError, Queries
 from keras_irtf.data.named_images import (NamedImageDataset, field, named_queries, named_split, read_json_file,
                                           report_dropped, unique)
+from keras_irtf.data.protocols import QueryGroup, TestProtocol, rank_within
+from keras_irtf.data.safe_files import contained_path, report_outside
 from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,6 @@ def check_layout(root, wanted: str = "auto") -> str:
 
 def read_image_split(root, arrangement, split, on_outside="error", verbose=True) -> dict:
     """{name: path} of split.rc2.<split>.json, each path inside the arrangement's image root."""
-    from keras_irtf.data.safe_files import contained_path, report_outside
-
     meta, images = arrangement_dirs(root, arrangement)
     path = meta / "image_splits" / f"split.rc2.{split}.json"
     data = read_json_file(path, layout_help(root))
@@ -180,8 +180,6 @@ def members_matrix(queries, ids: dict) -> np.ndarray:
 def subset_recalls(query_emb, image_ids, image_emb, members, source_ids, target_ids, ks=SUBSET_KS) -> dict:
     """Recall_subset@K: the target among the first K of the query's img_set members ranked by
     score, the reference removed."""
-    from keras_irtf.data.protocols import rank_within
-
     ranked = rank_within(query_emb, image_ids, image_emb, members, source_ids)
     target_ids = np.asarray(target_ids, np.int64)[:, None]
     return {f"R_subset@{k}": float((ranked[:, :k] == target_ids).any(1).mean()) if len(ranked) else 0.0
@@ -270,8 +268,6 @@ class CIRRDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """Every val image, the reference removed; Recall_subset within img_set.members; the headline."""
-        from keras_irtf.data.protocols import QueryGroup, TestProtocol
-
         if split_name != "test" or len(queries) != len(self.test_members):
             return None
 

@@ -8,103 +8,35 @@ Each split holds 'objects_img' (per image, a list of objects with 'shape', 'colo
 'to_str') and optionally 'labels' (duplicate scenes share a label; an image's caption is
 str(label)). Images can also be drawn in 2D from the object lists (`images="2d"`), which is what
 happens when the PNGs are absent.
+
+This module registers the `css` dataset (`CSSBenchmark`): the published set under data.root, or
+the benchmark keras_irtf.data.css_generator generates when no root is given; and it loads the
+test split under a rendering shift (`attach_shift`, keras_irtf.data.css_shift). The layout's
+names and the 2D renderer, which need no TensorFlow, are keras_irtf.data.css_scenes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from keras_irtf.config import ConfigError, default_cache_dir
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.data.css_generator import CSSConfig, ensure_generated
+# the layout's and the scenes' names, importable from here as well
+from keras_irtf.data.css_scenes import (CANVAS, COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES,  # noqa: F401
+                                        layout_help, read_css_npy, render_2d)
+from keras_irtf.data.css_shift import SHIFTS, resize_canvases, shift_folder, shifted_canvases
+from keras_irtf.data.images import check_fits_in_memory, decode_files
+from keras_irtf.data.sampling import Groups
+from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
 
-NPY_NAME = "css_toy_dataset_novel2_small.dup.npy"
-IMAGE_PATTERN = "css_{split}_{index:06d}.png"
-
-COLORS = {
-    "gray": (87, 87, 87),
-    "red": (244, 35, 35),
-    "blue": (42, 75, 215),
-    "green": (29, 205, 20),
-    "brown": (129, 74, 25),
-    "purple": (129, 38, 192),
-    "cyan": (41, 208, 208),
-    "yellow": (255, 238, 51),
-}
-SHAPES = ("rectangle", "circle", "triangle")
-SIZES = ("small", "large")
-CANVAS = 64
 CSS_SAMPLERS = ("reference", "uniform_pairs")
-
-
-def render_2d(objects, size: int = CANVAS) -> np.ndarray:
-    """Draw a scene's object list on a white canvas (the reference's 2D rendering), uint8 HxWx3."""
-    img = np.full((CANVAS, CANVAS, 3), 255, dtype=np.uint8)
-    for obj in objects:
-        color = np.array(COLORS[obj["color"]], dtype=np.uint8)
-        s = 8 if obj["size"] == "large" else 4
-        y = int(round(float(obj["pos"][0]) * CANVAS))
-        x = int(round(float(obj["pos"][1]) * CANVAS))
-        shape = obj["shape"]
-        for y0 in range(max(0, y - s), min(CANVAS, y + s + 1)):
-            if shape == "rectangle":
-                half = s
-            elif shape == "circle":
-                half = s - abs(y0 - y)
-            elif shape == "triangle":
-                half = (y0 - y + s) // 2
-            else:
-                raise DatasetError(f"CSS object has unknown shape {shape!r}; expected {SHAPES}")
-            x0, x1 = max(0, x - half), min(CANVAS, x + half + 1)
-            if x1 > x0:
-                img[y0, x0:x1] = color
-    if size != CANVAS:
-        from PIL import Image
-
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-    return img
-
-
-def _layout_help(root) -> str:
-    return (
-        f"expected the CSS dataset in its published layout under {root}: "
-        f"{NPY_NAME} (a pickled dict with 'train' and 'test', each with 'objects_img' and 'mods') "
-        f"and images/css_<split>_<index:06d>.png. Generate the built-in benchmark with "
-        f"`python tools/train.py --dataset css` (no --data-root), or "
-        f"`python -m keras_irtf.data.css_generator --out DIR`."
-    )
-
-
-def read_css_npy(root) -> dict:
-    root = Path(root)
-    path = root / NPY_NAME
-    if not path.is_file():
-        raise DatasetError(f"{path} not found; " + _layout_help(root))
-    from keras_irtf.data.safe_files import UnsafeFileError, load_pickled_npy
-
-    try:
-        # a crafted pickle runs code when loaded: unpickle plain data only
-        data = load_pickled_npy(path)
-    except UnsafeFileError:
-        raise
-    except Exception as e:  # a truncated or foreign file
-        raise DatasetError(f"{path} could not be read as a pickled dict ({e}); " + _layout_help(root)) from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path} holds a {type(data).__name__}, not a pickled dict; " + _layout_help(root))
-    for split in ("train", "test"):
-        if split not in data:
-            raise DatasetError(f"{path}: key {split!r} missing; " + _layout_help(root))
-        for key in ("objects_img", "mods"):
-            if key not in data[split]:
-                raise DatasetError(f"{path}: key {split}.{key!r} missing; " + _layout_help(root))
-        for i, mod in enumerate(data[split]["mods"][:50]):
-            missing = [k for k in ("from", "to", "to_str") if k not in mod]
-            if missing:
-                raise DatasetError(f"{path}: {split}.mods[{i}] lacks {missing}; " + _layout_help(root))
-    return data
 
 
 class CSSDataset(RetrievalDataset):
@@ -203,16 +135,11 @@ class CSSDataset(RetrievalDataset):
                 raise DatasetError(
                     f"CSS {split} split: {len(missing)} of {n} PNG(s) missing in {folder}: {listing}. Restore "
                     f"them, or draw every scene in 2D with --css-images 2d (--set data.dataset.images=2d); "
-                    + _layout_help(self.root)
+                    + layout_help(self.root)
                 )
         self.image_mode[split] = "png" if use_png else "2d"
-        # imported here: the demo reads NPY_NAME from this module without loading keras
-        from keras_irtf.data.images import check_fits_in_memory
-
         check_fits_in_memory(n, image_size, f"CSS {split} split")
         if use_png:
-            from keras_irtf.data.images import decode_files
-
             return decode_files(paths, image_size, desc=f"CSS {split} PNGs", verbose=verbose)
         return np.stack([render_2d(objs, image_size) for objs in objects_img]) if n else np.zeros(
             (0, image_size, image_size, 3), np.uint8
@@ -240,8 +167,6 @@ class CSSDataset(RetrievalDataset):
         records = self._records["train"]
         reference = self.sampler == "reference"
         if reference:
-            from keras_irtf.data.sampling import Groups
-
             groups = Groups([list(np.flatnonzero(records == r)) for r in np.unique(records)])
 
         def first():
@@ -324,3 +249,57 @@ class CSSDataset(RetrievalDataset):
         """Every training query (TIRG's protocol on CSS; `n` and `seed` are not used: the other
         datasets sample n queries against their targets)."""
         return self._mods["train"]
+
+
+# ---- the test split under a rendering shift (keras_irtf.data.css_shift) ---------------------
+
+
+def load_shifted_images(dataset, name: str, seed: int, verbose: bool = True) -> np.ndarray:
+    """uint8 [N, S, S, 3] for the dataset's test split under `name` at the dataset's image size:
+    the PNGs of `<root>/shift_<name>/` when present, else rendered now."""
+    size = int(dataset.test.images.shape[1])
+    objects_img = read_css_npy(dataset.root)["test"]["objects_img"]
+    n = len(objects_img)
+    folder = shift_folder(dataset.root, name)
+    paths = [folder / IMAGE_PATTERN.format(split="test", index=i) for i in range(n)]
+    if n and paths[0].is_file() and paths[-1].is_file():
+        return decode_files(paths, size, desc=f"CSS test PNGs ({name} shift)", verbose=verbose)
+    clean = None
+    if name == "noise" and dataset.image_mode.get("test") == "png":
+        clean = decode_files([dataset.root / "images" / IMAGE_PATTERN.format(split="test", index=i)
+                              for i in range(n)], CANVAS, desc="CSS test PNGs (for the noise shift)", verbose=verbose)
+    return resize_canvases(shifted_canvases(objects_img, name, seed, clean), size)
+
+
+def attach_shift(dataset, name: str, seed: int, verbose: bool = True):
+    """Give a CSSDataset `test_shift`: its test split (scenes, captions, queries) under `name`."""
+    if name not in SHIFTS:
+        raise ConfigError(f"data.css_shift={name!r}: expected one of {list(SHIFTS)}")
+    images = load_shifted_images(dataset, name, seed, verbose)
+    dataset.test_shift = dataclasses.replace(dataset.test, name="test_shift", images=images)
+    dataset.shift_name = name
+    return dataset
+
+
+# ---- the `css` dataset: the published set, or the built-in benchmark -------------------------
+
+
+@register_dataset("css", config=CSSConfig)
+class CSSBenchmark(CSSDataset):
+    """The `css` dataset: the published CSS under data.root, or, without a root, the built-in
+    benchmark generated once into the cache folder (data.dataset.size, data.dataset.seed)."""
+
+    @classmethod
+    def from_settings(cls, settings, cfg, image_size, verbose=True):
+        root = cfg.data.root
+        if root is None:
+            root = ensure_generated(default_cache_dir(cfg), settings.size, settings.seed, verbose)
+        dataset = cls(root, images=settings.images, image_size=image_size, verbose=verbose)
+        if cfg.data.max_train_queries:
+            dataset.limit_training_queries(cfg.data.max_train_queries, settings.seed)
+        if cfg.data.validation_fraction:  # carved from the queries kept above
+            dataset.hold_out_validation(cfg.data.validation_fraction, settings.seed)
+        dataset.sampler = settings.sampler
+        if settings.shift:
+            attach_shift(dataset, settings.shift, settings.seed, verbose=verbose)
+        return dataset

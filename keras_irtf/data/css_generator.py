@@ -11,8 +11,9 @@ one of them. Everything is determined by the seed.
 
     python -m keras_irtf.data.css_generator --size small --out data/cache/css_small_s0
 
-This module also registers the `css` dataset (`CSSBenchmark`): the published set under
-data.root, or the generated benchmark when no root is given.
+The `css` dataset (keras_irtf.data.css.CSSBenchmark) generates the benchmark on first use when no
+data.root is given; its settings are `CSSConfig`. Generating needs numpy and Pillow, not
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from keras_irtf.data.css import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, CSSDataset, render_2d
 from keras_irtf.config import NON_NEGATIVE
-from keras_irtf.registry import register_dataset
+from keras_irtf.data.css_scenes import COLORS, IMAGE_PATTERN, NPY_NAME, SHAPES, SIZES, render_2d
+from keras_irtf.data.css_shift import write_shift_pngs
 from keras_irtf.safety import NotOwnedError, mark_owned, prepare_output_folder, remove_owned, replace_folder
 from keras_irtf.utils import Progress
 
@@ -218,8 +220,6 @@ def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_
     mark_owned(tmp, OWNED_KIND, size=size, seed=int(seed))
     try:
         if write_png:
-            from PIL import Image
-
             total = sum(len(d["objects_img"]) for d in data.values())
             progress = Progress(total, f"writing CSS {size} images to {out}", enabled=verbose)
             for split, d in data.items():
@@ -230,8 +230,6 @@ def generate(out, size: str = CSSConfig.size, seed: int = CSSConfig.seed, write_
                     progress.update()
         np.save(tmp / NPY_NAME, data, allow_pickle=True)
         if shifts:
-            from keras_irtf.data.css_shift import write_shift_pngs
-
             for name in shifts:
                 write_shift_pngs(tmp, data["test"]["objects_img"], name, seed)
         replace_folder(tmp, out, OWNED_KIND)
@@ -248,31 +246,6 @@ def ensure_generated(cache_dir, size: str, seed: int, verbose: bool = True) -> P
     if not (out / NPY_NAME).is_file():
         generate(out, size=size, seed=seed, verbose=verbose, overwrite=True)  # replaces only a generated set
     return out
-
-
-@register_dataset("css", config=CSSConfig)
-class CSSBenchmark(CSSDataset):
-    """The `css` dataset: the published CSS under data.root, or, without a root, the built-in
-    benchmark generated once into the cache folder (data.dataset.size, data.dataset.seed)."""
-
-    @classmethod
-    def from_settings(cls, settings, cfg, image_size, verbose=True):
-        from keras_irtf.config import default_cache_dir
-
-        root = cfg.data.root
-        if root is None:
-            root = ensure_generated(default_cache_dir(cfg), settings.size, settings.seed, verbose)
-        dataset = cls(root, images=settings.images, image_size=image_size, verbose=verbose)
-        if cfg.data.max_train_queries:
-            dataset.limit_training_queries(cfg.data.max_train_queries, settings.seed)
-        if cfg.data.validation_fraction:  # carved from the queries kept above
-            dataset.hold_out_validation(cfg.data.validation_fraction, settings.seed)
-        dataset.sampler = settings.sampler
-        if settings.shift:
-            from keras_irtf.data.css_shift import attach_shift
-
-            attach_shift(dataset, settings.shift, settings.seed, verbose=verbose)
-        return dataset
 
 
 def main(argv=None):

@@ -18,19 +18,20 @@ like the test split (metrics.json: a `test_shift` block and `whm_shift` = WHM(Ms
 Scenes are drawn on the 64x64 canvas, then resized like the 2D renderer does. Image i of the
 shifted split is a function of (css seed, shift, i) only. The generator can write the shifted
 images in the published layout, `<root>/shift_<name>/css_test_<index:06d>.png`
-(`python -m keras_irtf.data.css_generator --shift render,noise`); the loader reads them when
-present and renders them otherwise (the same pixels).
+(`python -m keras_irtf.data.css_generator --shift render,noise`); the loader
+(keras_irtf.data.css.attach_shift) reads them when present and renders them otherwise (the same
+pixels). This module draws with numpy and Pillow only, so that the generator needs no TensorFlow.
 """
 
 from __future__ import annotations
 
 import colorsys
-import dataclasses
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from keras_irtf.data.css import CANVAS, COLORS, IMAGE_PATTERN, read_css_npy, render_2d
+from keras_irtf.data.css_scenes import CANVAS, COLORS, IMAGE_PATTERN, render_2d
 
 SHIFTS = ("render", "noise")
 _SHIFT_ID = {"render": 1, "noise": 2}
@@ -130,18 +131,15 @@ def shifted_canvases(objects_img, name: str, seed: int, clean=None) -> np.ndarra
     return out
 
 
-def _resize(canvases, size: int) -> np.ndarray:
+def resize_canvases(canvases, size: int) -> np.ndarray:
+    """64x64 canvases [N, 64, 64, 3] at `size` (bilinear, as the 2D renderer resizes)."""
     if size == CANVAS:
         return canvases
-    from PIL import Image
-
     return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR)) for c in canvases])
 
 
 def write_shift_pngs(root, objects_img, name: str, seed: int, clean=None):
     """The shifted test images as PNGs under `<root>/shift_<name>/` (the published naming)."""
-    from PIL import Image
-
     folder = shift_folder(root, name)
     folder.mkdir(parents=True, exist_ok=True)
     for i, canvas in enumerate(shifted_canvases(objects_img, name, seed, clean)):
@@ -149,38 +147,5 @@ def write_shift_pngs(root, objects_img, name: str, seed: int, clean=None):
     return folder
 
 
-def load_shifted_images(dataset, name: str, seed: int, verbose: bool = True) -> np.ndarray:
-    """uint8 [N, S, S, 3] for the dataset's test split under `name` at the dataset's image size:
-    the PNGs of `<root>/shift_<name>/` when present, else rendered now."""
-    size = int(dataset.test.images.shape[1])
-    objects_img = read_css_npy(dataset.root)["test"]["objects_img"]
-    n = len(objects_img)
-    folder = shift_folder(dataset.root, name)
-    paths = [folder / IMAGE_PATTERN.format(split="test", index=i) for i in range(n)]
-    if n and paths[0].is_file() and paths[-1].is_file():
-        from keras_irtf.data.images import decode_files
-
-        return decode_files(paths, size, desc=f"CSS test PNGs ({name} shift)", verbose=verbose)
-    clean = None
-    if name == "noise" and dataset.image_mode.get("test") == "png":
-        from keras_irtf.data.images import decode_files
-
-        clean = decode_files([dataset.root / "images" / IMAGE_PATTERN.format(split="test", index=i)
-                              for i in range(n)], CANVAS, desc="CSS test PNGs (for the noise shift)", verbose=verbose)
-    return _resize(shifted_canvases(objects_img, name, seed, clean), size)
-
-
-def attach_shift(dataset, name: str, seed: int, verbose: bool = True):
-    """Give a CSSDataset `test_shift`: its test split (scenes, captions, queries) under `name`."""
-    if name not in SHIFTS:
-        from keras_irtf.config import ConfigError
-
-        raise ConfigError(f"data.css_shift={name!r}: expected one of {list(SHIFTS)}")
-    images = load_shifted_images(dataset, name, seed, verbose)
-    dataset.test_shift = dataclasses.replace(dataset.test, name="test_shift", images=images)
-    dataset.shift_name = name
-    return dataset
-
-
-__all__ = ["SHIFTS", "attach_shift", "load_shifted_images", "noise_shifted", "render_shifted", "shifted_canvases",
+__all__ = ["SHIFTS", "noise_shifted", "render_shifted", "resize_canvases", "shift_folder", "shifted_canvases",
            "write_shift_pngs"]

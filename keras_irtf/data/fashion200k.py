@@ -31,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.data.image_files import prepare_split_images
+from keras_irtf.data.safe_files import contained_path, report_outside
+from keras_irtf.data.sampling import Groups, passes
 from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,6 @@ def read_labels(root, split, on_outside: str = "error", dropped=None):
     A listed path that leaves `root` (absolute, `..`, a symlink out) raises UnsafeFileError
     naming the file and line; with on_outside="skip" the line is left out and (where, path) is
     appended to `dropped`."""
-    from keras_irtf.data.safe_files import contained_path
-
     out = []
     for path in label_files(root, split):
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -205,8 +206,6 @@ class Fashion200kDataset(RetrievalDataset):
 
     def __init__(self, root, image_size: int = 224, on_bad_image: str = "error", file_cache=None,
                  verbose: bool = True, test_query_seed: int = 0):
-        from keras_irtf.data.image_files import prepare_split_images
-
         self.root = Path(root) if root is not None else None
         check_layout(root)
         self.skipped_images = []
@@ -218,8 +217,6 @@ class Fashion200kDataset(RetrievalDataset):
             outside = []
             recs = read_labels(self.root, split_name, on_bad_image, outside)
             if outside:
-                from keras_irtf.data.safe_files import report_outside
-
                 report_outside([f"{w}: {rel}" for w, rel in outside], f"Fashion200k {split_name} labels", verbose)
             if not recs:
                 raise DatasetError(f"the {split_name} label files under {self.root / 'labels'} are empty. "
@@ -310,8 +307,6 @@ class Fashion200kDataset(RetrievalDataset):
         that is not modifiable is replaced by random images until one is; then a parent, a sibling
         caption and a random image of it. (The reference draws no pairs for Fashion200k: `paired`
         is ignored.)"""
-        from keras_irtf.data.sampling import Groups, passes
-
         split, index = self.train, self._index["train"]
         vocab = split.caption_vocab
         lookup = {c: i for i, c in enumerate(vocab)}

@@ -38,6 +38,8 @@ import numpy as np
 from keras_irtf.data.base import DatasetError
 from keras_irtf.data.named_images import (NamedImageDataset, field, named_queries, named_split, read_json_file,
                                           report_dropped, unique)
+from keras_irtf.data.protocols import QueryGroup, TestProtocol
+from keras_irtf.data.safe_files import contained_path, report_outside
 from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -162,8 +164,6 @@ def resolve_images(root, names, index, on_bad_image="error", verbose=True):
     """{name: path} of the names whose image was found; an image with two
     files (dress1.jpg and dress1.png) is always an error, a missing one too unless
     on_bad_image="skip". Paths stay inside images/ (symlinks out of it are refused)."""
-    from keras_irtf.data.safe_files import contained_path, report_outside
-
     images_dir = Path(root) / "images"
     found, missing, outside = {}, [], []
     for name in names:
@@ -254,8 +254,6 @@ class FashionIQDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """Per category: its queries against its own val images, the reference kept (CLIP4Cir)."""
-        from keras_irtf.data.protocols import QueryGroup, TestProtocol
-
         if split_name != "test" or len(queries) != len(self.query_categories):
             return None
         groups = [QueryGroup(c, np.flatnonzero(self.query_categories == c), self.galleries[c], exclude_source=False)

@@ -46,6 +46,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
+
+from keras_irtf.data.pipeline import images_dataset
+from keras_irtf.utils import Progress
+
+try:
+    import fcntl  # POSIX: concurrent appends to the store are serialised with a file lock
+except ImportError:  # pragma: no cover  (not POSIX: appends are not serialised)
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -152,21 +161,13 @@ class _Lock:
 
     def __enter__(self):
         self.f = open(self.path, "a+")
-        try:
-            import fcntl
-
+        if fcntl is not None:
             fcntl.flock(self.f, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover  (not POSIX: appends are not serialised)
-            pass
         return self
 
     def __exit__(self, *exc):
-        try:
-            import fcntl
-
+        if fcntl is not None:
             fcntl.flock(self.f, fcntl.LOCK_UN)
-        except ImportError:  # pragma: no cover
-            pass
         self.f.close()
 
 
@@ -304,11 +305,6 @@ class ImageFeatureCache:
     def _encode(self, split, ids, name, keys):
         """Run the tower on the split's images `ids`; every `flush_every` images the new rows go
         to the store, so an interrupted fill (hours for a large dataset) keeps what it did."""
-        import tensorflow as tf
-
-        from keras_irtf.data.pipeline import images_dataset
-        from keras_irtf.utils import Progress
-
         if self._encode_fn is None:  # traced once for every split
             self._encode_fn = tf.function(self.encoder.encode_images, reduce_retracing=True)
         encode = self._encode_fn
@@ -336,8 +332,6 @@ class ImageFeatureCache:
 
     def add_splits(self, splits: dict):
         """Features of every image of each split (name -> Split), encoded once."""
-        import tensorflow as tf
-
         chunks = [self._table]
         n = len(self._table)
         for name, split in splits.items():
@@ -375,8 +369,6 @@ class ImageFeatureCache:
 
     def gather(self, ids):
         """Graph-friendly: int row ids [B] -> float32 [B, D]."""
-        import tensorflow as tf
-
         return tf.gather(self.table, tf.cast(tf.reshape(ids, [-1]), tf.int32))
 
 

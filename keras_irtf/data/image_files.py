@@ -24,11 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.data.base import DatasetError
-from keras_irtf.layers.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
-from keras_irtf.safety import mark_owned, not_owned_error, owned_kind
 from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, image_dimensions
+from keras_irtf.preprocessing import resize_and_center_crop  # noqa: F401  (the shared geometry)
+from keras_irtf.safety import mark_owned, not_owned_error, owned_kind
+from keras_irtf.utils import Progress
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,6 @@ def report_bad_images(bad, on_bad_image: str, desc: str, verbose: bool = True):
 # ---- decoding (TensorFlow) -------------------------------------------------------------------
 def decode_and_resize(path, size: int):
     """A file path (string tensor) -> uint8 [size, size, 3]. Raises inside tf.data if unreadable."""
-    import tensorflow as tf
-
     raw = tf.io.read_file(path)
     img = tf.io.decode_image(raw, channels=3, expand_animations=False)
     img.set_shape([None, None, 3])
@@ -120,8 +120,6 @@ def decode_and_resize(path, size: int):
 def safe_decode_dataset(path, size: int):
     """A one-element dataset: (image uint8 [size, size, 3], ok bool). A file that cannot be read or
     decoded gives a black image and ok=False instead of an error, so the caller can name it."""
-    import tensorflow as tf
-
     good = tf.data.Dataset.from_tensors(path).map(lambda p: (decode_and_resize(p, size), tf.constant(True)))
     bad = tf.data.Dataset.from_tensors((tf.zeros([size, size, 3], tf.uint8), tf.constant(False)))
     return good.ignore_errors().concatenate(bad).take(1)
@@ -208,10 +206,6 @@ class ImageFileCache:
         data, state = self._open()
         todo = np.flatnonzero(state != 1)  # unreadable ones are retried (a replaced file is picked up)
         if len(todo):
-            import tensorflow as tf
-
-            from keras_irtf.utils import Progress
-
             if verbose:
                 log.info(f"file cache: decoding {len(todo)} image(s) into {self.folder} "
                          f"({len(self.paths) * self.row_bytes / 2**30:.2f} GiB)")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.data.base import DatasetError
-from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
+from keras_irtf.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+from keras_irtf.utils import Progress
 
 
 def check_fits_in_memory(count: int, image_size: int, what: str, fraction: float = 0.8):
@@ -28,16 +31,12 @@ def check_fits_in_memory(count: int, image_size: int, what: str, fraction: float
 
 def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = True) -> np.ndarray:
     """Decode image files into a uint8 [N, size, size, 3] array, in parallel, in order, with the
-    image encoders' geometry (shorter side to `size`, centre crop: see keras_irtf.layers.preprocessing).
+    image encoders' geometry (shorter side to `size`, centre crop: see keras_irtf.preprocessing).
 
     A file that cannot be read or decoded raises DatasetError naming it.
     """
-    import tensorflow as tf
-
     paths = [str(p) for p in paths]
     check_fits_in_memory(len(paths), image_size, desc)
-    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_file
-
     for p in paths:
         if not tf.io.gfile.exists(p):
             raise DatasetError(f"image file {p} is missing")
@@ -57,8 +56,6 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
     ds = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_batch).prefetch(2)
     out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    from keras_irtf.utils import Progress
-
     progress = Progress(len(paths), desc, unit="image") if verbose else None
     i = 0
     it = iter(ds)
@@ -83,7 +80,5 @@ def decode_files(paths, image_size: int, desc: str = "images", verbose: bool = T
 def normalize_images(images):
     """uint8/float [.., H, W, 3] in 0..255 -> float32 ImageNet-normalised (the reference's input;
     the built-in encoders' ImagePreprocessor.normalize)."""
-    import tensorflow as tf
-
     x = tf.cast(images, tf.float32) / 255.0
     return (x - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)

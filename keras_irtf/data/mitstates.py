@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions
+from keras_irtf.data.image_files import prepare_split_images
+from keras_irtf.data.safe_files import contained_path, report_outside
+from keras_irtf.data.sampling import Groups, passes
 from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ def list_images(root, on_outside: str = "error", dropped=None):
 
     A file (or folder) that is a symlink leading out of `root` raises UnsafeFileError; with
     on_outside="skip" it is left out and its path appended to `dropped`."""
-    from keras_irtf.data.safe_files import contained_path
-
     records, ignored = [], 0
     for folder in sorted(p for p in (Path(root) / "images").iterdir() if p.is_dir()):
         parts = folder.name.split()
@@ -104,15 +105,11 @@ class MITStatesDataset(RetrievalDataset):
 
     def __init__(self, root, image_size: int = 224, on_bad_image: str = "error", file_cache=None,
                  verbose: bool = True):
-        from keras_irtf.data.image_files import prepare_split_images
-
         self.root = Path(root) if root is not None else None
         check_layout(root)
         outside = []
         records, ignored = list_images(self.root, on_bad_image, outside)
         if outside:
-            from keras_irtf.data.safe_files import report_outside
-
             report_outside(outside, "MIT-States images", verbose)
         if verbose and ignored:
             log.info(f"MIT-States: ignored {ignored} file(s) that are not .jpg")
@@ -198,8 +195,6 @@ class MITStatesDataset(RetrievalDataset):
         source a target adjective is drawn among those of its noun (its own included, as in the
         reference) and a random image of that caption is the target. When `paired`, each source
         gives two consecutive queries whose target adjectives differ."""
-        from keras_irtf.data.sampling import Groups, passes
-
         split = self.train
         nouns = self._nouns["train"]
         noun_adjs, caption_images = self._noun_adjs["train"], self._caption_images["train"]

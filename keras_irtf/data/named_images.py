@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError, Queries, RetrievalDataset, Split, index_captions, refuse_css_only_keys
+from keras_irtf.data.image_files import prepare_split_images
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ def named_split(split_name: str, names, paths, *, on_bad_image="error", file_cac
     names, paths: one per image (names distinct). Returns (split, kept names {name: id}, bad
     [(path, reason)]): images that fail the checks are left out with on_bad_image="skip" (and
     raise DatasetError with "error", naming them)."""
-    from keras_irtf.data.image_files import prepare_split_images
-
     keep, images, bad = prepare_split_images(
         [str(p) for p in paths], on_bad_image=on_bad_image, file_cache=file_cache, image_size=image_size,
         name=cache_name, desc=desc or cache_name, verbose=verbose,

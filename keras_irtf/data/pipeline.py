@@ -6,7 +6,7 @@ Training batches are dicts
 built from a query list that is fixed by the seed before training starts: the same seed gives the
 same batches, and a resumed run can skip to its step.
 
-Images are normalised by the image encoder's preprocessor (keras_irtf.layers.preprocessing;
+Images are normalised by the image encoder's preprocessor (keras_irtf.preprocessing;
 the assembler passes it, a plain int S stands for the built-in ImageNet preprocessing at S).
 With a frozen-feature cache (keras_irtf.data.feature_cache; the assembler passes a
 CachedFeatureInput in place of the preprocessor) the image entries are int64 rows of the cache
@@ -23,10 +23,14 @@ instead, and no image is read. Otherwise a split's images come from one of three
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.data.base import Queries, Split
-from keras_irtf.layers.preprocessing import ImagePreprocessor
+from keras_irtf.data.image_files import decode_and_resize, safe_decode_dataset
+from keras_irtf.preprocessing import ImagePreprocessor
 
 
 def as_preprocessor(preprocessor) -> ImagePreprocessor:
@@ -44,8 +48,6 @@ def _cached(prep) -> bool:
 
 def _row_loader(split: Split, prep):
     """ids [B] -> int64 rows [B] of the frozen-feature cache (no image is read)."""
-    import tensorflow as tf
-
     rows = tf.constant(prep.rows(split), tf.int64)
     return lambda ids: tf.gather(rows, ids)
 
@@ -59,8 +61,6 @@ def _streams_from_disk(split: Split) -> bool:
 
 
 def _image_table(split: Split):
-    import tensorflow as tf
-
     if not _in_memory(split):
         return None
     return tf.constant(split.images)
@@ -68,8 +68,6 @@ def _image_table(split: Split):
 
 def _array_gather(images, image_size: int):
     """ids [B] -> uint8 [B, S, S, 3] from an array-like that is not a constant (a file cache)."""
-    import tensorflow as tf
-
     shape = tuple(images.shape[1:])
     if shape != (image_size, image_size, 3):
         raise ValueError(f"cached images are {shape}, the pipeline asks for {image_size}x{image_size}x3")
@@ -84,10 +82,6 @@ def _array_gather(images, image_size: int):
 
 def image_loader(split: Split, preprocessor):
     """A TF function: int64 ids [B] -> float32 normalised images [B, S, S, 3]."""
-    import tensorflow as tf
-
-    from keras_irtf.data.image_files import decode_and_resize
-
     prep = as_preprocessor(preprocessor)
     if _cached(prep):
         return _row_loader(split, prep)
@@ -108,10 +102,6 @@ def image_loader(split: Split, preprocessor):
 def _disk_elements(split: Split, ds, id_keys, image_size: int, skip_unreadable: bool):
     """Per-element datasets of dicts -> the same dicts with "<key>_image" uint8 images decoded from
     the split's files for each id key, in parallel and in order."""
-    import tensorflow as tf
-
-    from keras_irtf.data.image_files import safe_decode_dataset
-
     paths = tf.constant([str(p) for p in split.image_paths])
     mode = split.on_bad_image
 
@@ -147,10 +137,6 @@ def _disk_elements(split: Split, ds, id_keys, image_size: int, skip_unreadable: 
 
 
 def _report_skip(image, path):
-    import sys
-
-    import tensorflow as tf
-
     # the process's standard error ("file://stderr" would create a FILE named stderr)
     with tf.control_dependencies([tf.print("warning: skipping unreadable image", path,
                                            "(data.on_bad_image=skip)", output_stream=sys.stderr)]):
@@ -165,8 +151,6 @@ def queries_dataset(split: Split, queries: Queries, vectorizer, batch_size: int,
     image cannot be decoded (training) instead of giving it a black image (evaluation). The
     stream then repeats without end: take the batches you need.
     """
-    import tensorflow as tf
-
     prep = as_preprocessor(preprocessor)
     tensors = {
         "source_id": queries.source_ids.astype(np.int64),
@@ -236,8 +220,6 @@ def training_dataset(dataset, vectorizer, batch_size: int, steps: int, seed: int
 
 def images_dataset(split: Split, ids, batch_size: int, preprocessor):
     """Batches of normalised images of `ids` (gallery indexing)."""
-    import tensorflow as tf
-
     prep = as_preprocessor(preprocessor)
     ids = np.asarray(ids, dtype=np.int64)
     if _streams_from_disk(split) and not _cached(prep):

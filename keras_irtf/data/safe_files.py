@@ -20,6 +20,8 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
+
 from keras_irtf.data.base import DatasetError
 from keras_irtf.safety import is_under
 
@@ -68,8 +70,6 @@ def load_pickled_npy(path):
     array (a pickled dict is saved as a 0-d object array); `.item()` of a 0-d array is returned as
     is. Non-object arrays are read without pickle. Raises UnsafeFileError for a pickle naming a
     callable outside ALLOWED_GLOBALS."""
-    import numpy as np
-
     path = Path(path)
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)

@@ -12,6 +12,11 @@ import re
 import string
 from pathlib import Path
 
+import keras
+import tensorflow as tf
+
+from keras_irtf.utils import atomic_write_text
+
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 
 
@@ -23,8 +28,6 @@ def tokenize_py(text: str) -> list:
 
 def standardize(texts):
     """TF version of `tokenize_py`'s normalisation (before the white-space split)."""
-    import tensorflow as tf
-
     texts = tf.strings.regex_replace(texts, r"[^\x00-\x7F]", "")
     texts = tf.strings.lower(texts)
     return tf.strings.regex_replace(texts, r"[[:punct:]]", "")
@@ -38,8 +41,6 @@ class TextVectorizer:
     """Strings -> int32 [batch, max_length] token ids, usable in tf.data and in exported graphs."""
 
     def __init__(self, vocabulary, max_length: int = 16):
-        import keras
-
         self.vocabulary = list(vocabulary)
         self.max_length = int(max_length)
         self.layer = keras.layers.TextVectorization(
@@ -56,8 +57,6 @@ class TextVectorizer:
         return len(self.layer.get_vocabulary())
 
     def __call__(self, texts):
-        import tensorflow as tf
-
         return tf.cast(self.layer(texts), tf.int32)
 
     @classmethod
@@ -65,8 +64,6 @@ class TextVectorizer:
         return cls(build_vocabulary(texts), max_length)
 
     def save(self, path):
-        from keras_irtf.utils import atomic_write_text
-
         atomic_write_text(path, "\n".join(self.vocabulary) + "\n")
 
     @classmethod

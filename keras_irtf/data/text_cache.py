@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from keras_irtf.utils import Progress
+
 
 class TextEmbeddingCache:
     """Distinct text -> row of a [N, D] table of embeddings computed by `encoder` (run once each)."""
@@ -50,8 +52,6 @@ class TextEmbeddingCache:
 
     def add(self, texts) -> int:
         """Encode the texts not yet cached (each distinct text once); returns how many were new."""
-        from keras_irtf.utils import Progress
-
         new = [t for t in dict.fromkeys(str(t) for t in texts) if t not in self._index]
         if not new:
             return 0

@@ -27,6 +27,8 @@ import numpy as np
 from keras_irtf.data.base import DatasetError
 from keras_irtf.data.named_images import (NamedImageDataset, field, json_lines, named_queries, named_split,
                                           report_dropped, unique)
+from keras_irtf.data.protocols import QueryGroup, TestProtocol
+from keras_irtf.data.safe_files import contained_path, report_outside
 from keras_irtf.registry import register_dataset
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,6 @@ def identity(rel: str) -> str:
 def read_triplet_file(root, name, on_outside="error", verbose=True):
     """[(source, text, target, where)] of a .jsonl file (names normalised), each path contained
     in `root`; with on_outside="skip", a line with a path outside is dropped with a warning."""
-    from keras_irtf.data.safe_files import contained_path, report_outside
-
     path = Path(root) / name
     out, outside = [], []
     for n, entry in json_lines(path, layout_help(root)):
@@ -81,8 +81,6 @@ def read_triplet_file(root, name, on_outside="error", verbose=True):
 
 def read_gallery(root, on_outside="error", verbose=True):
     """[(name, where)] of gallery.txt (blank lines skipped), or None without the file."""
-    from keras_irtf.data.safe_files import contained_path, report_outside
-
     path = Path(root) / GALLERY
     if not path.is_file():
         return None
@@ -157,8 +155,6 @@ class TripletsDataset(NamedImageDataset):
 
     def test_protocol(self, split_name, queries):
         """gallery.txt's images, the source excluded; without it the default (every test image)."""
-        from keras_irtf.data.protocols import QueryGroup, TestProtocol
-
         if split_name != "test" or self.gallery_ids is None:
             return None
         return TestProtocol([QueryGroup("", np.arange(len(queries)), self.gallery_ids, exclude_source=True)])

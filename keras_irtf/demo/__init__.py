@@ -19,7 +19,11 @@ REST predict requests for every signature of the export. The model is loaded wit
 
 from __future__ import annotations
 
+from keras_irtf.demo.app import create_app
+from keras_irtf.demo.app import serve as _serve
+from keras_irtf.demo.ground_truth import find_ground_truth
 from keras_irtf.demo.limits import DemoError, Limits, check_image
+from keras_irtf.demo.served import ServedModel
 from keras_irtf.utils import MissingExtra, optional_import
 
 EXTRA_PACKAGES = ("fastapi", "uvicorn")  # what the page needs of setup.cfg's [demo] extra
@@ -44,15 +48,11 @@ def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
     marker (see keras_irtf.demo.ground_truth);
     `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs. A gallery
     folder that does not hold the images the export embedded is refused (DemoError), as is a
-    damaged export (keras_irtf.serving.export.DamagedExport) and a missing `[demo]` extra.
+    damaged export (keras_irtf.serving.reader.DamagedExport) and a missing `[demo]` extra.
     """
     problem = missing_extra()
     if problem is not None:
         raise DemoError(problem)
-    from keras_irtf.demo.app import create_app
-    from keras_irtf.demo.ground_truth import find_ground_truth
-    from keras_irtf.demo.served import ServedModel
-
     model = ServedModel(model_path, gallery_root=gallery, name=name)
     model.check_gallery()  # thumbnails must show the images the stored embeddings ranked
     model.warm_up_seconds = model.warm_up()
@@ -60,8 +60,6 @@ def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
 
 
 def serve(app, host="127.0.0.1", port=8080, log_level="info", on_ready=None):
-    from keras_irtf.demo.app import serve as _serve
-
     return _serve(app, host=host, port=port, log_level=log_level, on_ready=on_ready)
 
 

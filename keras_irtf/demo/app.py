@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
 from keras_irtf.demo.limits import DemoError, Limits, check_image, k_range, mb_text
 from keras_irtf.demo.tf_serving import format_predict_response, parse_predict_request
@@ -200,8 +201,6 @@ def stored_gallery_embeddings(model):
 
 def _probe_queries():
     """Two small queries (a white and a noise PNG, with and without text) for Cosine's check."""
-    from PIL import Image
-
     out = []
     rng = np.random.default_rng(0)
     for pixels, text in ((np.full((32, 32, 3), 255, np.uint8), ""),

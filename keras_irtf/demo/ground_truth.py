@@ -48,6 +48,9 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+from keras_irtf.data import cirr, fashioniq
+from keras_irtf.data.base import DatasetError
+from keras_irtf.data.css_scenes import NPY_NAME, read_css_npy
 from keras_irtf.demo.limits import DemoError
 
 log = logging.getLogger("keras_irtf.demo")
@@ -219,9 +222,6 @@ def fashioniq_caption_files(root) -> list:
 def from_fashioniq(root, gallery_paths, gallery_root=None) -> GroundTruth:
     """The known queries of a FashionIQ folder (captions/cap.<category>.{train,val}.json): each
     triplet whose candidate and target images are in the gallery (found by ASIN)."""
-    from keras_irtf.data import fashioniq
-    from keras_irtf.data.base import DatasetError
-
     root = Path(root)
     names = _names(gallery_paths, gallery_root)
     files = fashioniq_caption_files(root)
@@ -250,8 +250,6 @@ def from_fashioniq(root, gallery_paths, gallery_root=None) -> GroundTruth:
 def cirr_arrangement(root) -> Optional[str]:
     """The CIRR arrangement whose caption files (train or val) are under `root`, else None;
     DemoError when both are."""
-    from keras_irtf.data import cirr
-
     present = [a for a in cirr.ARRANGEMENTS
                if any((cirr.arrangement_dirs(root, a)[0] / "captions" / f"cap.rc2.{s}.json").is_file()
                       for s in ("train", "val"))]
@@ -264,9 +262,6 @@ def cirr_arrangement(root) -> Optional[str]:
 def from_cirr(root, gallery_paths, gallery_root=None) -> GroundTruth:
     """The known queries of a CIRR folder (either arrangement; splits val and train): each
     caption whose reference and target_hard images are in the gallery."""
-    from keras_irtf.data import cirr
-    from keras_irtf.data.base import DatasetError
-
     root = Path(root)
     names = _names(gallery_paths, gallery_root)
     arrangement = cirr_arrangement(root)
@@ -303,8 +298,6 @@ def from_cirr(root, gallery_paths, gallery_root=None) -> GroundTruth:
 def from_css(root, gallery_paths) -> Optional[GroundTruth]:
     """Known queries of a CSS dataset folder (train and test modifications) whose images are in
     the gallery under their published names (css_<split>_<index>.png)."""
-    from keras_irtf.data.css import NPY_NAME, read_css_npy
-
     root = Path(root)
     by_name = {}
     for gid, p in enumerate(gallery_paths):
@@ -335,8 +328,6 @@ def from_css(root, gallery_paths) -> Optional[GroundTruth]:
 
 def dataset_kind(folder) -> Optional[str]:
     """Which dataset's query files `folder` holds: "css", "fashioniq", "cirr", "triplets" or None."""
-    from keras_irtf.data.css import NPY_NAME
-
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -369,8 +360,6 @@ def find_ground_truth(model, queries=None) -> Optional[GroundTruth]:
     `gallery_root`, `path`; see the module docstring). An explicit `queries` that yields no
     known query over the gallery is refused (DemoError); a dataset found by looking is used only
     when it does."""
-    from keras_irtf.data.css import NPY_NAME
-
     paths = model.gallery_paths
     if not paths:
         return None

@@ -11,6 +11,8 @@ import dataclasses
 import io
 import warnings
 
+from PIL import Image
+
 from keras_irtf.image_limits import DEFAULT_MAX_PIXELS
 
 # Formats the exported graph decodes (tf.io.decode_image inside the export's signatures).
@@ -87,8 +89,6 @@ def _mp(n: int) -> str:
 def check_image(data: bytes, limits: Limits, what: str = "the upload") -> tuple:
     """(width, height, format) of an encoded image, or DemoError (413 over a limit, 400 for bytes
     that are not an image the model can decode)."""
-    from PIL import Image
-
     if len(data) == 0:
         raise DemoError(f"{what} is empty (0 bytes): send the bytes of a JPEG, PNG, GIF or BMP file")
     if len(data) > limits.max_upload_bytes:

@@ -2,7 +2,7 @@
 
 Neither keras nor the rest of keras_irtf's model code is imported, so the demo runs exactly what
 TF Serving runs: the signatures of the version folder, with the gallery stored inside it. The
-folder is read by keras_irtf.serving.export.open_export (TensorFlow and numpy only), as
+folder is read by keras_irtf.serving.reader.open_export (TensorFlow and numpy only), as
 tools/query.py reads it: a damaged export is one "damaged export: <file>" error for both.
 
 Gallery files are opened only by id, each resolved (symbolic links followed) and refused unless
@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import re
 import time
 from pathlib import Path
 from typing import Optional
 
+import tensorflow as tf
+from google.protobuf import json_format
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
+
 from keras_irtf.demo.limits import DemoError, check_k
 from keras_irtf.safety import OutsideRootError, resolve_under
-from keras_irtf.serving.export import gallery_difference, open_export
+from keras_irtf.serving.reader import gallery_difference, open_export
 
 log = logging.getLogger("keras_irtf.demo")
 
@@ -137,7 +143,7 @@ class ServedModel:
     def check_gallery(self):
         """Refuse (DemoError) a gallery folder that does not hold the very images the export
         embedded: the page would show other pictures than the ones the stored embeddings ranked.
-        The same check tools/query.py makes (keras_irtf.serving.export.gallery_difference; query
+        The same check tools/query.py makes (keras_irtf.serving.reader.gallery_difference; query
         embeds such a folder again, the demo serves the stored embeddings only). Nothing is
         checked when the export has no gallery or the folder is not there (thumbnails then fail
         with 404, and tools/demo.py warns)."""
@@ -158,8 +164,6 @@ class ServedModel:
         """Run one signature on a batch: `columns` maps every input name to a list (one value per
         instance; bytes for string inputs). Returns numpy arrays by output name. Errors the model
         reports about the input (TensorFlow's INVALID_ARGUMENT) become DemoError 400."""
-        import tensorflow as tf
-
         fn = self.functions.get(signature_name)
         if fn is None:
             raise DemoError(f'Serving signature name: "{signature_name}" not found in signature def '
@@ -203,10 +207,6 @@ class ServedModel:
     def warm_up(self) -> float:
         """Call every signature once on a small white PNG, so that the first visitor does not wait
         for TensorFlow's first-call set-up. Returns the seconds it took."""
-        import io
-
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.new("RGB", (32, 32), (255, 255, 255)).save(buf, format="PNG")
         png = buf.getvalue()
@@ -225,9 +225,6 @@ class ServedModel:
 
     def metadata(self) -> dict:
         """The GetModelMetadata answer: the SignatureDefs read from saved_model.pb."""
-        from google.protobuf import json_format
-        from tensorflow.core.protobuf import saved_model_pb2
-
         saved = saved_model_pb2.SavedModel()
         saved.ParseFromString((self.path / "saved_model.pb").read_bytes())
         defs = {}

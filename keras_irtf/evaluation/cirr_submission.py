@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from keras_irtf.data.base import DatasetError
+from keras_irtf.evaluation import protocol as P
+from keras_irtf.evaluation.protocol import rank, rank_within
+from keras_irtf.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ def submission_from_embeddings(query_emb, gallery_emb, names, pairids, reference
     query_emb [Q, D]; gallery_emb [N, D] with `names` [N] (image id = row); pairids [Q];
     reference_ids [Q] (rows of the gallery, excluded); members [Q, M] image ids (-1 = none).
     Exact score ties go to the lower image id."""
-    from keras_irtf.evaluation.protocol import rank, rank_within
-
     names = list(names)
     reference_ids = np.asarray(reference_ids, np.int64)
     kk = min(int(k), len(names))
@@ -53,9 +54,6 @@ def write_submission(exp, model, out_dir, verbose=None, backend=None) -> dict:
     """Embed CIRR's test1 queries and gallery with `model` (the run's preprocessing and text
     input, `exp` a keras_irtf.experiment.Experiment of a CIRR config) and write the two files
     into `out_dir`. Returns {"recall": path, "recall_subset": path}."""
-    from keras_irtf.evaluation import protocol as P
-    from keras_irtf.utils import write_json
-
     dataset = exp.dataset
     if not hasattr(dataset, "test1"):
         raise DatasetError(f"--submission writes CIRR's test-server files; this run's dataset is "

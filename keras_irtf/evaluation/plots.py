@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from keras_irtf.evaluation import metrics as M
 
@@ -56,8 +57,6 @@ def whm_sensitivity(runs: dict, alphas=DEFAULT_ALPHAS) -> dict:
 
 
 def _font(size):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
@@ -82,8 +81,6 @@ def _decimals(step):
 
 def draw_whm_plot(data: dict, path=None, title="WHM against alpha", size=(960, 600), mark_alpha=0.5):
     """Draw `whm_sensitivity(...)` data as a PNG (in percent, like the paper). Returns the image."""
-    from PIL import Image, ImageDraw
-
     width, height = size
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)

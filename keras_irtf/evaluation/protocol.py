@@ -26,15 +26,14 @@ WHM reads its "R@K" keys.
 
 from __future__ import annotations
 
-
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf.evaluation import metrics as M
 from keras_irtf.data.base import Queries, RetrievalDataset, Split
 from keras_irtf.data.named_images import NamedImageDataset
 from keras_irtf.data.pipeline import images_dataset, queries_dataset
 from keras_irtf.data.protocols import QueryGroup, TestProtocol, rank_within  # noqa: F401  (part of this module's API)
+from keras_irtf.evaluation import metrics as M
 from keras_irtf.evaluation.retrieval import chunked_top_k, resolve_backend
 from keras_irtf.utils import Progress
 
@@ -53,7 +52,7 @@ def _embedders(model):
 
 def embed_gallery(model, split: Split, ids, batch_size=256, preprocessor=64, verbose=True, desc="gallery"):
     """Embeddings of the split's images `ids`; `preprocessor`: the image encoder's
-    (keras_irtf.layers.preprocessing.ImagePreprocessor, or an int S for the built-in one)."""
+    (keras_irtf.preprocessing.ImagePreprocessor, or an int S for the built-in one)."""
     embed_images, _ = _embedders(model)
     progress = Progress(len(ids), f"embedding {desc}", enabled=verbose, unit="image")
     out = []

@@ -22,6 +22,7 @@ than k gallery items are eligible, the tail holds score -inf and index -1.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.config import choices
 from keras_irtf.utils import optional_import
@@ -88,8 +89,6 @@ def _tf_block_top_k():
     a 1024 x 8192 x 512 block; it compiles once per block shape (k is a Python int, static)."""
     global _block_top_k
     if _block_top_k is None:
-        import tensorflow as tf
-
         @tf.function(jit_compile=True)
         def block_top_k(q, g, g_offset, g_size, exclude, best_scores, best_ids, k):
             scores = tf.matmul(q, g, transpose_b=True)
@@ -110,8 +109,6 @@ def _tf_block_top_k():
 
 
 def _tf_top_k(queries, gallery, k, exclude, query_chunk, gallery_chunk, progress):
-    import tensorflow as tf
-
     step = _tf_block_top_k()
     nq, ng = len(queries), len(gallery)
     out_scores = np.empty((nq, k), np.float32)

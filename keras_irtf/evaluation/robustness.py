@@ -38,8 +38,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.data.base import Queries
+from keras_irtf.data.pipeline import as_preprocessor, queries_dataset
+from keras_irtf.data.text_cache import CachedTextVectorizer
+from keras_irtf.evaluation import metrics as M
+from keras_irtf.evaluation.protocol import embed_gallery, rank, recalls_from_embeddings
+from keras_irtf.utils import Progress
 
 KINDS = ("noise", "jpeg", "fgsm", "pgd", "text")
 DEFAULT_LEVELS = {
@@ -99,8 +105,6 @@ def perturb_texts(texts, how: str, seed: int = 0) -> np.ndarray:
 
 # ---- pixels -------------------------------------------------------------------------------------
 def _pixel_ops(preprocessor):
-    import tensorflow as tf
-
     mean, std = tf.constant(preprocessor.mean), tf.constant(preprocessor.std)
 
     def to_unit(x):
@@ -117,21 +121,15 @@ def _pixel_ops(preprocessor):
 
 def gaussian_noise(u, sigma, seed):
     """[0, 1] pixels + N(0, sigma^2) per pixel (a stateless draw from `seed`, shape [2]), clipped."""
-    import tensorflow as tf
-
     return _noise(tf.convert_to_tensor(u, tf.float32), tf.constant(float(sigma)), tf.constant(seed, tf.int64))
 
 
 def jpeg_reencode(u, quality: int):
     """[0, 1] pixels [B, H, W, 3] -> rounded to 8 bits, JPEG-encoded at `quality`, decoded."""
-    import tensorflow as tf
-
     return _jpeg(tf.convert_to_tensor(u, tf.float32), int(quality))
 
 
 def _tf_functions():
-    import tensorflow as tf
-
     @tf.function(reduce_retracing=True)
     def noise(u, sigma, seed):
         return tf.clip_by_value(u + sigma * tf.random.stateless_normal(tf.shape(u), seed=seed), 0.0, 1.0)
@@ -163,9 +161,6 @@ def _jpeg(u, quality):
 
 
 def _recalls(q, g, split, queries, ks, exclude, query_chunk, gallery_chunk, backend):
-    from keras_irtf.evaluation import metrics as M
-    from keras_irtf.evaluation.protocol import rank
-
     k = min(max(ks), len(g))
     _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, False, backend)
     retrieved = np.where(top >= 0, split.caption_ids[np.maximum(top, 0)], -1)
@@ -183,13 +178,6 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
     those). Returns {"clean": {...}, "noise": {"0.0157": {"R@1": ...}}, ..., "input_grad_l1": x,
     "input_grad_l2": x, "settings": {...}}.
     """
-    import tensorflow as tf
-
-    from keras_irtf.data.pipeline import as_preprocessor, queries_dataset
-    from keras_irtf.data.text_cache import CachedTextVectorizer
-    from keras_irtf.evaluation.protocol import embed_gallery
-    from keras_irtf.utils import Progress
-
     levels = DEFAULT_LEVELS if levels is None else levels
     unknown = [k for k in levels if k not in KINDS]
     if unknown:
@@ -273,8 +261,6 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
             recalls = _recalls(np.concatenate(out), gallery, split, qs, ks, exclude, query_chunk, gallery_chunk,
                                backend)
         else:  # the dataset's own test protocol (FashionIQ's per-category galleries, CIRR's subsets)
-            from keras_irtf.evaluation.protocol import recalls_from_embeddings
-
             recalls = recalls_from_embeddings(np.concatenate(out), np.arange(split.num_images), gallery, qs,
                                               split.caption_ids, protocol, ks, query_chunk=query_chunk,
                                               gallery_chunk=gallery_chunk, verbose=False, backend=backend)

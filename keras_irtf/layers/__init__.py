@@ -14,9 +14,9 @@ from keras_irtf.layers.composers import (CombinerComposer, ConcatComposer, Image
 from keras_irtf.layers.dropout import Dropout
 from keras_irtf.layers.image_encoders import ResNet18Encoder, SmallCNNEncoder
 from keras_irtf.layers.normalization import ScaledL2Normalization, SyncBatchNormalization
-from keras_irtf.layers.preprocessing import ImagePreprocessor
 from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.layers.text_encoders import LSTMTextEncoder
+from keras_irtf.preprocessing import ImagePreprocessor
 
 __all__ = [
     "CLIPImageEncoder",

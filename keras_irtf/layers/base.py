@@ -26,7 +26,7 @@ something else. `check(settings, **context)` and `preprocessor(settings, **conte
 encoders) receive the same arguments.
 
 - ImageEncoder: preprocessed images [B, S, S, 3] -> [B, D]. Owns its preprocessing
-  (`preprocessor`, keras_irtf.layers.preprocessing.ImagePreprocessor).
+  (`preprocessor`, keras_irtf.preprocessing.ImagePreprocessor).
 - TextEncoder: the text input -> [B, D_text]. `input_kind` says what it reads: "tokens" (int ids
   from a vocabulary built over the training texts; `vocab_size` is passed to from_settings) or
   "strings" (raw text, e.g. a frozen BERT with its own tokenizer; the assembler embeds each
@@ -42,7 +42,7 @@ import dataclasses
 
 import keras
 
-from keras_irtf.layers.preprocessing import ImagePreprocessor
+from keras_irtf.preprocessing import ImagePreprocessor
 
 
 def _settings_kwargs(settings) -> dict:

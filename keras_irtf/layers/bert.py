@@ -29,12 +29,14 @@ from typing import Optional
 
 import keras
 import tensorflow as tf
+import tensorflow_hub as hub
+import tensorflow_text  # noqa: F401  (registers the ops the BERT preprocessing models use)
+from keras.src.saving.serialization_lib import SafeModeScope  # not public API: keras is pinned (3.15)
 
-from keras_irtf.config import AT_LEAST_ONE, NON_NEGATIVE
+from keras_irtf.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError
 from keras_irtf.layers.base import TextEncoder
 from keras_irtf.layers.pretrained import HUB_INSTALL, import_keras_hub, require_keras_hub
 from keras_irtf.registry import register_text_encoder
-from keras_irtf.utils import optional_import
 
 HUB_HELP = (
     "keras_irtf never downloads models. Download the TF-Hub BERT models once (on a machine with "
@@ -77,14 +79,7 @@ def check_local_folder(handle, key: str, help_text: str, marker: str = None) -> 
 
 
 def _unsafe_deserialization():
-    try:  # Keras 3.15; the scope is not public API, hence the fallback
-        from keras.src.saving.serialization_lib import SafeModeScope
-
-        return SafeModeScope(False)
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
+    return SafeModeScope(False)
 
 
 class FrozenTextEncoder(TextEncoder):
@@ -199,9 +194,6 @@ class HubBertEncoder(FrozenTextEncoder):
                                  "saved_model.pb")
         enc = check_local_folder(encoder_handle, "model.text_encoder.encoder (encoder_handle)", HUB_HELP,
                                  "saved_model.pb")
-        hub = optional_import("tensorflow_hub", None, "the bert_hub text encoder (model.text_encoder=bert_hub)")
-        import tensorflow_text  # noqa: F401  (registers the ops the preprocessing model uses)
-
         # local folders only (checked above): hub.load reads them without any network access
         self.preprocess_model = hub.load(pre)
         self.encoder_model = hub.load(enc)
@@ -212,8 +204,6 @@ class HubBertEncoder(FrozenTextEncoder):
             return cls(settings.preprocess, settings.encoder, settings.dim, settings.seq_length or None,
                        name="text_encoder")
         except ValueError as e:
-            from keras_irtf.config import ConfigError
-
             raise ConfigError(str(e)) from None
 
     def _encode(self, texts):
@@ -244,8 +234,6 @@ class KerasHubBertEncoder(FrozenTextEncoder):
         self.preset = str(preset) if preset else preset
         path = check_local_folder(preset, "model.text_encoder.preset (preset)", KERAS_HUB_HELP, "config.json")
         keras_hub = import_keras_hub(KERAS_HUB_BERT)
-        import tensorflow_text  # noqa: F401
-
         # an absolute path: a bare preset name would go to the network even if a folder exists
         extra = {"sequence_length": self.seq_length} if self.seq_length else {}
         # Reloading a .keras model runs in Keras' safe mode, which refuses vocabulary files outside
@@ -263,16 +251,12 @@ class KerasHubBertEncoder(FrozenTextEncoder):
         try:
             return cls(settings.preset, settings.dim, settings.seq_length or None, name="text_encoder")
         except ValueError as e:
-            from keras_irtf.config import ConfigError
-
             raise ConfigError(str(e)) from None
 
     @classmethod
     def check(cls, settings, **context):
         """Fail fast (ConfigError with the how-to) when the preset folder is missing, or keras-hub,
         which reads it, is not installed."""
-        from keras_irtf.config import ConfigError
-
         try:
             check_local_folder(settings.preset, "model.text_encoder.preset (preset)", KERAS_HUB_HELP, "config.json")
         except ValueError as e:

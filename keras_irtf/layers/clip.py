@@ -40,6 +40,7 @@ it reloads without the preset folder.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -51,6 +52,7 @@ from keras_irtf.config import NON_NEGATIVE, ConfigError
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.bert import FrozenTextEncoder, _is_url
 from keras_irtf.layers.pretrained import HUB_INSTALL, import_keras_hub, require_keras_hub
+from keras_irtf.preprocessing import ImagePreprocessor
 from keras_irtf.registry import register_image_encoder, register_text_encoder
 
 # where an image encoder's preset folder is configured (named in error messages); model.clip_preset
@@ -321,8 +323,6 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
 
     @classmethod
     def _preset_preprocessor(cls, folder):
-        from keras_irtf.layers.preprocessing import ImagePreprocessor
-
         side, mean, std, note = preset_image_statistics(folder, cls.family)
         name = f"{cls.family.name}:{Path(folder).name}" + (f" ({note})" if note else "")
         return ImagePreprocessor(side, mean, std, name=name)
@@ -330,8 +330,6 @@ class CLIPImageEncoder(_TowerMixin, ImageEncoder):
     def own_preprocessor(self):
         """The preprocessing recorded when the encoder was built from its preset (None if not
         recorded): what a reloaded model uses, with or without the preset folder."""
-        from keras_irtf.layers.preprocessing import ImagePreprocessor
-
         p = self.image_preprocessing
         return None if not p else ImagePreprocessor(p["size"], p["mean"], p["std"], name=p.get("name", "clip"))
 
@@ -509,8 +507,6 @@ class CLIPTextEncoder(_TowerMixin, FrozenTextEncoder):
     def fingerprint_extra(self) -> dict:
         """What the stored text features depend on beyond the weights and the config: the
         tokenizer's vocabulary (and BPE merges), which are Keras assets, not config."""
-        import hashlib
-
         tok = self.preprocessor.tokenizer
         digest = hashlib.sha1()
         for token in tok.get_vocabulary():

@@ -20,6 +20,7 @@ import keras
 from keras_irtf.config import AT_LEAST_ONE
 from keras_irtf.layers.base import ImageEncoder
 from keras_irtf.layers.normalization import SyncBatchNormalization
+from keras_irtf.layers.pretrained import PretrainedImageEncoder
 from keras_irtf.registry import register_image_encoder
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ class ResNet18Encoder(ImageEncoder):
     @classmethod
     def from_settings(cls, settings, *, output_dim, **context):
         if settings is not None and settings.weights:
-            from keras_irtf.layers.pretrained import PretrainedImageEncoder
-
             encoder = PretrainedImageEncoder.from_preset(settings.weights, output_dim, name="image_encoder")
             log.info(f"image encoder: pretrained keras-hub backbone from {encoder.preset}")
             return encoder

@@ -6,6 +6,7 @@ the same sphere.
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 
@@ -66,8 +67,6 @@ class SyncBatchNormalization(keras.layers.BatchNormalization):
         super().__init__(synchronized=True, **kwargs)
 
     def _moments(self, inputs, mask):
-        import tensorflow as tf
-
         if mask is not None:
             return ops.moments(inputs, axes=self._reduction_axes)
         ctx = tf.distribute.get_replica_context()

@@ -30,7 +30,7 @@ import keras
 
 from keras_irtf.config import ConfigError
 from keras_irtf.layers.base import ImageEncoder
-from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from keras_irtf.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from keras_irtf.utils import optional_import
 
 _FETCH_HELP = (

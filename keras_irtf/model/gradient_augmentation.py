@@ -55,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_irtf.config import AT_LEAST_ONE, GA_OLD_KEYS, NON_NEGATIVE, choices
-from keras_irtf.layers.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from keras_irtf.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from keras_irtf.losses import average_over_global_batch, replica_info
 from keras_irtf.registry import GA_METHODS, register_ga_method
 
@@ -598,15 +598,15 @@ class GradientAugmentation(keras.layers.Layer):
                     value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) \
                         else tuple(value)
                 setattr(values, key, value)
-            for key, choices in getattr(values, "CHOICES", {}).items():
+            for key, allowed in getattr(values, "CHOICES", {}).items():
                 value = getattr(values, key)
-                if isinstance(value, tuple):  # a tuple key: every item is one of the choices
-                    bad = [v for v in value if str(v) not in choices]
+                if isinstance(value, tuple):  # a tuple key: every item is one of the allowed
+                    bad = [v for v in value if str(v) not in allowed]
                     if bad:
                         raise ValueError(f"GA {name}.{key}: unknown item(s) {bad}; expected items among "
-                                         f"{list(choices)}")
-                elif str(value) not in choices:
-                    raise ValueError(f"GA {name}.{key}={value!r}: expected one of {list(choices)}")
+                                         f"{list(allowed)}")
+                elif str(value) not in allowed:
+                    raise ValueError(f"GA {name}.{key}={value!r}: expected one of {list(allowed)}")
             self._method_settings[name] = values
         self.active = [GA_METHODS.get(m).obj(self._method_settings[m], self) for m in self.methods]
         self.q = dual_norm(self.attack_norm)

@@ -1,7 +1,8 @@
 """What the export modules share: the export's metadata file name and its errors.
 
-keras_irtf.serving.export writes and opens exports; keras_irtf.serving.op_libraries reads the op
-libraries an export records. Both raise these; export re-exports them.
+keras_irtf.serving.export writes exports, keras_irtf.serving.reader opens them and
+keras_irtf.serving.op_libraries reads the op libraries an export records. All raise these; the
+reader and the export module re-export them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ ops, so `import tensorflow_text` comes first. The export's description records t
                      (only with a gallery: its embeddings are stored in the SavedModel)
 
 Preprocessing is the model's own: images go through the image encoder's ImagePreprocessor
-(keras_irtf.layers.preprocessing, the same object the training and evaluation pipelines use),
+(keras_irtf.preprocessing, the same object the training and evaluation pipelines use),
 text through the text encoder's input kind ("tokens": the run's vocab.txt vectoriser inside the
 graph; "strings": the raw strings, for encoders that tokenise themselves). A new encoder
 therefore exports without any change here.
@@ -31,10 +31,9 @@ Each version folder carries keras_irtf's ownership marker (`.keras_irtf.json`, k
 version"; TF Serving and `tf.saved_model.load` ignore it): `--force` replaces only a version
 folder that holds it, never a folder someone else put there.
 
-Reading an export back (`open_export`, used by tools/query.py and tools/demo.py, which loads the
-SavedModel through `load_export`) checks every file it reads and reports a truncated, missing or
-garbled one as a `DamagedExport` naming it, and an op library that cannot be loaded as a
-`MissingOpLibrary` naming the package to install.
+Reading an export back is keras_irtf.serving.reader (`open_export`, `load_export`, the gallery
+checks), which needs no Keras: tools/query.py and the demo import it, not this module. Its names
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -44,24 +43,28 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+from keras_irtf.experiment import Experiment
+from keras_irtf.image_limits import (DEFAULT_MAX_PIXELS, ImageTooLarge, assert_pixel_limit_graph, check_image_file,
+                                     empty_batch_guard)
 from keras_irtf.safety import (NotOwnedError, OutsideRootError, is_empty_folder, mark_owned, not_owned_error,
                                owned_kind, remove_owned, replace_folder, resolve_under)
-
 from keras_irtf.serving import op_libraries
 from keras_irtf.serving.errors import EXPORT_INFO_NAME, DamagedExport, ExportError, damaged_export  # noqa: F401
+# the reader's names, importable from here as well (the reader needs no Keras; query and demo use it)
+from keras_irtf.serving.reader import (GALLERY_HASHES_NAME, GALLERY_LIST_NAME, IMAGE_EXTENSIONS,  # noqa: F401
+                                       OpenedExport, file_sha256, gallery_difference, gallery_file, list_gallery,
+                                       load_export, open_export, read_export_info)
 
 log = logging.getLogger(__name__)
 
-GALLERY_LIST_NAME = "gallery.txt"  # one gallery path a line, in id order, next to the info file
-GALLERY_HASHES_NAME = "gallery_sha256.txt"  # the sha256 of each gallery file's bytes, in id order
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 DECODE_ERROR = "image_bytes could not be decoded: expected the bytes of a JPEG, PNG, GIF or BMP image"
 VERSION_KIND = "export version"  # the ownership marker's kind in every version folder written here
 STAGING_KIND = "export in progress"  # the hidden folder a version is written in
@@ -84,17 +87,13 @@ class TextPreprocessing:
 
 
 def image_preprocessing_for(cfg, run_dir=None):
-    """The image encoder's preprocessing (keras_irtf.layers.preprocessing.ImagePreprocessor)."""
-    from keras_irtf.experiment import Experiment
-
+    """The image encoder's preprocessing (keras_irtf.preprocessing.ImagePreprocessor)."""
     return Experiment(cfg, verbose=False).preprocessor
 
 
 def text_preprocessing_for(cfg, run_dir=None) -> TextPreprocessing:
     """The text encoder's input from raw strings: the run's vocabulary ("tokens" encoders) or
     the strings themselves ("strings" encoders)."""
-    from keras_irtf.experiment import Experiment
-
     exp = Experiment(cfg, verbose=False)
     if exp.text_input_kind != "tokens":
         return TextPreprocessing("raw_strings", lambda texts: texts, [])
@@ -113,8 +112,6 @@ def text_preprocessing_for(cfg, run_dir=None) -> TextPreprocessing:
 
 def _looks_like_image(data):
     """True when the bytes start with a JPEG, PNG, GIF or BMP signature (a scalar string)."""
-    import tensorflow as tf
-
     head = tf.strings.substr(data, 0, 8)
     return tf.reduce_any(tf.stack([
         tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff"),
@@ -128,10 +125,6 @@ def decode_image(data, max_pixels=None):
     """One encoded image (scalar string) -> uint8 [H, W, 3]. Bytes that are not an image raise
     InvalidArgumentError with DECODE_ERROR (TF's own message would only name formats); with
     `max_pixels`, an image whose header declares more pixels raises it before decoding."""
-    import tensorflow as tf
-
-    from keras_irtf.image_limits import assert_pixel_limit_graph
-
     checks = [tf.debugging.assert_equal(_looks_like_image(data), True, message=DECODE_ERROR)]
     if max_pixels:
         with tf.control_dependencies(checks):
@@ -145,8 +138,6 @@ def decode_image(data, max_pixels=None):
 def images_from_bytes(image_bytes, preprocessor, max_pixels=None):
     """string [B] of encoded images -> float32 [B, S, S, 3] model inputs (inside a graph), through
     the image encoder's preprocessor; images over `max_pixels` are refused before decoding."""
-    import tensorflow as tf
-
     s = preprocessor.size
     return tf.map_fn(
         lambda b: preprocessor(decode_image(b, max_pixels)),
@@ -158,43 +149,9 @@ def images_from_bytes(image_bytes, preprocessor, max_pixels=None):
 # ---- the export module ------------------------------------------------------------------------
 
 
-def gallery_file(folder, name) -> Path:
-    """The gallery file `name` (a path relative to the gallery `folder`), every symlink resolved.
-    A name leading out of the folder (absolute, "..", a link to a file elsewhere) raises
-    ExportError naming it: the exporter, tools/query.py and the demo read only files inside the
-    gallery folder (the folder itself may be a link)."""
-    try:
-        return resolve_under(folder, name, "gallery file")
-    except OutsideRootError as e:
-        raise ExportError(f"{e}: only files inside the gallery folder are read; copy the file into it, or give "
-                          f"--gallery the folder that holds the images") from None
-
-
-def list_gallery(folder) -> list:
-    """Image files under `folder` (recursive, sorted), as paths relative to it. A file that is a
-    link out of the folder raises ExportError naming it (see gallery_file)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"gallery folder {folder} does not exist")
-    files = sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-    if not files:
-        raise ExportError(f"gallery folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    for name in files:
-        gallery_file(folder, name)
-    return files
-
-
 def embed_gallery_files(model, image_prep, folder, paths, batch_size=64, max_pixels=None):
     """Embeddings [N, D] of the gallery files, decoded and preprocessed exactly as the exported
     graph does. A file that cannot be decoded, or is over `max_pixels`, raises ExportError naming it."""
-    import tensorflow as tf
-
-    from keras_irtf.image_limits import ImageTooLarge, check_image_file
-
     files = {p: gallery_file(folder, p) for p in paths}
     for p in paths:
         try:
@@ -228,11 +185,6 @@ def build_export_archive(model, image_prep, text_prep: TextPreprocessing,
 
     `max_pixels`: images whose header declares more pixels are refused (INVALID_ARGUMENT) before
     decoding (keras_irtf.image_limits); None = DEFAULT_MAX_PIXELS, 0 = no limit."""
-    import keras
-    import tensorflow as tf
-
-    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, empty_batch_guard
-
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     side = image_prep.size
     dim = int(model.embed_images(tf.zeros([1, side, side, 3]), training=False).shape[-1])
@@ -388,8 +340,6 @@ def check_export_name(name, out_root) -> Path:
 
 def load_run(run_dir):
     """(config, Keras model) of a run folder written by training."""
-    from keras_irtf.experiment import Experiment
-
     try:
         exp, model = Experiment.from_run(run_dir, verbose=False, load_data=False)
     except FileNotFoundError as e:
@@ -407,8 +357,6 @@ def export_model(model, cfg, out, run_dir=None, gallery=None, version=None, forc
     header declares more pixels (default keras_irtf.image_limits.DEFAULT_MAX_PIXELS; 0 = no
     limit). Returns the version folder.
     """
-    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS
-
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     own = getattr(model.image_encoder, "own_preprocessor", None)  # recorded in the model (CLIP / SigLIP)
     image_prep = (own() if own is not None else None) or image_preprocessing_for(cfg, run_dir)
@@ -481,155 +429,3 @@ def export_run(run_dir, out_root="exported", name=None, gallery=None, version=No
                         force=force, verbose=verbose, max_pixels=max_pixels)
 
 
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_export_info(version_dir) -> dict:
-    """The export's description (endpoints, image size, gallery) from assets.extra/; DamagedExport
-    naming the file when it is not a JSON object."""
-    path = Path(version_dir) / "assets.extra" / EXPORT_INFO_NAME
-    if not path.is_file():
-        raise ExportError(f"{path} not found: {version_dir} is not a keras_irtf export version folder")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise damaged_export(path, e) from None
-    if not isinstance(info, dict):
-        raise damaged_export(path, f"expected a JSON object, found {type(info).__name__}")
-    return info
-
-
-# ---- reading an export back: tools/query.py and the demo ----------------------------------------
-
-
-def _read_lines(path, what: str) -> Optional[list]:
-    """The lines of an assets.extra list file (None when there is none); DamagedExport when it
-    cannot be read as UTF-8 text."""
-    if not path.is_file():
-        return None
-    try:
-        return path.read_text(encoding="utf-8").split("\n")[:-1]
-    except (OSError, ValueError) as e:
-        raise damaged_export(path, f"cannot read the {what} ({e})") from None
-
-
-def load_export(path, info: Optional[dict] = None):
-    """`tf.saved_model.load(path)` of an export version folder, after registering the op libraries
-    its graph runs beyond core TensorFlow (the export's description records them under
-    "op_libraries"; keras_irtf.serving.op_libraries). The one loader of exports: tools/query.py,
-    the demo and open_export go through it. `info`: the export's description (read here when None).
-
-    A truncated saved_model.pb, missing or truncated variables, or any other load failure raises
-    DamagedExport naming the file or folder; an op library that cannot be loaded raises
-    keras_irtf.serving.op_libraries.MissingOpLibrary naming the export, the op and the package."""
-    import tensorflow as tf
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    from keras_irtf.serving.op_libraries import MissingOpLibrary, graph_op_names, register_op_libraries
-
-    path = Path(path)
-    pb = path / "saved_model.pb"
-    try:
-        saved = saved_model_pb2.SavedModel()
-        saved.ParseFromString(pb.read_bytes())
-    except (OSError, DecodeError) as e:
-        raise damaged_export(pb, f"not a SavedModel protocol buffer ({e})") from None
-    if not saved.meta_graphs:
-        raise damaged_export(pb, "it holds no MetaGraph (an empty or cut-short file)")
-    if info is None:
-        info = read_export_info(path) if (path / "assets.extra" / EXPORT_INFO_NAME).is_file() else {}
-    register_op_libraries(path, info, graph_op_names(saved))
-    try:
-        return tf.saved_model.load(str(path))
-    except (tf.errors.NotFoundError, RuntimeError) as e:
-        found = re.search(r"Op type not registered '([^']+)'", str(e))
-        if found:  # not damage: an op library this process lacks (a graph function the scan missed)
-            raise MissingOpLibrary(f"{path}: its graph runs the op {found.group(1)}, which TensorFlow "
-                                   f"{tf.__version__} does not register: install the package that provides it "
-                                   f"(for tensorflow-text: pip install tensorflow-text=="
-                                   f"{'.'.join(tf.__version__.split('.')[:2])}.*)") from None
-        raise damaged_export(_damaged_part(path, e), e) from None
-    except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError, TypeError) as e:
-        raise damaged_export(_damaged_part(path, e), e) from None
-
-
-def _damaged_part(path: Path, error) -> Path:
-    """The file or folder of the export an error of tf.saved_model.load is about: a path inside
-    the export its message names, else variables/ for a checkpoint read, else the folder."""
-    text = str(error)
-    named = re.search(re.escape(str(path)) + r"/[^\s;:'\"]+", text)
-    if named:
-        return Path(named.group(0))
-    if "variables" in text or "checkpoint" in text.lower() or isinstance(error, IndexError):
-        return path / "variables"
-    return path
-
-
-@dataclasses.dataclass
-class OpenedExport:
-    """An export version folder read back: its SavedModel and the files beside it."""
-
-    path: Path
-    info: dict  # keras_irtf_export.json ({} for a SavedModel not written by keras_irtf)
-    module: object  # what tf.saved_model.load returned
-    gallery_paths: Optional[list]  # assets.extra/gallery.txt, in id order (None without a gallery)
-    gallery_hashes: Optional[list]  # assets.extra/gallery_sha256.txt (None: an export without them)
-
-
-def open_export(path, require_info: bool = True) -> OpenedExport:
-    """Load the export version folder `path` for tools/query.py and the demo. Every file is
-    checked as it is read: a damaged one raises DamagedExport ("damaged export: <file>: ...", one
-    line). `require_info=False` also serves a SavedModel without keras_irtf's description."""
-    path = Path(path)
-    if not (path / "saved_model.pb").is_file():
-        raise ExportError(f"{path} holds no saved_model.pb: pass a version folder such as exported/<name>/1")
-    extra = path / "assets.extra"
-    info = read_export_info(path) if require_info or (extra / EXPORT_INFO_NAME).exists() else {}
-    paths = _read_lines(extra / GALLERY_LIST_NAME, "gallery list")
-    hashes = _read_lines(extra / GALLERY_HASHES_NAME, "gallery checksums")
-    recorded = info.get("gallery")
-    if paths is not None and isinstance(recorded, dict) and isinstance(recorded.get("size"), int) \
-            and recorded["size"] != len(paths):
-        raise damaged_export(extra / GALLERY_LIST_NAME, f"it lists {len(paths)} images, the export embedded "
-                                                        f"{recorded['size']} ({EXPORT_INFO_NAME})")
-    if hashes is not None and (paths is None or len(hashes) != len(paths)
-                               or not all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)):
-        raise damaged_export(extra / GALLERY_HASHES_NAME, f"expected one sha256 a line for each entry of "
-                                                          f"{GALLERY_LIST_NAME}")
-    module = load_export(path, info)  # registers the op libraries the export records first
-    return OpenedExport(path, info, module, paths, hashes)
-
-
-def gallery_difference(folder, export_paths, export_hashes, hashes: Optional[dict] = None) -> Optional[str]:
-    """None when `folder` holds, under every path of the export's gallery list, the very file the
-    export embedded (the same sha256): only then do the stored gallery embeddings (`retrieve`)
-    rank the pictures a viewer of the folder sees. Otherwise what differs, for a message.
-    `hashes` maps gallery paths to sha256s already computed. Files are resolved under `folder`:
-    a link out of it is a difference (and is not read)."""
-    if export_paths is None:
-        return "the export has no gallery"
-    if export_hashes is None or len(export_hashes) != len(export_paths):
-        return f"the export records no gallery checksums ({GALLERY_HASHES_NAME}), so its gallery cannot be checked"
-    hashes = hashes or {}
-    for name, want in zip(export_paths, export_hashes):
-        try:
-            path = gallery_file(folder, name)
-        except ExportError:
-            return f"{name} leads outside {folder}"
-        if name not in hashes and not path.is_file():
-            return f"{name} is missing"
-        try:
-            have = hashes[name] if name in hashes else file_sha256(path)
-        except OSError as e:
-            return f"{name} cannot be read ({e.strerror or e})"
-        if have != want:
-            return f"{name} is not the image the export embedded (its sha256 differs)"
-    return None

@@ -16,7 +16,7 @@ encoder using another op library is covered too); the export's description recor
                                                "ops": ["RegexSplitWithOffsets", ...],
                                                "files": ["python/ops/_regex_split_ops.so", ...]}}
 
-At load time `register_op_libraries` (called by keras_irtf.serving.export.load_export, the one
+At load time `register_op_libraries` (called by keras_irtf.serving.reader.load_export, the one
 loader of exports) loads the recorded op files from the installed package (no import of its
 Python side, which for tensorflow-text pulls in Keras), or else imports the package, and raises
 MissingOpLibrary, one line naming the export, the op and the `pip install` to run, when it cannot.
@@ -29,11 +29,16 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import re
 import sys
 import types
 from pathlib import Path
 from typing import Iterable, Optional
+
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.framework import op_def_registry
 
 from keras_irtf.serving.errors import EXPORT_INFO_NAME, ExportError, damaged_export
 
@@ -76,8 +81,6 @@ def graph_op_names(saved_model) -> set:
 
 def read_graph_op_names(version_dir) -> set:
     """graph_op_names of `<version_dir>/saved_model.pb`."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((Path(version_dir) / "saved_model.pb").read_bytes())
     return graph_op_names(saved)
@@ -85,8 +88,6 @@ def read_graph_op_names(version_dir) -> set:
 
 def unregistered_ops(op_names: Iterable[str]) -> list:
     """The op types of `op_names` this process has not registered, sorted."""
-    from tensorflow.python.framework import op_def_registry
-
     return sorted(name for name in op_names if op_def_registry.get(name) is None)
 
 
@@ -162,8 +163,6 @@ def _op_files(package_dir: Optional[Path], wanted: list) -> list:
     a library already loaded), which op module it is; [] when the package folder is unknown."""
     if package_dir is None or not wanted or package_dir.name == "tensorflow":
         return []  # TensorFlow's own op modules are loaded by importing them
-    import tensorflow as tf
-
     loaded = _mapped_files()
     files, left = [], {id(m) for m in wanted}
     for path in sorted(package_dir.rglob("*.so"), key=lambda f: (not f.name.startswith("_"), f)):
@@ -187,8 +186,6 @@ def _mapped_files() -> Optional[set]:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
-    import os
-
     return {os.path.realpath(parts[5]) for parts in (line.split() for line in lines) if len(parts) >= 6}
 
 
@@ -268,8 +265,6 @@ def _load_files(library: str, files) -> bool:
     if folder is None:
         return False
     installed = _installed_files(library)
-    import tensorflow as tf
-
     try:
         for name in files:
             file = (folder / str(name)).resolve()
@@ -297,8 +292,6 @@ def register_op_libraries(path, info: Optional[dict], op_names: Iterable[str]):
     before tf.saved_model.load: load the op libraries `info` records, else (no record) try the
     known ones when an op is missing. MissingOpLibrary (one line: the export, the op, the package
     and the pip command) when an op stays unknown."""
-    import tensorflow as tf
-
     path = Path(path)
     op_names = set(op_names)
     recorded = _recorded(path, info)  # a garbled record is named even when nothing is missing

@@ -7,7 +7,7 @@
 
 Only TensorFlow and Pillow are needed: the exported graph decodes the images and vectorises the
 text (an export that tokenises with tensorflow-text ops, CLIP / SigLIP / BERT, also needs that
-package: keras_irtf.serving.export.load_export registers the op libraries the export records).
+package: keras_irtf.serving.reader.load_export registers the op libraries the export records).
 When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in the
 graph; otherwise the gallery is embedded through `embed_image` and ranked here.
 """
@@ -15,13 +15,17 @@ graph; otherwise the gallery is embedded through `embed_image` and ranked here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import textwrap
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageDraw, ImageFont
 
-from keras_irtf.serving.export import (ExportError, file_sha256, gallery_difference, gallery_file, list_gallery,
+from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_bytes
+from keras_irtf.serving.reader import (ExportError, file_sha256, gallery_difference, gallery_file, list_gallery,
                                        open_export)
 
 INT32_MAX = 2**31 - 1  # k reaches the graph as int32
@@ -46,7 +50,7 @@ class Result:
 class ExportedModel:
     """A SavedModel version folder written by keras_irtf.serving.export, loaded with TensorFlow only.
     A damaged export (truncated saved_model.pb, missing variables, garbled description) raises
-    keras_irtf.serving.export.DamagedExport naming the file (keras_irtf.serving.export.open_export)."""
+    keras_irtf.serving.reader.DamagedExport naming the file (keras_irtf.serving.reader.open_export)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -59,14 +63,10 @@ class ExportedModel:
         self.gallery_hashes = opened.gallery_hashes
 
     def embed_queries(self, image_bytes: list, texts: list) -> np.ndarray:
-        import tensorflow as tf
-
         out = self.signatures["serving_default"](image_bytes=tf.constant(image_bytes), text=tf.constant(texts))
         return out["embedding"].numpy()
 
     def embed_images(self, image_bytes: list, batch_size: int = 64) -> np.ndarray:
-        import tensorflow as tf
-
         fn = self.signatures["embed_image"]
         parts = [fn(image_bytes=tf.constant(image_bytes[i : i + batch_size]))["embedding"].numpy()
                  for i in range(0, len(image_bytes), batch_size)]
@@ -74,8 +74,6 @@ class ExportedModel:
 
     def retrieve(self, image_bytes: bytes, text: str, k: int):
         """(ids, paths, scores) of the top-k of the stored gallery for one query."""
-        import tensorflow as tf
-
         if "retrieve" not in self.signatures:
             raise ExportError(f"{self.path} was exported without a gallery: no retrieve endpoint")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= INT32_MAX:
@@ -93,7 +91,7 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     recognised by content (the file at the query's path if its bytes are the query's, else the
     first gallery file with the same bytes). The export's stored gallery embeddings (`retrieve`)
     are used only when the gallery holds exactly the exported files, by name and by sha256;
-    otherwise the gallery is embedded again (keras_irtf.serving.export.gallery_difference, the
+    otherwise the gallery is embedded again (keras_irtf.serving.reader.gallery_difference, the
     check the demo makes too). Gallery files are read only inside `gallery`: a link out of it
     raises ExportError naming it. `top` beyond the gallery's size gives the whole gallery.
     """
@@ -106,16 +104,12 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     paths = list_gallery(gallery)
     files = [gallery_file(gallery, p) for p in paths]  # each resolved inside the gallery folder
     query_bytes = image.read_bytes()
-    from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, check_image_bytes
-
     max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
     if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
         raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
     hashes = [file_sha256(f) for f in files]
     own = None
     if exclude_query:
-        import hashlib
-
         query_hash = hashlib.sha256(query_bytes).hexdigest()
         resolved = image.resolve()
         same = [i for i, h in enumerate(hashes) if h == query_hash]
@@ -125,8 +119,6 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
                                                            dict(zip(paths, hashes))) is None:
         ids, _, scores = model.retrieve(query_bytes, text, want)
     else:
-        from keras_irtf.image_limits import ImageTooLarge
-
         raw = []
         for p, f in zip(paths, files):
             raw.append(f.read_bytes())
@@ -151,8 +143,6 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
 
 
 def _font(size):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed-size bitmap font
@@ -161,8 +151,6 @@ def _font(size):
 
 def _thumbnail(path, size):
     """The image scaled to fit a size x size white square (small images enlarged without blur)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = size / max(im.size)
@@ -181,8 +169,6 @@ def draw_results(query_image, text: str, results: Iterable[Result], out=None, ta
     `targets` are paths of ground-truth images (compared by content: a result whose bytes equal
     a target's is framed). Returns the PIL image (and writes it to `out` when given).
     """
-    from PIL import Image, ImageDraw
-
     results = list(results)
     target_set = {file_sha256(t) for t in (targets or ())}
     pad, gap, arrow_w, frame = 10, 8, 40, 4

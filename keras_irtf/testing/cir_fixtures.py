@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_irtf.data.cirr import arrangement_dirs
+from keras_irtf.evaluation import protocol
 from keras_irtf.testing.fixtures import _color, _jpeg
 
 FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -112,8 +114,6 @@ def write_cirr(root, arrangement: str = "cirr", train_images: int = 12, val_imag
     Returns {"arrangement", "meta_dir", "image_root", "train" | "val" | "test1": {"names": [...],
     "paths": {name: rel}, "queries": [the written entries]}}.
     """
-    from keras_irtf.data.cirr import arrangement_dirs
-
     root = Path(root)
     meta, images = arrangement_dirs(root, arrangement)
     rng = np.random.default_rng(seed)
@@ -178,8 +178,6 @@ def ranking_embeddings(orders, num_images: int):
 def patch_embeddings(monkeypatch, image_emb, query_emb):
     """Make keras_irtf.evaluation.protocol embed images and queries with the given arrays
     (image id -> row of image_emb; the queries, in order -> query_emb) instead of a model."""
-    from keras_irtf.evaluation import protocol
-
     monkeypatch.setattr(protocol, "embed_gallery", lambda model, split, ids, *a, **k: image_emb[np.asarray(ids)])
     monkeypatch.setattr(protocol, "embed_query_set", lambda model, split, queries, *a, **k: query_emb[: len(queries)])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 # caption -> number of images. Test nouns come from the reference's list; train nouns do not.
 MITSTATES_SPEC = {
@@ -28,8 +29,6 @@ MITSTATES_SPEC = {
 
 
 def _jpeg(path: Path, rng, color, width=None, height=None, quality=85):
-    from PIL import Image
-
     w = int(width or rng.integers(40, 72))
     h = int(height or rng.integers(30, 64))
     base = np.array(color, dtype=np.float32)[None, None, :]

@@ -20,7 +20,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
+import tensorflow_text as text
 
 from keras_irtf.utils import optional_import
 
@@ -36,9 +39,6 @@ def word_vocabulary(texts) -> list:
 
 def make_tiny_hub_bert(folder, texts, hidden_size: int = 32, seed: int = 0):
     """Write folder/preprocess and folder/encoder; returns their paths (str, str)."""
-    import tensorflow as tf
-    import tensorflow_text as text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = word_vocabulary(texts)
@@ -123,7 +123,6 @@ def make_tiny_hub_bert(folder, texts, hidden_size: int = 32, seed: int = 0):
 def make_tiny_keras_hub_bert(folder, texts, hidden_size: int = 32, sequence_length: int = 32, seed: int = 0):
     """Save a 1-layer keras-hub BertBackbone + BertTextClassifierPreprocessor preset; returns the
     folder (str)."""
-    import keras
     keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)

@@ -24,6 +24,8 @@ import io
 import re
 from pathlib import Path
 
+import keras
+
 from keras_irtf.utils import optional_import
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,7 +116,6 @@ def clip_bpe_vocabulary(texts, num_merges: int = 200, vocabulary_size: int = 0):
 def _clip_preset(folder, texts, seed, *, patch, image_size, vision_width, vision_layers, vision_heads,
                  vision_mlp, text_width, text_layers, text_heads, text_mlp, context, projection,
                  num_merges, vocabulary_size=0):
-    import keras
     keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)
@@ -193,7 +194,6 @@ def make_tiny_siglip_preset(folder, texts=(), seed: int = 0, width: int = 32, la
                             vocab_size: int = 96) -> str:
     """A tiny random SigLIP preset in `folder` (created); returns the folder (str). Both towers
     output `width`-d features (SigLIP's text head projects to the vision width)."""
-    import keras
     keras_hub = optional_import("keras_hub", "hub", "the tiny keras-hub presets of keras_irtf.testing")
 
     folder = Path(folder)

@@ -36,10 +36,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import keras
 import numpy as np
 
 from keras_irtf.config import ConfigError, load_config, load_yaml
+from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
 from keras_irtf.evaluation.stats import holm_adjust, paired_t_test
+from keras_irtf.experiment import Experiment
+from keras_irtf.training.loop import train
 from keras_irtf.utils import read_json, write_json
 
 # (name, label, loss.eta on?, ga.methods)
@@ -135,11 +139,6 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
     done yet, in order, logging progress and an estimate of the time left: each remaining job is
     counted at its own row's mean duration so far in this process (the mean of all finished jobs
     for a row not seen yet)."""
-    import keras
-
-    from keras_irtf.experiment import Experiment
-    from keras_irtf.training.loop import train
-
     out = Path(out)
 
     def needed(cell, seed):
@@ -202,9 +201,6 @@ def _load():
 
 def run_robustness(run, cfg, dataset) -> dict:
     """The ablation's robustness columns of one finished run -> <run>/robustness.json."""
-    from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
-    from keras_irtf.experiment import Experiment
-
     run = Path(run)
     exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
     result = robustness_of(exp, model, levels=ABLATION_LEVELS)

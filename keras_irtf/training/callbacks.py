@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 def _tracker_state(metric):
@@ -47,8 +48,6 @@ class TrainingScalars(keras.callbacks.Callback):
         self._writer = None
 
     def on_train_begin(self, logs=None):
-        import tensorflow as tf
-
         self._writer = tf.summary.create_file_writer(self.log_dir) if self.write else None
         # the optimizer's step counter: a resumed run continues its curves where they stopped
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -88,8 +87,6 @@ class TrainingScalars(keras.callbacks.Callback):
             self._write()
 
     def _write(self):
-        import tensorflow as tf
-
         self._collect()
         learning_rate = self.learning_rate()
         if self._writer is None:

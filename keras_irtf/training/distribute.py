@@ -17,9 +17,16 @@ axis=None. Both are guarded by the Keras version: remove them when upstream is f
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
+import socket
+
+import keras
+import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.tensorflow import trainer as tf_trainer
 
 from keras_irtf.config import ConfigError, choices
 from keras_irtf.run_folder import BackupError, latest_backup
@@ -44,8 +51,6 @@ def parse_devices(devices):
 
 def configure_logical_cpus(n: int):
     """Split the CPU into n logical devices (must run before TensorFlow initialises its devices)."""
-    import tensorflow as tf
-
     cpus = tf.config.list_physical_devices("CPU")
     current = tf.config.get_logical_device_configuration(cpus[0])
     if current and len(current) == n:
@@ -73,8 +78,6 @@ def tf_config() -> dict:
 def localhost_tf_configs(num_workers: int) -> list:
     """TF_CONFIG values (JSON strings, worker 0 = chief) for `num_workers` workers on free ports
     of this machine: how the tests and benchmarks try multi-worker training on one host."""
-    import socket
-
     socks = [socket.socket() for _ in range(num_workers)]
     try:
         for s in socks:
@@ -103,8 +106,6 @@ def worker_info():
 def check_devices_exist(names):
     """Raise ConfigError when a device of `names` (e.g. '/gpu:1', 'cpu:1') does not exist here:
     MirroredStrategy over a missing device waits forever in its first step instead of failing."""
-    import tensorflow as tf
-
     available = tf.config.list_logical_devices()
     have = {(d.device_type.upper(), tf.DeviceSpec.from_string(d.name).device_index) for d in available}
     missing = []
@@ -126,8 +127,6 @@ def make_strategy(name: str = "auto", devices=None, collective_timeout_seconds=N
     """A tf.distribute strategy as --strategy/--devices describe (the default strategy for one
     device). `collective_timeout_seconds`: multi-worker collectives that do not complete within
     it fail (DeadlineExceeded) instead of waiting forever for a stuck or lost worker."""
-    import tensorflow as tf
-
     parsed = parse_devices(devices)
     if parsed and parsed[0] == "cpu":
         configure_logical_cpus(parsed[1])
@@ -173,8 +172,6 @@ class _join_watchdog:
 
     def __enter__(self):
         if self.seconds > 0:
-            import faulthandler
-
             workers = tf_config().get("cluster", {}).get("worker", [])
             # a warning, shown under -q too: when the timeout expires the process ends with no other word
             log.warning(f"waiting for the workers of TF_CONFIG's cluster ({', '.join(map(str, workers))}) to connect; "
@@ -186,8 +183,6 @@ class _join_watchdog:
 
     def __exit__(self, *exc):
         if self.sink is not None:
-            import faulthandler
-
             faulthandler.cancel_dump_traceback_later()
             self.sink.close()
         return False
@@ -204,27 +199,19 @@ def check_batch(global_batch: int, strategy):
 
 
 def is_multi_worker(strategy) -> bool:
-    import tensorflow as tf
-
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def patch_keras_multi_worker():
     """Reduce scalar step outputs with axis=None under collective all-reduce (keras#20585)."""
-    import keras
-
     if not keras.__version__.startswith(PATCHED_KERAS):
         return False  # a Keras we have not checked: leave it alone
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
     if getattr(tf_trainer.reduce_per_replica, "_keras_irtf_patch", False):
         return True
     original = tf_trainer.reduce_per_replica
 
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
-            from keras.src import tree
-
             return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original(values, strategy, reduction)
 
@@ -239,8 +226,6 @@ def worker_dataset(strategy, make_dataset, global_batch: int):
     make_dataset(shard_index, num_shards, per_shard_batch) must return a dataset of batches of
     `per_shard_batch` whose k-th batch is slice `shard_index` of the k-th global batch.
     """
-    import tensorflow as tf
-
     def fn(ctx: tf.distribute.InputContext):
         per_replica = ctx.get_per_replica_batch_size(global_batch)
         return make_dataset(ctx.input_pipeline_id, ctx.num_input_pipelines, per_replica * (

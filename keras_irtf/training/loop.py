@@ -13,18 +13,25 @@ A run folder holds: config.yaml (resolved), vocab.txt, model.keras, metrics.json
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from keras_irtf.config import Config, default_run_name, to_yaml
-from keras_irtf.safety import remove_owned
+from keras_irtf.experiment import Experiment, save_model
 from keras_irtf.run_folder import (BACKUP_KIND, LOGS_KIND, BackupError, ensure_owned_dir, latest_backup,
-                                            record_run_files, run_folder_guard)
-from keras_irtf.training.distribute import is_chief_process
+                                   record_run_files, run_folder_guard)
+from keras_irtf.safety import remove_owned
+from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, restore_backup
+from keras_irtf.training.callbacks import TrainingScalars
+from keras_irtf.training.distribute import (check_batch, is_chief_process, is_multi_worker, make_strategy,
+                                            worker_dataset, worker_info)
 from keras_irtf.utils import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -52,11 +59,6 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: 
 
 
 def _train(cfg: Config, verbose: int, callbacks, dataset):
-    from keras_irtf.experiment import Experiment, save_model
-    from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, restore_backup
-    from keras_irtf.training.callbacks import TrainingScalars
-    from keras_irtf.training.distribute import check_batch, is_multi_worker, make_strategy, worker_dataset, worker_info
-
     strategy = make_strategy(cfg.train.strategy, cfg.train.devices, cfg.train.collective_timeout_seconds)
     check_batch(cfg.train.batch_size, strategy)
     multi_worker = is_multi_worker(strategy)
@@ -206,10 +208,6 @@ def fit_segments(start: int, total: int, steps_per_epoch: int):
 
 def weights_digest(model) -> str:
     """sha256 of every weight's bytes, in the model's order (compares runs bit for bit)."""
-    import hashlib
-
-    import numpy as np
-
     h = hashlib.sha256()
     for w in model.get_weights():
         h.update(np.ascontiguousarray(w).tobytes())
@@ -217,8 +215,6 @@ def weights_digest(model) -> str:
 
 
 def _write_eval_summary(run, metrics):
-    import tensorflow as tf
-
     writer = tf.summary.create_file_writer(str(run / "logs" / "eval"))
     with writer.as_default():
         for split in ("test", "train"):

@@ -14,10 +14,13 @@ from: the training and evaluation pipelines (keras_irtf.data.pipeline), the expo
   returns a preprocessor with its own).
 
 An image encoder states its preprocessing through its classmethod `preprocessor(settings, **context)`
-(keras_irtf.layers.base.ImageEncoder).
+(keras_irtf.layers.base.ImageEncoder). This module needs TensorFlow only, not Keras: the data
+pipelines, the export and the readers of exported images use it without the layers.
 """
 
 from __future__ import annotations
+
+import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,8 +28,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def resize_and_center_crop(image, size: int):
     """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side to `size`, centre crop."""
-    import tensorflow as tf
-
     image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
     same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
@@ -65,8 +66,6 @@ class ImagePreprocessor:
 
     def normalize(self, images):
         """uint8 or float pixels in 0..255 [..., S, S, 3] -> float32 model input."""
-        import tensorflow as tf
-
         x = tf.cast(images, tf.float32) / 255.0
         return (x - tf.constant(self.mean)) / tf.constant(self.std)
 
