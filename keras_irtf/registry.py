@@ -214,8 +214,12 @@ def import_modules(names) -> list:
     places looked in), or an exception raised inside the plug-in while it ran (with its
     traceback). A module whose name is already another module's (the standard library's, an
     imported or an installed one) raises PluginNameError (a RegistryError and a ConfigError)
-    before any of it runs."""
-    load_builtins()
+    before any of it runs. The built-in entries are registered first when there are modules
+    to import (so that a clash is the plug-in's); with none, nothing is loaded here (the
+    registries load the built-ins when first asked, and a tool that only reads an export never
+    needs the layers)."""
+    if names:
+        load_builtins()
     modules = []
     for name in names or ():
         name = str(name)
