@@ -141,12 +141,12 @@ def test_store_writes_a_repeated_key_once_and_reads_past_a_torn_row(tmp_path):
 def test_an_interrupted_fill_keeps_what_it_encoded(css_smoke_root, css_smoke, tmp_path, monkeypatch):
     """The fill stores rows as it goes: a fill killed after two batches leaves them in the store,
     and the next run encodes only the rest."""
-    import keras_irtf.data.pipeline as pipeline
+    import keras_irtf.data.feature_cache as feature_cache
     from keras_irtf.data.feature_cache import ImageFeatureCache
 
     exp = _exp(css_smoke_root, tmp_path, dataset=css_smoke)
     model = exp.build_model(exp.build_text_input())
-    real = pipeline.images_dataset
+    real = feature_cache.images_dataset  # the name the cache calls
 
     def two_batches_then_killed(*args, **kwargs):
         for i, batch in enumerate(real(*args, **kwargs)):
@@ -154,7 +154,7 @@ def test_an_interrupted_fill_keeps_what_it_encoded(css_smoke_root, css_smoke, tm
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(pipeline, "images_dataset", two_batches_then_killed)
+    monkeypatch.setattr(feature_cache, "images_dataset", two_batches_then_killed)
     cache = ImageFeatureCache(model.image_encoder, exp.preprocessor, tmp_path, batch_size=8, verbose=False)
     cache.flush_every = 4
     with pytest.raises(KeyboardInterrupt):
@@ -162,7 +162,7 @@ def test_an_interrupted_fill_keeps_what_it_encoded(css_smoke_root, css_smoke, tm
     keys = image_keys(css_smoke.train)
     first = set(keys[:16])  # the two batches (identical scenes share a key)
     assert len(cache.store) == len(first)
-    monkeypatch.setattr(pipeline, "images_dataset", real)
+    monkeypatch.setattr(feature_cache, "images_dataset", real)
     again = ImageFeatureCache(model.image_encoder, exp.preprocessor, tmp_path, batch_size=8, verbose=False)
     again.add_splits({"train": css_smoke.train})
     reused = sum(k in first for k in keys)
