@@ -156,3 +156,29 @@ def test_query_json_is_the_whole_of_stdout(tmp_path):
     assert ranked == [x["path"] for x in answer["results"]]
     scores = [float(line.split()[1]) for line in listing.stdout.splitlines() if line[:3].strip().isdigit()]
     assert scores == [round(x["score"], 4) for x in answer["results"]]
+
+
+def test_exit_now_flushes_the_output_and_skips_the_teardown(tmp_path):
+    """cli.exit_now, which tools/train.py ends with after Ctrl-C: what was printed and logged is
+    written, and Python's own teardown (freeing objects, where TensorFlow's input pipelines can
+    wait for their threads) does not run: an object's finaliser and an atexit function never do."""
+    marker = tmp_path / "finalised"
+    code = (
+        "import atexit, logging, sys\n"
+        "from keras_irtf import cli\n"
+        "cli.configure_logging()\n"
+        "class Slow:\n"
+        f"    def __del__(self): open({str(marker)!r}, 'a').write('finaliser ')\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'a').write('atexit '))\n"
+        "kept = Slow()\n"
+        "print('result on stdout', end='')\n"  # no newline: still in the buffer unless flushed
+        "logging.getLogger('keras_irtf.x').info('a note')\n"
+        "print('the one line', file=sys.stderr, end='')\n"
+        "cli.exit_now(130)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout == "result on stdout"
+    assert done.stderr == "a note\nthe one line"
+    assert not marker.exists()
