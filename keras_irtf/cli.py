@@ -76,8 +76,10 @@ class _ConsoleFormat(logging.Formatter):
 
 def configure_logging(level=logging.INFO, stream=None):
     """Send the `keras_irtf` loggers to `stream` (standard error by default) at `level`, one
-    plain line a record. Standard output is left to results. Called again, it replaces the
-    handler it added before."""
+    plain line a record, and there only: their records no longer reach the root logger, which
+    absl gives a handler of its own the first time TensorFlow logs through it (a SavedModel
+    export does), so each line would otherwise be written twice. Standard output is left to
+    results. Called again, it replaces the handler it added before."""
     logger = logging.getLogger("keras_irtf")
     for handler in list(logger.handlers):
         if getattr(handler, "_keras_irtf_console", False):
@@ -86,6 +88,7 @@ def configure_logging(level=logging.INFO, stream=None):
     handler.setFormatter(_ConsoleFormat("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = False
     return handler
 
 
