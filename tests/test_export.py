@@ -377,10 +377,10 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
 
     # the tool: figure with the ground truth framed when it is retrieved, not otherwise
     tool = _load_tool("query")
-    out = tmp_path / "grid.png"
+    out = tmp_path / "query" / "grid.png"  # a run of the tool replaces the folder its previous run wrote
     target = results[1].path.name
     args = ["--model", str(exported), "--image", str(query), "--text", text, "--gallery", str(gallery),
-            "--top", "10", "--out", str(out), "--thumb", "64"]
+            "--top", "10", "--out", str(out.parent), "--thumb", "64"]
     assert tool.main(args + ["--target", target]) == 0
     printed = capsys.readouterr().out
     assert f"{target}  <- target" in printed

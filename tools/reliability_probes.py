@@ -498,7 +498,7 @@ def _(ctx):
     notes = ctx.tmp / "notes.png"
     notes.write_text("not an image")
     r = cli("query", "--model", path, "--image", notes, "--text", "x", "--gallery", gallery,
-            "--out", ctx.tmp / "grid.png")
+            "--out", ctx.tmp / "query_of_a_text_file")
     return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", r.returncode == 2 and "Traceback" not in r.stderr
 
 
@@ -581,7 +581,7 @@ def _(ctx):
     data = (copy / "saved_model.pb").read_bytes()
     (copy / "saved_model.pb").write_bytes(data[:1000])
     q = cli("query", "--model", copy, "--image", gallery / "g0.png", "--text", "x", "--gallery", gallery,
-            "--out", ctx.tmp / "damaged_grid.png")
+            "--out", ctx.tmp / "query_of_a_damaged_export")
     d = cli("demo", "--model", copy, "--port", "0", "--log-level", "error", timeout=180)
     ok = all(r.returncode == 2 and "Traceback" not in r.stderr and last_line(r.stderr).startswith("error: damaged export")
              for r in (q, d))
