@@ -215,6 +215,22 @@ def test_query_saves_into_a_folder_it_owns_and_replaces_nothing_else(tmp_path):
     assert (work / "report.png").read_bytes() == b"a user's figure"
 
 
+def test_a_script_starts_tensorflow_without_its_cpp_notices_as_the_python_api_page_says():
+    """docs/python-api.md: `import keras` writes TensorFlow's C++ start-up notices to standard
+    error even with TF_CPP_MIN_LOG_LEVEL=3 (on this project's CPU machines: oneDNN's, CUDA's,
+    absl's); cli.start_tensorflow() first, as the page's script does, leaves standard error empty."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    plain = subprocess.run([sys.executable, "-c", "import keras"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert plain.returncode == 0 and "oneDNN" in plain.stderr, plain.stderr[-2000:]
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user's shell has it
+    quiet = subprocess.run([sys.executable, "-c", "from keras_irtf.cli import start_tensorflow\n"
+                            "start_tensorflow()\nimport keras\nimport keras_irtf as kirtf\n"
+                            "print(kirtf.load_config([]).train.steps)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip().isdigit(), quiet.stderr[-2000:]
+    assert quiet.stderr == ""
+
 def test_exit_now_flushes_the_output_and_skips_the_teardown(tmp_path):
     """cli.exit_now, which tools/train.py ends with after Ctrl-C: what was printed and logged is
     written, and Python's own teardown (freeing objects, where TensorFlow's input pipelines can
