@@ -139,7 +139,7 @@ def measure(args, tmp: Path, load_before: str) -> int:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        page_skip = "playwright is not installed (pip install -e '.[demo]')"
+        page_skip = "playwright is not installed (pip install -e '.[test]')"
     if page_skip is None and find_chromium() is None:
         page_skip = "no Chromium installed (apt-get install -y chromium)"
 

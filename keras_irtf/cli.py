@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import shutil
 import sys
 
 from keras_irtf.registry import REGISTRIES, RegistryError, import_modules
@@ -74,8 +76,10 @@ class _ConsoleFormat(logging.Formatter):
 
 def configure_logging(level=logging.INFO, stream=None):
     """Send the `keras_irtf` loggers to `stream` (standard error by default) at `level`, one
-    plain line a record. Standard output is left to results. Called again, it replaces the
-    handler it added before."""
+    plain line a record, and there only: their records no longer reach the root logger, which
+    absl gives a handler of its own the first time TensorFlow logs through it (a SavedModel
+    export does), so each line would otherwise be written twice. Standard output is left to
+    results. Called again, it replaces the handler it added before."""
     logger = logging.getLogger("keras_irtf")
     for handler in list(logger.handlers):
         if getattr(handler, "_keras_irtf_console", False):
@@ -84,6 +88,7 @@ def configure_logging(level=logging.INFO, stream=None):
     handler.setFormatter(_ConsoleFormat("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+    logger.propagate = False
     return handler
 
 
@@ -110,6 +115,38 @@ def start_tensorflow(verbose: bool = False):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def command_line(script, argv, drop=()) -> str:
+    """The shell command that runs `script` with `argv` again, quoted for pasting: the Python
+    that runs now (by name when that name finds it on the PATH), the script as it was given,
+    and the arguments, without the flags in `drop` (flags without a value; an abbreviation
+    argparse accepts for one of them, such as --fre, is left out too)."""
+    python = sys.executable
+    name = os.path.basename(python)
+    found = shutil.which(name)
+    if found and os.path.realpath(found) == os.path.realpath(python):
+        python = name
+
+    def dropped(arg: str) -> bool:
+        return arg.startswith("--") and len(arg) > 3 and any(flag.startswith(arg) for flag in drop)
+
+    return shlex.join([python, str(script), *(a for a in argv if not dropped(a))])
+
+
+def exit_now(code: int):
+    """End the process at once with `code`, once standard output, standard error and the log
+    are flushed. Python's own exit first frees every object, and TensorFlow's input-pipeline
+    iterators wait for their background threads when freed, for up to a minute when one is
+    mid-way through its autotuning pause: after Ctrl-C, when the backup is written and the
+    message printed, nothing is left that is worth that wait."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def names(kind: str) -> list:

@@ -383,7 +383,7 @@ def describe() -> str:
 
 def markdown_table() -> str:
     """The registries as the Markdown table README.md shows (a test keeps the two equal):
-    `python -m keras_irtf.registry`."""
+    `python tools/plugins.py` prints it."""
     rows = ["| kind | config key | registered (own keys) | decorator |", "|---|---|---|---|"]
     for reg in REGISTRIES.values():
         names = []
@@ -392,8 +392,3 @@ def markdown_table() -> str:
         rows.append(f"| {reg.kind} | `{reg.key}` | {'; '.join(names)} | `{reg.decorator}` |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":  # run as a script, this file is not the module the built-ins fill
-    from keras_irtf import registry
-
-    print(registry.markdown_table())

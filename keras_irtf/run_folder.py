@@ -450,12 +450,21 @@ def check_model_file(path):
         raise DamagedModelFile(f"{path} is damaged: no config.json inside (holds {names[:5]}); {advice}")
 
 
-def interrupted_message(run, how: str = "interrupted") -> str:
-    """The one line tools/train.py prints on Ctrl-C or SIGTERM: the step a re-run resumes from."""
+def interrupted_message(run, how: str = "interrupted", stopped_at=None, resume_command=None) -> str:
+    """The one line tools/train.py prints on Ctrl-C or SIGTERM: the step training stopped at
+    (`stopped_at`, when known), the backup a re-run resumes from, and the command that resumes
+    it (`resume_command`; else "the same command")."""
     try:
         info = latest_backup(Path(run) / "backup") if run is not None else None
     except BackupError:
         info = None
+    again = f"`{resume_command}`" if resume_command else "the same command"
+    at = f" at step {stopped_at}" if stopped_at is not None else ""
     if info is None:
-        return f"{how} before the first backup of {run}; run the same command to start again"
-    return f"{how} at step {int(info['step'])} (the last backup in {run}); run the same command to resume"
+        return f"{how}{at} before the first backup of {run}; run {again} to start again"
+    saved = int(info["step"])
+    if stopped_at is None:
+        return f"{how}; the last backup in {run} is from step {saved}; resume with {again}"
+    if stopped_at == saved:
+        return f"{how} at step {saved} (backed up in {run}); resume with {again}"
+    return f"{how} at step {stopped_at}; the last backup in {run} is from step {saved}; resume with {again}"

@@ -24,7 +24,7 @@ OPTIONAL_PACKAGES = {
     "fastapi": "demo",
     "starlette": "demo",
     "uvicorn": "demo",
-    "playwright": "demo",
+    "playwright": "test",  # the demo's browser test and latency benchmark (not the demo)
     "apache_beam": None,
 }
 

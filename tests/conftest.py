@@ -7,10 +7,25 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import logging
+
 import numpy as np
 import pytest
 
 from keras_irtf.config import load_config, repo_configs_dir
+
+
+@pytest.fixture(autouse=True)
+def _keras_irtf_log_as_before():
+    """A tool's main() run in the test process configures the `keras_irtf` logger (its console
+    handler, its level, no propagation to the root logger, where pytest's caplog listens): put
+    it back as it was after each test."""
+    logger = logging.getLogger("keras_irtf")
+    saved = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ESC = "\x1b"
 
 
-def _tool(tool, *args):
+def _tool(tool, *args, cwd=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="-1")
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user's shell has it: the tool itself quiets TensorFlow
     return subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+                          text=True, timeout=600, env=env, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def test_train_and_evaluate_write_results_to_stdout_and_the_rest_to_stderr(css_smoke_root, tmp_path):
@@ -143,16 +143,115 @@ def test_query_json_is_the_whole_of_stdout(tmp_path):
 
     path, gallery, _, _ = export_untrained_smoke(tmp_path, [png(i) for i in range(5)], "exported")
     args = ["--model", path, "--image", gallery / "g0.png", "--text", "make it blue", "--gallery", gallery, "--top", "3"]
-    r = _tool("query", *args, "--json")
+    r = _tool("query", *args, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     answer = json.loads(r.stdout)  # the whole of standard output is the JSON object
     assert [x["rank"] for x in answer["results"]] == [1, 2, 3]
     assert "g0.png" not in [Path(x["path"]).name for x in answer["results"]]  # the query is left out
-    assert answer["figure"] is None and not (tmp_path / "grid.png").exists()
+    assert answer["figure"] is None and not (tmp_path / "queries").exists()  # --json alone writes nothing
     assert "cuda" not in r.stderr.lower() and "absl" not in r.stderr and ESC not in r.stderr
-    listing = _tool("query", *args, "--out", tmp_path / "grid.png")
+    listing = _tool("query", *args, "--out", tmp_path / "q")
     assert listing.returncode == 0, listing.stderr[-2000:]
     ranked = [line.split()[2] for line in listing.stdout.splitlines() if line[:3].strip().isdigit()]
     assert ranked == [x["path"] for x in answer["results"]]
     scores = [float(line.split()[1]) for line in listing.stdout.splitlines() if line[:3].strip().isdigit()]
     assert scores == [round(x["score"], 4) for x in answer["results"]]
+    assert listing.stdout.splitlines()[-1] == f"wrote {tmp_path / 'q'}: grid.png, results.json"
+    saved = json.loads((tmp_path / "q" / "results.json").read_text())  # what --json printed, and the figure
+    assert saved == {**answer, "figure": str(tmp_path / "q" / "grid.png")}
+
+
+
+def test_query_saves_into_a_folder_it_owns_and_replaces_nothing_else(tmp_path):
+    """Without --out, tools/query.py writes grid.png and results.json into
+    queries/<image name>_<text> of the working folder and says so; run again, it replaces that
+    folder (its own, marked); a folder holding a user's file, a file, or the working folder itself
+    given as --out is refused in one line, before anything is written, and left as it was."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from conftest import export_untrained_smoke
+    from keras_irtf.safety import MARKER_NAME
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 24), (40 * i, 255 - 40 * i, 90)).save(buf, "PNG")
+        return buf.getvalue()
+
+    path, gallery, _, _ = export_untrained_smoke(tmp_path, [png(i) for i in range(5)], "exported")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = ["--model", path, "--image", gallery / "g0.png", "--text", "Make it BLUE!", "--gallery", gallery, "--top", "3"]
+    first = _tool("query", *args, cwd=work)
+    assert first.returncode == 0, first.stderr[-2000:]
+    folder = work / "queries" / "g0_make-it-blue"
+    assert first.stdout.splitlines()[-1] == "wrote queries/g0_make-it-blue: grid.png, results.json"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MARKER_NAME, "grid.png", "results.json"])
+    assert sorted(p.name for p in work.iterdir()) == ["queries"]  # nothing else in the working folder
+    saved = json.loads((folder / "results.json").read_text())
+    listed = [line.split()[2] for line in first.stdout.splitlines() if line[:3].strip().isdigit()]
+    assert [r["path"] for r in saved["results"]] == listed and saved["figure"] == "queries/g0_make-it-blue/grid.png"
+    assert Image.open(folder / "grid.png").size[0] > 3 * 128
+
+    (folder / "stale.txt").write_text("from before")  # the folder is replaced as a whole
+    again = _tool("query", *args, cwd=work)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not (folder / "stale.txt").exists() and (folder / "grid.png").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == ["g0_make-it-blue"]  # no partial folder left
+
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (work / "report.png").write_bytes(b"a user's figure")
+    for out, what in (("mine", "a folder"), ("report.png", "a file"), (".", "a folder")):
+        refused = _tool("query", *args, "--out", out, cwd=work)
+        assert refused.returncode == 2 and refused.stdout == "", (out, refused.stderr[-2000:])
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {out} is {what} keras_irtf did not write"), lines
+        assert lines[0].endswith("choose another --out")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert (work / "report.png").read_bytes() == b"a user's figure"
+
+
+def test_a_script_starts_tensorflow_without_its_cpp_notices_as_the_python_api_page_says():
+    """docs/python-api.md: `import keras` writes TensorFlow's C++ start-up notices to standard
+    error even with TF_CPP_MIN_LOG_LEVEL=3 (on this project's CPU machines: oneDNN's, CUDA's,
+    absl's); cli.start_tensorflow() first, as the page's script does, leaves standard error empty."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    plain = subprocess.run([sys.executable, "-c", "import keras"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert plain.returncode == 0 and "oneDNN" in plain.stderr, plain.stderr[-2000:]
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user's shell has it
+    quiet = subprocess.run([sys.executable, "-c", "from keras_irtf.cli import start_tensorflow\n"
+                            "start_tensorflow()\nimport keras\nimport keras_irtf as kirtf\n"
+                            "print(kirtf.load_config([]).train.steps)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout.strip().isdigit(), quiet.stderr[-2000:]
+    assert quiet.stderr == ""
+
+def test_exit_now_flushes_the_output_and_skips_the_teardown(tmp_path):
+    """cli.exit_now, which tools/train.py ends with after Ctrl-C: what was printed and logged is
+    written, and Python's own teardown (freeing objects, where TensorFlow's input pipelines can
+    wait for their threads) does not run: an object's finaliser and an atexit function never do."""
+    marker = tmp_path / "finalised"
+    code = (
+        "import atexit, logging, sys\n"
+        "from keras_irtf import cli\n"
+        "cli.configure_logging()\n"
+        "class Slow:\n"
+        f"    def __del__(self): open({str(marker)!r}, 'a').write('finaliser ')\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'a').write('atexit '))\n"
+        "kept = Slow()\n"
+        "print('result on stdout', end='')\n"  # no newline: still in the buffer unless flushed
+        "logging.getLogger('keras_irtf.x').info('a note')\n"
+        "print('the one line', file=sys.stderr, end='')\n"
+        "cli.exit_now(130)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout == "result on stdout"
+    assert done.stderr == "a note\nthe one line"
+    assert not marker.exists()

@@ -110,7 +110,7 @@ def _css_targets(css_root, gallery):
 
 @pytest.mark.slow
 def test_page_in_headless_chromium(demo, served, exported, gallery, css_smoke_root, tmp_path):
-    pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[demo]'")
+    pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install -e '.[test]'")
     from keras_irtf.demo.process import chromium_page, find_chromium
 
     if find_chromium() is None:
@@ -574,3 +574,37 @@ def test_ground_truth_from_a_queries_file(tmp_path):
     path.write_text('{"image": "dress/a.jpg"}\n')
     with pytest.raises(DemoError, match="line 1: expected"):
         from_jsonl(path, gallery)
+
+
+def test_ctrl_c_stops_the_demo_with_one_line(exported):
+    """SIGINT (Ctrl-C) while serving: uvicorn shuts down, then one line and exit status 130, no
+    traceback. The server ran with Playwright unimportable: the demo never needs it."""
+    from keras_irtf.demo.process import UNIMPORTABLE_IN_THE_CHILD, DemoProcess
+
+    assert "playwright" in UNIMPORTABLE_IN_THE_CHILD
+    with DemoProcess(exported, "--log-level", "warning") as proc:
+        status, _ = proc.request("GET", "/")
+        assert status == 200
+    assert proc.proc.returncode == 130, proc.output()[-3000:]
+    out = proc.output()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "CancelledError" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1] == "keras_irtf demo: stopped (Ctrl-C)"
+
+
+def test_playwright_belongs_to_the_test_extra_and_the_demo_never_imports_it():
+    """Playwright drives Chromium in the browser test and the latency benchmark: the test extra
+    installs it, the demo extra does not, and neither tools/demo.py nor the modules it serves
+    with name it (only keras_irtf.demo.process, the tests' and benchmark's driver, loads it)."""
+    import configparser
+
+    from keras_irtf.utils import OPTIONAL_PACKAGES
+
+    root = Path(__file__).resolve().parent.parent
+    parser = configparser.ConfigParser()
+    parser.read(root / "setup.cfg")
+    extras = {name: value.split() for name, value in parser["options.extras_require"].items()}
+    assert "playwright" in extras["test"] and "playwright" not in extras["demo"]
+    assert OPTIONAL_PACKAGES["playwright"] == "test"
+    served = [root / "tools" / "demo.py"] + [p for p in (root / "keras_irtf" / "demo").glob("*.py")
+                                            if p.name != "process.py"]
+    assert [p.name for p in served if "playwright" in p.read_text().lower()] == []

@@ -250,6 +250,21 @@ def _load_tool(name):
     return module
 
 
+def test_the_export_tool_says_each_line_once(smoke_run, css_smoke_root, tmp_path):
+    """tools/export.py as a user runs it: the note naming the export once (TensorFlow's absl
+    logging gives the root logger a handler of its own mid-export; the tool's log must not reach
+    it as well), and the export's path alone on standard output."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "export.py"), "--run", str(smoke_run), "--gallery",
+                           str(Path(css_smoke_root) / "images"), "--out", str(tmp_path / "exported")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = tmp_path / "exported" / smoke_run.name / "1"
+    assert done.stdout == f"{path}\n"
+    notes = [line for line in done.stderr.splitlines() if str(path) in line]
+    assert notes == [f"exported {path} (endpoints: serving_default, embed_image, retrieve)"], done.stderr[-3000:]
+
+
 def test_versions_force_and_interrupted_export(smoke_run, exported, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -362,10 +377,10 @@ def test_query_search_and_figure(exported, css_smoke_root, tmp_path, capsys):
 
     # the tool: figure with the ground truth framed when it is retrieved, not otherwise
     tool = _load_tool("query")
-    out = tmp_path / "grid.png"
+    out = tmp_path / "query" / "grid.png"  # a run of the tool replaces the folder its previous run wrote
     target = results[1].path.name
     args = ["--model", str(exported), "--image", str(query), "--text", text, "--gallery", str(gallery),
-            "--top", "10", "--out", str(out), "--thumb", "64"]
+            "--top", "10", "--out", str(out.parent), "--thumb", "64"]
     assert tool.main(args + ["--target", target]) == 0
     printed = capsys.readouterr().out
     assert f"{target}  <- target" in printed

@@ -106,17 +106,17 @@ def test_the_export_records_the_op_libraries_its_graph_runs(clip_export):
 
 
 def test_query_tool_in_a_fresh_process_ranks_as_the_keras_model(clip_export, tmp_path):
-    done = _run(["tools/query.py"] + _query_args(clip_export, tmp_path / "grid.png"))
+    done = _run(["tools/query.py"] + _query_args(clip_export, tmp_path / "query"))
     assert done.returncode == 0, done.stderr[-3000:]
     names, scores = _ranking(done.stdout)
     assert names == [clip_export["names"][i] for i in clip_export["ids"]]
     np.testing.assert_allclose(scores, clip_export["scores"], rtol=1e-3, atol=1e-3)
-    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert (tmp_path / "query" / "grid.png").stat().st_size > 0
     # a gallery folder other than the exported one: ranked through embed_image, the same order
     other = tmp_path / "other"
     shutil.copytree(clip_export["gallery"], other)
     (other / "extra.txt").write_text("not an image")
-    done = _run(["tools/query.py"] + _query_args(clip_export, tmp_path / "grid2.png", gallery=other))
+    done = _run(["tools/query.py"] + _query_args(clip_export, tmp_path / "query2", gallery=other))
     assert done.returncode == 0, done.stderr[-3000:]
     assert _ranking(done.stdout)[0] == names
 
@@ -162,7 +162,7 @@ _WITHOUT_TEXT = textwrap.dedent(
 def test_a_missing_op_library_is_one_line_naming_the_package(clip_export, tmp_path):
     version = importlib.metadata.version("tensorflow-text")
     path = str(clip_export["path"])
-    for tool, args in (("tools/query.py", _query_args(clip_export, tmp_path / "grid.png")),
+    for tool, args in (("tools/query.py", _query_args(clip_export, tmp_path / "query")),
                        ("tools/demo.py", ["--model", path, "--port", "0"])):
         done = _run([tool] + args, code=_WITHOUT_TEXT)
         assert done.returncode == 2, (tool, done.stdout[-2000:], done.stderr[-3000:])
@@ -171,7 +171,7 @@ def test_a_missing_op_library_is_one_line_naming_the_package(clip_export, tmp_pa
         assert errors[0].startswith(f"error: {path}: its graph runs the op RegexSplitWithOffsets of tensorflow-text")
         assert errors[0].endswith(f"pip install tensorflow-text=={version}")
         assert "op_libraries" in errors[0] and "Traceback" not in done.stderr
-        assert not (tmp_path / "grid.png").exists()
+        assert not (tmp_path / "query").exists()
 
 
 def test_an_export_without_the_record_still_loads(clip_export, tmp_path):
@@ -184,11 +184,11 @@ def test_an_export_without_the_record_still_loads(clip_export, tmp_path):
     del info["op_libraries"], info["op_library_details"]
     info_file.write_text(json.dumps(info))
     export = dict(clip_export, path=old)
-    done = _run(["tools/query.py"] + _query_args(export, tmp_path / "grid.png"))
+    done = _run(["tools/query.py"] + _query_args(export, tmp_path / "query"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert _ranking(done.stdout)[0] == [clip_export["names"][i] for i in clip_export["ids"]]
     # and without tensorflow-text, the error names the op and the package
-    done = _run(["tools/query.py"] + _query_args(export, tmp_path / "grid.png"), code=_WITHOUT_TEXT)
+    done = _run(["tools/query.py"] + _query_args(export, tmp_path / "query"), code=_WITHOUT_TEXT)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert "RegexSplitWithOffsets" in errors[0] and "pip install tensorflow-text==" in errors[0]

@@ -9,6 +9,7 @@ import ast
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -300,7 +301,9 @@ def test_sigterm_stops_with_the_resume_line(css_smoke_root, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM at step ") and last.endswith("run the same command to resume")
+    match = re.fullmatch(rf"stopped by SIGTERM at step (\d+) \(backed up in {re.escape(str(run))}\); resume with `.+`", last)
+    assert match, last
+    assert int(match.group(1)) == json.loads(state.read_text())["step"]  # the step it stopped after, backed up
 
 
 # ---- containment ----------------------------------------------------------------------------------

@@ -195,4 +195,26 @@ def test_readme_registry_table_is_the_registries():
 
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- registry-table -->\n", 1)[1].split("\n<!-- /registry-table -->", 1)[0]
-    assert block == markdown_table(), "README's registry table is stale: paste `python -m keras_irtf.registry`"
+    assert block == markdown_table(), "README's registry table is stale: paste `python tools/plugins.py`"
+
+
+def test_the_plugin_listing_tool_prints_the_table_and_nothing_on_stderr():
+    """`python tools/plugins.py` prints README's table and nothing else: no runpy warning, none of
+    TensorFlow's C++ start-up lines (the environment a user's shell has: no TF_CPP_MIN_LOG_LEVEL);
+    with --import a user's module joins the listing."""
+    import os
+
+    from keras_irtf.registry import markdown_table
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "plugins.py")], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr == ""
+    assert done.stdout == markdown_table() + "\n"
+    names = subprocess.run([sys.executable, str(ROOT / "tools" / "plugins.py"), "--names", "--import",
+                            str(PLUGINS / "gated_sum_composer.py")], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=300)
+    assert names.returncode == 0 and names.stderr == "", names.stderr[-2000:]
+    composers = names.stdout.splitlines()[0]
+    assert composers.startswith("composer: ") and "gated_sum" in composers.split(": ")[1].split(", ")

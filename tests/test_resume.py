@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -71,6 +72,55 @@ def test_non_finite_loss_stops_with_the_terms(css_smoke_root, tmp_path):
             arrays = []
             f.visititems(lambda name, obj: arrays.append(obj[()]) if hasattr(obj, "shape") else None)
         assert all(np.all(np.isfinite(a)) for a in arrays if np.issubdtype(np.asarray(a).dtype, np.floating))
+
+
+def test_a_signal_stops_after_the_step_backs_it_up_and_the_rerun_resumes_there(css_smoke_root, tmp_path):
+    """SIGINT at the end of step 7, with periodic backups every 100 steps (none would exist yet):
+    training stops after that step, raising TrainingInterrupted that names it; the backup holds
+    step 7; the process's own SIGINT handler is back. The re-run resumes at 7 and measures its
+    seconds per step over the steps it trained itself. Then SIGTERM, twice in one step: the
+    second stops at once, naming no step, and the backup stays at the last one written."""
+    import keras
+
+    from keras_irtf.run_folder import latest_backup
+    from keras_irtf.training.interrupt import TrainingInterrupted
+    from keras_irtf.training.loop import train
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Python runs signal handlers in the main thread only")
+
+    class SignalAfter(keras.callbacks.Callback):
+        def __init__(self, step, signum, times=1):
+            super().__init__()
+            self.step, self.signum, self.times = step, signum, times
+
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == self.step:
+                for _ in range(self.times):
+                    signal.raise_signal(self.signum)
+
+    run = tmp_path / "run"
+    cfg = tiny_config(css_smoke_root, f"train.out={run}", "train.steps=12", "train.steps_per_epoch=12",
+                      "train.backup_every_steps=100", "data.train_recall_queries=16")
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg, verbose=0, callbacks=[SignalAfter(7, signal.SIGINT)])
+    assert (stopped.value.signal_name, stopped.value.step, stopped.value.backup_step) == ("SIGINT", 7, 7)
+    assert int(latest_backup(run / "backup")["step"]) == 7
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert isinstance(stopped.value, KeyboardInterrupt)  # what a script that catches Ctrl-C catches
+
+    with pytest.raises(TrainingInterrupted) as at_once:
+        train(cfg, verbose=0, callbacks=[SignalAfter(9, signal.SIGTERM, times=2)])
+    assert (at_once.value.signal_name, at_once.value.step) == ("SIGTERM", None)
+    assert int(latest_backup(run / "backup")["step"]) == 7  # nothing was written by the stop at once
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+    _, metrics = train(cfg, verbose=0)
+    assert metrics["resumed_from_step"] == 7 and metrics["steps"] == 12
+    assert metrics["training_means"]["from_step"] == 7
+    assert isinstance(metrics["seconds_per_step"], float) and metrics["seconds_per_step"] > 0
+    assert metrics["seconds_per_step"] * 5 <= metrics["train_seconds"]  # 5 steps of this process, within all
 
 
 def test_global_batch_must_split_over_replicas():

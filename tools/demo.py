@@ -18,12 +18,10 @@ Needs the demo extra: pip install -e '.[demo]'.
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow start-up chatter
 
 
 def main(argv=None):
@@ -43,7 +41,14 @@ def main(argv=None):
     p.add_argument("--max-instances", type=int, default=64, help="most queries in one predict request (default 64)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or serving: uvicorn has closed its connections
+        print("keras_irtf demo: stopped (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
 
+
+def run(args):
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from keras_irtf.cli import start_tensorflow
 

@@ -3,19 +3,24 @@
 text, then the top results with their scores, the ground-truth target framed in green.
 
     python tools/query.py --model exported/css_tirg_s0/1 --image q.png --text "make it red" \\
-        --gallery data/gallery --top 10 --out grid.png [--target data/gallery/t.png]
+        --gallery data/gallery --top 10 [--target data/gallery/t.png] [--out queries/red]
 
-Needs only TensorFlow and Pillow (the SavedModel decodes the images and reads the text), plus
-tensorflow-text for an export whose text encoder tokenises with it (CLIP, SigLIP, BERT): the
-export records the op libraries it needs and they are loaded first (docs/serving.md). With
-an export made with --gallery over the same folder, the ranking runs in the graph (`retrieve`);
-otherwise the gallery is embedded with `embed_image` first. The query image is left out of the
-results when it is a gallery file (--keep-query to keep it).
+Writes the figure (grid.png) and the ranking (results.json) into a folder of their own: --out,
+by default queries/<image name>_<text> under the working folder, and prints the ranking and
+where it wrote. The folder must be new or empty, or one tools/query.py wrote before (it is
+replaced); anything else there is refused, never overwritten.
 
-With --json, standard output is one JSON object (the query and its ranked results) and nothing
-else, and the figure is drawn only when --out is given:
+Needs only TensorFlow, Pillow and PyYAML (the SavedModel decodes the images and reads the
+text), plus tensorflow-text for an export whose text encoder tokenises with it (CLIP, SigLIP,
+BERT): the export records the op libraries it needs and they are loaded first
+(docs/serving.md). With an export made with --gallery over the same folder, the ranking runs in
+the graph (`retrieve`); otherwise the gallery is embedded with `embed_image` first. The query
+image is left out of the results when it is a gallery file (--keep-query to keep it).
 
-    python tools/query.py --model ... --image q.png --text "make it red" --gallery data/gallery --json > out.json
+With --json, standard output is one JSON object (the query and its ranked results, what
+results.json holds) and nothing else, and nothing is written unless --out is given:
+
+    python tools/query.py --model ... --image q.png --text "make it red" --gallery data/gallery --json
 """
 
 import argparse
@@ -37,7 +42,9 @@ def main(argv=None):
     p.add_argument("--text", required=True, help="modification text")
     p.add_argument("--gallery", required=True, help="folder of gallery images (recursive)")
     p.add_argument("--top", type=int, default=10)
-    p.add_argument("--out", help="figure to write (PNG; default grid.png, none with --json)")
+    p.add_argument("--out", metavar="DIR",
+                   help="folder for the figure (grid.png) and the ranking (results.json): new, empty or one this tool "
+                        "wrote (default queries/<image name>_<text>; nothing is written with --json unless given)")
     p.add_argument("--target", action="append", default=[],
                    help="ground-truth image (a gallery file; repeatable): framed when retrieved")
     p.add_argument("--keep-query", action="store_true", help="do not drop the query image from the results")
@@ -45,14 +52,24 @@ def main(argv=None):
     p.add_argument("--json", action="store_true",
                    help="print the ranked results as one JSON object on standard output (and nothing else)")
     args = p.parse_args(argv)
-    if args.out is None and not args.json:
-        args.out = "grid.png"
     if args.top < 1:
         p.error("--top must be >= 1")
 
     from keras_irtf.serving.reader import ExportError, file_sha256, gallery_file
     from keras_irtf.image_limits import ImageTooLarge
-    from keras_irtf.serving.query import ExportedModel, QueryError, draw_results, search
+    from keras_irtf.safety import NotOwnedError
+    from keras_irtf.serving.query import (FIGURE_NAME, RANKING_NAME, RESULTS_ROOT, ExportedModel, QueryError,
+                                          check_results_folder, draw_results, results_folder_name, save_results,
+                                          search)
+
+    out = None
+    if args.out is not None or not args.json:
+        out = Path(args.out) if args.out is not None else Path(RESULTS_ROOT) / results_folder_name(args.image, args.text)
+        try:
+            check_results_folder(out)  # before the model loads: a folder of someone else's is refused
+        except NotOwnedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     gallery = Path(args.gallery)
     targets = []
@@ -74,21 +91,29 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     target_hashes = {file_sha256(t) for t in targets}  # by content, as draw_results frames them
-    if args.out:
-        draw_results(args.image, args.text, results, args.out, targets=targets, thumb=args.thumb,
-                     title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")
+    ranking = {
+        "model": str(args.model), "image": str(args.image), "text": args.text, "gallery": str(gallery),
+        "results": [{"rank": r.rank, "path": str(r.path), "score": r.score, "gallery_id": r.gallery_id,
+                     "sha256": r.sha256, "target": r.sha256 in target_hashes} for r in results],
+        "figure": str(out / FIGURE_NAME) if out is not None else None,
+    }
+    if out is not None:
+        figure = draw_results(args.image, args.text, results, targets=targets, thumb=args.thumb,
+                              title=f"{model.info.get('method', '')} | {Path(args.model).parent.name}/{Path(args.model).name}")
+        try:
+            save_results(out, figure, ranking)
+        except (NotOwnedError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.json:
-        print(json.dumps({
-            "model": str(args.model), "image": str(args.image), "text": args.text, "gallery": str(gallery),
-            "results": [{"rank": r.rank, "path": str(r.path), "score": r.score, "gallery_id": r.gallery_id,
-                         "sha256": r.sha256, "target": r.sha256 in target_hashes} for r in results],
-            "figure": args.out,
-        }, indent=2))
+        print(json.dumps(ranking, indent=2))
+        if out is not None:
+            print(f"wrote {out}: {FIGURE_NAME}, {RANKING_NAME}", file=sys.stderr)
         return 0
     for r in results:
         mark = "  <- target" if r.sha256 in target_hashes else ""
         print(f"{r.rank:3d}  {r.score:9.4f}  {r.path}{mark}")
-    print(f"figure: {args.out}")
+    print(f"wrote {out}: {FIGURE_NAME}, {RANKING_NAME}")
     return 0
 
 

@@ -498,7 +498,7 @@ def _(ctx):
     notes = ctx.tmp / "notes.png"
     notes.write_text("not an image")
     r = cli("query", "--model", path, "--image", notes, "--text", "x", "--gallery", gallery,
-            "--out", ctx.tmp / "grid.png")
+            "--out", ctx.tmp / "query_of_a_text_file")
     return f"exit {r.returncode}: {last_line(r.stderr)[:200]}", r.returncode == 2 and "Traceback" not in r.stderr
 
 
@@ -581,7 +581,7 @@ def _(ctx):
     data = (copy / "saved_model.pb").read_bytes()
     (copy / "saved_model.pb").write_bytes(data[:1000])
     q = cli("query", "--model", copy, "--image", gallery / "g0.png", "--text", "x", "--gallery", gallery,
-            "--out", ctx.tmp / "damaged_grid.png")
+            "--out", ctx.tmp / "query_of_a_damaged_export")
     d = cli("demo", "--model", copy, "--port", "0", "--log-level", "error", timeout=180)
     ok = all(r.returncode == 2 and "Traceback" not in r.stderr and last_line(r.stderr).startswith("error: damaged export")
              for r in (q, d))
@@ -682,13 +682,28 @@ def _(ctx):
     return f"exit {r.returncode}; resumed_from_step {step}", r.returncode == 0 and bool(step)
 
 
-@probe("Ctrl-C (SIGINT) during training", "one line 'interrupted at step N ...; run the same command to resume', exit 130", slow=True)
+def _stopped_at_the_backup(err, run, how):
+    """The last line names the step training stopped at, that step is the backup's, and the line
+    ends with the command that resumes."""
+    match = re.fullmatch(rf"{how} at step (\d+) \(backed up in {re.escape(str(run))}\); resume with `.+train\.py .+`",
+                         last_line(err))
+    try:
+        backed_up = json.loads((run / "backup" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        backed_up = None
+    return bool(match) and int(match.group(1)) == backed_up and "Traceback" not in err
+
+
+@probe("Ctrl-C (SIGINT) during training",
+       "stops after the step in progress: one line 'interrupted at step N (backed up in DIR); resume with `COMMAND`' "
+       "where N is the backup's step, exit 130", slow=True)
 def _(ctx):
     run = ctx.tmp / "sigint"
     proc = _start_and_wait(ctx, run, 400, 5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    return f"exit {proc.returncode}: {last_line(err)[:200]}", proc.returncode == 130 and "Traceback" not in err
+    return (f"exit {proc.returncode}: {last_line(err)[:200]}",
+            proc.returncode == 130 and _stopped_at_the_backup(err, run, "interrupted"))
 
 
 # ---- what the project deletes, replaces and records -----------------------------------------------
@@ -832,14 +847,15 @@ def _(ctx):
     return f"exit {r.returncode}: {last_line(r.stderr)[:240]}; partial files left: {partial}", ok
 
 
-@probe("SIGTERM during training", "one line 'stopped by SIGTERM at step N ...; run the same command to resume', exit 143", slow=True)
+@probe("SIGTERM during training",
+       "as Ctrl-C: one line 'stopped by SIGTERM at step N (backed up in DIR); resume with `COMMAND`', exit 143", slow=True)
 def _(ctx):
     run = ctx.tmp / "sigterm"
     proc = _start_and_wait(ctx, run, 400, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     return (f"exit {proc.returncode}: {last_line(err)[:200]}",
-            proc.returncode == 143 and "Traceback" not in err and last_line(err).startswith("stopped by SIGTERM"))
+            proc.returncode == 143 and _stopped_at_the_backup(err, run, "stopped by SIGTERM"))
 
 
 def main(argv=None):
@@ -868,7 +884,7 @@ def main(argv=None):
     passed = sum(r[3] for r in rows)
 
     def cell(text):
-        return str(text).replace("|", "\\|").replace(tmp, "$TMP")
+        return str(text).replace("|", "\\|").replace(tmp, "$TMP").replace(str(ROOT), "$CHECKOUT")
 
     lines = [
         "# Reliability: bad inputs and faults",

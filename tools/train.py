@@ -111,6 +111,14 @@ def resolve_config(args):
     return load_config(paths, overrides + list(args.set))
 
 
+def resume_command(argv) -> str:
+    """This command as it was run, less --fresh and --overwrite: what resumes an interrupted run."""
+    from keras_irtf import cli
+
+    script = sys.argv[0] if argv is None else __file__
+    return cli.command_line(script, sys.argv[1:] if argv is None else argv, drop=("--fresh", "--overwrite"))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`, a container stop), raised where Ctrl-C would be."""
 
@@ -139,6 +147,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback; the backup makes it resumable
+        from keras_irtf import cli
         from keras_irtf.run_folder import interrupted_message
 
         run = None
@@ -146,11 +155,13 @@ def main(argv=None):
             from keras_irtf.training.loop import run_dir_for
 
             run = run_dir_for(cfg)
-        if isinstance(e, Terminated):
-            print(f"\n{interrupted_message(run, 'stopped by SIGTERM')}", file=sys.stderr)
-            return 143
-        print(f"\n{interrupted_message(run)}", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated) or getattr(e, "signal_name", "") == "SIGTERM"
+        stopped_at = getattr(e, "step", None)  # a TrainingInterrupted names the step it backed up
+        message = interrupted_message(run, "stopped by SIGTERM" if terminated else "interrupted", stopped_at,
+                                      resume_command(argv))
+        print(f"\n{message}", file=sys.stderr)
+        # Python's own exit would first free the input pipelines, which can take a minute (cli.exit_now)
+        cli.exit_now(143 if terminated else 130)
     except Exception as e:
         from keras_irtf.training.backup import BackupWriteError, TrainingDiverged, describe_os_error
 
@@ -166,7 +177,8 @@ def main(argv=None):
 
             where = getattr(e, "filename", None) or run_dir_for(cfg)
             print(f"error: writing {where} failed ({describe_os_error(e)}); "
-                  f"{interrupted_message(run_dir_for(cfg), 'stopped')}", file=sys.stderr)
+                  f"{interrupted_message(run_dir_for(cfg), 'stopped', resume_command=resume_command(argv))}",
+                  file=sys.stderr)
             return 5
         from keras_irtf.training.distribute import collective_failure_message
         from keras_irtf.training.loop import run_dir_for

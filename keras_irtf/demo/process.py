@@ -6,8 +6,10 @@ demo's tests and latency benchmark share.
         with chromium_page() as page:                            # headless, loopback only
             page.goto(demo.url)
 
-The child runs tools/demo.py (so this needs a source checkout) with keras made unimportable, so it proves on every run that the
-export is served by TensorFlow alone. It binds to 127.0.0.1 on a port the OS picks.
+The child runs tools/demo.py (so this needs a source checkout) with keras and Playwright made
+unimportable, so it proves on every run that the export is served by TensorFlow alone and that
+the demo itself never needs Playwright (the test extra's browser driver, used here by
+`chromium_page` only). It binds to 127.0.0.1 on a port the OS picks.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from keras_irtf.utils import optional_import
 REPO = Path(__file__).resolve().parents[2]
 _READY = re.compile(r"serving on (http://\S+/)")
 
-# The child: keras cannot be imported (as in a TF Serving-only environment), then the CLI.
+# The child: keras cannot be imported (as in a TF Serving-only environment), nor Playwright (the
+# demo extra does not install it), then the CLI.
+UNIMPORTABLE_IN_THE_CHILD = ("keras", "tf_keras", "playwright")
 _CHILD = (
     "import runpy, sys\n"
-    "for name in ('keras', 'tf_keras'):\n"
+    f"for name in {UNIMPORTABLE_IN_THE_CHILD!r}:\n"
     "    sys.modules[name] = None\n"
     "sys.argv = [{tool!r}] + sys.argv[1:]\n"
     "runpy.run_path({tool!r}, run_name='__main__')\n"
@@ -66,7 +70,8 @@ class DemoProcess:
             [sys.executable, "-u", "-c", _CHILD.format(tool=tool), "--model", self.model, "--port", "0", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env,
             cwd=str(REPO))
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         deadline = time.monotonic() + self.start_timeout
         while self.url is None:
             if self.proc.poll() is not None:
@@ -101,6 +106,7 @@ class DemoProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._pump_thread.join(timeout=10)  # the child's last lines
         if self.log_path:
             Path(self.log_path).write_text(self.output() + "\n")
 
@@ -138,7 +144,7 @@ def chromium_page(width: int = 1200, height: int = 900, executable=None):
     """A headless page of the system's Chromium through Playwright (never a downloaded browser).
     Host names do not resolve, so the page can reach nothing but addresses given as IPs (the demo
     on 127.0.0.1)."""
-    sync_playwright = optional_import("playwright.sync_api", "demo", "the demo's browser page").sync_playwright
+    sync_playwright = optional_import("playwright.sync_api", "test", "the demo's browser page").sync_playwright
     executable = executable or find_chromium()
     if executable is None:
         raise RuntimeError("no Chromium found: install Debian's package (apt-get install -y chromium) "

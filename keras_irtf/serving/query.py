@@ -1,21 +1,28 @@
 """Querying an exported SavedModel and drawing the paper's qualitative figure.
 
-    from keras_irtf.serving.query import ExportedModel, search, draw_results
+    from keras_irtf.serving.query import ExportedModel, search, draw_results, save_results
     model = ExportedModel("exported/css_tirg_s0/1")
     results = search(model, "q.png", "make the red cube blue", "data/gallery", top=10)
-    draw_results("q.png", "make the red cube blue", results, "grid.png", targets=["data/gallery/t.png"])
+    figure = draw_results("q.png", "make the red cube blue", results, targets=["data/gallery/t.png"])
+    save_results("queries/q_make-the-red-cube-blue", figure, {"text": "make the red cube blue", ...})
 
 Only TensorFlow and Pillow are needed: the exported graph decodes the images and vectorises the
 text (an export that tokenises with tensorflow-text ops, CLIP / SigLIP / BERT, also needs that
 package: keras_irtf.serving.reader.load_export registers the op libraries the export records).
 When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in the
 graph; otherwise the gallery is embedded through `embed_image` and ranked here.
+
+A query's figure and ranking are saved as one folder (`save_results`: grid.png and
+results.json), which keras_irtf marks as its own: a later query saved to the same folder
+replaces it, and a folder or file that keras_irtf did not write is never replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Iterable, Optional
@@ -25,6 +32,8 @@ import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
 from keras_irtf.image_limits import DEFAULT_MAX_PIXELS, ImageTooLarge, check_image_bytes
+from keras_irtf.safety import mark_owned, prepare_output_folder, remove_owned, replace_folder
+from keras_irtf.utils import write_json
 from keras_irtf.serving.reader import (ExportError, file_sha256, gallery_difference, gallery_file, list_gallery,
                                        open_export)
 
@@ -32,6 +41,10 @@ INT32_MAX = 2**31 - 1  # k reaches the graph as int32
 
 FRAME_COLOR = (20, 170, 40)  # ground truth
 QUERY_COLOR = (40, 90, 220)
+
+RESULTS_KIND = "query folder"  # the ownership marker's kind of a saved query's results
+RESULTS_ROOT = "queries"  # where tools/query.py saves a query unless told (--out)
+FIGURE_NAME, RANKING_NAME = "grid.png", "results.json"
 
 
 class QueryError(ValueError):
@@ -218,3 +231,39 @@ def draw_results(query_image, text: str, results: Iterable[Result], out=None, ta
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         fig.save(out)
     return fig
+
+
+def results_folder_name(image, text: str) -> str:
+    """A query's default folder name: the query image's name without its extension, then the
+    text, each reduced to letters, digits and dashes ("css_test_000000_remove-top-left-object")."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(image).stem).strip("-.") or "image"
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60].rstrip("-") or "no-text"
+    return f"{stem}_{words}"
+
+
+def check_results_folder(folder) -> Path:
+    """`folder` can receive a query's results: it is missing, empty, or a query folder keras_irtf
+    wrote (which saving replaces). Anything else raises keras_irtf.safety.NotOwnedError naming
+    it, before any work is done."""
+    prepare_output_folder(folder, RESULTS_KIND, "choose another --out", replace=True)
+    return Path(folder)
+
+
+def save_results(folder, figure, ranking: dict) -> Path:
+    """Write `figure` (a PIL image, from draw_results) as grid.png and `ranking` as results.json
+    into `folder`, atomically: they are written into a hidden sibling folder, marked as a query
+    folder of keras_irtf's, which then takes `folder`'s place (check_results_folder's rules).
+    Returns `folder`."""
+    folder = check_results_folder(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    remove_owned(partial, RESULTS_KIND)  # left by an interrupted save of this process id: ours only
+    mark_owned(partial, RESULTS_KIND)
+    try:
+        figure.save(partial / FIGURE_NAME)
+        write_json(partial / RANKING_NAME, ranking)
+        replace_folder(partial, folder, RESULTS_KIND)
+    except BaseException:
+        remove_owned(partial, RESULTS_KIND)
+        raise
+    return folder

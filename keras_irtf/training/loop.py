@@ -32,6 +32,7 @@ from keras_irtf.training.backup import StopOnNonFiniteLoss, TrainingBackup, rest
 from keras_irtf.training.callbacks import TrainingScalars
 from keras_irtf.training.distribute import (check_batch, is_chief_process, is_multi_worker, make_strategy,
                                             worker_dataset, worker_info)
+from keras_irtf.training.interrupt import StopOnRequest, StopRequest, TrainingInterrupted
 from keras_irtf.utils import atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ def train(cfg: Config, verbose: int = 1, callbacks=(), dataset=None, overwrite: 
     one, as tools/ablate.py does); by default it is loaded from the config.
 
     Re-running the same config after a crash continues from `<run>/backup/` (exactly: same
-    batches, optimizer state, learning-rate schedule and random generators). The run folder is
+    batches, optimizer state, learning-rate schedule and random generators). While it trains,
+    Ctrl-C (SIGINT) or SIGTERM finishes the step in progress, backs that step up and raises
+    keras_irtf.training.interrupt.TrainingInterrupted (a KeyboardInterrupt) naming it; a second
+    signal stops at once. The run folder is
     locked while training; a folder holding a finished run is refused unless `overwrite`, and a
     backup written with another config unless `fresh` discards it (run_folder.py).
     """
@@ -108,6 +112,8 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     # on every worker: its reads of the trackers are collectives under multi-worker training
     cbs.append(TrainingScalars(run / "logs" / "train", every_n_steps=every, write=chief))
     cbs += list(callbacks)
+    stop_request = StopRequest()
+    cbs.append(StopOnRequest(stop_request, backup))  # last: every other callback has seen the step
     # Keras' progress bar on a terminal; one line an epoch in a log file or a pipe (its bar's
     # control codes would fill the file). Either way on standard error: standard output carries
     # the results only.
@@ -115,18 +121,23 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
     history = None
     epochs = []  # (steps, {term: that epoch's mean}) of every epoch trained here
     try:
-        for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
-            with contextlib.redirect_stdout(sys.stderr):
-                history = model.fit(batches(first, last), initial_epoch=epoch,
-                                    epochs=epoch + (last - first) // steps_per_epoch,
-                                    steps_per_epoch=steps_per_epoch, **fit_kw)
-            for e in range(len(history.epoch)):
-                epochs.append((steps_per_epoch, {k: float(v[e]) for k, v in history.history.items()}))
+        with stop_request.handling_signals():
+            for first, last, epoch, steps_per_epoch in fit_segments(start, total, spe):
+                with contextlib.redirect_stdout(sys.stderr):
+                    history = model.fit(batches(first, last), initial_epoch=epoch,
+                                        epochs=epoch + (last - first) // steps_per_epoch,
+                                        steps_per_epoch=steps_per_epoch, **fit_kw)
+                for e in range(len(history.epoch)):
+                    epochs.append((steps_per_epoch, {k: float(v[e]) for k, v in history.history.items()}))
+        if stop_request.signum is not None:  # it came after the last step's end: that step is backed up
+            raise TrainingInterrupted(stop_request.signal_name, step=total, backup_step=backup.last_good_step,
+                                      backup_dir=backup.backup_dir)
     except BaseException:
         if chief:
             release_tensorboard(tensorboard)
         raise
     train_seconds = backup.seconds()
+    seconds_here = train_seconds - prior_seconds  # the steps start .. total-1, trained in this process
     if multi_worker:
         # every worker prints a digest of its final weights: in lock-step they are bit-identical
         index, count, _ = worker_info()
@@ -147,7 +158,8 @@ def _train(cfg: Config, verbose: int, callbacks, dataset):
         "batch_size": cfg.train.batch_size,
         "replicas": strategy.num_replicas_in_sync,
         "train_seconds": round(train_seconds, 2),
-        "seconds_per_step": round(train_seconds / max(total - start, 1), 4) if start == 0 else None,
+        # measured over the steps this process trained (after the resumed step on a resumed run)
+        "seconds_per_step": round(seconds_here / (total - start), 4) if total > start else None,
         "resumed_from_step": start or None,
         "final_losses": {k: float(v[-1]) for k, v in (history.history if history else {}).items()},
         # each logged term's mean over the steps trained (from step `from_step`: a resumed run
