@@ -103,7 +103,10 @@ def test_ctrl_c_stops_after_the_step_backs_it_up_and_names_the_resume_command(cs
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
-    line = err.strip().splitlines()[-1]
+    lines = err.strip().splitlines()
+    # heard at once: a line says so before the step in progress has finished
+    assert "SIGINT: stopping after the step in progress and backing it up (Ctrl-C again stops at once)" in lines[:-1]
+    line = lines[-1]
     match = re.fullmatch(rf"interrupted at step (\d+) \(backed up in {re.escape(str(run))}\); resume with `(.+)`", line)
     assert match, line
     step = int(match.group(1))

@@ -15,6 +15,7 @@ from the main thread only, and the previous ones are put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -47,10 +48,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopRequest:
-    """The first stop signal received while training (None until one arrives)."""
+    """The first stop signal received while training (None until one arrives). `announce`: write
+    one line to standard error as the first signal arrives, so that whoever pressed Ctrl-C knows it
+    was heard while the step in progress finishes (a large model's step can take a while)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum = None
+        self.announce = announce
 
     @property
     def signal_name(self) -> str:
@@ -60,6 +64,13 @@ class StopRequest:
         if self.signum is not None:  # the second one: stop now, without waiting for the step
             raise TrainingInterrupted(signal.Signals(signum).name)
         self.signum = signum
+        if self.announce:
+            # os.write, not logging or sys.stderr: a handler may run in the middle of either's write
+            name = signal.Signals(signum).name
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            line = f"{name}: stopping after the step in progress and backing it up ({again} again stops at once)\n"
+            with contextlib.suppress(OSError):
+                os.write(2, line.encode())
 
     @contextlib.contextmanager
     def handling_signals(self, signals=SIGNALS):
