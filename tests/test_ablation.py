@@ -250,6 +250,10 @@ def test_a_study_file_names_its_rows_seeds_and_tables(tmp_path):
     assert study.jobs()[:3] == [("ce", 0, ["ga.methods="]), ("strong", 0, ["ga.methods=pgd", "ga.pgd.steps=2"]),
                                 ("weak", 0, ["ga.methods=fgsm"])]
     assert len(study.jobs()) == 6 and [j[1] for j in study.jobs(seeds=[4])] == [4, 4, 4]
+    # a share of the rows, in the study's order whatever the order asked
+    assert [(r, k) for r, k, _ in study.jobs(rows=["weak", "ce"])] == [("ce", 0), ("weak", 0), ("ce", 1), ("weak", 1)]
+    with pytest.raises(ValueError, match=r"unknown row\(s\) \['wek'\]"):
+        study.jobs(rows=["wek"])
     # training reads the same file as a config (its study: block ignored)
     assert load_config([study.path]).train.steps == 300
     with pytest.raises(ConfigError, match=r"study.rows.typo: .*unknown key ga.pgd.stepz"):

@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    "written by --json; reads no run folder and trains nothing")
     p.add_argument("--study", metavar="FILE", help="a config with a study: block: train its rows over its seeds "
                    "(--seed-ids: a worker's share) and write its tables, instead of the grid")
+    p.add_argument("--rows", help="with --study: train only these comma-separated rows (a worker's share); the "
+                   "tables show every finished row")
     return p.parse_args(argv)
 
 
@@ -95,6 +97,9 @@ def main(argv=None):
         if args.table:
             atomic_write_text(args.table, text)
         return 0
+    if args.rows and not args.study:
+        print("error: --rows is for --study (the grid's subset is --cells)", file=sys.stderr)
+        return 2
     if args.study:
         return _study(args, argv)
     configs = repo_configs_dir()
@@ -170,7 +175,9 @@ def _study(args, argv):
             results = A.collect(out, list(study.rows))
         else:
             seeds = [int(s) for s in args.seed_ids.split(",")] if args.seed_ids else None
-            results = A.run_study(study, out, seeds=seeds, overrides=args.set, robustness=not args.no_robustness)
+            rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+            results = A.run_study(study, out, seeds=seeds, overrides=args.set, robustness=not args.no_robustness,
+                                  rows=rows)
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -458,11 +458,16 @@ class Study:
     def labels(self) -> dict:
         return {name: label for name, (label, _) in self.rows.items()}
 
-    def jobs(self, seeds=None) -> list:
+    def jobs(self, seeds=None, rows=None) -> list:
         """[(row, seed, overrides)], seed-major: every row of seed 0, then of seed 1, ... (so a
-        partial study already pairs every row with the baseline)."""
+        partial study already pairs every row with the baseline). `rows`: only these (a worker's
+        or a session's share, in the study's order)."""
+        if rows is not None:
+            unknown = [r for r in rows if r not in self.rows]
+            if unknown:
+                raise ValueError(f"{self.path}: unknown row(s) {unknown}; the study's rows: {list(self.rows)}")
         return [(name, seed, list(ov)) for seed in (self.seeds if seeds is None else seeds)
-                for name, (_, ov) in self.rows.items()]
+                for name, (_, ov) in self.rows.items() if rows is None or name in rows]
 
 
 STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested")
@@ -524,11 +529,12 @@ def load_study(path) -> Study:
     return Study(path, seeds, baseline, rows, tables, shown, tested)
 
 
-def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print) -> dict:
+def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print,
+              rows=None) -> dict:
     """Train and evaluate every row of the study over its seeds (or `seeds`), resumably (a
     finished run is skipped; several workers may share `out`); returns {row: [metrics per seed]}
     of every finished run of the study in `out`."""
-    jobs = study.jobs(seeds)
+    jobs = study.jobs(seeds, rows)
     _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log)
     return collect(out, list(study.rows))
 
