@@ -20,7 +20,6 @@ vectors). `choose_kind` picks by size. An index is tied to the export that embed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 from keras_irtf.safety import NotOwnedError, OutsideRootError, is_empty_folder, mark_owned, owned_kind, \
     resolve_under
-from keras_irtf.utils import optional_import
+from keras_irtf.utils import file_sha256, optional_import
 
 KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_KIND = "gallery index"  # the ownership marker's kind (keras_irtf.safety)
@@ -202,14 +201,6 @@ def _check_embeddings(embeddings, ids):
     return embeddings
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _prepare(folder: Path):
     """`folder` may take an index: missing, empty, or a gallery index folder keras_irtf wrote."""
     if folder.exists() or folder.is_symlink():
@@ -266,7 +257,7 @@ def build_index(embeddings, ids, out, *, fingerprint: dict, kind: str = "auto", 
         "fingerprint": fingerprint, "images_root": str(Path(images_root).resolve()) if images_root else None,
         "holdout": measured, "build_seconds": round(build_seconds, 3),
         "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "files": {INDEX_NAME: {"bytes": tmp_index.stat().st_size}, IDS_NAME: {"sha256": _sha256(tmp_ids)}},
+        "files": {INDEX_NAME: {"bytes": tmp_index.stat().st_size}, IDS_NAME: {"sha256": file_sha256(tmp_ids)}},
         "faiss": getattr(faiss, "__version__", "unknown"), **(extra_manifest or {}),
     }
     os.replace(tmp_index, out / INDEX_NAME)
@@ -321,7 +312,7 @@ class GalleryIndex:
         for p in (ids_path, index_path):
             if not p.is_file():
                 raise GalleryIndexError(f"damaged index: {p} is missing")
-        if _sha256(ids_path) != recorded.get(IDS_NAME, {}).get("sha256"):
+        if file_sha256(ids_path) != recorded.get(IDS_NAME, {}).get("sha256"):
             raise GalleryIndexError(f"damaged index: {ids_path} differs from the one {MANIFEST_NAME} records")
         if index_path.stat().st_size != recorded.get(INDEX_NAME, {}).get("bytes"):
             raise GalleryIndexError(f"damaged index: {index_path} differs in size from the one {MANIFEST_NAME} "
