@@ -25,7 +25,7 @@ OPTIONAL_PACKAGES = {
     "starlette": "demo",
     "uvicorn": "demo",
     "playwright": "test",  # the demo's browser test and latency benchmark (not the demo)
-    "apache_beam": None,
+    "apache_beam": "beam",  # tools/index.py: the embedding pipeline
 }
 
 
