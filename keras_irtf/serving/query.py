@@ -10,7 +10,9 @@ Only TensorFlow and Pillow are needed: the exported graph decodes the images and
 text (an export that tokenises with tensorflow-text ops, CLIP / SigLIP / BERT, also needs that
 package: keras_irtf.serving.reader.load_export registers the op libraries the export records).
 When the export has a `retrieve` endpoint over the same gallery, the top-k is computed in the
-graph; otherwise the gallery is embedded through `embed_image` and ranked here.
+graph; otherwise the gallery is embedded through `embed_image` and ranked here. `search_index`
+answers from a gallery index instead (keras_irtf.index.ann.GalleryIndex, built by
+tools/index.py from this export's embeddings): only the query is embedded.
 
 A query's figure and ranking are saved as one folder (`save_results`: grid.png and
 results.json), which keras_irtf marks as its own: a later query saved to the same folder
@@ -54,10 +56,11 @@ class QueryError(ValueError):
 @dataclasses.dataclass
 class Result:
     rank: int  # 1-based
-    path: Path  # the gallery file
+    path: Optional[Path]  # the gallery file (None: an index that records no images folder)
     score: float
-    gallery_id: int
+    gallery_id: int  # the position in the gallery: the export's id, or the index's row
     sha256: Optional[str] = None  # of the file's bytes: targets are recognised by content
+    index_id: Optional[str] = None  # the index's id of the image (search_index only)
 
 
 class ExportedModel:
@@ -96,6 +99,21 @@ class ExportedModel:
         return (out["ids"].numpy()[0], [p.decode() for p in out["paths"].numpy()[0]], out["scores"].numpy()[0])
 
 
+def _check_top(top):
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise QueryError(f"top must be an integer >= 1, got {top!r}")
+
+
+def _query_bytes(model: ExportedModel, image: Path) -> bytes:
+    """The query image's bytes, its header checked before the graph decodes it."""
+    if not image.is_file():
+        raise FileNotFoundError(f"query image {image} not found")
+    data = image.read_bytes()
+    if check_image_bytes(data, model.info.get("max_pixels", DEFAULT_MAX_PIXELS), f"query image {image}") is None:
+        raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
+    return data
+
+
 def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclude_query: bool = True) -> list:
     """The top `top` gallery images for (image, text), best first.
 
@@ -110,16 +128,13 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
     """
     gallery = Path(gallery)
     image = Path(image)
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
-        raise QueryError(f"top must be an integer >= 1, got {top!r}")
+    _check_top(top)
     if not image.is_file():
         raise FileNotFoundError(f"query image {image} not found")
     paths = list_gallery(gallery)
     files = [gallery_file(gallery, p) for p in paths]  # each resolved inside the gallery folder
-    query_bytes = image.read_bytes()
+    query_bytes = _query_bytes(model, image)
     max_pixels = model.info.get("max_pixels", DEFAULT_MAX_PIXELS)
-    if check_image_bytes(query_bytes, max_pixels, f"query image {image}") is None:  # before the graph decodes it
-        raise QueryError(f"query image {image} is not a JPEG, PNG, GIF or BMP image (or its header is damaged)")
     hashes = [file_sha256(f) for f in files]
     own = None
     if exclude_query:
@@ -152,6 +167,68 @@ def search(model: ExportedModel, image, text: str, gallery, top: int = 10, exclu
         if own is not None and int(i) == own:
             continue
         results.append(Result(len(results) + 1, gallery / paths[int(i)], float(s), int(i), hashes[int(i)]))
+    return results[:top]
+
+
+def l2_normalised(vectors: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (float32): a gallery index holds L2-normalised image
+    embeddings, so a query is normalised too and the index's scores are cosine similarities."""
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def index_gallery_conflict(gallery, index_folder, images_root) -> Optional[str]:
+    """None when a --gallery given with --index names the index's own images folder (or is not
+    given); else the one-line message saying how the two conflict, for tools/query.py and the
+    demo. `images_root`: the index's images folder (None for an index built from TFRecords)."""
+    if gallery is None:
+        return None
+    if images_root is None:
+        return (f"--gallery {gallery} and --index {index_folder} conflict: the index records no images folder (it was "
+                f"built from TFRecords), so its ids are not files of --gallery; drop --gallery")
+    if Path(gallery).resolve() != Path(images_root).resolve():
+        return (f"--gallery {gallery} and --index {index_folder} conflict: the index ranks the images under "
+                f"{images_root}, not those of --gallery; drop --gallery (the index's images are shown), or build an "
+                f"index of {gallery} with tools/index.py")
+    return None
+
+
+def search_index(model: ExportedModel, image, text: str, index, top: int = 10, exclude_query: bool = True) -> list:
+    """The top `top` images of a gallery index for (image, text), best first.
+
+    `index` is a keras_irtf.index.ann.GalleryIndex built from this export's embeddings (load it
+    with the export's fingerprint, so that another export's index is refused). The query is
+    embedded by `serving_default`, L2-normalised, and its neighbours are the index's: each
+    result's score is the cosine similarity of the two embeddings, its gallery_id the index's row
+    and its index_id the index's id. Result files are found under the index's images folder
+    (index.image_path: resolved, and refused when a link leads out of it); an index without one
+    (built from TFRecords) gives results without a path. The query image is left out of the
+    results when it is one of the gallery files (by content, as `search` does: the file at the
+    query's own path in the images folder, else a result with the very same bytes), unless
+    exclude_query=False. Only the results' files are read, never the whole gallery.
+    """
+    _check_top(top)
+    image = Path(image)
+    query_bytes = _query_bytes(model, image)
+    query = l2_normalised(model.embed_queries([query_bytes], [text]))
+    root = index.images_root
+    exclude_query = exclude_query and root is not None  # without files, no result can be recognised
+    want = min(top + int(exclude_query), index.size)
+    scores, rows = index.search(query, want)
+    found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
+    paths = {r: index.image_path(r) for r, _ in found} if root is not None else {}
+    hashes = {r: file_sha256(p) for r, p in paths.items()}
+    own = None
+    if exclude_query:
+        query_hash = hashlib.sha256(query_bytes).hexdigest()
+        resolved = image.resolve()
+        same = sorted(r for r, h in hashes.items() if h == query_hash)
+        own = next((r for r in same if paths[r] == resolved), same[0] if same else None)
+    results = []
+    for r, s in found:
+        if r == own:
+            continue
+        results.append(Result(len(results) + 1, paths.get(r), s, r, hashes.get(r), index.ids[r]))
     return results[:top]
 
 
