@@ -14,6 +14,14 @@ file byte-identical to a gallery image as that image's query). The model is
 loaded with tf.saved_model.load only (no keras). Binds to 127.0.0.1 unless --host says otherwise:
 the demo has no authentication, so only bind to another address on a network you trust.
 Needs the demo extra: pip install -e '.[demo]'.
+
+With --index, the gallery is a gallery index built for this very export by tools/index.py (an
+index of another export is refused at start): the export embeds the query (serving_default), the
+index finds its neighbours, and the page and the REST API's `retrieve` answer from it, in the same
+format, with cosine similarities as scores; the images are served from the index's images
+folder only (an index built from TFRecords has none and is refused). Needs the faiss extra too:
+
+    python tools/demo.py --model exported/css_tirg_s0/1 --index indexes/css
 """
 
 import argparse
@@ -31,6 +39,9 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     p.add_argument("--name", help="model name in the REST URLs (default: the export's folder name)")
     p.add_argument("--gallery", help="folder of the gallery images, if not where the export recorded it")
+    p.add_argument("--index", metavar="DIR",
+                   help="a gallery index built by tools/index.py for this export (e.g. indexes/<name>): the "
+                        "gallery is the index's, its images those of the index's images folder")
     p.add_argument("--queries", help="known queries for the ground-truth marker: a queries or triplets .jsonl "
                                      "file, or a CSS, FashionIQ, CIRR or triplets dataset folder (or a file in "
                                      "it, such as a caption file) (default: found next to the export or the "
@@ -68,7 +79,8 @@ def run(args):
                         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                         max_instances=args.max_instances)
         # a damaged export, or a --gallery other than the embedded one, is a one-line error
-        app = build_app(args.model, gallery=args.gallery, queries=args.queries, limits=limits, name=args.name)
+        app = build_app(args.model, gallery=args.gallery, queries=args.queries, limits=limits, name=args.name,
+                        index=args.index)
     except (DemoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,9 +89,16 @@ def run(args):
     print(f"loaded {model.path} in {model.load_seconds:.1f} s (+{model.warm_up_seconds:.1f} s warm-up): "
           f"model {model.name!r} version {model.version}, signatures {', '.join(sorted(model.signatures))}, "
           f"gallery of {model.gallery_size} images", flush=True)
+    index = getattr(model, "index", None)
+    if index is not None:
+        recall = (index.manifest.get("holdout") or {}).get("recall_at_10")
+        print(f"gallery index {index.folder}: {index.kind}, {index.size} images under {model.gallery_root}"
+              + (f", recall@10 {recall:.4f} against exact search when built" if recall is not None else "")
+              + "; scores are cosine similarities", flush=True)
     if model.gallery_size and not model.gallery_files_present:
         print(f"warning: the gallery images are not under {model.gallery_root}: thumbnails and gallery picks "
-              f"will fail; pass --gallery DIR", file=sys.stderr, flush=True)
+              f"will fail; " + ("pass --gallery DIR" if index is None else "rebuild the index where its images are"),
+              file=sys.stderr, flush=True)
     if not model.has_retrieve:
         print("warning: the export has no retrieve endpoint (exported without --gallery): the page cannot "
               "search; the REST API still serves serving_default and embed_image", file=sys.stderr, flush=True)

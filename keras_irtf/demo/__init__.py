@@ -14,7 +14,9 @@ gallery file (its sha256 is among those the export recorded) is that gallery ima
 is left out of its own results, as the evaluation does. Beside it, `/v1/models/<name>:predict` answers TF Serving's
 REST predict requests for every signature of the export. The model is loaded with
 `tf.saved_model.load` only: keras is not needed. Needs the `[demo]` extra (FastAPI, uvicorn):
-`missing_extra()` says which of its packages is missing, before anything slow is done.
+`missing_extra()` says which of its packages is missing, before anything slow is done. With a
+gallery index (`build_app(..., index="indexes/css")`, keras_irtf.demo.indexed) the neighbours
+come from the index and the images from its images folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from keras_irtf.demo.app import create_app
 from keras_irtf.demo.app import serve as _serve
 from keras_irtf.demo.ground_truth import find_ground_truth
+from keras_irtf.demo.indexed import IndexedModel, load_index
 from keras_irtf.demo.limits import DemoError, Limits, check_image
 from keras_irtf.demo.served import ServedModel
 from keras_irtf.utils import MissingExtra, optional_import
@@ -40,20 +43,26 @@ def missing_extra():
     return None
 
 
-def build_app(model_path, gallery=None, queries=None, limits=None, name=None):
+def build_app(model_path, gallery=None, queries=None, limits=None, name=None, index=None):
     """Load the export version folder `model_path` and return the FastAPI application.
 
     `gallery`: the folder of the gallery images when it moved since the export; `queries`: a
     queries or triplets file, or a CSS, FashionIQ, CIRR or triplets folder, for the ground-truth
     marker (see keras_irtf.demo.ground_truth);
-    `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs. A gallery
-    folder that does not hold the images the export embedded is refused (DemoError), as is a
-    damaged export (keras_irtf.serving.reader.DamagedExport) and a missing `[demo]` extra.
+    `limits`: a keras_irtf.demo.Limits; `name`: the model name in the REST URLs; `index`: a
+    gallery index folder built by tools/index.py for this export, which then is the gallery
+    (keras_irtf.demo.indexed). A gallery folder that does not hold the images the export
+    embedded is refused (DemoError), as are an index of another export or without an images
+    folder, a damaged export (keras_irtf.serving.reader.DamagedExport) and a missing `[demo]`
+    extra.
     """
     problem = missing_extra()
     if problem is not None:
         raise DemoError(problem)
-    model = ServedModel(model_path, gallery_root=gallery, name=name)
+    if index is not None:  # checked before the (slow) model load: another export's index is refused at once
+        model = IndexedModel(model_path, load_index(index, model_path, gallery), name=name)
+    else:
+        model = ServedModel(model_path, gallery_root=gallery, name=name)
     model.check_gallery()  # thumbnails must show the images the stored embeddings ranked
     model.warm_up_seconds = model.warm_up()
     return create_app(model, limits or Limits(), find_ground_truth(model, queries))

@@ -130,7 +130,9 @@ class Cosine:
     embedded at start (serving_default) have it too ("sphere"); otherwise |q| is the norm of the
     query's own embedding from serving_default, one more model call per page query ("query").
     Without stored embeddings (an export not written by keras_irtf) the raw score is shown,
-    labelled as such ("raw").
+    labelled as such ("raw"). A model served with a gallery index (keras_irtf.demo.indexed) ranks
+    by the index, which holds L2-normalised embeddings and is asked with the normalised query:
+    its score is the cosine itself ("index").
     """
 
     TOLERANCE = 1e-4  # relative: float32 norms of x / |x| * s agree to ~1e-7
@@ -140,6 +142,9 @@ class Cosine:
         self.gallery_norms = None
         self.radius = None
         self.method = "raw"
+        if getattr(model, "index", None) is not None:
+            self.radius, self.method = 1.0, "index"  # unit query, unit gallery rows
+            return
         emb = stored_gallery_embeddings(model)
         if emb is None or "serving_default" not in model.functions:
             return
@@ -166,7 +171,11 @@ class Cosine:
 
     def of(self, query_norm: Optional[float], gallery_id: int, score: float) -> Optional[float]:
         """The cosine of one result, in [-1, 1]; None when it cannot be computed."""
-        if query_norm is None or not math.isfinite(score) or not 0 <= gallery_id < len(self.gallery_norms):
+        if query_norm is None or not math.isfinite(score):
+            return None
+        if self.method == "index":
+            return min(1.0, max(-1.0, score))
+        if not 0 <= gallery_id < len(self.gallery_norms):
             return None
         norm = query_norm * float(self.gallery_norms[gallery_id])
         if not norm > 0:
@@ -179,8 +188,11 @@ class Cosine:
             return {"shown": "raw score", "method": "raw", "scale": None,
                     "text": "raw score: the dot product of the query and image embeddings (this export stores no "
                             "gallery embeddings to turn it into a cosine)"}
-        scale = None if self.radius is None else round(self.radius ** 2, 6)
         text = "cosine similarity of the query and image embeddings, from -1 to 1"
+        if self.method == "index":
+            return {"shown": "cosine similarity", "method": "index", "scale": None,
+                    "text": text + " (the gallery index's own score: it holds L2-normalised embeddings)"}
+        scale = None if self.radius is None else round(self.radius ** 2, 6)
         if scale is not None:
             text += f" (the model's own score, the dot product it ranks by, is {scale:.4g} \u00d7 this)"
         else:
@@ -228,7 +240,7 @@ class Demo:
     def info(self) -> dict:
         m = self.model
         gt = self.ground_truth
-        return {
+        info = {
             "model": {"name": m.name, "version": m.version, "path": str(m.path),
                       "signatures": {n: {"inputs": list(s.inputs), "outputs": list(s.outputs)}
                                      for n, s in sorted(m.signatures.items())},
@@ -244,6 +256,9 @@ class Demo:
             "limits": self.limits.describe(),
             "rest_url": f"/v1/models/{m.name}:predict",
         }
+        if getattr(m, "index", None) is not None:  # the gallery is a gallery index's (keras_irtf.demo.indexed)
+            info["index"] = m.describe_index()
+        return info
 
     def gallery(self, q: str, offset: int, limit: int, known: bool) -> dict:
         q = q.lower().strip()
