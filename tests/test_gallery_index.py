@@ -250,6 +250,21 @@ def test_flags_that_are_neither_the_tools_nor_beams_are_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_export_the_workers_cannot_load_is_one_line(export, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(export[0], damaged)
+    for part in (damaged / "variables").glob("variables.data*"):
+        part.write_bytes(part.read_bytes()[:100])
+    gallery = tmp_path / "gallery"
+    _write_gallery(gallery, range(2))
+    code, out, err = _run(capsys, "--model", damaged, "--images", gallery, "--out", tmp_path / "out")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith(f"error: damaged export: {damaged / 'variables'}")
+    assert "Traceback" not in err and not list((tmp_path / "out" / "embeddings").glob("*"))
+
+
 # the pieces, without Beam
 def test_folder_list_and_glob_specs_name_the_same_images(tmp_path):
     gallery = tmp_path / "gallery"

@@ -381,13 +381,14 @@ class _SpuriousBeamWarning(logging.Filter):
 
 
 def quiet_beam_log(verbose: bool = False):
-    """Beam's own log down to its errors (unless `verbose`), and its one spurious warning dropped:
+    """Beam's own log silenced (unless `verbose`: a failure reaches the caller as an exception),
+    and its one spurious warning dropped:
     the tool's standard error keeps the lines that say something about the run."""
     root = logging.getLogger()
     if not any(isinstance(f, _SpuriousBeamWarning) for f in root.filters):
         root.addFilter(_SpuriousBeamWarning())
     if not verbose:
-        logging.getLogger("apache_beam").setLevel(logging.ERROR)
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)  # a failure reaches the tool as an exception
 
 
 def pipeline_options(beam_args=()):
@@ -409,6 +410,21 @@ def unknown_beam_flags(beam_args) -> list:
     known = set(_beam("apache_beam.options.pipeline_options").PipelineOptions([]).get_all_options())
     return [a for a in beam_args if a.startswith("-")
             and a.lstrip("-").split("=", 1)[0].replace("-", "_") not in known]
+
+
+def _pipeline_failure(error: Exception) -> Exception:
+    """The error to report for a failed pipeline: an export that cannot be loaded (DamagedExport,
+    MissingOpLibrary) as the ExportError it is, in one line, whether the runner raised it as it
+    was (in this process) or as text in another error (from a worker process); anything else as
+    an EmbeddingsError with its last line."""
+    text = str(error)
+    found = re.findall(r"^(?:[\w.]+\.)?(?:DamagedExport|MissingOpLibrary|ExportError): (.+)$", text, re.M)
+    if isinstance(error, ExportError) or found:
+        line = found[-1] if found else text.splitlines()[0]
+        return ExportError(re.sub(r" \[while running '[^']*'\]$", "", line.strip()))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return EmbeddingsError(f"the embedding pipeline failed: {lines[-1] if lines else type(error).__name__} (run "
+                           f"with --verbose to see Beam's log)")
 
 
 def _run_pipeline(source: ImageSource, todo_file: Optional[Path], export, staging: Path, *, shards: int,
@@ -440,8 +456,11 @@ def _run_pipeline(source: ImageSource, todo_file: Optional[Path], export, stagin
          | "dead letters" >> beam.Flatten()
          | "as json" >> beam.Map(json.dumps)
          | "write dead letters" >> beam.io.WriteToText(str(staging / "dead-letter"), file_name_suffix=".jsonl"))
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as e:  # a worker's failure, as each runner reports it: one line for the tool
+        raise _pipeline_failure(e) from None
     if source.kind != "tfrecord":
         return 0
     metrics = _beam("apache_beam.metrics.metric")
