@@ -274,7 +274,8 @@ def test_folder_list_and_glob_specs_name_the_same_images(tmp_path):
     os.symlink(tmp_path / "elsewhere", gallery / "linked")  # a link to a folder is not followed
     folder = parse_images(str(gallery))
     assert folder.kind == "folder" and folder.ids == ids and folder.root == gallery
-    assert [d["id"] for d in folder.dead] == ["linked"] and "links to folders are not followed" in folder.dead[0]["reason"]
+    assert [d["id"] for d in folder.dead] == ["linked"]
+    assert "links to folders are not followed" in folder.dead[0]["reason"]
     listed = tmp_path / "list.txt"
     listed.write_text("".join(f"gallery/{i}\n" for i in reversed(ids)) + "\n" + f"gallery/{ids[0]}\n")
     as_list = parse_images(str(listed))

@@ -108,8 +108,8 @@ def main(argv=None):
             print(f"note: {summary.gone} images embedded earlier are no longer among --images; they stay in the index "
                   f"(--replace to embed anew)")
         if not summary.total:
-            print(f"error: no image could be embedded, so there is no index: see {Path(args.out) / 'dead_letter.jsonl'}",
-                  file=sys.stderr)
+            print(f"error: no image could be embedded, so there is no index: see "
+                  f"{Path(args.out) / 'dead_letter.jsonl'}", file=sys.stderr)
             return 2
         index = build_gallery_index(args.out, kind=args.kind, params=params)
     except (EmbeddingsError, GalleryIndexError, ExportError, NotOwnedError, MissingExtra, OSError) as e:

@@ -111,7 +111,8 @@ class EmbeddingStore:
         ids, emb = read_shard(self.folder / entry["file"])
         if len(ids) != int(entry["count"]) or (self.manifest.get("dim") and emb.shape[1] != self.manifest["dim"]):
             raise EmbeddingsError(f"damaged embeddings: {self.folder / entry['file']}: {len(ids)} rows of dimension "
-                                  f"{emb.shape[1]}, {MANIFEST_NAME} says {entry['count']} of {self.manifest.get('dim')}")
+                                  f"{emb.shape[1]}, {MANIFEST_NAME} says {entry['count']} of "
+                                  f"{self.manifest.get('dim')}")
         return ids, emb
 
     def embedded_ids(self) -> set:
