@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from keras_irtf.safety import NotOwnedError, OutsideRootError, is_empty_folder, mark_owned, owned_kind, \
     resolve_under
@@ -62,8 +63,6 @@ def _faiss():
 def export_fingerprint(export_dir) -> dict:
     """The SavedModel fingerprint of the export version folder `export_dir` (TensorFlow writes
     fingerprint.pb beside saved_model.pb) and the folder's resolved path."""
-    import tensorflow as tf
-
     path = Path(export_dir)
     if not (path / "fingerprint.pb").is_file():
         raise GalleryIndexError(f"{path} holds no fingerprint.pb: pass an export version folder such as "
