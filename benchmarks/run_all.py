@@ -35,7 +35,7 @@ import _common as C  # noqa: E402
 HERE = Path(__file__).resolve().parent
 # what the suite is expected to hold (reported as missing when absent from this checkout)
 KNOWN = ("eval_scale", "train_throughput", "ga_overhead", "input_pipeline", "serving", "composeae_bert", "distributed",
-         "demo_latency", "retrieval_backends", "feature_cache")
+         "demo_latency", "retrieval_backends", "feature_cache", "gallery_index")
 
 
 def discover(folder=None):
