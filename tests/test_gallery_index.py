@@ -136,6 +136,9 @@ def test_the_index_finds_the_exact_top_10_of_the_exports_embeddings(first_run, i
     assert index.kind == "hnsw" and sorted(index.ids) == indexed["ids"]
     assert index.images_root == gallery.resolve()
     assert index.image_path(index.ids.index("item00.png")) == (gallery / "item00.png").resolve()
+    # each image's checksum recorded as embedded: the bytes a server may hand out for its row
+    assert index.hashes == [hashlib.sha256((gallery / i).read_bytes()).hexdigest() for i in index.ids]
+    assert index.image_bytes(index.ids.index("item00.png")) == (gallery / "item00.png").read_bytes()
     # the exact ranking, from the export's own embed_image on the same files, in the index's row order
     exact = _unit(model.embed_images([(gallery / i).read_bytes() for i in index.ids]))
     ids, stored = EmbeddingStore(indexed["out"]).read_all()

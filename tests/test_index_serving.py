@@ -10,6 +10,7 @@ to be the index's own. The demo is driven in-process (Starlette's TestClient).
 
 import base64
 import importlib.util
+import hashlib
 import io
 import json
 import shutil
@@ -74,8 +75,11 @@ def setup(tmp_path_factory):
     ids = sorted(list_gallery(gallery), reverse=True)  # rows in another order than the export's ids
     embeddings = l2_normalised(exported.embed_images([(gallery / i).read_bytes() for i in ids]))
 
+    hashes = [hashlib.sha256((gallery / i).read_bytes()).hexdigest() for i in ids]
+
     def index(name, export, kind, **options):
         options.setdefault("images_root", gallery)
+        options.setdefault("hashes", hashes if options["images_root"] else None)
         build_index(embeddings, ids, tmp / "indexes" / name, fingerprint=export_fingerprint(export), kind=kind,
                     holdout=20, **options)
         return tmp / "indexes" / name
@@ -85,6 +89,7 @@ def setup(tmp_path_factory):
     (outside / "q.png").write_bytes(_drawn(1000))
     return types.SimpleNamespace(
         path=path, bare=bare, gallery=gallery, model=exported, ids=ids, embeddings=embeddings, tmp=tmp,
+        hashes=hashes,
         flat=index("flat", path, "flat"),
         hnsw=index("hnsw", path, "hnsw", params={"M": 32, "ef_construction": 400, "ef_search": 400}),
         bare_flat=index("bare_flat", bare, "flat"),
@@ -344,7 +349,7 @@ def _linked_gallery(setup, tmp_path):
     embeddings = np.concatenate([setup.embeddings, setup.embeddings[:1] * 0 + 1 / np.sqrt(setup.embeddings.shape[1])])
     folder = tmp_path / "linked_index"
     build_index(embeddings, ids, folder, fingerprint=export_fingerprint(setup.path), kind="flat", images_root=linked,
-                holdout=0)
+                hashes=[hashlib.sha256((linked / i).read_bytes()).hexdigest() for i in ids], holdout=0)
     secret = tmp_path / "secret.png"
     secret.write_bytes((setup.gallery / "g7.png").read_bytes())  # an image, so only containment refuses it
     (linked / "g7.png").unlink()
@@ -373,3 +378,43 @@ def test_demo_serves_no_file_outside_the_index_images(setup, tmp_path):
     # the REST API answers ids and paths, and reads no gallery file
     answer = _rest_retrieve(client, "small", [linked.secret.read_bytes()], [""], k=len(linked.ids))
     assert sorted(answer["predictions"][0]["paths"]) == sorted(linked.ids)
+
+
+def test_demo_serves_only_the_bytes_that_were_embedded(setup, tmp_path):
+    """An index.json rewritten to name another folder, or a gallery file changed after indexing:
+    the file is refused (its sha256 is not the recorded one). An index without checksums serves
+    files only from a folder the operator names with --gallery."""
+    pytest.importorskip("fastapi")
+    from keras_irtf.demo import build_app
+    from keras_irtf.index.ann import build_index, export_fingerprint
+
+    other = tmp_path / "other"  # same names, other bytes: what a rewritten images_root would point at
+    other.mkdir()
+    for i, name in enumerate(setup.ids):
+        (other / name).write_bytes(_drawn(500 + i))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(setup.flat, tampered)
+    manifest = json.loads((tampered / "index.json").read_text())
+    manifest["images_root"] = str(other)
+    (tampered / "index.json").write_text(json.dumps(manifest))
+    client = _client(build_app(setup.path, index=tampered))
+    row = setup.ids.index("g3.png")
+    r = client.get(f"/gallery/{row}")
+    assert r.status_code == 404 and "differs from the one embedded" in r.json()["error"]
+    assert r.content != (other / "g3.png").read_bytes()
+    # the same check for a file changed in place after indexing
+    changed = tmp_path / "changed"
+    shutil.copytree(setup.gallery, changed)
+    build_index(setup.embeddings, setup.ids, tmp_path / "changed_index", fingerprint=export_fingerprint(setup.path),
+                kind="flat", images_root=changed, hashes=setup.hashes, holdout=0)
+    (changed / "g3.png").write_bytes(_drawn(999))
+    client = _client(build_app(setup.path, index=tmp_path / "changed_index"))
+    assert client.get(f"/gallery/{row}").status_code == 404
+    assert client.get(f"/gallery/{setup.ids.index('g4.png')}").content == (changed / "g4.png").read_bytes()
+    # no checksums recorded: served only when the operator names the folder
+    build_index(setup.embeddings, setup.ids, tmp_path / "unchecked", fingerprint=export_fingerprint(setup.path),
+                kind="flat", images_root=setup.gallery, holdout=0)
+    r = _client(build_app(setup.path, index=tmp_path / "unchecked")).get(f"/gallery/{row}")
+    assert r.status_code == 404 and "records no checksums" in r.json()["error"]
+    named = _client(build_app(setup.path, index=tmp_path / "unchecked", gallery=setup.gallery))
+    assert named.get(f"/gallery/{row}").content == (setup.gallery / "g3.png").read_bytes()

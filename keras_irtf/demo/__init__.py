@@ -60,7 +60,8 @@ def build_app(model_path, gallery=None, queries=None, limits=None, name=None, in
     if problem is not None:
         raise DemoError(problem)
     if index is not None:  # checked before the (slow) model load: another export's index is refused at once
-        model = IndexedModel(model_path, load_index(index, model_path, gallery), name=name)
+        model = IndexedModel(model_path, load_index(index, model_path, gallery), name=name,
+                             folder_named=gallery is not None)
     else:
         model = ServedModel(model_path, gallery_root=gallery, name=name)
     model.check_gallery()  # thumbnails must show the images the stored embeddings ranked

@@ -16,9 +16,12 @@ with an empty path.
 
 Gallery files are served by id only, each resolved under the images folder with every link
 followed and refused (404) when it leads out (GalleryIndex.image_path, keras_irtf.safety.
-resolve_under), and only when its bytes are an image (a JPEG, PNG, GIF or BMP header): the index's
-manifest names the folder, and no manifest can turn the demo into a server of other files. An
-index without an images folder (built from TFRecords) has no file to show: the demo refuses it.
+resolve_under), and only with the bytes that were embedded: tools/index.py records each image's
+sha256, and a file whose bytes differ is refused (GalleryIndex.image_bytes). So an index.json
+naming another folder cannot turn the demo into a server of other files. An index without
+recorded checksums (built from Python without them) serves files only from a folder the operator
+names with --gallery; one without an images folder (built from TFRecords) has no file to show:
+the demo refuses it. Served files must also be images (a JPEG, PNG, GIF or BMP header).
 """
 
 from __future__ import annotations
@@ -72,9 +75,10 @@ def load_index(index_folder, model_path, gallery=None) -> GalleryIndex:
 class IndexedModel(ServedModel):
     """An export whose gallery is a gallery index (see the module's docstring)."""
 
-    def __init__(self, path, index, name: Optional[str] = None):
+    def __init__(self, path, index, name: Optional[str] = None, folder_named: bool = False):
         super().__init__(path, name=name)
         self.index = index
+        self.folder_named = folder_named  # the operator named the images folder (--gallery)
         self.gallery_paths = index.ids
         self.gallery_hashes = None  # an index records no checksums: uploads are never a gallery image's query
         self.gallery_root = Path(index.images_root).resolve()
@@ -109,10 +113,13 @@ class IndexedModel(ServedModel):
     def gallery_bytes(self, gallery_id: int) -> bytes:
         path = self.gallery_file(gallery_id)
         try:
-            data = path.read_bytes()  # the very file checked: a link swapped in afterwards is not followed again
-        except OSError as e:
-            raise DemoError(f"gallery image {gallery_id} ({self.index.ids[gallery_id]!r}) cannot be read from the "
-                            f"index's images folder ({e.strerror or e})", status=404) from None
+            # the bytes that were embedded (their recorded sha256), or, for an index without
+            # checksums, a file of the folder the operator named with --gallery
+            data = self.index.image_bytes(gallery_id, trust_folder=self.folder_named)
+        except GalleryIndexError as e:
+            log.warning("%s: refused", e)
+            raise DemoError(f"gallery image {gallery_id} ({self.index.ids[gallery_id]!r}) is not served: {e}",
+                            status=404) from None
         if image_dimensions(data) is None:
             log.warning("gallery image %d (%s) is not a JPEG, PNG, GIF or BMP image: refused", gallery_id, path)
             raise DemoError(f"gallery image {gallery_id} is not a JPEG, PNG, GIF or BMP image: the demo serves "

@@ -5,6 +5,8 @@ folder holds the gallery's embeddings in a faiss index, the ids of its rows, and
 
     <folder>/index.faiss   the faiss index (inner product: the embeddings are L2-normalised)
     <folder>/ids.txt       one id a line, row order (an image path relative to images_root)
+    <folder>/sha256.txt    (with an images folder) the sha256 of each row's image bytes, row
+                           order: a file is served for a row only when its bytes still match
     <folder>/index.json    kind, parameters, size, dimension, the export's fingerprint, the
                            images' root, recall@10 against exact search on held-out queries,
                            build time, and checksums of the two files above
@@ -20,6 +22,7 @@ vectors). `choose_kind` picks by size. An index is tied to the export that embed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -35,7 +38,7 @@ from keras_irtf.utils import file_sha256, optional_import
 
 KINDS = ("flat", "hnsw", "ivfpq")
 INDEX_KIND = "gallery index"  # the ownership marker's kind (keras_irtf.safety)
-MANIFEST_NAME, INDEX_NAME, IDS_NAME = "index.json", "index.faiss", "ids.txt"
+MANIFEST_NAME, INDEX_NAME, IDS_NAME, HASHES_NAME = "index.json", "index.faiss", "ids.txt", "sha256.txt"
 FLAT_BELOW = 100_000  # exact search scores 100k 512-d rows in about 10 ms on two cores
 HNSW_BELOW = 5_000_000  # HNSW keeps the full vectors and its graph in memory (~2.2 GB a million)
 
@@ -184,6 +187,15 @@ def _apply_search_params(index, kind: str, p: dict):
             faiss.extract_index_ivf(index).nprobe = p["nprobe"]
 
 
+def _check_hashes(hashes, n):
+    if hashes is None:
+        return None
+    hashes = [str(h) for h in hashes]
+    if len(hashes) != n or not all(len(h) == 64 and all(c in "0123456789abcdef" for c in h) for h in hashes):
+        raise GalleryIndexError(f"expected one sha256 (64 hex digits) for each of the {n} rows")
+    return hashes
+
+
 def _check_embeddings(embeddings, ids):
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) == 0:
@@ -212,15 +224,18 @@ def _prepare(folder: Path):
 
 
 def build_index(embeddings, ids, out, *, fingerprint: dict, kind: str = "auto", params: Optional[dict] = None,
-                images_root=None, holdout: int = 200, seed: int = 0, extra_manifest: Optional[dict] = None,
-                log=None) -> "GalleryIndex":
+                images_root=None, hashes=None, holdout: int = 200, seed: int = 0,
+                extra_manifest: Optional[dict] = None, log=None) -> "GalleryIndex":
     """Build an index of `kind` ("auto": `choose_kind`) over `embeddings` [n, d] (rows named by
     `ids`) into the folder `out`, measure its recall@10 against exact search on `holdout`
     queries that are not gallery rows (`holdout_queries`), and write its manifest last, so that
-    an interrupted build leaves the previous index (or none) readable, never a mixed one."""
+    an interrupted build leaves the previous index (or none) readable, never a mixed one.
+    `images_root`: the folder the ids name files in; `hashes`: the sha256 of each file's bytes as
+    embedded (GalleryIndex.image_bytes serves a file only while its bytes match)."""
     ids = list(ids)
     embeddings = _check_embeddings(embeddings, ids)
     n, dim = embeddings.shape
+    hashes = _check_hashes(hashes, n)
     kind = choose_kind(n) if kind == "auto" else kind
     p = resolve_params(kind, n, dim, params)
     out = Path(out)
@@ -251,27 +266,34 @@ def build_index(embeddings, ids, out, *, fingerprint: dict, kind: str = "auto", 
     tmp_index, tmp_ids = out / f".{INDEX_NAME}.tmp-{os.getpid()}", out / f".{IDS_NAME}.tmp-{os.getpid()}"
     faiss.write_index(index, str(tmp_index))
     tmp_ids.write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+    files = {INDEX_NAME: {"bytes": tmp_index.stat().st_size}, IDS_NAME: {"sha256": file_sha256(tmp_ids)}}
+    tmp_hashes = out / f".{HASHES_NAME}.tmp-{os.getpid()}"
+    if hashes is not None:
+        tmp_hashes.write_text("".join(h + "\n" for h in hashes))
+        files[HASHES_NAME] = {"sha256": file_sha256(tmp_hashes)}
     manifest = {
         "kind": kind, "params": p, "size": n, "dim": dim, "metric": "inner product",
         "fingerprint": fingerprint, "images_root": str(Path(images_root).resolve()) if images_root else None,
         "holdout": measured, "build_seconds": round(build_seconds, 3),
         "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "files": {INDEX_NAME: {"bytes": tmp_index.stat().st_size}, IDS_NAME: {"sha256": file_sha256(tmp_ids)}},
+        "files": files,
         "faiss": getattr(faiss, "__version__", "unknown"), **(extra_manifest or {}),
     }
     os.replace(tmp_index, out / INDEX_NAME)
     os.replace(tmp_ids, out / IDS_NAME)
+    if hashes is not None:
+        os.replace(tmp_hashes, out / HASHES_NAME)
     tmp_manifest = out / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp_manifest, out / MANIFEST_NAME)
-    return GalleryIndex(out, manifest, index, ids)
+    return GalleryIndex(out, manifest, index, ids, hashes)
 
 
 # ---- loading and searching ----------------------------------------------------------------------
 class GalleryIndex:
     """An index folder read back (see the module's docstring); `search` answers queries."""
 
-    def __init__(self, folder, manifest: dict, index, ids: list):
+    def __init__(self, folder, manifest: dict, index, ids: list, hashes: Optional[list] = None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.kind = manifest["kind"]
@@ -279,6 +301,7 @@ class GalleryIndex:
         self.dim = int(manifest["dim"])
         self.size = int(manifest["size"])
         self.ids = ids
+        self.hashes = hashes  # the sha256 of each row's image bytes (None: not recorded)
         self.images_root = Path(manifest["images_root"]) if manifest.get("images_root") else None
         self._index = index
         self._row_of = None
@@ -317,15 +340,22 @@ class GalleryIndex:
             raise GalleryIndexError(f"damaged index: {index_path} differs in size from the one {MANIFEST_NAME} "
                                     f"records")
         ids = ids_path.read_text(encoding="utf-8").splitlines()
+        hashes = None
+        if HASHES_NAME in recorded:
+            hashes_path = folder / HASHES_NAME
+            if not hashes_path.is_file() or file_sha256(hashes_path) != recorded[HASHES_NAME].get("sha256"):
+                raise GalleryIndexError(f"damaged index: {hashes_path} is missing or differs from the one "
+                                        f"{MANIFEST_NAME} records")
+            hashes = hashes_path.read_text().splitlines()
         faiss = _faiss()
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:
             raise GalleryIndexError(f"damaged index: {index_path}: {str(e).splitlines()[0]}") from None
-        if index.ntotal != size or index.d != dim or len(ids) != size:
+        if index.ntotal != size or index.d != dim or len(ids) != size or (hashes is not None and len(hashes) != size):
             raise GalleryIndexError(f"damaged index: {folder}: {index.ntotal} rows of dimension {index.d} and "
                                     f"{len(ids)} ids, the manifest says {size} of {dim}")
-        loaded = cls(folder, manifest, index, ids)
+        loaded = cls(folder, manifest, index, ids, hashes)
         _apply_search_params(index, kind, loaded.params)
         return loaded
 
@@ -366,6 +396,24 @@ class GalleryIndex:
             return resolve_under(self.images_root, self.ids[row], "gallery image")
         except OutsideRootError as e:
             raise GalleryIndexError(str(e)) from None
+
+    def image_bytes(self, row: int, trust_folder: bool = False) -> bytes:
+        """The bytes of `row`'s image file (image_path), only when they are the bytes that were
+        embedded (their sha256 is the recorded one), so that an index.json naming another folder
+        cannot make a server hand out other files. `trust_folder`: the operator named the images
+        folder and vouches for it; an index without recorded checksums needs it."""
+        path = self.image_path(row)
+        if self.hashes is None and not trust_folder:
+            raise GalleryIndexError(f"{self.folder} records no checksums of its images, so its files are served only "
+                                    f"from a folder the operator names (the demo's --gallery)")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise GalleryIndexError(f"gallery image {self.ids[row]!r} cannot be read ({e.strerror or e})") from None
+        if self.hashes is not None and hashlib.sha256(data).hexdigest() != self.hashes[row]:
+            raise GalleryIndexError(f"gallery image {self.ids[row]!r} differs from the one embedded into "
+                                    f"{self.folder} (its sha256 changed): rebuild the index with tools/index.py")
+        return data
 
 
 __all__ = ["DEFAULT_PARAMS", "GalleryIndex", "GalleryIndexError", "INDEX_KIND", "KINDS", "build_index",

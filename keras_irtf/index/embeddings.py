@@ -1,7 +1,8 @@
 """The embeddings of an index folder, in shards: what tools/index.py embedded, by which export.
 
-    <out>/embeddings/part-00000-of-00002.npz   arrays `ids` (str [n]) and `embeddings` (float32
-    <out>/embeddings/part-00001-of-00002.npz   [n, d], L2-normalised), ids sorted within a shard
+    <out>/embeddings/part-00000-of-00002.npz   arrays `ids` (str [n]), `embeddings` (float32
+    <out>/embeddings/part-00001-of-00002.npz   [n, d], L2-normalised) and `sha256` (str [n], the
+                                               image bytes' checksums), ids sorted within a shard
     <out>/embeddings/manifest.json             the export's fingerprint, the images embedded
                                                (spec, kind, images_root), count, dim, and each
                                                shard with its row count and when it was added
@@ -42,14 +43,29 @@ def shard_name(number: int, total: int) -> str:
     return f"part-{number:05d}-of-{total:05d}.npz"
 
 
-def write_shard(path, ids, embeddings):
-    """One shard file: `ids` sorted, their rows of `embeddings` with them; written under a
-    temporary name first, so that a shard file is complete or absent."""
+def write_shard(path, ids, embeddings, sha256=None):
+    """One shard file: `ids` sorted, their rows of `embeddings` (and `sha256`, the checksums of
+    the images' bytes) with them; written under a temporary name first, so that a shard file is
+    complete or absent."""
     order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, ids=np.asarray(ids, dtype=str)[order], embeddings=np.asarray(embeddings, np.float32)[order])
+    arrays = {"ids": np.asarray(ids, dtype=str)[order], "embeddings": np.asarray(embeddings, np.float32)[order]}
+    if sha256 is not None:
+        arrays["sha256"] = np.asarray(sha256, dtype=str)[order]
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def read_shard_hashes(path) -> Optional[list]:
+    """The sha256 of each row's image bytes, in the shard's row order, or None when the shard
+    records none (embeddings written from Python without them)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            hashes = z["sha256"] if "sha256" in z.files else None
+    except (OSError, ValueError) as e:
+        raise EmbeddingsError(f"damaged embeddings: {path}: {e}") from None
+    return None if hashes is None else [str(h) for h in hashes]
 
 
 def read_shard(path):
@@ -134,6 +150,17 @@ class EmbeddingStore:
         if len(set(ids)) != len(ids):
             raise EmbeddingsError(f"damaged embeddings: {self.folder}: an id is in two shards")
         return ids, np.concatenate(parts)
+
+    def read_hashes(self) -> Optional[list]:
+        """The sha256 of every row's image bytes, in `read_all`'s order, or None when a shard
+        records none."""
+        hashes = []
+        for entry in (self.manifest["shards"] if self.manifest else []):
+            shard = read_shard_hashes(self.folder / entry["file"])
+            if shard is None or len(shard) != int(entry["count"]):
+                return None
+            hashes.extend(shard)
+        return hashes
 
     def next_number(self) -> int:
         """The number of the next shard: after every listed shard and any left by an interrupted run."""

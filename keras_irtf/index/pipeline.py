@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -323,11 +324,11 @@ def _read_records_step(file_record, max_pixels, max_bytes, done):
 
 
 def _route_step(result, shards):
-    (image_id, path), vector = result.example, result.inference
+    (image_id, path, sha256), vector = result.example, result.inference
     if isinstance(vector, str):
         yield _beam().pvalue.TaggedOutput(DEAD, _dead(image_id, path, vector))
     else:
-        yield shard_of(image_id, shards), (image_id, path, vector)
+        yield shard_of(image_id, shards), (image_id, path, sha256, vector)
 
 
 def _write_shard_step(keyed, staging):
@@ -336,13 +337,14 @@ def _write_shard_step(keyed, staging):
     key, rows = keyed
     rows = sorted(rows, key=lambda r: (r[0], r[1]))
     kept, ids = [], set()
-    for image_id, path, vector in rows:
+    for image_id, path, sha256, vector in rows:
         if image_id in ids:
             yield _beam().pvalue.TaggedOutput(DEAD, _dead(image_id, path, "its id was met before: embedded once"))
             continue
         ids.add(image_id)
-        kept.append((image_id, vector))
-    write_shard(Path(staging) / f"shard-{key:05d}.npz", [i for i, _ in kept], np.stack([v for _, v in kept]))
+        kept.append((image_id, sha256, vector))
+    write_shard(Path(staging) / f"shard-{key:05d}.npz", [i for i, _, _ in kept], np.stack([v for _, _, v in kept]),
+                sha256=[h for _, h, _ in kept])
 
 
 def _model_handler(export, batch_size: int):
@@ -360,7 +362,9 @@ def _model_handler(export, batch_size: int):
 
         def run_inference(self, batch, model, inference_args=None):
             vectors = embed_batch(model, [data for _, _, data in batch])
-            return [base.PredictionResult((image_id, path), v) for (image_id, path, _), v in zip(batch, vectors)]
+            # each image's checksum travels with it: the demo serves a file only with these bytes
+            return [base.PredictionResult((image_id, path, hashlib.sha256(data).hexdigest()), v)
+                    for (image_id, path, data), v in zip(batch, vectors)]
 
         def get_num_bytes(self, batch) -> int:
             return sum(len(data) for _, _, data in batch)
@@ -578,6 +582,7 @@ def build_gallery_index(out, *, kind: str = "auto", params: Optional[dict] = Non
     store = EmbeddingStore(out)
     ids, embeddings = store.read_all()
     return build_index(embeddings, ids, out, fingerprint=store.fingerprint, kind=kind, params=params,
+                       hashes=store.read_hashes() if store.images.get("images_root") else None,
                        images_root=store.images.get("images_root"), holdout=holdout,
                        extra_manifest={"embeddings": {"folder": EMBEDDINGS_DIR, "shards": store.shards,
                                                       "images": store.images}},
