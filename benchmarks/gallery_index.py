@@ -68,6 +68,11 @@ GOAL_P50_MS, GOAL_RECALL = 2.0, 0.99
 DIM = 512  # the gmm set's; the css set's is the export's embedding size
 CHUNK = 4096  # CSS scenes a rendering task
 QUERY_STREAM = 1  # the random stream of the held-out queries (the gallery's is 0)
+QUERIES_ARE = {
+    "css": "composed queries, `serving_default` on held-out reference scenes (of a random stream the gallery's "
+           "scenes do not use), each with a modification text of the CSS grammar",
+    "gmm": "fresh draws from the same mixture (not gallery rows)",
+}
 
 
 def log(message: str):
@@ -132,8 +137,7 @@ def gmm_set(args):
     centres = normalise(np.random.default_rng([args.seed, 2]).standard_normal((args.gmm_clusters, DIM)))
     gallery = gmm_draw(centres, args.size, args.gmm_spread, np.random.default_rng([args.seed, 0]))
     queries = gmm_draw(centres, args.queries, args.gmm_spread, np.random.default_rng([args.seed, QUERY_STREAM]))
-    meta = {"generation_seconds": round(time.perf_counter() - start, 1),
-            "queries_are": "fresh draws from the same mixture (not gallery rows)"}
+    meta = {"generation_seconds": round(time.perf_counter() - start, 1)}
     store(folder, description, gallery, queries, **meta)
     return gallery, queries, dict(meta, description=description, cached=False)
 
@@ -290,9 +294,7 @@ def css_set(args):
             raise SystemExit(f"error: embedding the css scenes failed (exit {child.exitcode}); see the lines above")
         gallery, queries = np.load(result + ".gallery.npy"), np.load(result + ".queries.npy")
         produced = json.loads(Path(result).read_text())
-    meta = {**produced, "export": str(export.resolve()), "train_steps": None if args.model else args.train_steps,
-            "queries_are": "composed queries: serving_default on held-out reference scenes (a random stream "
-                           "the gallery's scenes do not use) with a modification text of the CSS grammar each"}
+    meta = {**produced, "export": str(export.resolve()), "train_steps": None if args.model else args.train_steps}
     store(folder, description, gallery, queries, **meta)
     return gallery, queries, dict(meta, description=description, cached=False)
 
@@ -402,6 +404,7 @@ def measure_set(name, args) -> dict:
     gallery, queries, meta = (css_set if name == "css" else gmm_set)(args)
     part.update(load_after_generation=load1(), size=len(gallery), dim=int(gallery.shape[1]),
                 queries=len(queries), **meta)
+    part["queries_are"] = QUERIES_ARE[name]
     log(f"{name}: {'read from the cache' if meta['cached'] else 'generated in %.0f s' % meta['generation_seconds']}")
     start = time.perf_counter()
     exact_scores, _ = exact_topk(gallery, queries, args.k)
@@ -554,7 +557,7 @@ def summary_lines(results) -> list:
         lines.append(f"beam: not measured ({beam['skipped']})")
     else:
         for row in beam.get("rows", []):
-            lines.append(f"beam {row['variant']}: {row['images_per_second']:,.0f} images/s "
+            lines.append(f"{row['variant']}: {row['images_per_second']:,.0f} images/s "
                          f"({row['vs_loop']:.2f}x the plain loop)")
     return lines
 
@@ -595,14 +598,14 @@ def write_report(path: Path, results: dict):
     for name, part in results["sets"].items():
         d = part["description"]
         if name == "css":
-            what = (f"the `embed_image` embeddings of {part['size']:,} generated CSS scenes (seed {d['seed']}) by "
+            what = (f"The `embed_image` embeddings of {part['size']:,} generated CSS scenes (seed {d['seed']}) by "
                     f"the export `{shown_path(part['export'])}` of "
                     + (f"a small-CNN TIRG trained {part['train_steps']} steps on CSS `small`" if part.get('train_steps')
-                       else "the model given with --model") + f"; queries: {part['queries_are']}")
+                       else "the model given with --model") + f". Queries: {QUERIES_ARE[name]}.")
         else:
-            what = (f"a Gaussian mixture of {d['clusters']:,} clusters (centres uniform on the sphere, noise of "
-                    f"relative norm {d['spread']:g}, seed {d['seed']}), normalised; queries: {part['queries_are']}")
-        lines += [f"## {name}: {part['size']:,} x {part['dim']}", "", what + ".", "",
+            what = (f"A Gaussian mixture of {d['clusters']:,} clusters (centres uniform on the sphere, noise of "
+                    f"relative norm {d['spread']:g}, seed {d['seed']}), normalised. Queries: {QUERIES_ARE[name]}.")
+        lines += [f"## {name}: {part['size']:,} x {part['dim']}", "", what, "",
                   f"Vectors {'read from the cache' if part['cached'] else 'generated in %s s' % part['generation_seconds']}; "
                   f"exact search of the {part['queries']:,} queries {part['exact_seconds']:.1f} s. 1-minute load "
                   f"before / after generation {part['load_before_generation']} / {part['load_after_generation']}; "
@@ -674,6 +677,9 @@ def main(argv=None):
     p.add_argument("--out-md", help="default docs/gallery_index.md")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json of an earlier run")
     args = p.parse_args(argv)
+    from keras_irtf import cli
+
+    cli.start_tensorflow()  # keras_irtf.index.ann imports it: quietly, as the tools do
     md = Path(args.out_md) if args.out_md else C.DOCS / f"{NAME}.md"
     js = Path(args.out_json) if args.out_json else md.with_suffix(".json")
     if args.render_only:
@@ -687,9 +693,6 @@ def main(argv=None):
     unknown = [s for s in sets if s not in SETS]
     if unknown:
         p.error(f"--sets: unknown set {unknown[0]!r}; expected some of {list(SETS)}")
-    from keras_irtf import cli
-
-    cli.start_tensorflow()  # keras_irtf.index.ann imports it: quietly, as the tools do
     from keras_irtf.index.ann import KINDS
     from keras_irtf.utils import optional_import
 
