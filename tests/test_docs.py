@@ -57,6 +57,9 @@ NOT_RUN = {
     "docs/export-and-serve.md": ["trains the default model (under 20 minutes on two cores)",
                                  "needs Docker and the TF Serving image"],
     "docs/gradient-augmentation.md": ["trains the whole study, 105 runs (about 12 hours of training on two cores)"],
+    "docs/large-galleries.md": ["needs a Google Cloud project, Dataflow and the network",
+                                "needs a Flink cluster, Java and the network",
+                                "needs a Spark cluster, Java and the network"],
     "docs/models.md": ["downloads pretrained weights from the network"],
     "docs/train-your-data.md": ["needs the real MIT-States and Fashion200k folders and a ResNet-18 preset "
                                 "(tens of GB, hours of training)"],
@@ -152,6 +155,7 @@ PAGE_SETUP = {
     "docs/evaluation.md": {"starts_from": "docs/get-started.md"},
     "docs/export-and-serve.md": {"starts_from": "docs/get-started.md"},
     "docs/reliability-and-security.md": {"starts_from": "docs/get-started.md"},
+    "docs/large-galleries.md": {"starts_from": "docs/get-started.md"},
 }
 LINKED = ("tools", "configs", "examples", "benchmarks")
 
@@ -241,7 +245,7 @@ def _all_blocks():
 
 # Pages measured slower than the rest (each about half a minute or more on 2 cores).
 SLOW_PAGES = {"README.md", "docs/train-your-data.md", "docs/python-api.md", "docs/export-and-serve.md",
-              "docs/distributed-and-resuming.md", "docs/gradient-augmentation.md"}
+              "docs/distributed-and-resuming.md", "docs/gradient-augmentation.md", "docs/large-galleries.md"}
 RUNNABLE = [p for p in PAGES if any(b.language in RUN_LANGUAGES and b.not_run is None
                                     for b in parse_blocks(ROOT / p, p))]
 
