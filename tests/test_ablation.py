@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,32 @@ def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
     assert "1 rows x 1 columns" in text and "2 rows x 1 columns" in text
     # the JSON alone regenerates the same tables
     assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text
+
+
+def test_ablate_ctrl_c_is_one_line_naming_the_backup_and_the_command(monkeypatch, capsys):
+    """tools/ablate.py stopped by Ctrl-C mid-training: no traceback, exit status 130, one line with
+    the step the run in training was backed up at and the command that resumes."""
+    import importlib.util
+
+    from keras_irtf import cli
+    from keras_irtf.training.interrupt import TrainingInterrupted
+
+    spec = importlib.util.spec_from_file_location("ablate_tool", Path(__file__).parents[1] / "tools" / "ablate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def interrupted(argv):
+        raise TrainingInterrupted("SIGINT", step=1900, backup_step=1900, backup_dir="ablations/x/ce/seed1/backup")
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(tool, "main", interrupted)
+    monkeypatch.setattr(cli, "exit_now", exit_now)
+    with pytest.raises(SystemExit) as stopped:
+        tool.run(["--study", "configs/css_ga_study.yaml", "--rows", "ce"])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("ablation interrupted (the run in training backed up at step 1900); finished runs are kept")
+    assert err.endswith("ablate.py --study configs/css_ga_study.yaml --rows ce`")

@@ -186,5 +186,20 @@ def _study(args, argv):
                          tested=study.tested, baseline=study.baseline)
 
 
+def run(argv=None) -> int:
+    """main, with Ctrl-C as one line: finished runs stay, the run in training is backed up (see
+    keras_irtf.training.interrupt), and the same command resumes the ablation."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as e:
+        from keras_irtf import cli
+
+        step = getattr(e, "step", None)
+        at = f" (the run in training backed up at step {step})" if step is not None else ""
+        command = cli.command_line(sys.argv[0] if argv is None else __file__, sys.argv[1:] if argv is None else argv)
+        print(f"\nablation interrupted{at}; finished runs are kept; resume with `{command}`", file=sys.stderr)
+        cli.exit_now(130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
