@@ -153,3 +153,21 @@ def test_image_path_stays_under_the_images_folder(tmp_path):
     no_root = ann.build_index(g, ["a", "b"], tmp_path / "idx2", fingerprint=FP, holdout=0)
     with pytest.raises(ann.GalleryIndexError, match="no images folder"):
         no_root.image_path(0)
+
+
+def test_ids_holding_other_line_breaking_characters_load_back(tmp_path):
+    """str.splitlines also breaks on a form feed or U+2028: ids holding them (a TFRecord id may)
+    build and load back as the same rows; a carriage return is refused at build."""
+    g = _clustered(3)
+    ids = ["a\x0cb.png", "c\u2028d.png", "plain.png"]
+    ann.build_index(g, ids, tmp_path / "idx", fingerprint=FP, holdout=0)
+    assert ann.GalleryIndex.load(tmp_path / "idx").ids == ids
+    with pytest.raises(ann.GalleryIndexError, match="one-line"):
+        ann.build_index(g, ["x\ry", "b", "c"], tmp_path / "idx2", fingerprint=FP, holdout=0)
+
+
+def test_ivfpq_on_a_gallery_too_small_to_train_is_one_clear_error(tmp_path):
+    g = _clustered(100)
+    with pytest.raises(ann.GalleryIndexError, match=r"needs at least 256 embeddings .* has 100: use --kind flat"):
+        ann.build_index(g, _ids(100), tmp_path / "idx", fingerprint=FP, kind="ivfpq", holdout=0)
+    assert not (tmp_path / "idx").exists()  # refused before the folder is made

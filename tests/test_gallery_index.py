@@ -339,3 +339,26 @@ def test_a_folder_keras_irtf_did_not_write_is_refused(export, tmp_path):
     with pytest.raises(NotOwnedError, match="did not write as a gallery index"):
         embed_gallery(export[0], str(gallery), taken)
     assert sorted(p.name for p in taken.iterdir()) == ["data.bin"]
+
+
+def test_a_file_name_that_is_not_utf8_is_a_dead_letter_reason_not_a_crash():
+    from keras_irtf.index.pipeline import id_problem
+
+    assert id_problem("caf\udce9.jpg") == "its name is not valid UTF-8 text; rename it"  # os.fsdecode of Latin-1
+    assert id_problem("café.jpg") is None
+
+
+def test_a_tfrecord_id_embedded_already_is_skipped_before_its_image_is_decoded():
+    import tensorflow as tf
+
+    from keras_irtf.index.pipeline import parse_record
+
+    def record(image_id, image):
+        return tf.train.Example(features=tf.train.Features(feature={
+            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id])),
+            "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image]))})).SerializeToString()
+
+    corrupt = record(b"old.png", b"\x89PNG\r\n\x1a\nnot really")  # decoding it would dead-letter it
+    assert parse_record("a.tfrecord", corrupt, done=frozenset({"old.png"})) is None
+    assert parse_record("a.tfrecord", corrupt)["reason"]  # not embedded yet: checked, and refused
+    assert parse_record("a.tfrecord", record(b"new.png", _png(7)), done=frozenset({"old.png"}))[0] == "new.png"

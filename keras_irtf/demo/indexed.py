@@ -80,7 +80,7 @@ class IndexedModel(ServedModel):
         self.index = index
         self.folder_named = folder_named  # the operator named the images folder (--gallery)
         self.gallery_paths = index.ids
-        self.gallery_hashes = None  # an index records no checksums: uploads are never a gallery image's query
+        self.gallery_hashes = index.hashes  # an upload with a gallery image's bytes is its query (None: not recorded)
         self.gallery_root = Path(index.images_root).resolve()
         self.gallery_root_given = True
         if "retrieve" not in self.signatures:  # an export made without --gallery: the index answers retrieve

@@ -158,6 +158,11 @@ def resolve_params(kind: str, n: int, dim: int, params: Optional[dict] = None) -
         out["m"] = out["m"] or max(1, dim // 8)
         if dim % out["m"]:
             raise GalleryIndexError(f"index parameter m={out['m']} must divide the dimension {dim}")
+        least = max(out["nlist"], 2 ** out["nbits"])
+        if n < least:  # k-means needs a training point per centroid
+            raise GalleryIndexError(f"an ivfpq index of nlist={out['nlist']} and nbits={out['nbits']} needs at least "
+                                    f"{least} embeddings to train on, and the gallery has {n}: use --kind flat or hnsw "
+                                    f"(ivfpq is for millions), or smaller nlist / nbits")
     return out
 
 
@@ -206,7 +211,7 @@ def _check_embeddings(embeddings, ids):
         raise GalleryIndexError(f"{len(ids)} ids for {len(embeddings)} embeddings")
     if len(set(ids)) != len(ids):
         raise GalleryIndexError("the ids are not unique")
-    bad = [i for i in ids if not isinstance(i, str) or not i or "\n" in i]
+    bad = [i for i in ids if not isinstance(i, str) or not i or "\n" in i or "\r" in i]
     if bad:
         raise GalleryIndexError(f"ids must be non-empty one-line texts; e.g. {bad[0]!r}")
     if not np.isfinite(embeddings).all():
@@ -230,8 +235,9 @@ def build_index(embeddings, ids, out, *, fingerprint: dict, kind: str = "auto", 
                 extra_manifest: Optional[dict] = None, log=None) -> "GalleryIndex":
     """Build an index of `kind` ("auto": `choose_kind`) over `embeddings` [n, d] (rows named by
     `ids`) into the folder `out`, measure its recall@10 against exact search on `holdout`
-    queries that are not gallery rows (`holdout_queries`), and write its manifest last, so that
-    an interrupted build leaves the previous index (or none) readable, never a mixed one.
+    queries that are not gallery rows (`holdout_queries`), and write its manifest last, each
+    file under a temporary name first: an interrupted build leaves complete files only, and
+    never a mixed index that loads (old manifest, new files: refused as damaged; build again).
     `images_root`: the folder the ids name files in; `hashes`: the sha256 of each file's bytes as
     embedded (GalleryIndex.image_bytes serves a file only while its bytes match)."""
     ids = list(ids)
@@ -291,6 +297,14 @@ def build_index(embeddings, ids, out, *, fingerprint: dict, kind: str = "auto", 
     return GalleryIndex(out, manifest, index, ids, hashes)
 
 
+def _lines(path) -> list:
+    """The lines of a file written one item a line with "\n" (split on "\n" only: an id may hold
+    characters str.splitlines also breaks on, such as a form feed)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n") if text else []
+
+
 # ---- loading and searching ----------------------------------------------------------------------
 class GalleryIndex:
     """An index folder read back (see the module's docstring); `search` answers queries."""
@@ -341,14 +355,14 @@ class GalleryIndex:
         if index_path.stat().st_size != recorded.get(INDEX_NAME, {}).get("bytes"):
             raise GalleryIndexError(f"damaged index: {index_path} differs in size from the one {MANIFEST_NAME} "
                                     f"records")
-        ids = ids_path.read_text(encoding="utf-8").splitlines()
+        ids = _lines(ids_path)
         hashes = None
         if HASHES_NAME in recorded:
             hashes_path = folder / HASHES_NAME
             if not hashes_path.is_file() or file_sha256(hashes_path) != recorded[HASHES_NAME].get("sha256"):
                 raise GalleryIndexError(f"damaged index: {hashes_path} is missing or differs from the one "
                                         f"{MANIFEST_NAME} records")
-            hashes = hashes_path.read_text().splitlines()
+            hashes = _lines(hashes_path)
         faiss = _faiss()
         try:
             index = faiss.read_index(str(index_path))

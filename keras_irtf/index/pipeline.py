@@ -95,6 +95,10 @@ def id_problem(image_id: str) -> Optional[str]:
         return "an empty id"
     if "\n" in image_id or "\r" in image_id:
         return "its name holds a line break (an index holds one id a line); rename it"
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:  # a file name in another encoding (os.fsdecode's surrogates)
+        return "its name is not valid UTF-8 text; rename it"
     return None
 
 
@@ -246,9 +250,10 @@ def read_image(root, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def parse_record(filename: str, record: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_FILE_BYTES):
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES, done=frozenset()):
     """(id, path, bytes) of one TFRecord record (a tf.train.Example with the bytes features `id`
-    and `image`), checked as read_image checks a file, or its dead letter."""
+    and `image`), checked as read_image checks a file, or its dead letter; None for an id in
+    `done` (embedded already: its image is not decoded)."""
     try:
         example = tf.train.Example.FromString(record)
     except DecodeError:
@@ -264,6 +269,8 @@ def parse_record(filename: str, record: bytes, max_pixels: int = DEFAULT_MAX_PIX
     problem = id_problem(image_id)
     if problem:
         return _dead(image_id, filename, problem)
+    if image_id in done:  # embedded by an earlier run: its image is not decoded again
+        return None
     images = features["image"].bytes_list.value if "image" in features else []
     if len(images) != 1:
         return _dead(image_id, filename, f"a record without one bytes feature 'image' (found {len(images)} values)")
@@ -314,10 +321,10 @@ def _read_files_step(image_id, root, max_pixels, max_bytes):
 def _read_records_step(file_record, max_pixels, max_bytes, done):
     beam = _beam()
     filename, record = file_record
-    got = parse_record(filename, record, max_pixels, max_bytes)
+    got = parse_record(filename, record, max_pixels, max_bytes, done)
     if isinstance(got, dict):
         yield beam.pvalue.TaggedOutput(DEAD, got)
-    elif got[0] in done:
+    elif got is None:
         beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped").inc()
     else:
         yield got

@@ -217,7 +217,8 @@ def search_index(model: ExportedModel, image, text: str, index, top: int = 10, e
     scores, rows = index.search(query, want)
     found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
     paths = {r: index.image_path(r) for r, _ in found} if root is not None else {}
-    hashes = {r: file_sha256(p) for r, p in paths.items()}
+    # the checksums recorded as embedded where the index has them; else the files' own
+    hashes = {r: index.hashes[r] if index.hashes is not None else _sha256_or_none(p) for r, p in paths.items()}
     own = None
     if exclude_query:
         query_hash = hashlib.sha256(query_bytes).hexdigest()
@@ -230,6 +231,13 @@ def search_index(model: ExportedModel, image, text: str, index, top: int = 10, e
             continue
         results.append(Result(len(results) + 1, paths.get(r), s, r, hashes.get(r), index.ids[r]))
     return results[:top]
+
+
+def _sha256_or_none(path):
+    try:
+        return file_sha256(path)
+    except OSError:  # a gallery file deleted since the index was built: a result without checksum
+        return None
 
 
 def _font(size):
