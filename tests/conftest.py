@@ -4,6 +4,7 @@ Everything is made in temporary folders; nothing is downloaded.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -83,3 +84,14 @@ def smoke_vectorizer(css_smoke):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def load_tool(name: str):
+    """The module of tools/<name>.py, freshly loaded (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(__file__).resolve().parents[1] / "tools" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

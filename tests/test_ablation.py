@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,14 +296,11 @@ def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
 def test_ablate_ctrl_c_is_one_line_naming_the_backup_and_the_command(monkeypatch, capsys):
     """tools/ablate.py stopped by Ctrl-C mid-training: no traceback, exit status 130, one line with
     the step the run in training was backed up at and the command that resumes."""
-    import importlib.util
-
+    from conftest import load_tool
     from keras_irtf import cli
     from keras_irtf.training.interrupt import TrainingInterrupted
 
-    spec = importlib.util.spec_from_file_location("ablate_tool", Path(__file__).parents[1] / "tools" / "ablate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("ablate")
 
     def interrupted(argv):
         raise TrainingInterrupted("SIGINT", step=1900, backup_step=1900, backup_dir="ablations/x/ce/seed1/backup")

@@ -9,7 +9,6 @@ to be the index's own. The demo is driven in-process (Starlette's TestClient).
 """
 
 import base64
-import importlib.util
 import hashlib
 import io
 import json
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import export_untrained_smoke
+from conftest import export_untrained_smoke, load_tool
 
 pytest.importorskip("faiss", reason="gallery indexes need the faiss extra: pip install -e '.[faiss]'")
 
@@ -48,10 +47,7 @@ def _drawn(seed: int, size: int = 32) -> bytes:
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"index_serving_{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _b64(data: bytes) -> dict:
