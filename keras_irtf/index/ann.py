@@ -320,7 +320,6 @@ class GalleryIndex:
         self.hashes = hashes  # the sha256 of each row's image bytes (None: not recorded)
         self.images_root = Path(manifest["images_root"]) if manifest.get("images_root") else None
         self._index = index
-        self._row_of = None
 
     @classmethod
     def load(cls, folder, fingerprint: Optional[dict] = None) -> "GalleryIndex":
@@ -393,12 +392,6 @@ class GalleryIndex:
             raise GalleryIndexError(f"queries of dimension {queries.shape[1]}, the index holds {self.dim}")
         scores, rows = self._index.search(queries, int(k))
         return scores.astype(np.float32), rows.astype(np.int64)
-
-    def row_of(self, item_id: str) -> Optional[int]:
-        """The row of `item_id`, or None."""
-        if self._row_of is None:
-            self._row_of = {i: r for r, i in enumerate(self.ids)}
-        return self._row_of.get(item_id)
 
     def image_path(self, row: int) -> Path:
         """The image file of `row`, resolved under the index's images root (a link leading out
