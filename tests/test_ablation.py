@@ -293,6 +293,79 @@ def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
     assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text
 
 
+def test_a_study_adds_attacks_beside_the_ablations_own(tmp_path):
+    from keras_irtf.config import ConfigError
+
+    path = _study_file(tmp_path)
+    plain = A.load_study(path)
+    assert plain.robustness == A.ABLATION_LEVELS
+    path.write_text(path.read_text() + "  robustness:\n    apgd: [4/255]\n    pgd: [0.0157, 8/255]\n")
+    study = A.load_study(path)
+    assert study.robustness["apgd"] == (4 / 255,)
+    # 0.0157 is 4/255 as robustness.json names it: one level, not two
+    assert study.robustness["pgd"] == (4 / 255, 8 / 255) and study.robustness["noise"] == A.ABLATION_LEVELS["noise"]
+    for bad, match in (("    apgd: [fast]\n", r"study.robustness.apgd: expected a list of levels"),
+                       ("    apgd: [4/0]\n", r"study.robustness.apgd: expected a list of levels"),
+                       ("    blur: [1]\n", r"study.robustness: unknown kind 'blur'")):
+        path.write_text(_study_file(tmp_path).read_text() + "  robustness:\n" + bad)
+        with pytest.raises(ConfigError, match=match):
+            A.load_study(path)
+
+
+def _finished_run(run, pgd=0.2):
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(_metrics(0.3, pgd=pgd)))
+    rob = {"pgd": {A.ATTACK_KEY: {"R@1": pgd}}, "input_grad_l1": 4.0, "input_grad_l2": 1.0,
+           "settings": {"levels": {"pgd": [A.ATTACK_KEY]}, "pgd_steps": 10}}
+    (run / "robustness.json").write_text(json.dumps(rob))
+    return rob
+
+
+def test_a_missing_attack_is_added_to_a_finished_run_and_the_rest_kept(tmp_path, monkeypatch):
+    run = tmp_path / "ce" / "seed0"
+    before = _finished_run(run)
+    levels = {"pgd": (4 / 255,), "apgd": (4 / 255,)}
+    assert A.missing_robustness(run, levels) == {"apgd": [4 / 255]}
+    assert A.missing_robustness(tmp_path / "nothing", levels) == {"pgd": [4 / 255], "apgd": [4 / 255],
+                                                                   "input_grad": [True]}
+    (run / "model.keras").write_bytes(b"weights")
+    calls = []
+
+    def evaluate(exp, model, levels, input_grad):
+        calls.append((levels, input_grad))
+        return {"clean": {"R@1": 0.3}, "apgd": {A.ATTACK_KEY: {"R@1": 0.05}},
+                "settings": {"levels": {"apgd": [A.ATTACK_KEY]}, "apgd_steps": 50}}
+
+    monkeypatch.setattr(A.Experiment, "from_run", classmethod(lambda cls, *a, **k: (None, None)))
+    monkeypatch.setattr(A, "robustness_of", evaluate)
+    merged = A.run_robustness(run, None, None, levels)
+    assert calls == [({"apgd": [4 / 255]}, False)]  # only what was missing; the gradient norms kept
+    assert merged["pgd"] == before["pgd"] and merged["input_grad_l1"] == 4.0
+    assert merged["apgd"][A.ATTACK_KEY]["R@1"] == 0.05
+    assert merged["settings"]["levels"] == {"pgd": [A.ATTACK_KEY], "apgd": [A.ATTACK_KEY]}
+    assert merged["settings"]["pgd_steps"] == 10 and merged["settings"]["apgd_steps"] == 50
+    assert json.loads((run / "robustness.json").read_text()) == merged
+    assert A.missing_robustness(run, levels) == {}
+    assert A.run_robustness(run, None, None, levels) == merged and len(calls) == 1  # nothing left to add
+
+
+def test_a_run_without_its_weights_is_named_not_retrained(tmp_path):
+    path = _study_file(tmp_path)
+    path.write_text(path.read_text() + "  robustness:\n    apgd: [4/255]\n")
+    out = tmp_path / "runs"
+    kept = {}
+    for name in ("ce", "strong", "weak"):
+        for seed in (0, 1):
+            _finished_run(out / name / f"seed{seed}")
+            kept[(name, seed)] = (out / name / f"seed{seed}" / "robustness.json").read_text()
+    logged = []
+    results = A.run_study(A.load_study(path), out, log=logged.append)
+    assert len(logged) == 6 and sorted(results) == ["ce", "strong", "weak"]
+    assert all("lacks [" in line and "'apgd'" in line and "weights are not in its folder" in line for line in logged)
+    assert all((out / n / f"seed{k}" / "robustness.json").read_text() == text for (n, k), text in kept.items())
+    assert not any(out.rglob(".running"))
+
+
 def test_ablate_ctrl_c_is_one_line_naming_the_backup_and_the_command(monkeypatch, capsys):
     """tools/ablate.py stopped by Ctrl-C mid-training: no traceback, exit status 130, one line with
     the step the run in training was backed up at and the command that resumes."""

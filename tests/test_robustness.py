@@ -134,3 +134,20 @@ def test_robustness_with_frozen_bert_and_composeae(css_smoke_root, tmp_path_fact
     assert r["clean"]["R@1"] == pytest.approx(metrics["test"]["R@1"], abs=1e-6)
     assert r["text"]["drop_word"]["changed"] > 0.9 and "0.0157" in r["fgsm"]
     assert (run / "robustness.json").is_file()
+
+
+def test_apgd_checkpoints_follow_the_papers_schedule():
+    assert R.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert R.apgd_checkpoints(50) == [0, 11, 21, 29, 35, 40, 44, 47, 50]
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_and_zero_eps_is_clean(trained):
+    eps = 4 / 255
+    r = _robust(trained, {"pgd": (eps,), "apgd": (0.0, eps)}, input_grad=False, apgd_steps=20)
+    key = R.level_key("apgd", eps)
+    # an eps of 0 leaves every query image as it was: both APGD runs stay at the clean point
+    assert r["apgd"]["0"] == r["clean"]
+    # APGD (the worse of its cross-entropy and DLR runs per query) beats PGD-10 on the same model
+    assert r["apgd"][key]["R@1"] <= r["pgd"][key]["R@1"] < r["clean"]["R@1"]
+    assert r["apgd"][key]["R@10"] <= r["clean"]["R@10"]
+    assert r["settings"]["apgd_steps"] == 20

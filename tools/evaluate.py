@@ -47,9 +47,9 @@ def main(argv=None):
     p.add_argument("--reuse-metrics", action="store_true",
                    help="with --whm-plot: read each run's metrics.json instead of evaluating again")
     p.add_argument("--robustness", action="store_true",
-                   help="instead: perturbed test queries (noise, JPEG, FGSM, PGD, text) -> <run>/robustness.json")
+                   help="instead: perturbed test queries (noise, JPEG, FGSM, PGD, APGD, text) -> <run>/robustness.json")
     p.add_argument("--robustness-kinds", help="with --robustness: a comma-separated subset of "
-                   "noise,jpeg,fgsm,pgd,text (default all)")
+                   "noise,jpeg,fgsm,pgd,apgd,text (default all; apgd costs about 100 gradient passes per query)")
     p.add_argument("--submission", metavar="DIR",
                    help="instead: a CIRR run's test1 rankings in the evaluation server's two JSON files, into DIR")
     args = p.parse_args(argv)

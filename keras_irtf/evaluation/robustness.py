@@ -11,6 +11,14 @@ that), but its source image or its text is perturbed first:
     fgsm    one signed-gradient step of size eps, eps in {1, 2, 4, 8} / 255
     pgd     10 signed-gradient steps of eps / 4 from a uniform random start in the eps-ball,
             projected on the ball and on [0, 1] after each step
+    apgd    the strongest attack here: APGD (Croce and Hein, ICML 2020; step size halved at
+            fixed checkpoints when the loss stops rising, momentum 0.75, the best point kept) run
+            twice from a uniform random start, once on the cross-entropy below and once on the
+            DLR margin loss -(z_hit - z_miss) / (z_1 - z_3), z_hit the best score of a gallery
+            image with the target's caption, z_miss the best of the others, z_1 >= z_3 the
+            first and third scores; per query the result with the smaller margin z_hit - z_miss
+            is kept (for R@1 that is the worse of the two attacks); apgd_steps (50) iterations
+            each
     text    drop_word: one random word removed (texts of one word are left alone);
             swap_words: two random words exchanged (texts of one word are left alone)
 
@@ -47,17 +55,21 @@ from keras_irtf.evaluation import metrics as M
 from keras_irtf.evaluation.protocol import embed_gallery, rank, recalls_from_embeddings
 from keras_irtf.utils import Progress
 
-KINDS = ("noise", "jpeg", "fgsm", "pgd", "text")
+KINDS = ("noise", "jpeg", "fgsm", "pgd", "apgd", "text")
 DEFAULT_LEVELS = {
     "noise": (2 / 255, 4 / 255, 8 / 255, 16 / 255),
     "jpeg": (90, 50, 20),
     "fgsm": (1 / 255, 2 / 255, 4 / 255, 8 / 255),
     "pgd": (1 / 255, 2 / 255, 4 / 255, 8 / 255),
+    "apgd": (4 / 255,),
     "text": ("drop_word", "swap_words"),
 }
 # the columns the ablation reports (tools/ablate.py): cheap enough to run after every cell
 ABLATION_LEVELS = {"noise": (8 / 255,), "fgsm": (4 / 255,), "pgd": (4 / 255,)}
 PGD_STEPS = 10
+APGD_STEPS = 50
+APGD_MOMENTUM = 0.75
+APGD_RHO = 0.75  # a checkpoint halves the step when fewer than this share of its steps raised the loss
 GALLERY = "full test gallery (every test image, the source excluded)"
 
 
@@ -160,6 +172,19 @@ def _jpeg(u, quality):
     return _FUNCTIONS["jpeg"](u, quality)
 
 
+def apgd_checkpoints(steps: int) -> list:
+    """The iterations at which APGD may halve its step: ceil(p_j * steps) for p_0 = 0, p_1 = 0.22,
+    p_(j+1) = p_j + max(p_j - p_(j-1) - 0.03, 0.06), while p_j <= 1 (0, 22, 41, 57, 70, 80, 87, 93,
+    99 for 100 steps)."""
+    p = [0.0, 0.22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
+        if nxt > 1.0:
+            break
+        p.append(nxt)
+    return sorted({int(np.ceil(round(v * steps, 6))) for v in p})
+
+
 def _recalls(q, g, split, queries, ks, exclude, query_chunk, gallery_chunk, backend):
     k = min(max(ks), len(g))
     _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, False, backend)
@@ -171,7 +196,7 @@ def _recalls(q, g, split, queries, ks, exclude, query_chunk, gallery_chunk, back
 
 def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 50), seed=0, batch_size=256,
                         preprocessor=64, query_chunk=1024, gallery_chunk=8192, backend="tf", input_grad=True,
-                        pgd_steps=PGD_STEPS, split_name="test", verbose=True) -> dict:
+                        pgd_steps=PGD_STEPS, apgd_steps=APGD_STEPS, split_name="test", verbose=True) -> dict:
     """Recall@K of the test queries under each perturbation (see the module docstring).
 
     levels: {kind: [levels]} (default DEFAULT_LEVELS; a subset, e.g. ABLATION_LEVELS, runs only
@@ -198,18 +223,48 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
     def embed(u, text):
         return model.embed_queries(to_input(u), text, training=False)
 
+    caption_of = tf.constant(np.asarray(split.caption_ids, np.int64))
+
+    def scores(u, text, source):
+        """The query's scores against every gallery image, its own source masked out."""
+        q = model.embed_queries(to_input(u), text, training=False)
+        logits = tf.matmul(tf.cast(q, tf.float32), G, transpose_b=True)
+        return tf.where(tf.one_hot(source, n_gallery, on_value=True, off_value=False),
+                        tf.constant(-1e9, logits.dtype), logits)
+
+    def hit_and_miss(logits, source, target):
+        """The best score of a gallery image that counts as a hit (the target's caption, not the
+        source) and the best of the others."""
+        hit = tf.equal(caption_of[None, :], tf.gather(caption_of, tf.cast(target, tf.int64))[:, None])
+        hit = tf.logical_and(hit, tf.logical_not(tf.one_hot(source, n_gallery, on_value=True, off_value=False)))
+        low = tf.constant(-1e9, logits.dtype)
+        return tf.reduce_max(tf.where(hit, logits, low), axis=1), tf.reduce_max(tf.where(hit, low, logits), axis=1)
+
     @tf.function(reduce_retracing=True)
     def loss_and_grad(u, text, source, target):
         """Per-query CE against the full gallery (source masked) and its gradient w.r.t. u."""
         with tf.GradientTape() as tape:
             tape.watch(u)
-            q = model.embed_queries(to_input(u), text, training=False)
-            logits = tf.matmul(tf.cast(q, tf.float32), G, transpose_b=True)
-            logits = tf.where(tf.one_hot(source, n_gallery, on_value=True, off_value=False),
-                              tf.constant(-1e9, logits.dtype), logits)
-            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(target, logits)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(target, scores(u, text, source))
             total = tf.reduce_sum(loss)  # queries do not interact (inference mode)
         return loss, tape.gradient(total, u)
+
+    @tf.function(reduce_retracing=True)
+    def dlr_and_grad(u, text, source, target):
+        """Per-query DLR margin loss -(z_hit - z_miss) / (z_1 - z_3) and its gradient w.r.t. u."""
+        with tf.GradientTape() as tape:
+            tape.watch(u)
+            logits = scores(u, text, source)
+            z_hit, z_miss = hit_and_miss(logits, source, target)
+            top = tf.math.top_k(logits, min(3, n_gallery)).values
+            loss = -(z_hit - z_miss) / (top[:, 0] - top[:, -1] + 1e-12)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, u)
+
+    @tf.function(reduce_retracing=True)
+    def margin(u, text, source, target):
+        z_hit, z_miss = hit_and_miss(scores(u, text, source), source, target)
+        return z_hit - z_miss
 
     def fgsm(u, text, source, target, eps, s):
         _, g = loss_and_grad(u, text, source, target)
@@ -223,6 +278,51 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
             x = tf.clip_by_value(x + (eps / 4.0) * tf.sign(g), lo, hi)
         return x
 
+    checkpoints = set(apgd_checkpoints(apgd_steps)) - {0}
+
+    def apgd_run(u, text, source, target, eps, s, objective):
+        """One APGD run of `apgd_steps` iterations on `objective` (loss, grad); returns the point
+        of the highest loss seen and that loss, per query."""
+        lo, hi = tf.maximum(u - eps, 0.0), tf.minimum(u + eps, 1.0)
+        x = tf.clip_by_value(u + tf.random.stateless_uniform(tf.shape(u), seed=s, minval=-eps, maxval=eps), lo, hi)
+        x_prev = x
+        step = tf.fill([tf.shape(u)[0], 1, 1, 1], 2.0 * eps)
+        best_x, best_loss, best_g = x, None, None
+        prev_loss, rises, last_check, check_step, check_best = None, 0.0, 0, step, None
+        for k in range(apgd_steps + 1):
+            loss, g = objective(x, text, source, target)
+            if best_loss is None:
+                best_loss, best_g, prev_loss, check_best = loss, g, loss, loss
+            else:
+                better = loss > best_loss
+                b4 = better[:, None, None, None]
+                best_x, best_g = tf.where(b4, x, best_x), tf.where(b4, g, best_g)
+                best_loss = tf.where(better, loss, best_loss)
+                rises = rises + tf.cast(loss > prev_loss, tf.float32)
+                prev_loss = loss
+            if k == apgd_steps:
+                break
+            if k in checkpoints:  # halve the step where the loss stalled; go on from the best point
+                stalled = rises < APGD_RHO * (k - last_check)
+                flat = tf.logical_and(tf.equal(check_step[:, 0, 0, 0], step[:, 0, 0, 0]),
+                                      tf.equal(check_best, best_loss))
+                halve = tf.logical_or(stalled, flat)
+                h4 = halve[:, None, None, None]
+                step = tf.where(h4, step / 2.0, step)
+                x, x_prev, g = tf.where(h4, best_x, x), tf.where(h4, best_x, x_prev), tf.where(h4, best_g, g)
+                rises, last_check, check_step, check_best = 0.0, k, step, best_loss
+            z = tf.clip_by_value(x + step * tf.sign(g), lo, hi)
+            a = 1.0 if k == 0 else APGD_MOMENTUM
+            x, x_prev = tf.clip_by_value(x + a * (z - x) + (1.0 - a) * (x - x_prev), lo, hi), x
+        return best_x, best_loss
+
+    def apgd(u, text, source, target, eps, s):
+        """APGD on the cross-entropy and on the DLR loss; per query the point with the smaller margin."""
+        x_ce, _ = apgd_run(u, text, source, target, eps, s, loss_and_grad)
+        x_dlr, _ = apgd_run(u, text, source, target, eps, s + tf.constant([0, 1], tf.int64), dlr_and_grad)
+        worse = margin(x_dlr, text, source, target) < margin(x_ce, text, source, target)
+        return tf.where(worse[:, None, None, None], x_dlr, x_ce)
+
     def batches(qs, vec):
         return queries_dataset(split, qs, vec, batch_size, preprocessor, with_target=False)
 
@@ -231,7 +331,7 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
         for level in levels.get(kind, ()):
             jobs.append((kind, level))
     n_batches = -(-len(queries) // batch_size)
-    attack_cost = {"fgsm": 2, "pgd": pgd_steps + 1}
+    attack_cost = {"fgsm": 2, "pgd": pgd_steps + 1, "apgd": 2 * (apgd_steps + 2)}
     work = sum(attack_cost.get(kind, 1) for kind, _ in jobs) + (1 if input_grad else 0)
     progress = Progress(work * n_batches, f"robustness of {len(queries)} {split_name} queries", enabled=verbose)
 
@@ -253,8 +353,9 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
                 u = gaussian_noise(u, float(level), s)
             elif kind == "jpeg":
                 u = jpeg_reencode(u, int(level))
-            elif kind in ("fgsm", "pgd"):
-                u = (fgsm if kind == "fgsm" else pgd)(u, text, source, target, tf.constant(float(level)), s)
+            elif kind in ("fgsm", "pgd", "apgd"):
+                attack = {"fgsm": fgsm, "pgd": pgd, "apgd": apgd}[kind]
+                u = attack(u, text, source, target, tf.constant(float(level)), s)
             out.append(embed(u, text).numpy())
             progress.update(attack_cost.get(kind, 1))
         if protocol is None:
@@ -288,6 +389,9 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
         "pixels": "[0, 1], before ImageNet normalisation; noise and attacks clipped to [0, 1]",
         "attack_loss": "softmax cross-entropy of the query against every test image, target = label",
         "pgd_steps": int(pgd_steps), "pgd_step": "eps / 4", "pgd_start": "uniform in the eps-ball",
+        "apgd": (f"APGD, {int(apgd_steps)} iterations from a uniform start, on the cross-entropy and on the DLR "
+                 "margin loss (hit = an image with the target's caption); per query the smaller margin"),
+        "apgd_steps": int(apgd_steps),
         "input_grad": "d(loss above)/d(ImageNet-normalised query image), clean queries",
         "levels": {k: [level_key(k, v) for v in vs] for k, vs in levels.items()},
     }
@@ -327,6 +431,6 @@ def robustness_of(exp, model, levels=None, backend=None, input_grad=True, verbos
     )
 
 
-__all__ = ["ABLATION_LEVELS", "DEFAULT_LEVELS", "KINDS", "drop_word", "evaluate_robustness", "format_robustness",
+__all__ = ["ABLATION_LEVELS", "DEFAULT_LEVELS", "KINDS", "apgd_checkpoints", "drop_word", "evaluate_robustness", "format_robustness",
            "gaussian_noise", "jpeg_reencode", "level_key", "perturb_texts", "robustness_of",
            "swap_words"]

@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from keras_irtf.config import ConfigError, load_config, load_yaml
-from keras_irtf.evaluation.robustness import ABLATION_LEVELS, robustness_of
+from keras_irtf.evaluation.robustness import ABLATION_LEVELS, KINDS, level_key, robustness_of
 from keras_irtf.evaluation.stats import holm_adjust, paired_t_test
 from keras_irtf.experiment import Experiment
 from keras_irtf.training.loop import train
@@ -134,17 +134,34 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     return collect(out, [j[0] for j in jobs])
 
 
-def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=True, log=print):
+def missing_robustness(run, levels=ABLATION_LEVELS) -> dict:
+    """{kind: [levels]} of `levels` that <run>/robustness.json does not hold yet (all of them when
+    there is no such file; "input_grad": [True] when the input-gradient norms are missing)."""
+    path = Path(run) / "robustness.json"
+    if not path.is_file():
+        return {**{k: list(v) for k, v in levels.items()}, "input_grad": [True]}
+    done = read_json(path)
+    missing = {k: [v for v in vs if level_key(k, v) not in done.get(k, {})] for k, vs in levels.items()}
+    missing = {k: vs for k, vs in missing.items() if vs}
+    if "input_grad_l1" not in done:
+        missing["input_grad"] = [True]
+    return missing
+
+
+def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=True, log=print,
+              levels=ABLATION_LEVELS):
     """Train (and evaluate the robustness of) each (cell, seed, overrides) job that has not been
     done yet, in order, logging progress and an estimate of the time left: each remaining job is
     counted at its own row's mean duration so far in this process (the mean of all finished jobs
-    for a row not seen yet)."""
+    for a row not seen yet). A finished run whose robustness.json lacks some of `levels` gets
+    only those evaluated and added, when its weights are in its folder."""
     out = Path(out)
+    unable = set()  # runs whose missing columns cannot be added (no weights kept)
 
     def needed(cell, seed):
         run = out / cell / f"seed{seed}"
         return (not (run / "metrics.json").is_file(),
-                robustness and not (run / "robustness.json").is_file())
+                robustness and (cell, seed) not in unable and bool(missing_robustness(run, levels)))
 
     dataset = None
     durations = {}  # row -> [seconds of each job this process finished]
@@ -172,8 +189,14 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
                     f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
             if need_robust:
+                if not need_train and not _has_weights(run):
+                    unable.add((cell, seed))
+                    log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: {run / 'robustness.json'} lacks "
+                        f"{sorted(missing_robustness(run, levels))}, and the run's weights are not in its folder "
+                        f"to add them: move the folder away to train the run again, or leave the column empty")
+                    continue
                 start = time.time()
-                rob = run_robustness(run, cfg, dataset)
+                rob = run_robustness(run, cfg, dataset, levels)
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
                     f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
                     f"({time.time() - start:.0f} s)")
@@ -199,11 +222,33 @@ def _load():
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def run_robustness(run, cfg, dataset) -> dict:
-    """The ablation's robustness columns of one finished run -> <run>/robustness.json."""
+def _has_weights(run) -> bool:
+    return (Path(run) / "model.keras").is_file()
+
+
+def run_robustness(run, cfg, dataset, levels=ABLATION_LEVELS) -> dict:
+    """The robustness columns `levels` of one finished run -> <run>/robustness.json; the levels
+    that file holds already are kept and not evaluated again."""
     run = Path(run)
+    missing = missing_robustness(run, levels)
+    input_grad = bool(missing.pop("input_grad", None))
+    result = read_json(run / "robustness.json") if (run / "robustness.json").is_file() else {}
+    if not missing and not input_grad:
+        return result
     exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
-    result = robustness_of(exp, model, levels=ABLATION_LEVELS)
+    new = robustness_of(exp, model, levels=missing, input_grad=input_grad)
+    settings = {**result.get("settings", {}), **new["settings"]}
+    settings["levels"] = {**result.get("settings", {}).get("levels", {})}
+    for kind, keys in new["settings"]["levels"].items():
+        settings["levels"][kind] = sorted(set(settings["levels"].get(kind, [])) | set(keys), key=float)
+    for key, value in new.items():
+        if key == "settings":
+            continue
+        if key in KINDS:
+            result.setdefault(key, {}).update(value)
+        elif key not in result or key.startswith("input_grad"):
+            result[key] = value
+    result["settings"] = settings
     write_json(run / "robustness.json", result)
     return result
 
@@ -283,6 +328,8 @@ COLUMNS = {
     "noise R@1": ("noise 8/255 R@1", lambda m: _get(m, "robustness", "noise", NOISE_KEY, "R@1")),
     "fgsm R@1": ("FGSM 4/255 R@1", lambda m: _get(m, "robustness", "fgsm", ATTACK_KEY, "R@1")),
     "pgd R@1": ("PGD 4/255 R@1", lambda m: _get(m, "robustness", "pgd", ATTACK_KEY, "R@1")),
+    # the strongest attack: APGD on the cross-entropy and on the DLR margin, the worse per query
+    "apgd R@1": ("APGD-CE/DLR 4/255 R@1", lambda m: _get(m, "robustness", "apgd", ATTACK_KEY, "R@1")),
     "grad L1": ("‖dL/dx‖₁", lambda m: _get(m, "robustness", "input_grad_l1", scale=1.0)),
     "GA ratio": ("L_GA^A / L_CE", _ga_ratio),
     "s/step": ("s/step", lambda m: _get(m, "seconds_per_step", scale=1.0)),
@@ -453,6 +500,7 @@ class Study:
     tables: dict  # title -> [row names] (the baseline first)
     shown: Optional[list] = None
     tested: Optional[list] = None
+    robustness: dict = dataclasses.field(default_factory=lambda: dict(ABLATION_LEVELS))  # kind -> levels
 
     @property
     def labels(self) -> dict:
@@ -470,7 +518,20 @@ class Study:
                 for name, (_, ov) in self.rows.items() if rows is None or name in rows]
 
 
-STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested")
+STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested", "robustness")
+
+
+def _level(value):
+    """A perturbation level from a study file: a non-negative number or a fraction "4/255"; None if neither."""
+    if isinstance(value, str) and value.count("/") == 1:
+        top, bottom = value.split("/")
+        try:
+            value = float(top) / float(bottom)
+        except (ValueError, ZeroDivisionError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return None
+    return float(value)
 
 
 def load_study(path) -> Study:
@@ -486,6 +547,8 @@ def load_study(path) -> Study:
             pgd: {label: L_CE + PGD-10, set: [ga.methods=pgd, ga.pgd.steps=10]}
           tables:                        # title: [rows]; each table is one Holm family
             "H4: adversarial training": [pgd]
+          robustness:                    # perturbations evaluated beside the ablation's own
+            apgd: [4/255]                # (keras_irtf.evaluation.robustness: kind -> levels)
 
     Every row's overrides are checked against the config here (a typo fails before any training)."""
     path = Path(path)
@@ -526,7 +589,23 @@ def load_study(path) -> Study:
         tested = _check_columns(block["tested"], "study.tested") if "tested" in block else None
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return Study(path, seeds, baseline, rows, tables, shown, tested)
+    levels = dict(ABLATION_LEVELS)
+    extra = block.get("robustness") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"{path}: study.robustness: expected a mapping kind -> [levels], got {extra!r}")
+    for kind, values in extra.items():
+        if kind not in KINDS or kind == "text":
+            raise ConfigError(f"{path}: study.robustness: unknown kind {kind!r}; the pixel kinds: "
+                              f"{[k for k in KINDS if k != 'text']}")
+        parsed = [_level(v) for v in values] if isinstance(values, list) and values else [None]
+        if None in parsed:
+            raise ConfigError(f"{path}: study.robustness.{kind}: expected a list of levels (pixels in [0, 1]: "
+                              f"non-negative numbers or fractions such as 4/255), got {values!r}")
+        by_key = {}
+        for v in (*levels.get(kind, ()), *parsed):  # a level the ablation has already keeps its value
+            by_key.setdefault(level_key(kind, v), v)
+        levels[kind] = tuple(sorted(by_key.values()))
+    return Study(path, seeds, baseline, rows, tables, shown, tested, levels)
 
 
 def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print,
@@ -535,7 +614,7 @@ def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verb
     finished run is skipped; several workers may share `out`); returns {row: [metrics per seed]}
     of every finished run of the study in `out`."""
     jobs = study.jobs(seeds, rows)
-    _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log)
+    _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log, levels=study.robustness)
     return collect(out, list(study.rows))
 
 
@@ -595,6 +674,6 @@ def seconds(results) -> float:
 
 
 __all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "Study", "ablation_table", "cell_overrides",
-           "collect", "eta_minutes", "load_study", "paired_tests", "per_seed_json", "record", "run_ablation",
+           "collect", "eta_minutes", "load_study", "missing_robustness", "paired_tests", "per_seed_json", "record", "run_ablation",
            "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells", "tables_markdown"]
 
