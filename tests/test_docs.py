@@ -360,6 +360,21 @@ def test_readme_is_a_front_door():
         assert f"docs/{page}.md" in "\n".join(lines)
 
 
+def test_ci_installs_what_the_readme_tells_a_user_to_install():
+    """The README's test command and CI install the same extras: a user who follows the README
+    runs the tests CI runs (a missing extra would turn tests into skips)."""
+    def installs(path):
+        found = re.findall(r"pip install (?:--quiet )?-e '\.\[([a-z,]+)\]'", path.read_text())
+        return [set(extras.split(",")) for extras in found]
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    declared = set(cfg["options.extras_require"])
+    ci = installs(ROOT / ".ci" / "run")
+    assert ci == [declared], f"CI installs {ci}; setup.cfg declares {sorted(declared)}"
+    assert declared in installs(ROOT / "README.md"), "the README's test command installs other extras than CI"
+
+
 def test_every_configuration_key_has_a_meaning():
     import irtf_reference
 
