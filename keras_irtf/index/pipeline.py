@@ -330,6 +330,10 @@ def _read_records_step(file_record, max_pixels, max_bytes, done):
         yield got
 
 
+def _as_key(image_id):
+    return image_id, True
+
+
 def _route_step(result, shards):
     (image_id, path, sha256), vector = result.example, result.inference
     if isinstance(vector, str):
@@ -439,13 +443,17 @@ def _pipeline_failure(error: Exception) -> Exception:
 
 
 def _run_pipeline(source: ImageSource, todo_file: Optional[Path], export, staging: Path, *, shards: int,
-                  batch_size: int, max_pixels: int, max_bytes: int, done: frozenset, beam_args) -> int:
+                  batch_size: int, max_pixels: int, max_bytes: int, done_file: Optional[Path], beam_args) -> int:
     """Run the Beam pipeline; shards and dead letters land in `staging`. Returns how many
-    TFRecord ids were skipped as already embedded."""
+    TFRecord ids were skipped as already embedded (the ids of `done_file`, one a line, reach the
+    workers as a side input rather than inside the pipeline's graph)."""
     beam = _beam()
     inference = _beam("apache_beam.ml.inference.base")
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     if source.kind == "tfrecord":
+        done = beam.pvalue.AsDict(pipeline
+                                  | "embedded ids" >> beam.io.ReadFromText(str(done_file))
+                                  | "as keys" >> beam.Map(_as_key))
         read = (pipeline
                 | "record files" >> beam.Create(source.files)
                 | "records" >> beam.io.ReadAllFromTFRecord(with_filename=True)
@@ -557,14 +565,17 @@ def embed_gallery(export, images, out, *, batch_size: int = 64, shards: Optional
         remove_owned(staging, STAGING_KIND)  # left by an interrupted run of this process id: ours only
         mark_owned(staging, STAGING_KIND)
         try:
-            todo_file = None
+            todo_file = done_file = None
             if todo is not None:
                 todo_file = staging / "todo.txt"
                 todo_file.write_text("".join(i + "\n" for i in todo), encoding="utf-8")
+            else:
+                done_file = staging / "embedded.txt"
+                done_file.write_text("".join(i + "\n" for i in sorted(done)), encoding="utf-8")
             log.info(f"embedding {len(todo) if todo is not None else 'the new'} images of {source.spec} with "
                      f"{export} ({shards} shard{'s' * (shards > 1)}, batches of {batch_size})")
             skipped += _run_pipeline(source, todo_file, export, staging, shards=shards, batch_size=batch_size,
-                                     max_pixels=max_pixels, max_bytes=max_file_bytes, done=frozenset(done),
+                                     max_pixels=max_pixels, max_bytes=max_file_bytes, done_file=done_file,
                                      beam_args=beam_args)
             for path in sorted(staging.glob("dead-letter*.jsonl")):
                 dead += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
