@@ -362,3 +362,38 @@ def test_a_tfrecord_id_embedded_already_is_skipped_before_its_image_is_decoded()
     assert parse_record("a.tfrecord", corrupt, done=frozenset({"old.png"})) is None
     assert parse_record("a.tfrecord", corrupt)["reason"]  # not embedded yet: checked, and refused
     assert parse_record("a.tfrecord", record(b"new.png", _png(7)), done=frozenset({"old.png"}))[0] == "new.png"
+
+
+def test_a_killed_runs_staging_is_removed_only_when_ours_and_dead(export, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from keras_irtf.index import pipeline as P
+
+    gallery = tmp_path / "gallery"
+    _write_gallery(gallery, range(3))
+    out = tmp_path / "index"
+    args = ["--model", export[0], "--images", gallery, "--out", out]
+    assert _run(capsys, *args)[0] == 0
+    folder = out / "embeddings"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # a process that has ended
+    killed = folder / P._staging_name(dead_pid)
+    killed.mkdir()
+    mark_owned(killed, P.STAGING_KIND)
+    (killed / "shard-00000.npz").write_bytes(b"half written")
+    live = folder / P._staging_name(os.getppid())  # a run still in progress (a live process)
+    live.mkdir()
+    mark_owned(live, P.STAGING_KIND)
+    unmarked = folder / P._staging_name(dead_pid + 1)  # not proven ours: a user's folder
+    unmarked.mkdir()
+    other_host = folder / f".staging-elsewhere-{dead_pid}"  # another machine's run
+    other_host.mkdir()
+    mark_owned(other_host, P.STAGING_KIND)
+    _write_gallery(gallery, range(3, 5))
+    code, text, err = _run(capsys, *args)
+    assert code == 0, err
+    assert _counts(text) == (2, 3, 0)
+    assert not killed.exists()
+    assert live.is_dir() and unmarked.is_dir() and other_host.is_dir()
+    assert not list(folder.glob(P._staging_name(os.getpid())))  # this run's own staging: cleaned up

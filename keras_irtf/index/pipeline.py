@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+import socket
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -530,6 +531,36 @@ def check_output(out, fingerprint: dict, source: ImageSource, replace: bool = Fa
     return store
 
 
+def _staging_name(pid: int) -> str:
+    """A run's staging folder: named by the machine and the process that launched it."""
+    return f".staging-{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{pid}"
+
+
+def _remove_dead_staging(folder: Path) -> list:
+    """Remove the staging folders of this machine's runs whose process has ended (a run killed
+    before its clean-up), each only when its marker says keras_irtf wrote it; a live run's, another
+    machine's and a folder without the marker are left alone. Returns the folders removed."""
+    removed = []
+    prefix = _staging_name(0)[:-1]
+    for path in sorted(Path(folder).glob(".staging-*")):
+        pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+        if not pid.isdigit() or _alive(int(pid)) or owned_kind(path) != STAGING_KIND:
+            continue
+        remove_owned(path, STAGING_KIND)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def embed_gallery(export, images, out, *, batch_size: int = 64, shards: Optional[int] = None,
                   replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, beam_args=()) -> EmbedSummary:
     """Embed the images `images` (parse_images) with the export version folder `export` into
@@ -561,7 +592,8 @@ def embed_gallery(export, images, out, *, batch_size: int = 64, shards: Optional
     dead = list(source.dead)
     staged = []
     if todo or source.kind == "tfrecord":
-        staging = store.folder.absolute() / f".staging-{os.getpid()}"  # the workers may run elsewhere
+        _remove_dead_staging(store.folder)
+        staging = store.folder.absolute() / _staging_name(os.getpid())  # the workers may run elsewhere
         remove_owned(staging, STAGING_KIND)  # left by an interrupted run of this process id: ours only
         mark_owned(staging, STAGING_KIND)
         try:
