@@ -35,7 +35,7 @@ from pathlib import Path
 
 from keras_irtf.config import ConfigError
 from keras_irtf.safety import is_empty_folder, mark_owned, not_owned_error, owned_kind, remove_owned
-from keras_irtf.utils import file_sha256, read_json, write_json
+from keras_irtf.utils import file_sha256, process_alive, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +225,12 @@ def _process_start(pid: int):
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def lock_is_stale(owner: dict) -> bool:
     """True when the lock's owner is a process of this host that no longer runs."""
     if owner.get("host") != socket.gethostname():
         return False  # cannot tell for another machine: treat as held
     pid = int(owner.get("pid", -1))
-    if pid <= 0 or not _alive(pid):
+    if pid <= 0 or not process_alive(pid):
         return True
     started = owner.get("process_start")
     return started is not None and _process_start(pid) not in (None, started)  # pid reused

@@ -113,6 +113,19 @@ class Progress:
         sys.stderr.flush()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (one of another user counts as running)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def umask_file_mode() -> int:
     """The mode a plain `open(path, "w")` would give a new file (0666 less the user's umask).
 

@@ -55,7 +55,7 @@ from keras_irtf.safety import NotOwnedError, OutsideRootError, is_empty_folder, 
     remove_owned, resolve_under
 from keras_irtf.serving.query import ExportedModel
 from keras_irtf.serving.reader import IMAGE_EXTENSIONS, ExportError, read_export_info
-from keras_irtf.utils import atomic_write_text, optional_import
+from keras_irtf.utils import atomic_write_text, optional_import, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -544,21 +544,11 @@ def _remove_dead_staging(folder: Path) -> list:
     prefix = _staging_name(0)[:-1]
     for path in sorted(Path(folder).glob(".staging-*")):
         pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
-        if not pid.isdigit() or _alive(int(pid)) or owned_kind(path) != STAGING_KIND:
+        if not pid.isdigit() or process_alive(int(pid)) or owned_kind(path) != STAGING_KIND:
             continue
         remove_owned(path, STAGING_KIND)
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def embed_gallery(export, images, out, *, batch_size: int = 64, shards: Optional[int] = None,

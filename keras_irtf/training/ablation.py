@@ -44,7 +44,7 @@ from keras_irtf.evaluation.robustness import ABLATION_LEVELS, KINDS, level_key, 
 from keras_irtf.evaluation.stats import holm_adjust, paired_t_test
 from keras_irtf.experiment import Experiment
 from keras_irtf.training.loop import train
-from keras_irtf.utils import read_json, write_json
+from keras_irtf.utils import process_alive, read_json, write_json
 
 # (name, label, loss.eta on?, ga.methods)
 GRID = (
@@ -263,14 +263,13 @@ def _claim(run: Path):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return None  # alive
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # owned: a stale claim lock (its process is gone)
+                text = lock.read_text().strip()
+            except FileNotFoundError:  # released meanwhile: try again
                 continue
-            except PermissionError:
-                return None
+            if not text or (text.isdigit() and process_alive(int(text))):
+                return None  # alive, or just created by a worker that is writing its id
+            lock.unlink(missing_ok=True)  # owned: a stale claim lock (its process is gone)
+            continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return lock
