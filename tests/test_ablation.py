@@ -390,3 +390,13 @@ def test_ablate_ctrl_c_is_one_line_naming_the_backup_and_the_command(monkeypatch
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("ablation interrupted (the run in training backed up at step 1900); finished runs are kept")
     assert err.endswith("ablate.py --study configs/css_ga_study.yaml --rows ce`")
+
+
+def test_a_runs_record_names_the_cpu_it_trained_on():
+    m = _metrics(0.3)
+    m["machine"] = {"load_1min_start": 1.5, "load_1min_end": 2.0, "cpus": 2, "cpu": "Some CPU, AVX-512"}
+    rec = A.record(m)
+    assert rec["cpu"] == "Some CPU, AVX-512" and rec["load_1min"] == [1.5, 2.0]
+    assert "cpu" not in A.record(_metrics(0.3))
+    model = A.cpu_model()
+    assert model is None or (model and "\n" not in model)

@@ -217,12 +217,14 @@ def test_query_saves_into_a_folder_it_owns_and_replaces_nothing_else(tmp_path):
 
 def test_a_script_starts_tensorflow_without_its_cpp_notices_as_the_python_api_page_says():
     """docs/python-api.md: `import keras` writes TensorFlow's C++ start-up notices to standard
-    error even with TF_CPP_MIN_LOG_LEVEL=3 (on this project's CPU machines: oneDNN's, CUDA's,
-    absl's); cli.start_tensorflow() first, as the page's script does, leaves standard error empty."""
+    error even with TF_CPP_MIN_LOG_LEVEL=3 (on this project's CPU machines: CUDA's and absl's, and
+    oneDNN's on the CPUs it tunes for); cli.start_tensorflow() first, as the page's script does,
+    leaves standard error empty."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     plain = subprocess.run([sys.executable, "-c", "import keras"], capture_output=True, text=True, env=env,
                            timeout=300)
-    assert plain.returncode == 0 and "oneDNN" in plain.stderr, plain.stderr[-2000:]
+    notices = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert plain.returncode == 0 and any("cuda" in line.lower() or "absl" in line for line in notices), notices
     env.pop("TF_CPP_MIN_LOG_LEVEL")  # as a user's shell has it
     quiet = subprocess.run([sys.executable, "-c", "from keras_irtf.cli import start_tensorflow\n"
                             "start_tensorflow()\nimport keras\nimport keras_irtf as kirtf\n"

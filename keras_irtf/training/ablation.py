@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -185,7 +186,7 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
                 load = _load()
                 _, metrics = train(cfg, verbose=0, dataset=dataset)
                 write_json(run / "machine.json", {"load_1min_start": load, "load_1min_end": _load(),
-                                                  "cpus": os.cpu_count()})
+                                                  "cpus": os.cpu_count(), "cpu": cpu_model()})
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
                     f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
             if need_robust:
@@ -216,6 +217,20 @@ def eta_minutes(durations: dict, left: list) -> float:
         return float("nan")
     overall = float(np.mean(every))
     return sum(float(np.mean(durations[c])) if c in durations else overall for c in left) / 60.0
+
+
+def cpu_model() -> Optional[str]:
+    """The processor's model name and whether it has AVX-512 (Linux's /proc/cpuinfo), or None:
+    training is deterministic for a seed on one CPU, but another CPU's kernels round differently,
+    so runs are compared within one machine."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    wide = flags is not None and "avx512f" in flags.group(1).split()
+    return f"{name.group(1).strip() if name else 'unknown'}{', AVX-512' if wide else ''}"
 
 
 def _load():
@@ -342,7 +357,8 @@ TESTED = ("R@1", "WHM", "shift R@1", "noise R@1", "pgd R@1")
 
 def record(m: dict) -> dict:
     """One run's table entry: its seed and every column's value (None where the run has none),
-    with the machine's 1-minute load before and after training when the run recorded it. A
+    with the machine's 1-minute load before and after training and its CPU when the run recorded
+    them. A
     record passed in is returned as it is, so the table functions take either."""
     if "test" not in m:
         return m
@@ -353,6 +369,8 @@ def record(m: dict) -> dict:
     machine = m.get("machine") or {}
     if machine:
         rec["load_1min"] = [machine.get("load_1min_start"), machine.get("load_1min_end")]
+        if machine.get("cpu"):
+            rec["cpu"] = machine["cpu"]
     return rec
 
 
