@@ -299,14 +299,16 @@ def test_a_study_adds_attacks_beside_the_ablations_own(tmp_path):
     path = _study_file(tmp_path)
     plain = A.load_study(path)
     assert plain.robustness == A.ABLATION_LEVELS
-    path.write_text(path.read_text() + "  robustness:\n    apgd: [4/255]\n    pgd: [0.0157, 8/255]\n")
+    path.write_text(path.read_text() + "  robustness:\n    apgd: [4/255]\n    pgd: [0.0157, 8/255]\n"
+                    "    apgd_queries: 800\n")
     study = A.load_study(path)
-    assert study.robustness["apgd"] == (4 / 255,)
+    assert study.robustness["apgd"] == (4 / 255,) and study.apgd_queries == 800 and plain.apgd_queries is None
     # 0.0157 is 4/255 as robustness.json names it: one level, not two
     assert study.robustness["pgd"] == (4 / 255, 8 / 255) and study.robustness["noise"] == A.ABLATION_LEVELS["noise"]
     for bad, match in (("    apgd: [fast]\n", r"study.robustness.apgd: expected a list of levels"),
                        ("    apgd: [4/0]\n", r"study.robustness.apgd: expected a list of levels"),
-                       ("    blur: [1]\n", r"study.robustness: unknown kind 'blur'")):
+                       ("    blur: [1]\n", r"study.robustness: unknown kind 'blur'"),
+                       ("    apgd_queries: 0\n", r"study.robustness.apgd_queries: expected a number")):
         path.write_text(_study_file(tmp_path).read_text() + "  robustness:\n" + bad)
         with pytest.raises(ConfigError, match=match):
             A.load_study(path)
@@ -331,15 +333,15 @@ def test_a_missing_attack_is_added_to_a_finished_run_and_the_rest_kept(tmp_path,
     (run / "model.keras").write_bytes(b"weights")
     calls = []
 
-    def evaluate(exp, model, levels, input_grad):
-        calls.append((levels, input_grad))
+    def evaluate(exp, model, levels, input_grad, apgd_queries):
+        calls.append((levels, input_grad, apgd_queries))
         return {"clean": {"R@1": 0.3}, "apgd": {A.ATTACK_KEY: {"R@1": 0.05}},
                 "settings": {"levels": {"apgd": [A.ATTACK_KEY]}, "apgd_steps": 50}}
 
     monkeypatch.setattr(A.Experiment, "from_run", classmethod(lambda cls, *a, **k: (None, None)))
     monkeypatch.setattr(A, "robustness_of", evaluate)
     merged = A.run_robustness(run, None, None, levels)
-    assert calls == [({"apgd": [4 / 255]}, False)]  # only what was missing; the gradient norms kept
+    assert calls == [({"apgd": [4 / 255]}, False, None)]  # only what was missing; the gradient norms kept
     assert merged["pgd"] == before["pgd"] and merged["input_grad_l1"] == 4.0
     assert merged["apgd"][A.ATTACK_KEY]["R@1"] == 0.05
     assert merged["settings"]["levels"] == {"pgd": [A.ATTACK_KEY], "apgd": [A.ATTACK_KEY]}
@@ -347,6 +349,8 @@ def test_a_missing_attack_is_added_to_a_finished_run_and_the_rest_kept(tmp_path,
     assert json.loads((run / "robustness.json").read_text()) == merged
     assert A.missing_robustness(run, levels) == {}
     assert A.run_robustness(run, None, None, levels) == merged and len(calls) == 1  # nothing left to add
+    # APGD over every query is not APGD over 800: asking for the subset evaluates it again
+    assert A.missing_robustness(run, levels, apgd_queries=800) == {"apgd": [4 / 255]}
 
 
 def test_a_run_without_its_weights_is_named_not_retrained(tmp_path):

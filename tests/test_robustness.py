@@ -151,3 +151,17 @@ def test_apgd_is_at_least_as_strong_as_pgd_and_zero_eps_is_clean(trained):
     assert r["apgd"][key]["R@1"] <= r["pgd"][key]["R@1"] < r["clean"]["R@1"]
     assert r["apgd"][key]["R@10"] <= r["clean"]["R@10"]
     assert r["settings"]["apgd_steps"] == 20
+
+
+def test_apgd_on_a_fixed_subset_of_queries(trained):
+    first = R.apgd_subset(2400, 800)
+    assert len(first) == 800 and len(set(first)) == 800 and (np.diff(first) > 0).all() and first.max() < 2400
+    np.testing.assert_array_equal(first, R.apgd_subset(2400, 800))  # the same queries for every model
+    assert R.apgd_subset(2400, None) is None and R.apgd_subset(30, 800) is None
+    _, _, dataset, _, _ = trained
+    n = len(dataset.test.test_queries)
+    r = _robust(trained, {"apgd": (0.0, 4 / 255)}, input_grad=False, apgd_steps=5, apgd_queries=n // 2)
+    assert r["settings"]["apgd_queries"] == n // 2 and r["settings"]["apgd_queries_asked"] == n // 2
+    # at eps 0 the attacked subset's recall is that subset's clean recall, which is reported
+    assert r["apgd"]["0"] == r["apgd_subset_clean"] != r["clean"]
+    assert r["apgd"][R.level_key("apgd", 4 / 255)]["R@1"] <= r["apgd_subset_clean"]["R@1"]

@@ -185,6 +185,18 @@ def apgd_checkpoints(steps: int) -> list:
     return sorted({int(np.ceil(round(v * steps, 6))) for v in p})
 
 
+def apgd_subset(n_queries: int, size) -> np.ndarray | None:
+    """The indices (sorted) of the `size` queries APGD attacks out of `n_queries`: a fixed draw,
+    the same for every model and seed, so that runs are compared on the same queries; None for
+    every query (size None or >= n_queries)."""
+    if size is None or int(size) >= n_queries:
+        return None
+    if int(size) < 1:
+        raise ValueError(f"apgd_queries must be >= 1, got {size}")
+    rng = np.random.default_rng(zlib.crc32(b"apgd queries"))
+    return np.sort(rng.permutation(n_queries)[: int(size)])
+
+
 def _recalls(q, g, split, queries, ks, exclude, query_chunk, gallery_chunk, backend):
     k = min(max(ks), len(g))
     _, top = rank(q, g, k, exclude, query_chunk, gallery_chunk, False, backend)
@@ -196,8 +208,13 @@ def _recalls(q, g, split, queries, ks, exclude, query_chunk, gallery_chunk, back
 
 def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 50), seed=0, batch_size=256,
                         preprocessor=64, query_chunk=1024, gallery_chunk=8192, backend="tf", input_grad=True,
-                        pgd_steps=PGD_STEPS, apgd_steps=APGD_STEPS, split_name="test", verbose=True) -> dict:
+                        pgd_steps=PGD_STEPS, apgd_steps=APGD_STEPS, apgd_queries=None, split_name="test",
+                        verbose=True) -> dict:
     """Recall@K of the test queries under each perturbation (see the module docstring).
+
+    apgd_queries: attack with APGD only this many test queries, the same ones for every model
+    (apgd_subset(); their clean recall is reported as "apgd_subset_clean"), since APGD costs
+    about 100 gradient passes a query; None attacks every query.
 
     levels: {kind: [levels]} (default DEFAULT_LEVELS; a subset, e.g. ABLATION_LEVELS, runs only
     those). Returns {"clean": {...}, "noise": {"0.0157": {"R@1": ...}}, ..., "input_grad_l1": x,
@@ -330,14 +347,23 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
     for kind in KINDS:
         for level in levels.get(kind, ()):
             jobs.append((kind, level))
-    n_batches = -(-len(queries) // batch_size)
+    subset = apgd_subset(len(queries), apgd_queries) if "apgd" in levels else None
+    if subset is not None:
+        jobs.append(("apgd_subset_clean", None))
     attack_cost = {"fgsm": 2, "pgd": pgd_steps + 1, "apgd": 2 * (apgd_steps + 2)}
-    work = sum(attack_cost.get(kind, 1) for kind, _ in jobs) + (1 if input_grad else 0)
-    progress = Progress(work * n_batches, f"robustness of {len(queries)} {split_name} queries", enabled=verbose)
+
+    def n_batches(kind):
+        return -(-(len(subset) if kind.startswith("apgd") and subset is not None else len(queries)) // batch_size)
+
+    work = sum(attack_cost.get(kind, 1) * n_batches(kind) for kind, _ in jobs)
+    work += n_batches("clean") if input_grad else 0
+    progress = Progress(work, f"robustness of {len(queries)} {split_name} queries", enabled=verbose)
 
     result = {}
     for kind, level in jobs:
-        qs, vec = queries, vectorizer
+        qs, vec, skip = queries, vectorizer, exclude
+        if kind.startswith("apgd") and subset is not None:
+            qs, skip = queries.subset(subset), exclude[subset]
         if kind == "text":
             qs = Queries(queries.source_ids, perturb_texts(queries.texts, level, seed), queries.target_ids,
                          queries.target_captions)
@@ -359,14 +385,14 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
             out.append(embed(u, text).numpy())
             progress.update(attack_cost.get(kind, 1))
         if protocol is None:
-            recalls = _recalls(np.concatenate(out), gallery, split, qs, ks, exclude, query_chunk, gallery_chunk,
+            recalls = _recalls(np.concatenate(out), gallery, split, qs, ks, skip, query_chunk, gallery_chunk,
                                backend)
         else:  # the dataset's own test protocol (FashionIQ's per-category galleries, CIRR's subsets)
             recalls = recalls_from_embeddings(np.concatenate(out), np.arange(split.num_images), gallery, qs,
                                               split.caption_ids, protocol, ks, query_chunk=query_chunk,
                                               gallery_chunk=gallery_chunk, verbose=False, backend=backend)
-        if kind == "clean":
-            result["clean"] = recalls
+        if kind in ("clean", "apgd_subset_clean"):
+            result[kind] = recalls
         else:
             result.setdefault(kind, {})[level_key(kind, level)] = recalls
             if kind == "text":
@@ -389,12 +415,16 @@ def evaluate_robustness(model, dataset, vectorizer, levels=None, ks=(1, 5, 10, 5
         "pixels": "[0, 1], before ImageNet normalisation; noise and attacks clipped to [0, 1]",
         "attack_loss": "softmax cross-entropy of the query against every test image, target = label",
         "pgd_steps": int(pgd_steps), "pgd_step": "eps / 4", "pgd_start": "uniform in the eps-ball",
-        "apgd": (f"APGD, {int(apgd_steps)} iterations from a uniform start, on the cross-entropy and on the DLR "
-                 "margin loss (hit = an image with the target's caption); per query the smaller margin"),
-        "apgd_steps": int(apgd_steps),
         "input_grad": "d(loss above)/d(ImageNet-normalised query image), clean queries",
         "levels": {k: [level_key(k, v) for v in vs] for k, vs in levels.items()},
     }
+    if "apgd" in levels:
+        result["settings"].update({
+            "apgd": (f"APGD, {int(apgd_steps)} iterations from a uniform start, on the cross-entropy and on the "
+                     "DLR margin loss (hit = an image with the target's caption); per query the smaller margin"),
+            "apgd_steps": int(apgd_steps),
+            "apgd_queries": len(queries) if subset is None else int(len(subset)),
+            "apgd_queries_asked": None if apgd_queries is None else int(apgd_queries)})
     return result
 
 
@@ -420,17 +450,17 @@ def format_robustness(result: dict, ks=None) -> str:
     return text
 
 
-def robustness_of(exp, model, levels=None, backend=None, input_grad=True, verbose=False) -> dict:
+def robustness_of(exp, model, levels=None, backend=None, input_grad=True, verbose=False, apgd_queries=None) -> dict:
     """evaluate_robustness with an Experiment's dataset, text input, preprocessing and settings."""
     cfg = exp.cfg
     return evaluate_robustness(
         model, exp.dataset, exp.vectorizer, levels=levels, ks=cfg.eval.ks, seed=cfg.train.seed,
         batch_size=cfg.eval.batch_size, preprocessor=exp.preprocessor, query_chunk=cfg.eval.query_chunk,
         gallery_chunk=cfg.eval.gallery_chunk, backend=backend or cfg.eval.backend, input_grad=input_grad,
-        verbose=verbose,
+        verbose=verbose, apgd_queries=apgd_queries,
     )
 
 
-__all__ = ["ABLATION_LEVELS", "DEFAULT_LEVELS", "KINDS", "apgd_checkpoints", "drop_word", "evaluate_robustness", "format_robustness",
+__all__ = ["ABLATION_LEVELS", "DEFAULT_LEVELS", "KINDS", "apgd_checkpoints", "apgd_subset", "drop_word", "evaluate_robustness", "format_robustness",
            "gaussian_noise", "jpeg_reencode", "level_key", "perturb_texts", "robustness_of",
            "swap_words"]

@@ -135,13 +135,16 @@ def run_ablation(config_paths, seeds=3, out="ablations/css", cells=CELLS, overri
     return collect(out, [j[0] for j in jobs])
 
 
-def missing_robustness(run, levels=ABLATION_LEVELS) -> dict:
+def missing_robustness(run, levels=ABLATION_LEVELS, apgd_queries=None) -> dict:
     """{kind: [levels]} of `levels` that <run>/robustness.json does not hold yet (all of them when
-    there is no such file; "input_grad": [True] when the input-gradient norms are missing)."""
+    there is no such file; "input_grad": [True] when the input-gradient norms are missing). APGD
+    levels evaluated on another number of queries than `apgd_queries` count as missing."""
     path = Path(run) / "robustness.json"
     if not path.is_file():
         return {**{k: list(v) for k, v in levels.items()}, "input_grad": [True]}
     done = read_json(path)
+    if done.get("settings", {}).get("apgd_queries_asked", None) != apgd_queries:
+        done.pop("apgd", None)
     missing = {k: [v for v in vs if level_key(k, v) not in done.get(k, {})] for k, vs in levels.items()}
     missing = {k: vs for k, vs in missing.items() if vs}
     if "input_grad_l1" not in done:
@@ -150,7 +153,7 @@ def missing_robustness(run, levels=ABLATION_LEVELS) -> dict:
 
 
 def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=True, log=print,
-              levels=ABLATION_LEVELS):
+              levels=ABLATION_LEVELS, apgd_queries=None):
     """Train (and evaluate the robustness of) each (cell, seed, overrides) job that has not been
     done yet, in order, logging progress and an estimate of the time left: each remaining job is
     counted at its own row's mean duration so far in this process (the mean of all finished jobs
@@ -162,7 +165,7 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
     def needed(cell, seed):
         run = out / cell / f"seed{seed}"
         return (not (run / "metrics.json").is_file(),
-                robustness and (cell, seed) not in unable and bool(missing_robustness(run, levels)))
+                robustness and (cell, seed) not in unable and bool(missing_robustness(run, levels, apgd_queries)))
 
     dataset = None
     durations = {}  # row -> [seconds of each job this process finished]
@@ -193,11 +196,11 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
                 if not need_train and not _has_weights(run):
                     unable.add((cell, seed))
                     log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: {run / 'robustness.json'} lacks "
-                        f"{sorted(missing_robustness(run, levels))}, and the run's weights are not in its folder "
+                        f"{sorted(missing_robustness(run, levels, apgd_queries))}, and the run's weights are not in its folder "
                         f"to add them: move the folder away to train the run again, or leave the column empty")
                     continue
                 start = time.time()
-                rob = run_robustness(run, cfg, dataset, levels)
+                rob = run_robustness(run, cfg, dataset, levels, apgd_queries)
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
                     f"{rob['pgd'][ATTACK_KEY]['R@1']:.3f}, ||dL/dx||_1 {rob['input_grad_l1']:.3g} "
                     f"({time.time() - start:.0f} s)")
@@ -241,17 +244,22 @@ def _has_weights(run) -> bool:
     return (Path(run) / "model.keras").is_file()
 
 
-def run_robustness(run, cfg, dataset, levels=ABLATION_LEVELS) -> dict:
+def run_robustness(run, cfg, dataset, levels=ABLATION_LEVELS, apgd_queries=None) -> dict:
     """The robustness columns `levels` of one finished run -> <run>/robustness.json; the levels
-    that file holds already are kept and not evaluated again."""
+    that file holds already are kept and not evaluated again (APGD's when it attacked as many
+    queries as `apgd_queries` asks)."""
     run = Path(run)
-    missing = missing_robustness(run, levels)
+    missing = missing_robustness(run, levels, apgd_queries)
     input_grad = bool(missing.pop("input_grad", None))
     result = read_json(run / "robustness.json") if (run / "robustness.json").is_file() else {}
     if not missing and not input_grad:
         return result
+    if "apgd" in missing:  # evaluated again in full: another query count's figures are dropped
+        result.pop("apgd", None)
+        result.pop("apgd_subset_clean", None)
+        result.get("settings", {}).get("levels", {}).pop("apgd", None)
     exp, model = Experiment.from_run(run, verbose=False, dataset=dataset)  # the ablation's shared dataset
-    new = robustness_of(exp, model, levels=missing, input_grad=input_grad)
+    new = robustness_of(exp, model, levels=missing, input_grad=input_grad, apgd_queries=apgd_queries)
     settings = {**result.get("settings", {}), **new["settings"]}
     settings["levels"] = {**result.get("settings", {}).get("levels", {})}
     for kind, keys in new["settings"]["levels"].items():
@@ -261,6 +269,8 @@ def run_robustness(run, cfg, dataset, levels=ABLATION_LEVELS) -> dict:
             continue
         if key in KINDS:
             result.setdefault(key, {}).update(value)
+        elif key == "apgd_subset_clean":
+            result[key] = value
         elif key not in result or key.startswith("input_grad"):
             result[key] = value
     result["settings"] = settings
@@ -518,6 +528,7 @@ class Study:
     shown: Optional[list] = None
     tested: Optional[list] = None
     robustness: dict = dataclasses.field(default_factory=lambda: dict(ABLATION_LEVELS))  # kind -> levels
+    apgd_queries: Optional[int] = None  # APGD attacks this many test queries (None: all)
 
     @property
     def labels(self) -> dict:
@@ -566,6 +577,7 @@ def load_study(path) -> Study:
             "H4: adversarial training": [pgd]
           robustness:                    # perturbations evaluated beside the ablation's own
             apgd: [4/255]                # (keras_irtf.evaluation.robustness: kind -> levels)
+            apgd_queries: 800            # APGD on these many test queries, the same for every run
 
     Every row's overrides are checked against the config here (a typo fails before any training)."""
     path = Path(path)
@@ -607,9 +619,14 @@ def load_study(path) -> Study:
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     levels = dict(ABLATION_LEVELS)
-    extra = block.get("robustness") or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"{path}: study.robustness: expected a mapping kind -> [levels], got {extra!r}")
+    extra = dict(block.get("robustness") or {}) if isinstance(block.get("robustness") or {}, dict) else None
+    if extra is None:
+        raise ConfigError(f"{path}: study.robustness: expected a mapping kind -> [levels], got {block['robustness']!r}")
+    apgd_queries = extra.pop("apgd_queries", None)
+    if apgd_queries is not None and (isinstance(apgd_queries, bool) or not isinstance(apgd_queries, int)
+                                     or apgd_queries < 1):
+        raise ConfigError(f"{path}: study.robustness.apgd_queries: expected a number of test queries >= 1, "
+                          f"got {apgd_queries!r}")
     for kind, values in extra.items():
         if kind not in KINDS or kind == "text":
             raise ConfigError(f"{path}: study.robustness: unknown kind {kind!r}; the pixel kinds: "
@@ -622,7 +639,7 @@ def load_study(path) -> Study:
         for v in (*levels.get(kind, ()), *parsed):  # a level the ablation has already keeps its value
             by_key.setdefault(level_key(kind, v), v)
         levels[kind] = tuple(sorted(by_key.values()))
-    return Study(path, seeds, baseline, rows, tables, shown, tested, levels)
+    return Study(path, seeds, baseline, rows, tables, shown, tested, levels, apgd_queries)
 
 
 def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print,
@@ -631,7 +648,8 @@ def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verb
     finished run is skipped; several workers may share `out`); returns {row: [metrics per seed]}
     of every finished run of the study in `out`."""
     jobs = study.jobs(seeds, rows)
-    _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log, levels=study.robustness)
+    _run_jobs([study.path], jobs, out, overrides, robustness, verbose, log, levels=study.robustness,
+              apgd_queries=study.apgd_queries)
     return collect(out, list(study.rows))
 
 
