@@ -174,6 +174,12 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
         need_train, need_robust = needed(cell, seed)
         if not need_train and not need_robust:
             continue
+        if not need_train and not _has_weights(run):
+            unable.add((cell, seed))
+            log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: {run / 'robustness.json'} lacks "
+                f"{sorted(missing_robustness(run, levels, apgd_queries))}, and the run's weights are not in its "
+                f"folder to add them: move the folder away to train the run again, or leave the column empty")
+            continue
         lock = _claim(run)
         if lock is None:
             log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: another worker is training it, skipped")
@@ -193,12 +199,6 @@ def _run_jobs(config_paths, jobs, out, overrides=(), robustness=True, verbose=Tr
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: test R@1 {metrics['test']['R@1']:.3f}, "
                     f"WHM {metrics['whm']['value']:.3f} ({time.time() - start:.0f} s)")
             if need_robust:
-                if not need_train and not _has_weights(run):
-                    unable.add((cell, seed))
-                    log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: {run / 'robustness.json'} lacks "
-                        f"{sorted(missing_robustness(run, levels, apgd_queries))}, and the run's weights are not in its folder "
-                        f"to add them: move the folder away to train the run again, or leave the column empty")
-                    continue
                 start = time.time()
                 rob = run_robustness(run, cfg, dataset, levels, apgd_queries)
                 log(f"[{i + 1}/{len(jobs)}] {cell} seed {seed}: robustness: PGD 4/255 R@1 "
