@@ -165,3 +165,7 @@ def test_apgd_on_a_fixed_subset_of_queries(trained):
     # at eps 0 the attacked subset's recall is that subset's clean recall, which is reported
     assert r["apgd"]["0"] == r["apgd_subset_clean"] != r["clean"]
     assert r["apgd"][R.level_key("apgd", 4 / 255)]["R@1"] <= r["apgd_subset_clean"]["R@1"]
+    table = R.format_robustness(r)
+    assert f"| clean, APGD's {n // 2} queries |" in table
+    eps0 = next(line for line in table.splitlines() if line.startswith("| apgd | 0 |"))
+    assert eps0.endswith("| +0.0 |")  # its drop is from the attacked queries' own clean recall

@@ -709,6 +709,7 @@ def seconds(results) -> float:
 
 
 __all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "Study", "ablation_table", "cell_overrides",
-           "collect", "eta_minutes", "load_study", "missing_robustness", "paired_tests", "per_seed_json", "record", "run_ablation",
-           "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells", "tables_markdown"]
+           "collect", "cpu_model", "eta_minutes", "load_study", "missing_robustness", "paired_tests", "per_seed_json",
+           "record", "run_ablation", "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells",
+           "tables_markdown"]
 
