@@ -368,8 +368,7 @@ TESTED = ("R@1", "WHM", "shift R@1", "noise R@1", "pgd R@1")
 def record(m: dict) -> dict:
     """One run's table entry: its seed and every column's value (None where the run has none),
     with the machine's 1-minute load before and after training and its CPU when the run recorded
-    them. A
-    record passed in is returned as it is, so the table functions take either."""
+    them. A record passed in is returned as it is, so the table functions take either."""
     if "test" not in m:
         return m
     rec = {"seed": m.get("seed")}
