@@ -404,3 +404,17 @@ def test_a_runs_record_names_the_cpu_it_trained_on():
     assert "cpu" not in A.record(_metrics(0.3))
     model = A.cpu_model()
     assert model is None or (model and "\n" not in model)
+
+
+def test_pairs_across_cpus_are_named_under_the_table():
+    def run(r1, seed, cpu):
+        m = _metrics(r1, seed=seed, pgd=0.2)
+        m["machine"] = {"load_1min_start": 1.0, "load_1min_end": 1.0, "cpus": 2, "cpu": cpu}
+        return m
+
+    same = {"ce": [run(0.30, k, "A") for k in range(3)], "gaa": [run(0.32 + 0.01 * k, k, "A") for k in range(3)]}
+    assert "different CPUs" not in A.ablation_table(same)
+    mixed = {"ce": same["ce"], "gaa": [run(0.32, 0, "A"), run(0.33, 1, "B"), run(0.34, 2, "B")]}
+    assert A.paired_tests(mixed)["gaa"]["cross_cpu_seeds"] == [1, 2]
+    assert A.ablation_table(mixed).endswith("trained on different CPUs (a seed is reproducible on one CPU only): "
+                                            "L_CE + L_GA^A: seeds 1, 2.")

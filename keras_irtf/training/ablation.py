@@ -467,6 +467,11 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
                 cells.append(f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] p={r['p']:.2g}")
         lines.append(f"| {label(name)} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} | "
                      f"{t['holm_verdict']} |")
+    crossed = {name: t["cross_cpu_seeds"] for name, t in tests.items() if t.get("cross_cpu_seeds")}
+    if crossed:
+        lines += ["", "Pairs whose two runs trained on different CPUs (a seed is reproducible on one CPU only): "
+                  + "; ".join(f"{label(name)}: seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+                              for name, seeds in crossed.items()) + "."]
     return "\n".join(lines)
 
 
@@ -484,7 +489,10 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05, tested=TESTED) -> dic
             continue
         pairs = [(r, base[r.get("seed")]) for r in sorted(map(record, runs), key=lambda r: r.get("seed") or 0)
                  if r.get("seed") in base]
-        entry = {"pairs": len(pairs)}
+        entry = {"pairs": len(pairs),
+                 # seeds whose two runs name different CPUs: their difference carries the CPUs' rounding too
+                 "cross_cpu_seeds": [r.get("seed") for r, b in pairs if r.get("cpu") and b.get("cpu")
+                                     and r["cpu"] != b["cpu"]]}
         for c in tested:
             a = np.array([_value(r, c) for r, _ in pairs], np.float64)
             b = np.array([_value(r, c) for _, r in pairs], np.float64)
