@@ -3,7 +3,7 @@
 
     python benchmarks/train_throughput.py            # both models, 20 / 4 timed steps
     python benchmarks/train_throughput.py --quick    # fewer steps
-    python benchmarks/train_throughput.py --skip-main --precisions float32,mixed_bfloat16 \
+    python benchmarks/train_throughput.py --skip-main --precisions float32,mixed_bfloat16 \\
         --ga none,adversarial+isotropic --cases small_cnn_64,resnet18_64,resnet18_224
                                                      # the mixed-precision table only
     (mixed_float16 is accepted too, but on a CPU it ran at 0.02x float32: time it on GPUs.)

@@ -405,3 +405,29 @@ def test_the_generated_references_say_how_to_see_them():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Documentation")[1]
     assert "`docs/tools.md` and `docs/api.md`" in section and build in section
+
+
+def test_no_docstring_joins_its_lines_with_a_lone_backslash():
+    """A shell command wrapped with `\\` inside a (non-raw) docstring is joined into one line by
+    Python, so --help and the generated tool reference would show it run together."""
+    import ast
+
+    found = []
+    for top in ("tools", "benchmarks", "keras_irtf"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            source = path.read_text(encoding="utf-8")
+            lines = source.splitlines()
+            for node in ast.walk(ast.parse(source)):
+                if not isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                    continue
+                doc = node.body[0] if node.body else None
+                if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                        and isinstance(doc.value.value, str)):
+                    continue
+                if lines[doc.lineno - 1].lstrip().lower().startswith(("r\"", "r'")):
+                    continue  # a raw string keeps its backslashes
+                for k in range(doc.lineno - 1, doc.end_lineno - 1):
+                    text = lines[k]
+                    if text.endswith("\\") and not text.endswith("\\\\"):
+                        found.append(f"{path.relative_to(ROOT)}:{k + 1}")
+    assert not found, f"write the continuation as \\\\ (or make the docstring raw): {found}"

@@ -5,7 +5,7 @@
     python tools/ablate.py --config configs/css_ablation.yaml --seeds 3 --out ablations/css \\
         --sweep eta,eps,gamma --json results.json
     python tools/ablate.py --from-json results.json --table results.md
-    python tools/ablate.py --study configs/css_ga_study.yaml --out ablations/css_ga_study \
+    python tools/ablate.py --study configs/css_ga_study.yaml --out ablations/css_ga_study \\
         --json study.json --table study.md
 
 Rows: L_CE; +L_S; +GA^A; +GA^I; +L_S+GA^A; +L_S+GA^I; +GA^A+GA^I; all four; and the FGSM, L1, L2
