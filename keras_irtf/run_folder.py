@@ -230,7 +230,7 @@ def lock_is_stale(owner: dict) -> bool:
     if owner.get("host") != socket.gethostname():
         return False  # cannot tell for another machine: treat as held
     pid = int(owner.get("pid", -1))
-    if pid <= 0 or not process_alive(pid):
+    if not process_alive(pid):  # False for pid <= 0 too
         return True
     started = owner.get("process_start")
     return started is not None and _process_start(pid) not in (None, started)  # pid reused

@@ -269,9 +269,7 @@ def run_robustness(run, cfg, dataset, levels=ABLATION_LEVELS, apgd_queries=None)
             continue
         if key in KINDS:
             result.setdefault(key, {}).update(value)
-        elif key == "apgd_subset_clean":
-            result[key] = value
-        elif key not in result or key.startswith("input_grad"):
+        else:  # clean recall (the same on every evaluation), the gradient norms, APGD's queries' clean recall
             result[key] = value
     result["settings"] = settings
     write_json(run / "robustness.json", result)
