@@ -293,6 +293,17 @@ def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
     assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text
 
 
+def test_a_table_with_no_finished_row_beside_the_baseline_is_left_out(tmp_path):
+    """A study trained a share of rows at a time: a table whose rows have no finished run but
+    the baseline's is not written (it would be a lone L_CE row); the others show their finished
+    rows only."""
+    study = A.load_study(_study_file(tmp_path))
+    ce, weak = [_metrics(0.30, seed=0, pgd=0.1)], [_metrics(0.31, seed=0, pgd=0.12)]
+    assert A.study_tables(study, {"ce": ce, "weak": weak}) == {"Second": {"ce": ce, "weak": weak}}
+    assert A.study_tables(study, {"ce": ce}) == {}
+    assert list(A.study_tables(study, {"weak": weak})) == ["Second"]  # no baseline yet: shown, untested
+
+
 def test_a_study_adds_attacks_beside_the_ablations_own(tmp_path):
     from keras_irtf.config import ConfigError
 

@@ -181,7 +181,7 @@ def _study(args, argv):
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tables = {title: rows for title, rows in A.study_tables(study, results).items() if rows}
+    tables = A.study_tables(study, results)
     return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
                          tested=study.tested, baseline=study.baseline)
 
