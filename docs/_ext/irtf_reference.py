@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ("train", "evaluate", "export", "query", "demo", "index", "ablate", "plugins", "reliability_probes")
+TOOLS = ("train", "evaluate", "export", "query", "demo", "index", "ablate", "weight_drift", "plugins",
+         "reliability_probes")
 HELP_COLUMNS = 100  # argparse wraps --help to the terminal; a fixed width keeps the page stable
 
 
