@@ -281,12 +281,7 @@ class Experiment:
         Under train.precision=mixed_float16 it is wrapped in Keras' LossScaleOptimizer (dynamic
         loss scaling; the model's train_step scales the loss)."""
         o = self.cfg.optim
-        lr = o.learning_rate
-        if o.decay_steps:
-            bounds = [int(s) for s in o.decay_steps]
-            lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-                bounds, [o.learning_rate * o.decay_factor**i for i in range(len(bounds) + 1)]
-            )
+        lr = learning_rate_schedule(o)
         extra = {"clipnorm": o.clipnorm} if o.clipnorm else {}
         if o.optimizer == "sgd":
             optimizer = keras.optimizers.SGD(lr, momentum=o.momentum, weight_decay=o.weight_decay or None, **extra)
@@ -446,6 +441,16 @@ def sample_batch(dataset, vectorizer, cfg: Config, batch_size: Optional[int] = N
     exp = Experiment(cfg, dataset=dataset, verbose=False)
     exp.vectorizer = vectorizer
     return exp.sample_batch(batch_size)
+
+
+def learning_rate_schedule(optim):
+    """The learning rate of `optim` (a config's optim section) as the optimizer takes it: the base
+    rate, or a piecewise-constant schedule multiplied by decay_factor after each of decay_steps."""
+    if not optim.decay_steps:
+        return optim.learning_rate
+    bounds = [int(s) for s in optim.decay_steps]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        bounds, [optim.learning_rate * optim.decay_factor**i for i in range(len(bounds) + 1)])
 
 
 def save_model(model, path):

@@ -291,6 +291,14 @@ def _groups(value, key) -> tuple:
     return value
 
 
+def authors_push(gamma, sizes) -> list:
+    """The authors' GA^I coefficient of each of N variables of `sizes` elements (their running sum
+    counts the k-th, from 0, N - k times, each term a mean): gamma (N - k) / size. It scales their
+    noise and is their constant push on every element of the variable's gradient."""
+    n = len(sizes)
+    return [gamma * float(n - k) / size for k, size in enumerate(sizes)]
+
+
 def variable_groups(model) -> dict:
     """{id(variable): (kind, part)} for every weight of a ComposedRetrievalModel (the frozen ones
     too, so that a part unfrozen after the model is built is classified).
@@ -718,7 +726,7 @@ class GradientAugmentation(keras.layers.Layer):
         if self.mode == "reference":
             # the authors' loss: sum over k of the running total -> counted (N - k) times, each
             # term gamma * mean(n * p + p): noise gamma * (N - k) / size * (n + 1)
-            coefs = [self.gamma * float(n_vars - k) / size / replicas for k, size in enumerate(sizes)]
+            coefs = [c / replicas for c in authors_push(self.gamma, sizes)]
         elif self.noise_scaling == "mean":
             coefs = [self.gamma / size / replicas for size in sizes]
         else:

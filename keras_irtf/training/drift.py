@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from keras_irtf.model.gradient_augmentation import variable_groups
+from keras_irtf.experiment import learning_rate_schedule
+from keras_irtf.model.gradient_augmentation import authors_push, variable_groups
 
 
 def momentum_displacement(learning_rates, momentum: float) -> float:
@@ -33,11 +34,12 @@ def momentum_displacement(learning_rates, momentum: float) -> float:
 
 
 def learning_rates(cfg, steps: int) -> np.ndarray:
-    """The base learning rate of each step of training under `cfg` (optim.decay_steps applied)."""
-    o = cfg.optim
-    t = np.arange(1, steps + 1)
-    decays = sum((t > s).astype(np.int64) for s in o.decay_steps) if o.decay_steps else np.zeros(steps, np.int64)
-    return o.learning_rate * o.decay_factor ** decays
+    """The base learning rate of each of `steps` steps of training under `cfg`: the optimizer's
+    own schedule (keras_irtf.experiment.learning_rate_schedule) at iterations 0 .. steps - 1."""
+    schedule = learning_rate_schedule(cfg.optim)
+    if not callable(schedule):
+        return np.full(steps, float(schedule))
+    return np.array([float(schedule(i)) for i in range(steps)])
 
 
 def push_gradients(cfg, n_variables: int, sizes) -> Optional[list]:
@@ -51,7 +53,7 @@ def push_gradients(cfg, n_variables: int, sizes) -> Optional[list]:
     iso = ga.isotropic
     if iso.reference_terms not in ("noise_and_push", "push"):
         return None
-    return [float(iso.gamma) * (n_variables - k) / max(int(size), 1) for k, size in enumerate(sizes)]
+    return authors_push(float(iso.gamma), [float(max(int(size), 1)) for size in sizes])
 
 
 def push_drift(cfg, n_variables: int, sizes, steps: int) -> Optional[list]:
