@@ -429,3 +429,80 @@ def test_pairs_across_cpus_are_named_under_the_table():
     assert A.paired_tests(mixed)["gaa"]["cross_cpu_seeds"] == [1, 2]
     assert A.ablation_table(mixed).endswith("trained on different CPUs (a seed is reproducible on one CPU only): "
                                             "L_CE + L_GA^A: seeds 1, 2.")
+
+
+def test_rows_tested_against_each_other_are_their_own_holm_family():
+    """contrast_tests: the first row minus the second, paired by seed (not by order), each pair's
+    p-values adjusted over the pairs x the tested columns only, not with the baseline tests."""
+    from keras_irtf.evaluation.stats import holm_adjust, paired_t_test
+
+    ce = [_metrics(0.30, seed=s, pgd=0.10 + 0.01 * s) for s in range(4)]
+    gaa = [_metrics(0.30 + 0.002 * s, seed=s, pgd=0.30 + 0.01 * s + 0.004 * (-1) ** s) for s in range(4)]
+    pgd = [_metrics(0.29, seed=s, pgd=0.33 + 0.01 * s + 0.002 * (s % 2)) for s in (3, 1, 0, 2)]  # out of order
+    fgsm = [_metrics(0.30, seed=s, pgd=0.25 + 0.01 * s + 0.003 * (s == 2)) for s in range(4)]
+    results = {"ce": ce, "gaa": gaa, "pgd": pgd, "fgsm": fgsm}
+    tested = ["R@1", "pgd R@1"]
+    got = A.contrast_tests(results, [("gaa", "pgd"), ("gaa", "fgsm")], tested=tested)
+    assert list(got) == [("gaa", "pgd"), ("gaa", "fgsm")]
+    by_seed = {name: {m["seed"]: A.record(m) for m in runs} for name, runs in results.items()}
+    ps = []
+    for a, b in got:
+        for c in tested:
+            want = paired_t_test(np.array([by_seed[a][s][c] for s in range(4)]),
+                                 np.array([by_seed[b][s][c] for s in range(4)]))
+            assert got[(a, b)][c]["mean"] == pytest.approx(want["mean"])
+            assert got[(a, b)][c]["p"] == pytest.approx(want["p"])
+            ps.append(want["p"])
+    # by hand: -3 + 0.4 (-1)^s - 0.2 (s % 2) points = -2.6, -3.6, -2.6, -3.6 on seeds 0-3
+    assert got[("gaa", "pgd")]["pgd R@1"]["mean"] == pytest.approx(-3.1)
+    assert got[("gaa", "pgd")]["R@1"]["mean"] == pytest.approx(1.3)  # +1.0, +1.2, +1.4, +1.6 points
+    assert got[("gaa", "fgsm")]["pgd R@1"]["mean"] > 0
+    # Holm over the 2 pairs x 2 columns, not with the 3 rows' tests against L_CE
+    np.testing.assert_allclose([got[k][c]["p_holm"] for k in got for c in tested], holm_adjust(ps))
+    assert A.paired_tests(results, tested=tested)["gaa"]["pgd R@1"]["p_holm"] != pytest.approx(
+        got[("gaa", "pgd")]["pgd R@1"]["p_holm"])
+    assert got[("gaa", "pgd")]["holm_verdict"].startswith("R@1 higher (Holm p=")
+    assert "PGD 4/255 R@1 lower (Holm p=" in got[("gaa", "pgd")]["holm_verdict"]
+    with pytest.raises(ValueError, match=r"row\(s\) \['pgd_half'\] have no runs"):
+        A.contrast_tests(results, [("gaa", "pgd_half")], tested=tested)
+    table = A.ablation_table(results, tested=tested, contrasts=[("gaa", "pgd"), ("gaa", "fgsm"), ("gaa", "absent")])
+    assert "Row against row (the first row minus the second" in table
+    assert "the family being these 4 tests: 2 pairs x 2 columns" in table
+    assert "| L_CE + L_GA^A minus pgd | 4 |" in table and "absent" not in table
+
+
+def test_a_study_names_its_contrasts_and_tabulates_them_under_the_tables_holding_both(tmp_path):
+    import subprocess
+    import sys
+
+    from keras_irtf.config import ConfigError
+
+    path = _study_file(tmp_path)
+    path.write_text(path.read_text() + "  contrasts: [[strong, weak]]\n")
+    study = A.load_study(path)
+    assert study.contrasts == [("strong", "weak")]
+    for bad, message in (("[[strong, wek]]", r"\[strong, wek\]: .*unknown row\(s\) \['wek'\]"),
+                         ("[[strong, strong]]", r"\[strong, strong\]: expected two different rows"),
+                         ("[strong, weak]", r"study.contrasts: expected a list of row pairs")):
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(path.read_text().replace("contrasts: [[strong, weak]]", f"contrasts: {bad}"))
+        with pytest.raises(ConfigError, match=message):
+            A.load_study(wrong)
+    out = tmp_path / "runs"
+    for name, pgd in (("ce", 0.10), ("strong", 0.30), ("weak", 0.12)):
+        for seed in (0, 1):
+            run = out / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd + 0.013 * seed ** 2)))
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(path), "--out", str(out),
+                           "--table-only", "--json", str(js), "--table", str(md)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = md.read_text()
+    first, second = text.split("## Second")
+    assert "Row against row" not in first  # "First" holds only the strong row
+    assert "Row against row" in second and "| the strong one minus the weak one | 2 | +18.0 " in second
+    assert json.loads(js.read_text())["contrasts"] == [["strong", "weak"]]
+    assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text

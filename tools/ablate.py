@@ -183,7 +183,7 @@ def _study(args, argv):
         return 2
     tables = A.study_tables(study, results)
     return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
-                         tested=study.tested, baseline=study.baseline)
+                         tested=study.tested, baseline=study.baseline, contrasts=study.contrasts)
 
 
 def run(argv=None) -> int:

@@ -422,7 +422,8 @@ def _check_columns(names, what):
     return list(names)
 
 
-def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, tested=None, labels=None) -> str:
+def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, tested=None, labels=None,
+                   contrasts=()) -> str:
     """Markdown: one row per cell, every column mean ± sample standard deviation over seeds;
     then, for every cell sharing seeds with the baseline (L_CE), the two-sided paired t-test of
     the tested columns (keras_irtf.evaluation.stats.paired_t_test): mean difference in points,
@@ -430,7 +431,10 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
     p < `alpha`, the family being every test of that table (its rows x its tested columns).
 
     columns: the columns shown (default: every column with a value); tested: the columns tested
-    (default TESTED, those shown); labels: {cell: row label} (default: the grid's and sweeps')."""
+    (default TESTED, those shown); labels: {cell: row label} (default: the grid's and sweeps');
+    contrasts: [(row, other row)] tested against each other the same way (the first minus the
+    second, paired by seed), a Holm family of their own; a pair with a row not in `results` is
+    left out."""
     cols = _shown(results) if columns is None else _check_columns(columns, "columns")
     labels = labels or {}
 
@@ -444,16 +448,32 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
         lines.append(f"| {label(name)} | {s['n']} | " + " | ".join(_fmt(s[c], SIGNIFICANT.get(c)) for c in cols) + " |")
     tested = [c for c in (TESTED if tested is None else _check_columns(tested, "tested")) if c in cols]
     tests = paired_tests(results, baseline, alpha, tested=tested)
-    if not tests:
-        return "\n".join(lines)
+    if tests:
+        lines += [""] + _tests_markdown(
+            tests, tested, {name: label(name) for name in tests}, "loss",
+            f"Paired t-tests against {label(baseline)} (runs paired by seed; difference of the means in "
+            f"points, its 95% confidence interval, two-sided p; verdict at p < {alpha}; Holm verdict at "
+            f"Holm-adjusted p < {alpha}, the family being the {{family}} tests of this table: "
+            f"{len(tests)} rows x {len(tested)} columns):")
+    pairs = [(a, b) for a, b in contrasts if a in results and b in results]
+    if pairs:
+        between = contrast_tests(results, pairs, alpha, tested=tested)
+        lines += [""] + _tests_markdown(
+            between, tested, {(a, b): f"{label(a)} minus {label(b)}" for a, b in between}, "rows",
+            f"Row against row (the first row minus the second, runs paired by seed; difference of the "
+            f"means in points, its 95% confidence interval, two-sided p; Holm verdict at Holm-adjusted p < "
+            f"{alpha}, the family being these {{family}} tests: {len(between)} pairs x {len(tested)} columns):")
+    return "\n".join(lines)
+
+
+def _tests_markdown(tests: dict, tested: list, names: dict, first: str, caption: str) -> list:
+    """The lines of one table of paired tests (paired_tests or contrast_tests); {family} in the
+    caption becomes the number of tests with a Holm-adjusted p."""
     family = sum(1 for t in tests.values() for c in tested if not np.isnan(t[c].get("p_holm", np.nan)))
-    lines += ["", f"Paired t-tests against {label(baseline)} (runs paired by seed; difference of the means in "
-              f"points, its 95% confidence interval, two-sided p; verdict at p < {alpha}; Holm verdict at "
-              f"Holm-adjusted p < {alpha}, the family being the {family} tests of this table: "
-              f"{len(tests)} rows x {len(tested)} columns):", "",
-              "| loss | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |",
-              "|" + "---|" * (len(tested) + 4)]
-    for name, t in tests.items():
+    lines = [caption.format(family=family), "",
+             f"| {first} | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |",
+             "|" + "---|" * (len(tested) + 4)]
+    for key, t in tests.items():
         cells = []
         for c in tested:
             r = t[c]
@@ -463,14 +483,14 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
                 cells.append(f"{r['mean']:+.1f}")
             else:
                 cells.append(f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] p={r['p']:.2g}")
-        lines.append(f"| {label(name)} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} | "
+        lines.append(f"| {names[key]} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} | "
                      f"{t['holm_verdict']} |")
-    crossed = {name: t["cross_cpu_seeds"] for name, t in tests.items() if t.get("cross_cpu_seeds")}
+    crossed = {key: t["cross_cpu_seeds"] for key, t in tests.items() if t.get("cross_cpu_seeds")}
     if crossed:
         lines += ["", "Pairs whose two runs trained on different CPUs (a seed is reproducible on one CPU only): "
-                  + "; ".join(f"{label(name)}: seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
-                              for name, seeds in crossed.items()) + "."]
-    return "\n".join(lines)
+                  + "; ".join(f"{names[key]}: seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+                              for key, seeds in crossed.items()) + "."]
+    return lines
 
 
 def paired_tests(results: dict, baseline="ce", alpha=0.05, tested=TESTED) -> dict:
@@ -480,12 +500,25 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05, tested=TESTED) -> dic
     cell x every tested column with a p-value: one table's family)."""
     if baseline not in results:
         return {}
-    base = {r.get("seed"): r for r in map(record, results[baseline])}
+    return _paired(results, [(name, name, baseline) for name in results if name != baseline], alpha, tested)
+
+
+def contrast_tests(results: dict, contrasts, alpha=0.05, tested=TESTED) -> dict:
+    """{(row, other): tests as paired_tests gives them} of the first row minus the second, runs
+    paired by seed, for each pair of `contrasts` (both rows in `results`); "p_holm" is adjusted
+    over every test of this call (the pairs x the tested columns)."""
+    missing = sorted({name for pair in contrasts for name in pair} - set(results))
+    if missing:
+        raise ValueError(f"contrasts: row(s) {missing} have no runs; the rows with runs: {list(results)}")
+    return _paired(results, [((a, b), a, b) for a, b in contrasts], alpha, tested)
+
+
+def _paired(results: dict, comparisons: list, alpha, tested) -> dict:
+    """{key: tests} for each (key, row, base row) of `comparisons`: row minus base row, paired by seed."""
     out = {}
-    for name, runs in results.items():
-        if name == baseline:
-            continue
-        pairs = [(r, base[r.get("seed")]) for r in sorted(map(record, runs), key=lambda r: r.get("seed") or 0)
+    for key, name, other in comparisons:
+        base = {r.get("seed"): r for r in map(record, results[other])}
+        pairs = [(r, base[r.get("seed")]) for r in sorted(map(record, results[name]), key=lambda r: r.get("seed") or 0)
                  if r.get("seed") in base]
         entry = {"pairs": len(pairs),
                  # seeds whose two runs name different CPUs: their difference carries the CPUs' rounding too
@@ -496,7 +529,7 @@ def paired_tests(results: dict, baseline="ce", alpha=0.05, tested=TESTED) -> dic
             b = np.array([_value(r, c) for _, r in pairs], np.float64)
             ok = ~(np.isnan(a) | np.isnan(b))
             entry[c] = paired_t_test(a[ok], b[ok])
-        out[name] = entry
+        out[key] = entry
     family = [(name, c) for name, entry in out.items() for c in tested
               if entry[c]["n"] >= 2 and not np.isnan(entry[c]["p"])]
     for (name, c), adjusted in zip(family, holm_adjust([out[name][c]["p"] for name, c in family])):
@@ -534,6 +567,7 @@ class Study:
     tested: Optional[list] = None
     robustness: dict = dataclasses.field(default_factory=lambda: dict(ABLATION_LEVELS))  # kind -> levels
     apgd_queries: Optional[int] = None  # APGD attacks this many test queries (None: all)
+    contrasts: list = dataclasses.field(default_factory=list)  # [(row, other row)] tested against each other
 
     @property
     def labels(self) -> dict:
@@ -551,7 +585,7 @@ class Study:
                 for name, (_, ov) in self.rows.items() if rows is None or name in rows]
 
 
-STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested", "robustness")
+STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested", "robustness", "contrasts")
 
 
 def _level(value):
@@ -583,6 +617,8 @@ def load_study(path) -> Study:
           robustness:                    # perturbations evaluated beside the ablation's own
             apgd: [4/255]                # (keras_irtf.evaluation.robustness: kind -> levels)
             apgd_queries: 800            # APGD on these many test queries, the same for every run
+          contrasts:                     # pairs of rows tested against each other (first minus
+            - [pgd, fgsm]                # second), under each table that holds both
 
     Every row's overrides are checked against the config here (a typo fails before any training)."""
     path = Path(path)
@@ -644,7 +680,17 @@ def load_study(path) -> Study:
         for v in (*levels.get(kind, ()), *parsed):  # a level the ablation has already keeps its value
             by_key.setdefault(level_key(kind, v), v)
         levels[kind] = tuple(sorted(by_key.values()))
-    return Study(path, seeds, baseline, rows, tables, shown, tested, levels, apgd_queries)
+    contrasts = block.get("contrasts") or []
+    if not isinstance(contrasts, list) or not all(isinstance(c, list) and len(c) == 2 for c in contrasts):
+        raise ConfigError(f"{path}: study.contrasts: expected a list of row pairs such as [[gaa, pgd]], "
+                          f"got {contrasts!r}")
+    contrasts = [(str(a), str(b)) for a, b in contrasts]
+    for a, b in contrasts:
+        missing = [n for n in (a, b) if n not in rows]
+        if missing or a == b:
+            raise ConfigError(f"{path}: study.contrasts: [{a}, {b}]: expected two different rows of the study"
+                              + (f"; unknown row(s) {missing}; the rows: {list(rows)}" if missing else ""))
+    return Study(path, seeds, baseline, rows, tables, shown, tested, levels, apgd_queries, contrasts)
 
 
 def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print,
@@ -670,12 +716,14 @@ def study_tables(study: Study, results: dict) -> dict:
 GENERATED = "<!-- generated by tools/ablate.py --from-json {source}: edit the JSON's runs, not this file -->"
 
 
-def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=None, baseline="ce") -> dict:
+def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=None, baseline="ce",
+                  contrasts=()) -> dict:
     """The committed evidence behind published tables: {"about": how and where the runs were
     made, "columns": {column: header}, "tables": {title: {cell: {"label", "runs": [record per
     seed]}}}} (and, for a study, the "shown" and "tested" columns and the "baseline" row).
     `tables` maps a table's title to {cell: [metrics or records per seed]}; `labels` {cell: row
-    label} (default: the grid's and sweeps')."""
+    label} (default: the grid's and sweeps'); `contrasts`: a study's pairs of rows tested against
+    each other."""
     labels = labels or {}
     data = {"about": about, "columns": {c: COLUMNS[c][0] for c in COLUMNS},
             "tables": {title: {cell: {"label": labels.get(cell) or _label(cell), "runs": [record(m) for m in sorted(
@@ -686,6 +734,8 @@ def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=Non
             data[key] = list(value)
     if baseline != "ce":
         data["baseline"] = baseline
+    if contrasts:
+        data["contrasts"] = [list(pair) for pair in contrasts]
     return data
 
 
@@ -707,7 +757,7 @@ def tables_markdown(data: dict, source: str) -> str:
         labels = {cell: entry.get("label") for cell, entry in cells.items()}
         parts += [f"## {title}", "", ablation_table(results, baseline=data.get("baseline", "ce"),
                                                     columns=data.get("shown"), tested=data.get("tested"),
-                                                    labels=labels), ""]
+                                                    labels=labels, contrasts=data.get("contrasts", ())), ""]
     return "\n".join(parts)
 
 
@@ -716,7 +766,7 @@ def seconds(results) -> float:
 
 
 __all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "Study", "ablation_table", "cell_overrides",
-           "collect", "cpu_model", "eta_minutes", "load_study", "missing_robustness", "paired_tests", "per_seed_json",
-           "record", "run_ablation", "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells",
+           "collect", "contrast_tests", "cpu_model", "eta_minutes", "load_study", "missing_robustness", "paired_tests",
+           "per_seed_json", "record", "run_ablation", "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells",
            "tables_markdown"]
 
