@@ -241,6 +241,32 @@ study:
     return path
 
 
+def _finished_runs(tmp_path, pgd_of):
+    """A study's output folder with a finished run (metrics.json) of rows ce, strong and weak for
+    seeds 0 and 1, PGD R@1 = pgd_of(row, seed)."""
+    out = tmp_path / "runs"
+    for name in ("ce", "strong", "weak"):
+        for seed in (0, 1):
+            run = out / name / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd_of(name, seed))))
+    return out
+
+
+def _tables_by_the_tool(study_path, out, tmp_path):
+    """tools/ablate.py --study ... --table-only: (the Markdown it wrote, the path of its JSON)."""
+    import subprocess
+    import sys
+
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(study_path), "--out", str(out),
+                           "--table-only", "--json", str(js), "--table", str(md)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return md.read_text(), js
+
+
 def test_a_study_file_names_its_rows_seeds_and_tables(tmp_path):
     from keras_irtf.config import ConfigError, load_config
 
@@ -265,26 +291,12 @@ def test_a_study_file_names_its_rows_seeds_and_tables(tmp_path):
 
 
 def test_a_finished_study_is_tabulated_not_retrained(tmp_path):
-    import subprocess
-    import sys
-
     study_path = _study_file(tmp_path)
-    out = tmp_path / "runs"
-    for name, pgd in (("ce", 0.10), ("strong", 0.30), ("weak", 0.12)):
-        for seed in (0, 1):
-            run = out / name / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd + 0.01 * seed)))
+    out = _finished_runs(tmp_path, lambda name, seed: {"ce": 0.10, "strong": 0.30, "weak": 0.12}[name] + 0.01 * seed)
     logged = []
     results = A.run_study(A.load_study(study_path), out, robustness=False, log=logged.append)
     assert logged == [] and sorted(results) == ["ce", "strong", "weak"]
-    tool = repo_configs_dir().parent / "tools" / "ablate.py"
-    js, md = tmp_path / "s.json", tmp_path / "s.md"
-    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(study_path), "--out", str(out),
-                           "--table-only", "--json", str(js), "--table", str(md)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    text = md.read_text()
+    text, js = _tables_by_the_tool(study_path, out, tmp_path)
     assert "## First" in text and "## Second" in text
     assert "| loss | seeds | R@1 | PGD 4/255 R@1 | WHM |" in text  # the study's columns only
     assert "| the strong one | 2 |" in text and "| Δ PGD 4/255 R@1 | verdict | Holm verdict |" in text
@@ -472,9 +484,6 @@ def test_rows_tested_against_each_other_are_their_own_holm_family():
 
 
 def test_a_study_names_its_contrasts_and_tabulates_them_under_the_tables_holding_both(tmp_path):
-    import subprocess
-    import sys
-
     from keras_irtf.config import ConfigError
 
     path = _study_file(tmp_path)
@@ -488,21 +497,12 @@ def test_a_study_names_its_contrasts_and_tabulates_them_under_the_tables_holding
         wrong.write_text(path.read_text().replace("contrasts: [[strong, weak]]", f"contrasts: {bad}"))
         with pytest.raises(ConfigError, match=message):
             A.load_study(wrong)
-    out = tmp_path / "runs"
-    for name, pgd in (("ce", 0.10), ("strong", 0.30), ("weak", 0.12)):
-        for seed in (0, 1):
-            run = out / name / f"seed{seed}"
-            run.mkdir(parents=True)
-            (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd + 0.013 * seed ** 2)))
-    tool = repo_configs_dir().parent / "tools" / "ablate.py"
-    js, md = tmp_path / "s.json", tmp_path / "s.md"
-    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(path), "--out", str(out),
-                           "--table-only", "--json", str(js), "--table", str(md)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    text = md.read_text()
+    # strong minus weak: +17 points on seed 0, +19 on seed 1
+    out = _finished_runs(tmp_path, lambda name, seed: {"ce": 0.10, "strong": 0.30, "weak": 0.13}[name]
+                         + (0.01 + 0.02 * (name == "strong")) * seed)
+    text, js = _tables_by_the_tool(path, out, tmp_path)
     first, second = text.split("## Second")
     assert "Row against row" not in first  # "First" holds only the strong row
-    assert "Row against row" in second and "| the strong one minus the weak one | 2 | +18.0 " in second
+    assert "Row against row" in second and "| the strong one minus the weak one | 2 | +18.0 [" in second
     assert json.loads(js.read_text())["contrasts"] == [["strong", "weak"]]
     assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text
