@@ -461,8 +461,9 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
         lines += [""] + _tests_markdown(
             between, tested, {(a, b): f"{label(a)} minus {label(b)}" for a, b in between}, "rows",
             f"Row against row (the first row minus the second, runs paired by seed; difference of the "
-            f"means in points, its 95% confidence interval, two-sided p; Holm verdict at Holm-adjusted p < "
-            f"{alpha}, the family being these {{family}} tests: {len(between)} pairs x {len(tested)} columns):")
+            f"means in points, its 95% confidence interval, two-sided p; verdict at p < {alpha}; Holm verdict "
+            f"at Holm-adjusted p < {alpha}, the family being these {{family}} tests: {len(between)} pairs x "
+            f"{len(tested)} columns):")
     return "\n".join(lines)
 
 
@@ -470,9 +471,8 @@ def _tests_markdown(tests: dict, tested: list, names: dict, first: str, caption:
     """The lines of one table of paired tests (paired_tests or contrast_tests); {family} in the
     caption becomes the number of tests with a Holm-adjusted p."""
     family = sum(1 for t in tests.values() for c in tested if not np.isnan(t[c].get("p_holm", np.nan)))
-    lines = [caption.format(family=family), "",
-             f"| {first} | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |",
-             "|" + "---|" * (len(tested) + 4)]
+    header = f"| {first} | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |"
+    lines = [caption.format(family=family), "", header, "|" + "---|" * (len(tested) + 4)]
     for key, t in tests.items():
         cells = []
         for c in tested:
@@ -767,6 +767,6 @@ def seconds(results) -> float:
 
 __all__ = ["CELLS", "COLUMNS", "GRID", "SWEEPS", "SWEEP_VALUES", "Study", "ablation_table", "cell_overrides",
            "collect", "contrast_tests", "cpu_model", "eta_minutes", "load_study", "missing_robustness", "paired_tests",
-           "per_seed_json", "record", "run_ablation", "run_robustness", "run_study", "study_tables", "summarize", "sweep_cells",
-           "tables_markdown"]
+           "per_seed_json", "record", "run_ablation", "run_robustness", "run_study", "study_tables", "summarize",
+           "sweep_cells", "tables_markdown"]
 
