@@ -316,6 +316,37 @@ def test_a_table_with_no_finished_row_beside_the_baseline_is_left_out(tmp_path):
     assert list(A.study_tables(study, {"weak": weak})) == ["Second"]  # no baseline yet: shown, untested
 
 
+def test_only_complete_tables_are_published_and_the_missing_seeds_named(tmp_path):
+    """--complete: a table is written only when each of its rows (the baseline too) has every
+    seed of the study; the tables left out are named with the seeds still to train."""
+    import shutil
+    import subprocess
+    import sys
+
+    study_path = _study_file(tmp_path)
+    out = _finished_runs(tmp_path, lambda name, seed: {"ce": 0.10, "strong": 0.30, "weak": 0.12}[name] + 0.01 * seed)
+    shutil.rmtree(out / "weak" / "seed1")  # "Second" (strong, weak) misses weak's seed 1; "First" is complete
+    study = A.load_study(study_path)
+    results = A.collect(out, list(study.rows))
+    assert A.missing_seeds(study, results) == {"Second": {"weak": [1]}}
+    assert list(A.study_tables(study, results)) == ["First", "Second"]
+    assert list(A.study_tables(study, results, complete=True)) == ["First"]
+    shutil.rmtree(out / "ce" / "seed0")  # the baseline misses a seed: no table is complete
+    results = A.collect(out, list(study.rows))
+    assert A.study_tables(study, results, complete=True) == {}
+    assert A.missing_seeds(study, results) == {"First": {"ce": [0]}, "Second": {"ce": [0], "weak": [1]}}
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    done = subprocess.run([sys.executable, str(tool), "-q", "--study", str(study_path), "--out", str(out),
+                           "--table-only", "--complete"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(no table has every seed of each of its rows yet)"
+    assert "left out (seeds still to train): First: ce 0" in done.stderr
+    assert "left out (seeds still to train): Second: ce 0; weak 1" in done.stderr
+    done = subprocess.run([sys.executable, str(tool), "-q", "--config", str(study_path), "--complete"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--complete is for --study" in done.stderr
+
+
 def test_a_study_adds_attacks_beside_the_ablations_own(tmp_path):
     from keras_irtf.config import ConfigError
 

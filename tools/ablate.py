@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    "(--seed-ids: a worker's share) and write its tables, instead of the grid")
     p.add_argument("--rows", help="with --study: train only these comma-separated rows (a worker's share); the "
                    "tables show every finished row")
+    p.add_argument("--complete", action="store_true", help="with --study: write only the tables each of whose rows "
+                   "has finished every seed of the study (a table to publish; the others are named on stderr)")
     return p.parse_args(argv)
 
 
@@ -99,6 +101,9 @@ def main(argv=None):
         return 0
     if args.rows and not args.study:
         print("error: --rows is for --study (the grid's subset is --cells)", file=sys.stderr)
+        return 2
+    if args.complete and not args.study:
+        print("error: --complete is for --study (a study fixes the seeds every row must have)", file=sys.stderr)
         return 2
     if args.study:
         return _study(args, argv)
@@ -146,7 +151,8 @@ def _write_tables(args, argv, out, results, tables, **json_options):
     from keras_irtf.utils import atomic_write_text, write_json
 
     if not tables:
-        print("(no finished runs)")
+        print("(no table has every seed of each of its rows yet)" if args.complete
+              else "(no finished runs)")
         return 0
     data = A.per_seed_json(tables, _about(out, results, sys.argv[1:] if argv is None else argv), **json_options)
     if args.json:
@@ -181,7 +187,12 @@ def _study(args, argv):
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tables = A.study_tables(study, results)
+    tables = A.study_tables(study, results, complete=args.complete)
+    if args.complete:
+        for title, missing in A.missing_seeds(study, results).items():
+            print(f"left out (seeds still to train): {title}: "
+                  + "; ".join(f"{name} {', '.join(map(str, seeds))}" for name, seeds in missing.items()),
+                  file=sys.stderr)
     return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
                          tested=study.tested, baseline=study.baseline, contrasts=study.contrasts)
 
