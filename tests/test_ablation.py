@@ -95,6 +95,24 @@ def test_t_distribution_matches_tables():
     assert r["ci"][0] < 0 < r["ci"][1]
 
 
+def test_equal_differences_on_every_seed_are_no_test_not_p_zero():
+    """Recall moves in steps (1/2400 on CSS), so with few seeds every pair can differ by the same
+    amount by chance: the t statistic is undefined there, and the test reports no p (shown as the
+    mean alone, left out of the Holm family), not p = 0 and a verdict."""
+    from keras_irtf.evaluation.stats import paired_t_test
+
+    r = paired_t_test([0.885, 0.870], [0.889, 0.874])
+    assert r["mean"] == pytest.approx(-0.004) and np.isnan(r["p"]) and np.isnan(r["ci"][0]) and np.isnan(r["t"])
+    assert paired_t_test([0.5, 0.6], [0.5, 0.6])["p"] == 1.0  # identical pairs: no difference at all
+    ce = [_metrics(0.889, seed=0, pgd=0.2), _metrics(0.874, seed=1, pgd=0.25)]
+    gai = [_metrics(0.885, seed=0, pgd=0.1), _metrics(0.870, seed=1, pgd=0.2)]
+    tests = A.paired_tests({"ce": ce, "gai": gai}, tested=["R@1", "pgd R@1"])
+    assert "p_holm" not in tests["gai"]["R@1"] and "p_holm" in tests["gai"]["pgd R@1"]
+    assert tests["gai"]["verdict"] == "no measurable effect"
+    table = A.ablation_table({"ce": ce, "gai": gai}, tested=["R@1", "pgd R@1"])
+    assert "| L_CE + L_GA^I | 2 | -0.4 | -7.5 [" in table and "the family being the 1 tests" in table
+
+
 def test_sweeps_include_the_authors_noise_scale():
     cells = A.sweep_cells(["gamma_mean", "gamma"], (1e-2,))
     assert "ga.isotropic.noise_scaling=mean" in cells[0][2] and "ga.isotropic.noise_scaling=per_element" in cells[1][2]

@@ -81,8 +81,10 @@ def t_quantile(p: float, df: float) -> float:
 def paired_t_test(values, baseline, level: float = 0.95) -> dict:
     """Two-sided paired t-test of mean(values - baseline) = 0 (the two aligned by seed).
 
-    Returns {"n", "mean", "sd", "t", "p", "ci": (low, high)}; with n < 2, or no spread at all,
-    p and the interval are nan (no test possible), or p = 1 for identical pairs."""
+    Returns {"n", "mean", "sd", "t", "p", "ci": (low, high)}; with n < 2, or differences that are
+    all equal but not zero (no spread: t is undefined, and recall's steps make equal differences
+    happen by chance with few seeds), p, t and the interval are nan (no test possible); p = 1 for
+    identical pairs."""
     d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
     n = int(d.size)
     mean = float(d.mean()) if n else float("nan")
@@ -91,8 +93,10 @@ def paired_t_test(values, baseline, level: float = 0.95) -> dict:
                 "ci": (float("nan"), float("nan"))}
     sd = float(d.std(ddof=1))
     if sd == 0.0:
-        p = 1.0 if mean == 0.0 else 0.0
-        return {"n": n, "mean": mean, "sd": 0.0, "t": float("inf") if mean else 0.0, "p": p, "ci": (mean, mean)}
+        if mean == 0.0:
+            return {"n": n, "mean": 0.0, "sd": 0.0, "t": 0.0, "p": 1.0, "ci": (0.0, 0.0)}
+        return {"n": n, "mean": mean, "sd": 0.0, "t": float("nan"), "p": float("nan"),
+                "ci": (float("nan"), float("nan"))}
     se = sd / math.sqrt(n)
     t = mean / se
     p = 2.0 * (1.0 - t_cdf(abs(t), n - 1))
