@@ -103,6 +103,12 @@ def test_equal_differences_on_every_seed_are_no_test_not_p_zero():
 
     r = paired_t_test([0.885, 0.870], [0.889, 0.874])
     assert r["mean"] == pytest.approx(-0.004) and np.isnan(r["p"]) and np.isnan(r["ci"][0]) and np.isnan(r["t"])
+    # recall in points as the tables compute it (a fraction of 2,400 queries times 100): two equal
+    # steps differ by float rounding, which is no spread either
+    for k1, k2, step in ((2131, 2098, -10), (1999, 2205, 3), (2400, 1700, -1)):
+        r = paired_t_test([(k1 + step) / 2400 * 100, (k2 + step) / 2400 * 100], [k1 / 2400 * 100, k2 / 2400 * 100])
+        assert np.isnan(r["p"]) and r["mean"] == pytest.approx(step / 24), (k1, k2, step, r)
+    assert paired_t_test([88.75, 88.0], [88.7, 88.0])["p"] > 0.3  # a real spread is still tested
     assert paired_t_test([0.5, 0.6], [0.5, 0.6])["p"] == 1.0  # identical pairs: no difference at all
     ce = [_metrics(0.889, seed=0, pgd=0.2), _metrics(0.874, seed=1, pgd=0.25)]
     gai = [_metrics(0.885, seed=0, pgd=0.1), _metrics(0.870, seed=1, pgd=0.2)]

@@ -84,14 +84,20 @@ def paired_t_test(values, baseline, level: float = 0.95) -> dict:
     Returns {"n", "mean", "sd", "t", "p", "ci": (low, high)}; with n < 2, or differences that are
     all equal but not zero (no spread: t is undefined, and recall's steps make equal differences
     happen by chance with few seeds), p, t and the interval are nan (no test possible); p = 1 for
-    identical pairs."""
-    d = np.asarray(values, np.float64) - np.asarray(baseline, np.float64)
+    identical pairs. Differences whose spread is below 1e-9 of the values' magnitude count as
+    equal: two equal recall steps differ by float rounding only."""
+    values, baseline = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
+    d = values - baseline
     n = int(d.size)
     mean = float(d.mean()) if n else float("nan")
     if n < 2:
         return {"n": n, "mean": mean, "sd": float("nan"), "t": float("nan"), "p": float("nan"),
                 "ci": (float("nan"), float("nan"))}
     sd = float(d.std(ddof=1))
+    rounding = 1e-9 * max(float(np.abs(values).max()), float(np.abs(baseline).max()))
+    if sd <= rounding:
+        sd = 0.0
+        mean = 0.0 if abs(mean) <= rounding else mean
     if sd == 0.0:
         if mean == 0.0:
             return {"n": n, "mean": 0.0, "sd": 0.0, "t": 0.0, "p": 1.0, "ci": (0.0, 0.0)}
