@@ -47,15 +47,15 @@ def test_the_predicted_push_is_the_one_the_training_step_adds():
     model = _model(cfg)
     variables = list(model.trainable_variables)
     sizes = [max(int(np.prod(v.shape)), 1) for v in variables]
-    expected = D.push_gradients(cfg, len(variables), sizes)
+    expected = D.push_gradients(cfg, sizes)
     noises, _ = model.gradient_augmentation.isotropic_noise(variables)
     for v, noise, c in zip(variables, noises, expected):
         np.testing.assert_allclose(noise.numpy(), np.full(v.shape, c), rtol=1e-6, err_msg=v.path)
     assert expected[0] == pytest.approx(0.01 * len(variables) / sizes[0])
     # the paper's mode, or no GA^I, has no push
-    assert D.push_gradients(tiny_config(None, "ga.methods=isotropic"), len(variables), sizes) is None
-    assert D.push_gradients(tiny_config(None, "ga.methods=adversarial"), len(variables), sizes) is None
-    assert D.push_drift(tiny_config(None, *PUSH, "optim.optimizer=adam"), len(variables), sizes, 10) is None
+    assert D.push_gradients(tiny_config(None, "ga.methods=isotropic"), sizes) is None
+    assert D.push_gradients(tiny_config(None, "ga.methods=adversarial"), sizes) is None
+    assert D.push_drift(tiny_config(None, *PUSH, "optim.optimizer=adam"), sizes, 10) is None
 
 
 def test_weight_drift_finds_the_variable_that_moved_and_refuses_another_architecture():

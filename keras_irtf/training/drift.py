@@ -42,7 +42,7 @@ def learning_rates(cfg, steps: int) -> np.ndarray:
     return np.array([float(schedule(i)) for i in range(steps)])
 
 
-def push_gradients(cfg, n_variables: int, sizes) -> Optional[list]:
+def push_gradients(cfg, sizes) -> Optional[list]:
     """The constant the authors' GA^I push adds to every element of each variable's gradient
     (gamma (N - k) / size, k = 0 .. N - 1 in the order of the model's trainable variables), or
     None when `cfg` does not train with the push."""
@@ -56,12 +56,12 @@ def push_gradients(cfg, n_variables: int, sizes) -> Optional[list]:
     return authors_push(float(iso.gamma), [float(max(int(size), 1)) for size in sizes])
 
 
-def push_drift(cfg, n_variables: int, sizes, steps: int) -> Optional[list]:
+def push_drift(cfg, sizes, steps: int) -> Optional[list]:
     """Per variable, the mean drift the push alone causes in `steps` steps of SGD with momentum
     (None when `cfg` trains without the push, or with another optimizer or gradient clipping,
     under which the figure does not hold). Variables trained at a multiple of the base rate (a
     pretrained backbone's) move that multiple of it."""
-    pushes = push_gradients(cfg, n_variables, sizes)
+    pushes = push_gradients(cfg, sizes)
     if pushes is None or cfg.optim.optimizer != "sgd" or cfg.optim.clipnorm:
         return None
     moved = momentum_displacement(learning_rates(cfg, steps), cfg.optim.momentum)
@@ -80,7 +80,7 @@ def weight_drift(base, run, cfg=None, steps: Optional[int] = None) -> list:
                          f"shapes differ; compare runs of one architecture")
     groups = variable_groups(run)
     sizes = [max(int(np.prod(v.shape)), 1) for v in b_vars]
-    predicted = push_drift(cfg, len(b_vars), sizes, steps) if cfg is not None and steps else None
+    predicted = push_drift(cfg, sizes, steps) if cfg is not None and steps else None
     rows = []
     for k, (a, b) in enumerate(zip(a_vars, b_vars)):
         x, y = np.asarray(a.numpy(), np.float64), np.asarray(b.numpy(), np.float64)
