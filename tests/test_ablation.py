@@ -561,3 +561,58 @@ def test_a_study_names_its_contrasts_and_tabulates_them_under_the_tables_holding
     assert "Row against row" in second and "| the strong one minus the weak one | 2 | +18.0 [" in second
     assert json.loads(js.read_text())["contrasts"] == [["strong", "weak"]]
     assert A.tables_markdown(json.loads(js.read_text()), source=str(js)) == text
+
+
+def test_validation_columns_get_paired_differences_with_intervals_and_no_test():
+    """validation=[val R@1]: each row's paired difference to the baseline on the validation split,
+    mean and 95% interval as paired_t_test gives them, with no p-value, verdict or Holm family
+    (settings are chosen there, not tested)."""
+    from keras_irtf.evaluation.stats import paired_t_test
+
+    def run(r1, val, seed):
+        m = _metrics(r1, seed=seed, pgd=0.2)
+        m["val"] = {"R@1": val}
+        return m
+
+    ce = [run(0.30, 0.80 + 0.01 * s, s) for s in range(4)]
+    # validation R@1 below L_CE's by 5, 6, 5, 7 points (seed order; given out of order)
+    noisy = [run(0.30, 0.80 + 0.01 * s - d, s) for s, d in ((2, 0.05), (0, 0.05), (3, 0.07), (1, 0.06))]
+    mild = [run(0.31, 0.80 + 0.01 * s + 0.01 * (-1) ** s, s) for s in range(4)]
+    results = {"ce": ce, "noisy": noisy, "mild": mild}
+    tested = ["R@1", "pgd R@1"]
+    plain = A.ablation_table(results, tested=tested)
+    table = A.ablation_table(results, tested=tested, validation=["val R@1"])
+    # the tables before it are the same with or without it (no new member of their Holm family)
+    assert "validation split" not in plain and table.startswith(plain)
+    extra = table[len(plain):]
+    want = paired_t_test(np.array([0.75, 0.75, 0.77, 0.76]) * 100, np.array([0.80, 0.81, 0.82, 0.83]) * 100)
+    assert want["mean"] == pytest.approx(-5.75) and want["ci"][1] < 0
+    assert f"| noisy | 4 | {want['mean']:+.1f} [{want['ci'][0]:+.1f}, {want['ci'][1]:+.1f}] |" in extra
+    assert "| mild | 4 | +0.0 [" in extra
+    rows = [line for line in extra.splitlines() if line.startswith("|")]
+    assert rows[0] == "| loss | pairs | Δ val R@1 |" and len(rows) == 4
+    assert not any("p=" in line or "lower" in line or "higher" in line for line in rows)
+    with pytest.raises(ValueError, match=r"validation: unknown column\(s\) \['val R@5'\]"):
+        A.ablation_table(results, validation=["val R@5"])
+
+
+def test_a_study_names_its_validation_columns_and_the_tool_keeps_them_in_the_json(tmp_path):
+    from keras_irtf.config import ConfigError
+
+    path = _study_file(tmp_path)
+    path.write_text(path.read_text() + "  validation: [R@1]\n")
+    assert A.load_study(path).validation == ["R@1"]
+    for bad, message in (("validation: R@1", r"study.validation: expected a list of column names"),
+                         ("validation: [R@2]", r"study.validation: unknown column\(s\) \['R@2'\]"),
+                         ("validation: [pgd R@1]", r"study.validation: \['pgd R@1'\] also tested")):
+        wrong = tmp_path / "wrong.yaml"
+        wrong.write_text(path.read_text().replace("validation: [R@1]", bad))
+        with pytest.raises(ConfigError, match=message):
+            A.load_study(wrong)
+    out = _finished_runs(tmp_path, lambda name, seed: 0.2 + 0.1 * seed)
+    text, js = _tables_by_the_tool(path, out, tmp_path)
+    assert text.count("On the validation split, for choosing settings") == 2  # under both tables
+    assert "| the weak one | 2 | +0.0 [+0.0, +0.0] |" in text  # the same R@1 as L_CE on both seeds
+    data = json.loads(js.read_text())
+    assert data["validation"] == ["R@1"]
+    assert A.tables_markdown(data, source=str(js)) == text

@@ -194,7 +194,8 @@ def _study(args, argv):
                   + "; ".join(f"{name} {', '.join(map(str, seeds))}" for name, seeds in missing.items()),
                   file=sys.stderr)
     return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
-                         tested=study.tested, baseline=study.baseline, contrasts=study.contrasts)
+                         tested=study.tested, baseline=study.baseline, contrasts=study.contrasts,
+                         validation=study.validation)
 
 
 def run(argv=None) -> int:

@@ -423,7 +423,7 @@ def _check_columns(names, what):
 
 
 def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, tested=None, labels=None,
-                   contrasts=()) -> str:
+                   contrasts=(), validation=()) -> str:
     """Markdown: one row per cell, every column mean ± sample standard deviation over seeds;
     then, for every cell sharing seeds with the baseline (L_CE), the two-sided paired t-test of
     the tested columns (keras_irtf.evaluation.stats.paired_t_test): mean difference in points,
@@ -434,7 +434,9 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
     (default TESTED, those shown); labels: {cell: row label} (default: the grid's and sweeps');
     contrasts: [(row, other row)] tested against each other the same way (the first minus the
     second, paired by seed), a Holm family of their own; a pair with a row not in `results` is
-    left out."""
+    left out; validation: columns of a validation split, on which settings are chosen: each row's
+    paired difference to the baseline with its 95% interval, in a table of their own with no
+    p-value and no verdict (choosing is not testing, and they join no Holm family)."""
     cols = _shown(results) if columns is None else _check_columns(columns, "columns")
     labels = labels or {}
 
@@ -464,7 +466,34 @@ def ablation_table(results: dict, baseline="ce", alpha=0.05, columns=None, teste
             f"means in points, its 95% confidence interval, two-sided p; verdict at p < {alpha}; Holm verdict "
             f"at Holm-adjusted p < {alpha}, the family being these {{family}} tests: {len(between)} pairs x "
             f"{len(tested)} columns):")
+    chosen_on = _check_columns(validation, "validation")
+    if chosen_on and baseline in results:
+        lines += [""] + _validation_markdown(paired_tests(results, baseline, alpha, tested=chosen_on), chosen_on,
+                                             label, label(baseline))
     return "\n".join(lines)
+
+
+def _validation_markdown(tests: dict, columns: list, label, baseline: str) -> list:
+    """The lines of the table of paired differences on the validation columns (no p, no verdict)."""
+    lines = [f"On the validation split, for choosing settings (not a test: no p-value, no verdict): each row "
+             f"minus {baseline}, runs paired by seed; the mean difference in points and its 95% confidence "
+             f"interval:", "",
+             "| loss | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in columns) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for name, t in tests.items():
+        lines.append(f"| {label(name)} | {t['pairs']} | " + " | ".join(_difference(t[c], p=False) for c in columns)
+                     + " |")
+    return lines
+
+
+def _difference(r: dict, p=True) -> str:
+    """One paired_t_test result as a cell: the mean difference, its 95% interval and (p=True) p;
+    the mean alone where there is no interval, "–" where there are no pairs."""
+    if r["n"] == 0:
+        return "–"
+    if r["n"] < 2 or np.isnan(r["p"]) or np.isnan(r["ci"][0]):
+        return f"{r['mean']:+.1f}"
+    return f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}]" + (f" p={r['p']:.2g}" if p else "")
 
 
 def _tests_markdown(tests: dict, tested: list, names: dict, first: str, caption: str) -> list:
@@ -474,17 +503,8 @@ def _tests_markdown(tests: dict, tested: list, names: dict, first: str, caption:
     header = f"| {first} | pairs | " + " | ".join(f"Δ {COLUMNS[c][0]}" for c in tested) + " | verdict | Holm verdict |"
     lines = [caption.format(family=family), "", header, "|" + "---|" * (len(tested) + 4)]
     for key, t in tests.items():
-        cells = []
-        for c in tested:
-            r = t[c]
-            if r["n"] == 0:
-                cells.append("–")
-            elif r["n"] < 2 or np.isnan(r["p"]):
-                cells.append(f"{r['mean']:+.1f}")
-            else:
-                cells.append(f"{r['mean']:+.1f} [{r['ci'][0]:+.1f}, {r['ci'][1]:+.1f}] p={r['p']:.2g}")
-        lines.append(f"| {names[key]} | {t['pairs']} | " + " | ".join(cells) + f" | {t['verdict']} | "
-                     f"{t['holm_verdict']} |")
+        lines.append(f"| {names[key]} | {t['pairs']} | " + " | ".join(_difference(t[c]) for c in tested)
+                     + f" | {t['verdict']} | {t['holm_verdict']} |")
     crossed = {key: t["cross_cpu_seeds"] for key, t in tests.items() if t.get("cross_cpu_seeds")}
     if crossed:
         lines += ["", "Pairs whose two runs trained on different CPUs (a seed is reproducible on one CPU only): "
@@ -568,6 +588,7 @@ class Study:
     robustness: dict = dataclasses.field(default_factory=lambda: dict(ABLATION_LEVELS))  # kind -> levels
     apgd_queries: Optional[int] = None  # APGD attacks this many test queries (None: all)
     contrasts: list = dataclasses.field(default_factory=list)  # [(row, other row)] tested against each other
+    validation: list = dataclasses.field(default_factory=list)  # columns settings are chosen on (not tested)
 
     @property
     def labels(self) -> dict:
@@ -585,7 +606,7 @@ class Study:
                 for name, (_, ov) in self.rows.items() if rows is None or name in rows]
 
 
-STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested", "robustness", "contrasts")
+STUDY_KEYS = ("seeds", "baseline", "rows", "tables", "columns", "tested", "robustness", "contrasts", "validation")
 
 
 def _level(value):
@@ -619,6 +640,8 @@ def load_study(path) -> Study:
             apgd_queries: 800            # APGD on these many test queries, the same for every run
           contrasts:                     # pairs of rows tested against each other (first minus
             - [pgd, fgsm]                # second), under each table that holds both
+          validation: [val R@1]          # columns settings are chosen on: paired differences to the
+                                         # baseline with their 95% intervals, no test
 
     Every row's overrides are checked against the config here (a typo fails before any training)."""
     path = Path(path)
@@ -690,7 +713,19 @@ def load_study(path) -> Study:
         if missing or a == b:
             raise ConfigError(f"{path}: study.contrasts: [{a}, {b}]: expected two different rows of the study"
                               + (f"; unknown row(s) {missing}; the rows: {list(rows)}" if missing else ""))
-    return Study(path, seeds, baseline, rows, tables, shown, tested, levels, apgd_queries, contrasts)
+    validation = block.get("validation") or []
+    if not isinstance(validation, list) or not all(isinstance(c, str) for c in validation):
+        raise ConfigError(f"{path}: study.validation: expected a list of column names such as [val R@1], "
+                          f"got {validation!r}")
+    try:
+        validation = _check_columns(validation, "study.validation")
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    clash = sorted(set(validation) & set(tested if tested is not None else TESTED))
+    if clash:
+        raise ConfigError(f"{path}: study.validation: {clash} also tested: settings are chosen on one split and "
+                          f"tested on another")
+    return Study(path, seeds, baseline, rows, tables, shown, tested, levels, apgd_queries, contrasts, validation)
 
 
 def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verbose=True, log=print,
@@ -732,13 +767,13 @@ GENERATED = "<!-- generated by tools/ablate.py --from-json {source}: edit the JS
 
 
 def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=None, baseline="ce",
-                  contrasts=()) -> dict:
+                  contrasts=(), validation=()) -> dict:
     """The committed evidence behind published tables: {"about": how and where the runs were
     made, "columns": {column: header}, "tables": {title: {cell: {"label", "runs": [record per
     seed]}}}} (and, for a study, the "shown" and "tested" columns and the "baseline" row).
     `tables` maps a table's title to {cell: [metrics or records per seed]}; `labels` {cell: row
     label} (default: the grid's and sweeps'); `contrasts`: a study's pairs of rows tested against
-    each other."""
+    each other; `validation`: its columns reported for choosing settings, untested."""
     labels = labels or {}
     data = {"about": about, "columns": {c: COLUMNS[c][0] for c in COLUMNS},
             "tables": {title: {cell: {"label": labels.get(cell) or _label(cell), "runs": [record(m) for m in sorted(
@@ -751,6 +786,8 @@ def per_seed_json(tables: dict, about: dict, labels=None, shown=None, tested=Non
         data["baseline"] = baseline
     if contrasts:
         data["contrasts"] = [list(pair) for pair in contrasts]
+    if validation:
+        data["validation"] = list(validation)
     return data
 
 
@@ -772,7 +809,8 @@ def tables_markdown(data: dict, source: str) -> str:
         labels = {cell: entry.get("label") for cell, entry in cells.items()}
         parts += [f"## {title}", "", ablation_table(results, baseline=data.get("baseline", "ce"),
                                                     columns=data.get("shown"), tested=data.get("tested"),
-                                                    labels=labels, contrasts=data.get("contrasts", ())), ""]
+                                                    labels=labels, contrasts=data.get("contrasts", ()),
+                                                    validation=data.get("validation", ())), ""]
     return "\n".join(parts)
 
 
