@@ -616,3 +616,76 @@ def test_a_study_names_its_validation_columns_and_the_tool_keeps_them_in_the_jso
     data = json.loads(js.read_text())
     assert data["validation"] == ["R@1"]
     assert A.tables_markdown(data, source=str(js)) == text
+
+
+def _runs_folder(folder, runs):
+    """Finished runs {(row, seed): PGD R@1} in `folder`, each with the CPU named after the folder."""
+    for (name, seed), pgd in runs.items():
+        run = folder / name / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed, pgd=pgd)))
+        (run / "machine.json").write_text(json.dumps({"cpu": folder.name, "cpus": 2}))
+    return folder
+
+
+def test_tables_across_run_folders_take_each_seed_of_a_table_from_one_folder(tmp_path):
+    """Several run folders (one per CPU): for each table and seed, every row's run comes from the
+    first folder that has them all, so no pair crosses folders; a seed no folder has whole is missing."""
+    study = A.load_study(_study_file(tmp_path))
+    first = A.collect(_runs_folder(tmp_path / "cpuA", {("ce", 0): 0.10, ("strong", 0): 0.30, ("weak", 0): 0.15,
+                                                       ("ce", 1): 0.12, ("strong", 1): 0.33}), list(study.rows))
+    second = A.collect(_runs_folder(tmp_path / "cpuB", {("ce", 1): 0.50, ("strong", 1): 0.70, ("weak", 1): 0.55,
+                                                        ("strong", 0): 0.99}), list(study.rows))
+
+    def chosen(tables, title):
+        return {name: [(A.record(m)["seed"], A.record(m)["cpu"]) for m in runs] for name, runs in tables[title].items()}
+
+    tables = A.study_tables(study, [first, second], complete=True)
+    # "First" (ce, strong) has both seeds whole in cpuA, the first folder; "Second" lacks weak seed 1 there
+    assert chosen(tables, "First") == {"ce": [(0, "cpuA"), (1, "cpuA")], "strong": [(0, "cpuA"), (1, "cpuA")]}
+    assert chosen(tables, "Second") == {name: [(0, "cpuA"), (1, "cpuB")] for name in ("ce", "strong", "weak")}
+    tests = A.paired_tests(tables["Second"], tested=["pgd R@1"])
+    assert all(t["cross_cpu_seeds"] == [] for t in tests.values())
+    assert tests["strong"]["pgd R@1"]["mean"] == pytest.approx(20.0)  # +20 points on both seeds, each within its CPU
+    assert A.missing_seeds(study, [first, second]) == {}
+    # one folder alone: "Second" misses weak's seed 1 and is not published; the other order prefers cpuB
+    assert A.missing_seeds(study, [first]) == {"Second": {"weak": [1]}}
+    assert list(A.study_tables(study, [first], complete=True)) == ["First"]
+    assert chosen(A.study_tables(study, [second, first], complete=True), "First")["strong"] == [(0, "cpuA"),
+                                                                                             (1, "cpuB")]
+    # without complete, a seed no folder has whole comes from the folder with the most rows of it
+    partial = A.study_tables(study, [second, first], complete=False)
+    assert chosen(partial, "Second") == {"ce": [(0, "cpuA"), (1, "cpuB")], "strong": [(0, "cpuA"), (1, "cpuB")],
+                                         "weak": [(0, "cpuA"), (1, "cpuB")]}
+    assert chosen(A.study_tables(study, [second], complete=False), "Second") == {
+        "ce": [(1, "cpuB")], "strong": [(0, "cpuB"), (1, "cpuB")], "weak": [(1, "cpuB")]}
+
+
+def test_the_tool_reads_more_run_folders_and_keeps_the_pairs_within_each(tmp_path):
+    import subprocess
+    import sys
+
+    path = _study_file(tmp_path)
+    out = _runs_folder(tmp_path / "cpuA", {("ce", 0): 0.10, ("strong", 0): 0.30, ("weak", 0): 0.15,
+                                           ("ce", 1): 0.12, ("strong", 1): 0.33})
+    more = _runs_folder(tmp_path / "cpuB", {("ce", 1): 0.50, ("strong", 1): 0.70, ("weak", 1): 0.55})
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+
+    def ablate(*extra):
+        return subprocess.run([sys.executable, str(tool), "-q", "--study", str(path), "--out", str(out), "--table-only",
+                               "--complete", *extra], capture_output=True, text=True, timeout=300)
+
+    alone = ablate()
+    assert alone.returncode == 0 and "## Second" not in alone.stdout
+    assert "left out (seeds still to train): Second: weak 1" in alone.stderr
+    js = tmp_path / "both.json"
+    both = ablate("--runs-from", str(more), "--json", str(js))
+    assert both.returncode == 0, both.stderr
+    assert "## Second" in both.stdout and "left out" not in both.stderr and "different CPUs" not in both.stdout
+    data = json.loads(js.read_text())
+    assert [r["cpu"] for r in data["tables"]["Second"]["weak"]["runs"]] == ["cpuA", "cpuB"]
+    assert "--runs-from" in data["about"]["command"]
+    for bad, message in (([str(out)], "other than --out (it is --out)"),
+                         ([str(tmp_path / "nowhere")], "(no such folder)")):
+        wrong = ablate("--runs-from", *bad)
+        assert wrong.returncode == 2 and message in wrong.stderr

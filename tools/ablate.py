@@ -60,13 +60,17 @@ def parse_args(argv=None):
                    "(--seed-ids: a worker's share) and write its tables, instead of the grid")
     p.add_argument("--rows", help="with --study: train only these comma-separated rows (a worker's share); the "
                    "tables show every finished row")
+    p.add_argument("--runs-from", action="append", default=[], metavar="FOLDER", help="with --study: a folder of "
+                   "finished runs of the same study (e.g. trained on another CPU) that the tables read besides --out "
+                   "(never written); repeatable. Each table takes every seed's runs of all its rows from one folder, "
+                   "--out first, so no pair crosses folders")
     p.add_argument("--complete", action="store_true", help="with --study: write only the tables each of whose rows "
                    "has finished every seed of the study (a table to publish; the others are named on stderr)")
     return p.parse_args(argv)
 
 
-def _about(out: Path, results: dict, argv) -> dict:
-    """How and where the runs of a per-seed JSON were made."""
+def _about(out, results: dict, argv) -> dict:
+    """How and where the runs of a per-seed JSON were made (`out`: a run folder or a list of them)."""
     import platform
     import time
 
@@ -74,7 +78,9 @@ def _about(out: Path, results: dict, argv) -> dict:
 
     import keras_irtf
 
-    stamps = [p.stat().st_mtime for cell in results for p in (out / cell).glob("seed*/metrics.json")]
+    cells = {cell for found in (results if isinstance(results, list) else [results]) for cell in found}
+    stamps = [p.stat().st_mtime for folder in (out if isinstance(out, list) else [out]) for cell in cells
+              for p in (folder / cell).glob("seed*/metrics.json")]
     utc = lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))  # noqa: E731
     return {"command": "python tools/ablate.py " + " ".join(argv),
             "runs_finished": [utc(min(stamps)), utc(max(stamps))] if stamps else None,
@@ -101,6 +107,9 @@ def main(argv=None):
         return 0
     if args.rows and not args.study:
         print("error: --rows is for --study (the grid's subset is --cells)", file=sys.stderr)
+        return 2
+    if args.runs_from and not args.study:
+        print("error: --runs-from is for --study (its tables pair runs folder by folder)", file=sys.stderr)
         return 2
     if args.complete and not args.study:
         print("error: --complete is for --study (a study fixes the seeds every row must have)", file=sys.stderr)
@@ -175,6 +184,12 @@ def _study(args, argv):
               "--sweep", file=sys.stderr)
         return 2
     out = Path(args.out or f"ablations/{Path(args.study).stem}")
+    more = [Path(f) for f in args.runs_from]
+    for folder in more:
+        if not folder.is_dir() or folder.resolve() == out.resolve():
+            print(f"error: --runs-from {folder}: expected a folder of finished runs other than --out "
+                  f"({'it is --out' if folder.is_dir() else 'no such folder'})", file=sys.stderr)
+            return 2
     try:
         study = A.load_study(args.study)
         if args.table_only:
@@ -187,15 +202,17 @@ def _study(args, argv):
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if more:  # one {row: runs} per folder, --out first: a table takes each seed from one folder
+        results = [results] + [A.collect(folder, list(study.rows)) for folder in more]
     tables = A.study_tables(study, results, complete=args.complete)
     if args.complete:
         for title, missing in A.missing_seeds(study, results).items():
             print(f"left out (seeds still to train): {title}: "
                   + "; ".join(f"{name} {', '.join(map(str, seeds))}" for name, seeds in missing.items()),
                   file=sys.stderr)
-    return _write_tables(args, argv, out, results, tables, labels=study.labels, shown=study.shown,
-                         tested=study.tested, baseline=study.baseline, contrasts=study.contrasts,
-                         validation=study.validation)
+    return _write_tables(args, argv, [out, *more] if more else out, results, tables, labels=study.labels,
+                         shown=study.shown, tested=study.tested, baseline=study.baseline,
+                         contrasts=study.contrasts, validation=study.validation)
 
 
 def run(argv=None) -> int:

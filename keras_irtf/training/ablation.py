@@ -739,25 +739,57 @@ def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verb
     return collect(out, list(study.rows))
 
 
-def study_tables(study: Study, results: dict, complete=False) -> dict:
+def study_tables(study: Study, results, complete=False) -> dict:
     """{title: {row: runs}} of the study's tables, from `results` {row: runs}: rows without a
     finished run left out, and a table with no finished row beside the baseline (nothing to
     compare yet: a study trained a share of rows at a time) left out whole. complete=True: only
-    the tables none of whose rows misses a seed of the study (`missing_seeds`), the ones to publish."""
-    tables = {title: {name: results[name] for name in names if name in results}
-              for title, names in study.tables.items()}
+    the tables none of whose rows misses a seed of the study (`missing_seeds`), the ones to publish.
+
+    `results` may also be a list of such dicts, one per run folder (one per CPU: a seed's runs
+    pair only with runs of the same CPU), in order of preference: each table takes every seed's
+    runs of all its rows from one folder, the first that has them all (without `complete`, the
+    first with the most of them), so seeds trained on different CPUs join a table without any
+    pair crossing CPUs."""
+    tables = {}
+    for title, names in study.tables.items():
+        rows = {name: [] for name in names}
+        for seed in study.seeds:
+            for name, run in _seed_runs(names, seed, _folders(results), complete).items():
+                rows[name].append(run)
+        tables[title] = {name: runs for name, runs in rows.items() if runs}
     if complete:
         missing = missing_seeds(study, results)
         tables = {title: rows for title, rows in tables.items() if title not in missing}
     return {title: rows for title, rows in tables.items() if any(name != study.baseline for name in rows)}
 
 
-def missing_seeds(study: Study, results: dict) -> dict:
-    """{title: {row: [seeds of the study it has no finished run for]}} of the tables with such rows."""
+def _folders(results) -> list:
+    """`results` as a list of {row: runs}, one per run folder."""
+    return [results] if isinstance(results, dict) else list(results)
+
+
+def _seed_runs(names, seed, folders, complete) -> dict:
+    """{row: run} of one seed for the rows `names`, all from one folder: the first that has every
+    row's run of the seed; else ({} if complete) the first with the most of them."""
+    found = [{name: run for name in names for run in folder.get(name, []) if run.get("seed") == seed}
+             for folder in folders]
+    best = max(found, key=len, default={})  # max keeps the first of equals
+    return best if len(best) == len(names) or not complete else {}
+
+
+def missing_seeds(study: Study, results) -> dict:
+    """{title: {row: [seeds of the study it has no finished run for]}} of the tables with such
+    rows; with several run folders (see `study_tables`), a seed counts for a table when one folder
+    has it for every row of the table, and the rows named are those the fullest folder lacks."""
     out = {}
     for title, names in study.tables.items():
-        rows = {name: sorted(set(study.seeds) - {m.get("seed") for m in results.get(name, [])}) for name in names}
-        rows = {name: seeds for name, seeds in rows.items() if seeds}
+        rows = {}
+        for seed in study.seeds:
+            runs = _seed_runs(names, seed, _folders(results), complete=False)
+            for name in names:
+                if name not in runs:
+                    rows.setdefault(name, []).append(seed)
+        rows = {name: rows[name] for name in names if name in rows}
         if rows:
             out[title] = rows
     return out
