@@ -740,8 +740,8 @@ def run_study(study: Study, out, seeds=None, overrides=(), robustness=True, verb
 
 
 def study_tables(study: Study, results, complete=False) -> dict:
-    """{title: {row: runs}} of the study's tables, from `results` {row: runs}: rows without a
-    finished run left out, and a table with no finished row beside the baseline (nothing to
+    """{title: {row: runs}} of the study's tables, from `results` {row: runs}: the runs of the
+    study's seeds (a run of another seed is not the study's), rows without a finished run left out, and a table with no finished row beside the baseline (nothing to
     compare yet: a study trained a share of rows at a time) left out whole. complete=True: only
     the tables none of whose rows misses a seed of the study (`missing_seeds`), the ones to publish.
 
