@@ -689,3 +689,49 @@ def test_the_tool_reads_more_run_folders_and_keeps_the_pairs_within_each(tmp_pat
                          ([str(tmp_path / "nowhere")], "(no such folder)")):
         wrong = ablate("--runs-from", *bad)
         assert wrong.returncode == 2 and message in wrong.stderr
+
+
+def test_keep_results_copies_finished_runs_result_files_and_never_overwrites(tmp_path):
+    import subprocess
+    import sys
+
+    from keras_irtf.evaluation.robustness import level_key
+
+    path = _study_file(tmp_path)
+    study = A.load_study(path)
+    out = tmp_path / "runs"
+
+    def run(name, seed, robust=True):
+        folder = out / name / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(_metrics(0.3, seed=seed)))
+        (folder / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
+        (folder / "machine.json").write_text(json.dumps({"cpu": "A"}))
+        (folder / "model.keras").write_bytes(b"weights")
+        if robust:
+            done = {kind: {level_key(kind, v): {"R@1": 0.1} for v in levels} for kind, levels in study.robustness.items()}
+            (folder / "robustness.json").write_text(json.dumps({**done, "input_grad_l1": 1.0}))
+
+    run("ce", 0), run("strong", 0), run("weak", 0, robust=False), run("strong", 1)
+    dest = tmp_path / "evidence"
+    (dest / "strong" / "seed1").mkdir(parents=True)
+    (dest / "strong" / "seed1" / "metrics.json").write_text("{}\n")  # someone else's file
+    got = A.keep_results(study, out, dest)
+    assert got == {"copied": ["ce/seed0", "strong/seed0"], "kept": [], "conflicts": ["strong/seed1: metrics.json"]}
+    assert sorted(p.name for p in (dest / "ce" / "seed0").iterdir()) == sorted(A.RESULT_FILES)  # no weights
+    assert (dest / "ce" / "seed0" / "metrics.json").read_bytes() == (out / "ce" / "seed0" / "metrics.json").read_bytes()
+    assert not (dest / "weak").exists()  # its robustness columns are missing: not finished
+    assert (dest / "strong" / "seed1" / "metrics.json").read_text() == "{}\n"  # not overwritten
+    assert sorted(p.name for p in (dest / "strong" / "seed1").iterdir()) == ["metrics.json"]  # nothing else copied
+    assert A.keep_results(study, out, dest)["kept"] == ["ce/seed0", "strong/seed0"]
+    # the tool: exit status 1 and the conflict named; 0 once the conflict is gone
+    tool = repo_configs_dir().parent / "tools" / "ablate.py"
+    cmd = [sys.executable, str(tool), "-q", "--study", str(path), "--out", str(out), "--table-only",
+           "--keep-results", str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "not overwritten (the file in" in done.stderr and "strong/seed1: metrics.json" in done.stderr
+    (dest / "strong" / "seed1" / "metrics.json").unlink()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 run(s) copied, 2 already there" in done.stderr

@@ -64,6 +64,10 @@ def parse_args(argv=None):
                    "finished runs of the same study (e.g. trained on another CPU) that the tables read besides --out "
                    "(never written); repeatable. Each table takes every seed's runs of all its rows from one folder, "
                    "--out first, so no pair crosses folders")
+    p.add_argument("--keep-results", metavar="FOLDER", help="with --study: copy the result files of every finished "
+                   "run in --out (config.yaml, metrics.json, robustness.json, machine.json; not the weights) into "
+                   "FOLDER/<row>/seed<k>/, the small evidence a study commits; a file already there is never "
+                   "overwritten (a run whose files differ there is named, and the tool exits with status 1)")
     p.add_argument("--complete", action="store_true", help="with --study: write only the tables each of whose rows "
                    "has finished every seed of the study (a table to publish; the others are named on stderr)")
     return p.parse_args(argv)
@@ -107,6 +111,9 @@ def main(argv=None):
         return 0
     if args.rows and not args.study:
         print("error: --rows is for --study (the grid's subset is --cells)", file=sys.stderr)
+        return 2
+    if args.keep_results and not args.study:
+        print("error: --keep-results is for --study (it keeps the result files of the study's runs)", file=sys.stderr)
         return 2
     if args.runs_from and not args.study:
         print("error: --runs-from is for --study (its tables pair runs folder by folder)", file=sys.stderr)
@@ -202,6 +209,15 @@ def _study(args, argv):
     except (ConfigError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    kept_ok = True
+    if args.keep_results:
+        kept = A.keep_results(study, out, args.keep_results)
+        print(f"kept in {args.keep_results}: {len(kept['copied'])} run(s) copied, {len(kept['kept'])} already there",
+              file=sys.stderr)
+        for conflict in kept["conflicts"]:
+            print(f"not overwritten (the file in {args.keep_results} differs from --out's): {conflict}",
+                  file=sys.stderr)
+        kept_ok = not kept["conflicts"]
     if more:  # one {row: runs} per folder, --out first: a table takes each seed from one folder
         results = [results] + [A.collect(folder, list(study.rows)) for folder in more]
     tables = A.study_tables(study, results, complete=args.complete)
@@ -210,9 +226,10 @@ def _study(args, argv):
             print(f"left out (seeds still to train): {title}: "
                   + "; ".join(f"{name} {', '.join(map(str, seeds))}" for name, seeds in missing.items()),
                   file=sys.stderr)
-    return _write_tables(args, argv, [out, *more] if more else out, results, tables, labels=study.labels,
-                         shown=study.shown, tested=study.tested, baseline=study.baseline,
-                         contrasts=study.contrasts, validation=study.validation)
+    status = _write_tables(args, argv, [out, *more] if more else out, results, tables, labels=study.labels,
+                           shown=study.shown, tested=study.tested, baseline=study.baseline,
+                           contrasts=study.contrasts, validation=study.validation)
+    return status or (0 if kept_ok else 1)
 
 
 def run(argv=None) -> int:
