@@ -750,16 +750,15 @@ def study_tables(study: Study, results, complete=False) -> dict:
     runs of all its rows from one folder, the first that has them all (without `complete`, the
     first with the most of them), so seeds trained on different CPUs join a table without any
     pair crossing CPUs."""
-    tables = {}
+    folders, tables = _folders(results), {}
     for title, names in study.tables.items():
         rows = {name: [] for name in names}
         for seed in study.seeds:
-            for name, run in _seed_runs(names, seed, _folders(results), complete).items():
+            for name, run in _seed_runs(names, seed, folders, complete).items():
                 rows[name].append(run)
+        if complete and any(len(runs) < len(study.seeds) for runs in rows.values()):
+            continue  # a seed no folder has for every row: not publishable
         tables[title] = {name: runs for name, runs in rows.items() if runs}
-    if complete:
-        missing = missing_seeds(study, results)
-        tables = {title: rows for title, rows in tables.items() if title not in missing}
     return {title: rows for title, rows in tables.items() if any(name != study.baseline for name in rows)}
 
 
@@ -781,11 +780,11 @@ def missing_seeds(study: Study, results) -> dict:
     """{title: {row: [seeds of the study it has no finished run for]}} of the tables with such
     rows; with several run folders (see `study_tables`), a seed counts for a table when one folder
     has it for every row of the table, and the rows named are those the fullest folder lacks."""
-    out = {}
+    folders, out = _folders(results), {}
     for title, names in study.tables.items():
         rows = {}
         for seed in study.seeds:
-            runs = _seed_runs(names, seed, _folders(results), complete=False)
+            runs = _seed_runs(names, seed, folders, complete=False)
             for name in names:
                 if name not in runs:
                     rows.setdefault(name, []).append(seed)
@@ -815,15 +814,15 @@ def keep_results(study: Study, out, dest) -> dict:
             run, there = out / name / f"seed{seed}", dest / name / f"seed{seed}"
             if not (run / "metrics.json").is_file() or missing_robustness(run, study.robustness, study.apgd_queries):
                 continue
-            files = [f for f in RESULT_FILES if (run / f).is_file()]
-            differ = [f for f in files if (there / f).is_file() and (there / f).read_bytes() != (run / f).read_bytes()]
+            found = {f: (run / f).read_bytes() for f in RESULT_FILES if (run / f).is_file()}
+            differ = [f for f, data in found.items() if (there / f).is_file() and (there / f).read_bytes() != data]
             label = f"{name}/seed{seed}"
             if differ:
                 report["conflicts"].append(f"{label}: {', '.join(differ)}")
                 continue
-            new = [f for f in files if not (there / f).is_file()]
+            new = [f for f in found if not (there / f).is_file()]
             for f in new:
-                atomic_write_text(there / f, (run / f).read_text())
+                atomic_write_text(there / f, found[f].decode())
             report["copied" if new else "kept"].append(label)
     return report
 
