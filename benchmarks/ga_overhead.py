@@ -126,7 +126,8 @@ def main(argv=None):
     from keras_irtf.config import load_config
     from keras_irtf.experiment import build_model, make_optimizer
 
-    overrides = list(args.set) + ([f"train.batch_size={args.batch}"] if args.batch else [])
+    # GA^I's noise on every variable (the paper's, its largest cost), unless --set says otherwise
+    overrides = ["ga.isotropic.exclude="] + list(args.set) + ([f"train.batch_size={args.batch}"] if args.batch else [])
     base = load_config([args.config], overrides)
     b, s = base.train.batch_size, base.data.image_size
     batch = C.synthetic_batch(base, args.vocab)

@@ -196,7 +196,8 @@ def precision_worker(args):
     dataset = None
     models, batch = {}, None
     for precision in args.precision_set.split(","):
-        cfg = config_for(f"train.precision={precision}", f"ga.methods={ga}")
+        # GA^I's noise on every variable: the paper's GA^I, its largest cost
+        cfg = config_for(f"train.precision={precision}", f"ga.methods={ga}", "ga.isotropic.exclude=")
         keras.utils.set_random_seed(0)
         if dataset is None:
             dataset = CSSDataset(root, image_size=cfg.data.image_size, verbose=False)

@@ -888,6 +888,8 @@ def _check_settings(settings, key: str):
             _check_number(f"{key}.{name}", value, domain)
     for name, choices in getattr(settings, "CHOICES", {}).items():
         value = getattr(settings, name)
+        if value is None:  # an Optional key left unset: its default applies
+            continue
         if isinstance(value, (list, tuple)):  # a tuple key: every item is one of the choices
             for i, item in enumerate(value):
                 if str(item) not in choices:

@@ -72,7 +72,12 @@ class TinyComposer(keras.layers.Layer):
 
 
 def tiny_model(methods="", eta=0.0, dtype="float64", image_size=3, text_length=3, seed=0, **ga):
+    """A tiny ComposedRetrievalModel. GA^I's noise reaches every variable unless `settings` say
+    otherwise (ga.isotropic.exclude: []); the library's default exclusion has tests of its own."""
     keras.utils.set_random_seed(seed)
+    settings = {m: dict(v) for m, v in (ga.pop("settings", None) or {}).items()}
+    settings.setdefault("isotropic", {}).setdefault("exclude", ())
+    ga["settings"] = settings
     kw = dict(dtype=dtype)
     model = ComposedRetrievalModel(
         TinyImageEncoder(name="img", **kw), TinyTextEncoder(name="txt", **kw), TinyComposer(name="comp", **kw),

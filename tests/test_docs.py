@@ -67,7 +67,9 @@ NOT_RUN = {
                                "reproduces the measurement, 20 training runs (about two and a half hours on two cores)",
                                "reproduces H1 of the study, 20 training runs with APGD (about two and a half hours on "
                                "two cores)",
-                               "reproduces H3 of the study, 30 training runs with APGD (about three hours on two cores)"],
+                               "reproduces H3 of the study, 30 training runs with APGD (about three hours on two cores)",
+                               "reproduces H2 of the study, 45 training runs with APGD (about three and a half hours "
+                               "on two cores)"],
     "docs/results/superseded_2026-12-01/README.md": ["the record of a superseded measurement (110 training runs, "
                                                      "about four hours on two cores)"],
     "docs/results/superseded_2026-11-23/README.md": ["the record of a superseded measurement (its sampler and training "

@@ -445,7 +445,9 @@ def test_ga_flags_and_configs():
     assert cfg.ga_methods == ("adversarial", "isotropic")
     assert (cfg.ga.adversarial.eps, cfg.ga.isotropic.gamma, cfg.loss.eta) == (0.5, 0.25, 0.125)
     ga_cfg = train_tool.resolve_config(train_tool.parse_args(["--config", "configs/css_ga.yaml"]))
-    assert ga_cfg.ga_methods == ("adversarial", "isotropic") and ga_cfg.loss.eta == 1e-3
+    # GA^I off: no setting of it raised any column in the GA study (docs/results/README.md)
+    assert ga_cfg.ga_methods == ("adversarial",) and ga_cfg.loss.eta == 1e-3
+    assert (ga_cfg.ga.isotropic.gamma, ga_cfg.ga.isotropic.noise_scaling) == (1e-2, "mean")
 
 
 # ---- PGD adversarial training -------------------------------------------------------------------
@@ -651,6 +653,54 @@ def test_an_unknown_variable_kind_is_a_clear_error():
         load_config([], ["ga.methods=isotropic", "ga.isotropic.only=convolutions"])
     cfg = load_config([], ["ga.methods=isotropic", "ga.isotropic.exclude=bias,logit_scale"])
     assert cfg.ga.isotropic.exclude == ("bias", "logit_scale")
+
+
+@pytest.mark.parametrize("mode,exclude,noised", [
+    ("paper", None, lambda kind, part: kind != "kernel" and part != "composer"),
+    ("reference", None, lambda kind, part: True),
+    ("paper", [], lambda kind, part: True),
+    ("reference", ["bias"], lambda kind, part: kind != "bias"),
+])
+def test_exclude_left_unset_spares_the_kernels_and_the_composer_in_the_papers_mode(mode, exclude, noised):
+    """ga.isotropic.exclude unset (null, the default): the paper's mode noises no kernel and nothing
+    of the composer, and every other variable; the reference mode (the authors' code) noises every
+    variable; a list given is used as it is in either mode."""
+    from keras_irtf.model.gradient_augmentation import variable_groups
+
+    model = tiny_model("isotropic", dtype="float32", mode=mode, settings={"isotropic": {"exclude": exclude}})
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    tf.function(model.train_step)(tiny_batch(dtype="float32"))  # builds the model: the method is attached
+    method = model.gradient_augmentation.active[0]
+    groups = variable_groups(model)
+    variables = model.trainable_variables
+    want = [noised(*groups[id(v)]) for v in variables]
+    assert method.noised(variables) == want
+    assert any(want)
+    assert all(want) == (mode == "reference" and exclude is None or exclude == [])
+    # kept unset through the layer's config (a .keras file), so a reloaded model resolves it the same way
+    config = model.gradient_augmentation.get_config()
+    assert config["settings"]["isotropic"]["exclude"] == (None if exclude is None else tuple(exclude))
+    again = GradientAugmentation.from_config(config)
+    assert again.active[0].exclude == method.exclude
+
+
+def test_exclude_in_the_config_unset_empty_and_listed():
+    from pathlib import Path
+
+    from keras_irtf.config import load_config, to_yaml
+    from keras_irtf.model.gradient_augmentation import DEFAULT_EXCLUDE, default_exclude
+
+    assert DEFAULT_EXCLUDE == ("kernel", "composer")
+    assert default_exclude("paper") == DEFAULT_EXCLUDE and default_exclude("reference") == ()
+    cfg = load_config([], ["ga.methods=isotropic"])
+    assert cfg.ga.isotropic.exclude is None
+    assert "exclude: null" in to_yaml(cfg)
+    assert load_config([], ["ga.methods=isotropic", "ga.isotropic.exclude="]).ga.isotropic.exclude == ()
+    assert load_config([], ["ga.isotropic.exclude=[]"]).ga.isotropic.exclude == ()
+    # the study configs that measured every variable's noise say so, and keep measuring it
+    for name in ("css_ga_study.yaml", "css_ablation.yaml"):
+        path = Path(__file__).resolve().parent.parent / "configs" / name
+        assert load_config([path]).ga.isotropic.exclude == (), name
 
 
 def test_reference_terms_split_the_authors_noise_from_their_push():

@@ -137,7 +137,7 @@ def test_isotropic_noise_is_not_scaled(css_smoke, smoke_vectorizer):
     size (gamma) -- noise multiplied by the scale would move the weights 256 times further."""
     gamma, lr = 0.5, 0.1
     cfg = _cfg("mixed_float16", "ga.methods=isotropic", f"ga.isotropic.gamma={gamma}",
-               "ga.isotropic.noise_scaling=per_element", "optim.optimizer=sgd",
+               "ga.isotropic.noise_scaling=per_element", "ga.isotropic.exclude=", "optim.optimizer=sgd",
                "optim.momentum=0.0", f"optim.learning_rate={lr}", "optim.weight_decay=0.0")
     batch = _batch(css_smoke, smoke_vectorizer, cfg)
     start = build_model(cfg, smoke_vectorizer.vocab_size).get_weights()
