@@ -221,7 +221,8 @@ SETTINGS_HELP = {
         "gamma": "standard deviation of the Gaussian noise added to every gradient",
         "noise_scaling": "noise per element (gamma x n) or divided by the variable's size (mean, the authors')",
         "exclude": "variables whose gradient gets no noise, by kind (kernel, bias, normalization, embedding, "
-                   "logit_scale) or part (image_encoder, text_encoder, composer)",
+                   "logit_scale) or part (image_encoder, text_encoder, composer); [] for none; null (the "
+                   "default): kernel and composer in the paper's mode, none in the reference mode or with only",
         "only": "when given, only the variables of these kinds or parts get noise (minus exclude)",
         "reference_terms": "ga.mode=reference: the authors' (N - k)-counted noise and constant push, or one of them",
     },

@@ -684,6 +684,34 @@ def test_exclude_left_unset_spares_the_kernels_and_the_composer_in_the_papers_mo
     assert again.active[0].exclude == method.exclude
 
 
+@pytest.mark.parametrize("only", [("composer",), ("kernel",), ("bias", "logit_scale")])
+def test_only_with_exclude_unset_noises_what_only_names(only):
+    """`only` names the variables itself: the default exclusion does not empty it."""
+    from keras_irtf.model.gradient_augmentation import variable_groups
+
+    model = tiny_model("isotropic", dtype="float32", settings={"isotropic": {"exclude": None, "only": only}})
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    logs = tf.function(model.train_step)(tiny_batch(dtype="float32"))
+    method = model.gradient_augmentation.active[0]
+    groups = variable_groups(model)
+    variables = model.trainable_variables
+    want = [bool({*groups[id(v)]} & set(only)) for v in variables]
+    assert method.exclude == () and any(want)
+    assert method.noised(variables) == want
+    assert float(logs["ga_noise_ratio"]) > 0
+
+
+def test_a_model_file_without_the_exclude_key_keeps_every_variable():
+    """A GA layer config saved before ga.isotropic.exclude existed (no key) noised every variable;
+    reloaded, it still does. A config that has the key keeps its value (null: the default)."""
+    saved = GradientAugmentation("isotropic", settings={"isotropic": {"gamma": 0.1}}).get_config()
+    assert saved["settings"]["isotropic"]["exclude"] is None
+    assert GradientAugmentation.from_config(saved).active[0].exclude == ("kernel", "composer")
+    del saved["settings"]["isotropic"]["exclude"]
+    old = GradientAugmentation.from_config(saved)
+    assert old.active[0].exclude == () and old.active[0].settings.gamma == 0.1
+
+
 def test_exclude_in_the_config_unset_empty_and_listed():
     from pathlib import Path
 

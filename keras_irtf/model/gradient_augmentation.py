@@ -33,7 +33,8 @@ kernel, bias, normalization, embedding, logit_scale; or by part: image_encoder, 
 composer), and it logs the ratio ||noise|| / ||gradient|| of every step (`ga_noise_ratio`).
 Left unset (null), `exclude` is DEFAULT_EXCLUDE in the paper's mode, the groups whose noise alone
 lowered validation recall on CSS (the GA study, docs/results/README.md), and nothing in the
-reference mode (the authors' code noises every variable); `exclude: []` noises every variable.
+reference mode (the authors' code noises every variable) or when `only` is given (`only` names the
+variables itself); `exclude: []` noises every variable.
 
 Under tf.distribute the optimizer SUMS the replicas' gradients: terms that are not per-example
 (isotropic noise, weight regularisation) are divided by the number of replicas, so the sum is
@@ -188,7 +189,8 @@ class IsotropicConfig:
     gamma: float = 1e-2  # standard deviation of the gradient noise (per element, before the scaling)
     noise_scaling: str = "mean"  # mean (gamma * n / size, the authors') | per_element (gamma * n)
     # variables whose gradients get no noise: kinds and parts (VARIABLE_GROUPS); [] = none;
-    # null = DEFAULT_EXCLUDE (kernel, composer) in the paper's mode, none in the reference mode
+    # null = DEFAULT_EXCLUDE (kernel, composer) in the paper's mode, none in the reference mode or
+    # when `only` is given
     exclude: Optional[tuple] = None
     # when given, only the variables of these kinds or parts get noise (then minus `exclude`)
     only: tuple = ()
@@ -253,9 +255,11 @@ class IsotropicGA(GAMethod):
 
     def __init__(self, settings, ga):
         super().__init__(settings, ga)
-        self.exclude = _groups(default_exclude(ga.mode) if settings.exclude is None else settings.exclude,
-                               "exclude")
         self.only = _groups(settings.only, "only")
+        exclude = settings.exclude
+        if exclude is None:  # unset: the default, unless `only` names the variables itself
+            exclude = () if self.only else default_exclude(ga.mode)
+        self.exclude = _groups(exclude, "exclude")
         self._noised = None  # {id(variable): gets noise}, from attach(model)
 
     def attach(self, model):
@@ -788,6 +792,15 @@ class GradientAugmentation(keras.layers.Layer):
         else:
             total = self.l2 * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, dtype))) for v in kernels])
         return total / replicas
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        settings = {m: dict(v) for m, v in (config.get("settings") or {}).items()}
+        # a file saved before ga.isotropic.exclude existed put GA^I's noise on every variable
+        settings.setdefault("isotropic", {}).setdefault("exclude", ())
+        config["settings"] = settings
+        return cls(**config)
 
     def get_config(self):
         config = super().get_config()
