@@ -595,6 +595,12 @@ def _type_name(field: dataclasses.Field) -> str:
     return str(typ).replace("typing.", "")
 
 
+def is_tuple_field(field: dataclasses.Field) -> bool:
+    """Whether the config reads this settings field as a tuple (a YAML list, or "a,b" text)."""
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return _kind(default, _type_name(field)) == "tuple"
+
+
 def _kind(default, typ: str) -> Optional[str]:
     """bool | tuple | float | int | str, or None for a type the config does not convert."""
     if isinstance(default, bool) or "bool" in typ:

@@ -59,7 +59,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_irtf.config import AT_LEAST_ONE, GA_OLD_KEYS, NON_NEGATIVE, choices
+from keras_irtf.config import AT_LEAST_ONE, GA_OLD_KEYS, NON_NEGATIVE, choices, is_tuple_field
 from keras_irtf.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from keras_irtf.losses import average_over_global_batch, replica_info
 from keras_irtf.registry import GA_METHODS, register_ga_method
@@ -620,13 +620,12 @@ class GradientAugmentation(keras.layers.Layer):
         for name in set(self.methods) | set(given) | set(GA_METHODS.builtin_names()):
             entry = GA_METHODS.get(name)
             values = entry.default_settings()
-            tuple_keys = {f.name for f in dataclasses.fields(values) if "tuple" in str(f.type)} \
+            tuple_keys = {f.name for f in dataclasses.fields(values) if is_tuple_field(f)} \
                 if dataclasses.is_dataclass(values) else set()
             for key, value in given.get(name, {}).items():
                 if not hasattr(values, key):
                     raise ValueError(f"GA method {name!r} has no setting {key!r}; its keys: {entry.keys}")
-                if value is not None and (isinstance(getattr(values, key), tuple) or key in tuple_keys):
-                    # a list (from a .keras file) or "a,b"
+                if value is not None and key in tuple_keys:  # a list (from a .keras file) or "a,b"
                     value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) \
                         else tuple(value)
                 setattr(values, key, value)
