@@ -69,7 +69,8 @@ NOT_RUN = {
                                "two cores)",
                                "reproduces H3 of the study, 30 training runs with APGD (about three hours on two cores)",
                                "reproduces H2 of the study, 45 training runs with APGD (about three and a half hours "
-                               "on two cores)"],
+                               "on two cores)",
+                               "reproduces H4 of the study, 30 training runs with APGD (about five hours on two cores)"],
     "docs/results/superseded_2026-12-01/README.md": ["the record of a superseded measurement (110 training runs, "
                                                      "about four hours on two cores)"],
     "docs/results/superseded_2026-11-23/README.md": ["the record of a superseded measurement (its sampler and training "
