@@ -55,6 +55,25 @@ def test_shipped_configs_load():
         load_config([path])
 
 
+def test_the_recommended_robustness_config_is_the_study_row_it_cites():
+    """configs/css_fgsm.yaml quotes the fgsm row of the GA study; its training settings must be
+    that row's (the study's validation split and shifted test split aside)."""
+    from keras_irtf.training.ablation import load_study
+
+    study_path = repo_configs_dir() / "css_ga_study.yaml"
+    _, overrides = load_study(study_path).rows["fgsm"]
+    measured = load_config([study_path], overrides)
+    shipped = load_config([repo_configs_dir() / "css_fgsm.yaml"])
+    for section in ("model", "loss", "optim", "train"):
+        assert getattr(shipped, section) == getattr(measured, section), section
+    # the study file also sets GA^I's exclude, which a run without GA^I never reads
+    assert (shipped.ga.methods, shipped.ga.point, shipped.ga.mode, shipped.ga.fgsm) == (
+        measured.ga.methods, measured.ga.point, measured.ga.mode, measured.ga.fgsm)
+    assert shipped.data.image_size == measured.data.image_size
+    assert shipped.data.dataset.size == measured.data.dataset.size
+    assert shipped.ga.methods == "fgsm" and shipped.ga.fgsm.eps == 0.2
+
+
 def _train_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), *args], capture_output=True,
                           text=True, cwd=REPO, timeout=120)

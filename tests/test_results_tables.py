@@ -18,7 +18,7 @@ RESULTS = ROOT / "docs" / "results"
 EVIDENCE = sorted(p for p in RESULTS.glob("*.json") if "tables" in json.loads(p.read_text()))
 # the pages whose prose quotes the current tables
 PROSE = [ROOT / "README.md", ROOT / "docs" / "gradient-augmentation.md", RESULTS / "README.md",
-         ROOT / "configs" / "css_ga.yaml"]
+         ROOT / "configs" / "css_ga.yaml", ROOT / "configs" / "css_fgsm.yaml"]
 
 MEAN_SD = re.compile(r"[0-9]+(?:\.[0-9]+)? ± [0-9]+(?:\.[0-9]+)?")
 INTERVAL = re.compile(r"[+-][0-9]+\.[0-9] \[[+-][0-9]+\.[0-9], [+-][0-9]+\.[0-9]\]")
