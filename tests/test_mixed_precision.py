@@ -37,16 +37,20 @@ def test_precision_is_a_validated_config_key():
         tiny_config(None, "train.precision=float64")
 
 
+STEPS = 8  # enough for the steps a fresh model's float16 gradients overflow, and some applied
+
+
 @pytest.mark.parametrize("precision", POLICIES)
 def test_smoke_training_with_ga_and_ls(precision, css_smoke, smoke_vectorizer):
     cfg = _cfg(precision)
+    keras.utils.set_random_seed(0)  # the initial weights (build_model does not seed them)
     model = build_model(cfg, smoke_vectorizer.vocab_size)
     assert keras.config.dtype_policy().name == "float32"  # the policy did not leak out of building
     model.compile(optimizer=make_optimizer(cfg, model))
     batch = _batch(css_smoke, smoke_vectorizer, cfg)
     before = [v.numpy() for v in model.trainable_variables]
-    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(4), epochs=1, verbose=0)
-    logs = {k: v[-1] for k, v in history.history.items()}  # over the epoch's four steps
+    history = model.fit(tf.data.Dataset.from_tensors(batch).repeat(STEPS), epochs=1, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}  # over the epoch's steps
     moved = max(float(np.abs(v.numpy() - b).max()) for v, b in zip(model.trainable_variables, before))
     assert moved > 1e-3
     for key in ("loss", "retrieval_loss", "similarity_loss", "ga_adversarial", "ga_isotropic"):
@@ -77,9 +81,9 @@ def test_smoke_training_with_ga_and_ls(precision, css_smoke, smoke_vectorizer):
     assert ("skipped_steps" in logs) == scaled
     if scaled:
         # dynamic loss scaling starts at 2^15 and halves on each overflow: the first steps of a
-        # fresh model may be skipped (measured: 1 to 3 of these 4), the later ones are applied
-        # (`moved` above)
-        assert logs["skipped_steps"] in (0.0, 1.0, 2.0, 3.0)
+        # fresh model are skipped (measured over 60 initial weights: 1 to 4 of them), the later
+        # ones are applied (`moved` above)
+        assert 1.0 <= logs["skipped_steps"] <= STEPS - 3
 
 
 @pytest.mark.parametrize("precision", ("mixed_bfloat16", "mixed_float16"))
