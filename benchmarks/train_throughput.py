@@ -6,7 +6,8 @@
     python benchmarks/train_throughput.py --skip-main --precisions float32,mixed_bfloat16 \\
         --ga none,adversarial+isotropic --cases small_cnn_64,resnet18_64,resnet18_224
                                                      # the mixed-precision table only
-    (mixed_float16 is accepted too, but on a CPU it ran at 0.02x float32: time it on GPUs.)
+    (mixed_float16 is accepted too, but on a CPU it ran the small CNN at 0.24x float32
+    (docs/train_throughput_float16.md): time it on GPUs.)
 
 Configurations (--cases), batch 32, TIRG composer with the LSTM text encoder, SGD with momentum:
 - small CNN at 64x64 on the built-in CSS set (images held in memory, as the CSS loader does);

@@ -45,13 +45,12 @@ def _import_faiss():
 def resolve_backend(backend: str) -> str:
     """'tf' or 'faiss' for a requested backend.
 
-    'auto' picks TensorFlow, by measurement (benchmarks/retrieval_backends.py, report in
-    docs/retrieval_backends.md): on the project's 2-core machine on 2026-12-01 (load average
-    1.8-4.3) the TF backend was faster than faiss at every gallery size tried (3K: 1.8x, 10K:
-    1.1x, 30K: 1.5x; 8,000 queries, 512-d, k = 50, rounds within 10%), and under heavier load
-    faiss, whose OpenMP threads wait for busy cores, was up to 2.5x slower. faiss was faster only
-    on a machine nearly to itself (2.6x at 30K, docs/eval_scale.md, 2026-11-23): choose
-    backend="faiss" explicitly there."""
+    'auto' picks TensorFlow. On a machine running nothing else faiss is the faster exact search
+    (benchmarks/retrieval_backends.py, docs/retrieval_backends.md: 1.14x to 1.62x at galleries of
+    3K to 30K, 8,000 queries, 512-d, k = 50), but its OpenMP threads wait for busy cores, and on
+    the project's 2-core machine shared with other jobs the TF backend was faster at every gallery
+    size: 'auto' takes the backend that does not need the cores to itself. Choose
+    backend="faiss" explicitly on a dedicated machine."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
     return "tf" if backend == "auto" else backend
