@@ -244,7 +244,7 @@ def measure(args, tmp: Path, load_before: str) -> int:
          f"in the DOM (thumbnails come from the browser's cache or load afterwards); {browser}, headless."),
         "",
         f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after} "
-        f"({info.get('logical_cpus')} logical CPUs, shared with other jobs).",
+        f"({info.get('logical_cpus')} logical CPUs: a load well above that number means other work shared them).",
         "",
         "## Machine",
         "",

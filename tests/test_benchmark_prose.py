@@ -6,6 +6,9 @@ benchmarks/) may quote its measurements: a ratio ("1.79x", "3.5 times"), a time 
 on the page must be a number of one of the reports the page links, to the precision the page
 gives (1.79x matches a report's 1.7912 or 1.79x). When a benchmark is measured again and its
 report rewritten, a page that still quotes the old run fails here until its prose is updated.
+The check is by value, not by place: a figure with few digits ("4x") is matched by any report
+number that rounds to it, so it catches a stale figure reliably only when the figure is quoted
+with the report's precision.
 
 A figure that is not a measurement of a linked report (the paper's own figure, a goal, a
 setting) is listed in NOT_MEASURED with the reason."""
@@ -88,7 +91,7 @@ def _numbers(text: str) -> list:
 def _matches(figure: str, numbers: list) -> bool:
     """A report number that, rounded to the figure's precision, is the figure."""
     want, d = _value(figure), _decimals(figure)
-    return any(abs(round(v, d) - want) < 1e-9 or (_decimals(raw) == d and v == want) for v, raw in numbers)
+    return any(abs(round(v, d) - want) < 1e-9 for v, _ in numbers)
 
 
 def unmatched(page_text: str, report_texts: list, allowed=()) -> list:
